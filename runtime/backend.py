@@ -1,0 +1,110 @@
+"""The one narrow model interface every role talks through.
+
+Chat messages and generation settings go in; text, token usage and latency come out. Implementations accept
+many calls at once (``asyncio.gather``) and decide themselves how to serve them: the local backend
+micro-batches them into one ``generate``, the OpenAI backend keeps a bounded number of HTTP requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict
+
+from runtime.errors import BackendError
+
+
+class Message(TypedDict):
+    """One chat message, as OpenAI-compatible servers and chat templates take it."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to sample. Greedy by default so that runs repeat exactly."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks only: always generate max_new_tokens, so rates compare like for like
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply: its text, what it cost, and how long the caller waited for it."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    latency_s: float = 0.0
+    finish_reason: str = "stop"  # "stop" | "length"
+
+
+class Backend(ABC):
+    """A chat model that answers many requests at once.
+
+    ``adapter`` names a LoRA adapter known to the backend (local: loaded through peft; OpenAI-compatible:
+    sent as the ``model`` name, as vLLM's ``--lora-modules name=path`` expects). ``None`` is the base model.
+    """
+
+    kind: str  # "local" | "openai"
+    model_id: str  # what results and mistake records are attributed to
+
+    @abstractmethod
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+    ) -> Generation: ...
+
+    async def generate_many(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+    ) -> list[Generation]:
+        return list(await asyncio.gather(*(self.generate(m, settings, adapter) for m in conversations)))
+
+    @property
+    def supports_option_scoring(self) -> bool:
+        """Whether :meth:`score_options` works: it needs token log-probs of a given continuation."""
+        return False
+
+    async def score_options(
+        self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
+    ) -> list[float]:
+        """Log-likelihood of each option as the assistant's reply, summed over its tokens.
+
+        Multiple choice answered by the most likely option, as lm-eval-harness does, so a small model's
+        format failures do not hide what it knows.
+        """
+        raise BackendError(f"the {self.kind} backend cannot score options; use --mc-mode generate")
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
+        """Release model memory, HTTP pools, worker tasks."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's config records about the backend (never an API key)."""
+        return {"kind": self.kind, "model_id": self.model_id}

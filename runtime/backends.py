@@ -1,0 +1,34 @@
+"""Build a backend from its settings; heavy packages load only for the kind asked for."""
+
+from __future__ import annotations
+
+import os
+
+from runtime.backend import Backend
+from runtime.config import BackendConfig
+from runtime.errors import ConfigError
+
+
+def make_backend(config: BackendConfig) -> Backend:
+    if config.kind == "local":
+        from runtime.local import LocalBackend
+
+        return LocalBackend(
+            config.model,
+            adapters=config.adapters,
+            device=config.device,
+            dtype=config.dtype,
+            max_batch_size=config.max_batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+        )
+    from runtime.openai_backend import OpenAIBackend
+
+    if config.model is None:
+        raise ConfigError("the openai backend needs --model (the model name the server serves)")
+    return OpenAIBackend(
+        config.model,
+        base_url=config.base_url,
+        api_key=os.environ.get(config.api_key_env),
+        max_concurrency=config.max_concurrency,
+        tokenizer=config.tokenizer,
+    )

@@ -1,0 +1,65 @@
+"""Settings: which backend serves a role, where the data lives, how a run samples.
+
+Pydantic models, so a wrong value fails at load with the setting's name. Settings serialise with ``to_dict``
+into each run's config.json; API keys are read from the environment and never written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.errors import ConfigError
+
+BackendKind = Literal["local", "openai"]
+McMode = Literal["generate", "loglik"]
+
+
+class BackendConfig(BaseModel):
+    """One model endpoint. Roles (student, assistant, corrector) may each have their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: BackendKind = Field(
+        "local", description="local: transformers in-process; openai: any OpenAI-compatible server"
+    )
+    model: str | None = Field(None, description="local model folder, or the served model name; None = embedded default")
+    base_url: str | None = Field(None, description="OpenAI-compatible server URL (else $OPENAI_BASE_URL)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable that holds the API key")
+    tokenizer: str | None = Field(None, description="openai: local tokenizer folder, enables option scoring")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters by name -> folder (local)")
+    device: str = "auto"
+    dtype: str = Field("auto", description="auto: bf16 where the hardware has it, else fp32")
+    max_batch_size: int = Field(32, ge=1, description="local: most requests in one generate")
+    batch_wait_ms: float = Field(5.0, ge=0, description="local: how long a batch waits for more requests")
+    max_concurrency: int = Field(16, ge=1, description="openai: most HTTP requests in flight")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def default_data_dir() -> Path | None:
+    value = os.environ.get("REDPEN_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def resolve_data_dir(data_dir: Path | None) -> Path:
+    path = data_dir or default_data_dir()
+    if path is None:
+        raise ConfigError("no data directory: pass --data-dir or set REDPEN_DATA_DIR (the benchmark data folder)")
+    if not path.is_dir():
+        raise ConfigError(f"data directory {path} does not exist: pass --data-dir or set REDPEN_DATA_DIR")
+    return path
+
+
+def backend_config(**values: Any) -> BackendConfig:
+    """Build a BackendConfig from CLI values, turning validation errors into one readable line."""
+    try:
+        return BackendConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"bad backend setting {name!r}: {first['msg']}") from None

@@ -1,0 +1,258 @@
+"""A backend that talks to any OpenAI-compatible server: vLLM, OpenAI, or redpen's own ``redpen serve``.
+
+LoRA adapters are chosen by model name (``model=adapter``), as ``vllm serve --lora-modules name=path`` expects.
+Retries are done here rather than by the client, so that every retry is logged and the final error is one line
+that says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import openai
+from openai import AsyncOpenAI
+
+from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.errors import BackendError, ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the openai client's own default
+DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
+RETRY_STATUSES = frozenset({408, 409, 429})  # plus every 5xx: the server is busy or restarting, not refusing
+
+
+class OpenAIBackend(Backend):
+    """Chat completions over HTTP, at most ``max_concurrency`` requests in flight.
+
+    ``tokenizer`` is a local Hugging Face tokenizer folder of the served model. It is needed only to score
+    options: the legacy completions endpoint takes a prompt string, so the chat must be rendered with the
+    model's own chat template here.
+    """
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 16,  # vLLM batches whatever is in flight; 16 keeps one replica busy without queueing
+        timeout_s: float = 120.0,  # a long chain of thought at a few tokens/s on a loaded server
+        max_retries: int = 4,  # 0.5+1+2+4 s of backoff rides out a server restart
+        tokenizer: str | None = None,
+        backoff_s: float = 0.5,
+    ) -> None:
+        if not model:
+            raise ConfigError("the openai backend needs a model name (--model)")
+        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+            raise ConfigError("max_concurrency must be >= 1, max_retries >= 0 and timeout_s > 0")
+        self.model = model
+        self.model_id = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.tokenizer_path = tokenizer
+        # Local servers (vLLM, redpen serve) accept any key; "EMPTY" is vLLM's documented placeholder.
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self._client = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s, max_retries=0)
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._tokenizer: Any = None
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            except OSError as error:
+                reason = str(error).splitlines()[0]
+                raise ConfigError(
+                    f"cannot load a tokenizer from {tokenizer} ({reason}); "
+                    "--tokenizer takes the served model's local Hugging Face folder"
+                ) from error
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = DEFAULT_SETTINGS,
+        adapter: str | None = None,
+    ) -> Generation:
+        model = adapter or self.model
+        optional: dict[str, Any] = {}
+        if settings.seed is not None:
+            optional["seed"] = settings.seed
+        if settings.stop:
+            optional["stop"] = list(settings.stop)
+        start = time.perf_counter()
+        response = await self._call(
+            lambda: self._client.chat.completions.create(
+                model=model,
+                messages=[{"role": m["role"], "content": m["content"]} for m in messages],  # type: ignore[misc]
+                max_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                **optional,
+            ),
+            model,
+        )
+        choice = response.choices[0]
+        usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens) if response.usage else Usage()
+        return Generation(
+            text=choice.message.content or "",
+            usage=usage,
+            latency_s=time.perf_counter() - start,
+            finish_reason="length" if choice.finish_reason == "length" else "stop",
+        )
+
+    @property
+    def supports_option_scoring(self) -> bool:
+        return self._tokenizer is not None
+
+    async def score_options(
+        self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
+    ) -> list[float]:
+        if self._tokenizer is None:
+            raise BackendError(
+                "the openai backend scores options only with the served model's tokenizer; "
+                "pass --tokenizer PATH or use --mc-mode generate"
+            )
+        prompt: str = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        # The server tokenizes the prompt and adds BOS itself; a BOS rendered by the template would come twice.
+        bos = self._tokenizer.bos_token
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos) :]
+        scored = await asyncio.gather(*(self.prompt_logprobs(prompt + option, adapter) for option in options))
+        start = len(prompt)
+        totals = []
+        for option, tokens in zip(options, scored, strict=True):
+            end = start + len(option)
+            # A token counts when its span [offset, next offset) overlaps the option's characters, so a token
+            # that merges the template's last character with the option's first still counts.
+            next_offsets = [offset for _, _, offset in tokens[1:]] + [end]
+            totals.append(
+                sum(
+                    logprob
+                    for (_, logprob, offset), next_offset in zip(tokens, next_offsets, strict=True)
+                    if logprob is not None and offset < end and next_offset > start
+                )
+            )
+        return totals
+
+    async def prompt_logprobs(self, prompt: str, adapter: str | None = None) -> list[tuple[str, float | None, int]]:
+        """Each prompt token as (text, log-prob given the tokens before it, character offset in ``prompt``).
+
+        The first token has no log-prob (``None``). The server's one generated token is dropped.
+        """
+        model = adapter or self.model
+        response = await self._call(
+            lambda: self._client.completions.create(
+                model=model, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0.0
+            ),
+            model,
+        )
+        lp = response.choices[0].logprobs
+        if lp is None or lp.tokens is None or lp.token_logprobs is None or lp.text_offset is None:
+            raise BackendError(
+                f"the server at {self.base_url} returned no prompt log-probs (echo + logprobs); "
+                "it cannot score options, use --mc-mode generate"
+            )
+        return [
+            (token, logprob, offset)
+            for token, logprob, offset in zip(lp.tokens, lp.token_logprobs, lp.text_offset, strict=True)
+            if offset < len(prompt)
+        ]
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "base_url": self.base_url,
+            "max_concurrency": self.max_concurrency,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.max_retries,
+            "tokenizer": self.tokenizer_path,
+        }
+
+    async def _call(self, request: Callable[[], Awaitable[T]], model: str) -> T:
+        """Run one request in a concurrency slot, retrying transient failures with jittered exponential backoff."""
+        attempt = 0
+        async with self._slots:
+            while True:
+                try:
+                    return await request()
+                except (openai.APIConnectionError, openai.APIStatusError) as error:
+                    if not _transient(error) or attempt == self.max_retries:
+                        raise await self._explain(error, model) from error
+                    attempt += 1
+                    # Jitter: callers that failed together must not all come back at the same moment.
+                    delay = random.uniform(0.5, 1.0) * self.backoff_s * 2 ** (attempt - 1)
+                    log.warning(
+                        "%s from %s; retry %d/%d in %.2fs",
+                        _short(error),
+                        self.base_url,
+                        attempt,
+                        self.max_retries,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+
+    async def _explain(self, error: openai.APIConnectionError | openai.APIStatusError, model: str) -> BackendError:
+        """Turn a final client error into one line that says what to do next."""
+        if isinstance(error, openai.APITimeoutError):
+            return BackendError(
+                f"the OpenAI-compatible server at {self.base_url} did not answer within {self.timeout_s:g}s "
+                f"({self.max_retries} retries); it may be overloaded: lower --max-concurrency or raise the timeout"
+            )
+        if isinstance(error, openai.APIConnectionError):
+            return BackendError(
+                f"cannot reach the OpenAI-compatible server at {self.base_url}: {_short(error)}; "
+                "start it or fix --base-url / OPENAI_BASE_URL"
+            )
+        if error.status_code == 401:
+            return BackendError(f"the server at {self.base_url} rejected the API key (401); set OPENAI_API_KEY")
+        if error.status_code == 404:
+            served = await self._served_models()
+            if served is None:
+                return BackendError(
+                    f"model '{model}' is not served at {self.base_url} ({_short(error)}); "
+                    "check the model name and that the URL ends in /v1"
+                )
+            if model not in served:
+                return BackendError(f"model '{model}' is not served at {self.base_url}; served: {', '.join(served)}")
+        return BackendError(f"the server at {self.base_url} answered {error.status_code}: {_short(error)}")
+
+    async def _served_models(self) -> list[str] | None:
+        try:
+            page = await self._client.models.list()
+        except openai.OpenAIError:
+            return None
+        return [m.id for m in page.data]
+
+
+def _transient(error: openai.APIConnectionError | openai.APIStatusError) -> bool:
+    """Whether trying again may help: connection problems, timeouts, rate limits and server errors."""
+    if isinstance(error, openai.APIConnectionError):
+        return True
+    return error.status_code in RETRY_STATUSES or error.status_code >= 500
+
+
+def _short(error: openai.APIError) -> str:
+    """The server's own error message (or the network cause), on one line."""
+    if isinstance(error.body, dict) and error.body.get("message"):
+        text = str(error.body["message"])
+    elif isinstance(error, openai.APIConnectionError) and error.__cause__ is not None:
+        text = f"{type(error.__cause__).__name__}: {error.__cause__}"
+    else:
+        text = error.message
+    return " ".join(text.split())

@@ -1,0 +1,99 @@
+"""Run directories: config, per-item results as JSON lines, metrics and a report.
+
+Every finished item is appended and flushed to disk before the next is written, so a run killed at any moment
+loses at most the items in flight; re-running the same command on the same directory skips what is done.
+Whole files (config, metrics, report) are written to a temporary name and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a results file; a torn last line (the process died mid-write) is dropped."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s:%d is a torn last line; it will be redone", path, number)
+                return
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+
+
+class RunDir:
+    """One command's output folder. ``identity`` is what must match for a re-run to resume it."""
+
+    def __init__(self, path: Path, identity: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        config_path = path / "config.json"
+        if config_path.exists():
+            previous = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
+            if previous != identity:
+                raise ConfigError(
+                    f"{path} holds a run of a different command ({_diff(previous, identity)}); "
+                    "use another --out, or delete the folder to start over"
+                )
+        write_atomic(config_path, json.dumps({"identity": identity, **(config or {})}, indent=2, default=str) + "\n")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        return list(read_jsonl(self.file(name)))
+
+    def done_ids(self, name: str, key: str = "id") -> set[str]:
+        return {r[key] for r in read_jsonl(self.file(name))}
+
+    def repair(self, name: str) -> None:
+        """Cut a torn last line left by a killed process, so appends start on a clean line."""
+        path = self.file(name)
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        with self.file(name).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        write_atomic(self.file(name), json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        write_atomic(self.file(name), text)
+
+
+def _diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    if not old:
+        return "no identity recorded"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])

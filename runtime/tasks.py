@@ -1,0 +1,398 @@
+"""Benchmark items as ``Example`` rows: BBH, BBQ, GSM8K, MMLU, ARC-Challenge, and bring-your-own JSONL.
+
+The data folder is read in place (its README describes it); splits come from ``splits/*.json`` so that mistakes
+are gathered on one part of a benchmark and examined on another, never the same rows.
+
+Task names: ``bbh``, ``bbh/salam16``, ``bbh/<task>``, ``bbq``, ``bbq/<Category>``, ``gsm8k``, ``mmlu``,
+``mmlu/<subject>``, ``arc_challenge`` (alias ``arc``). ``task_names(data_dir)`` lists them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from string import ascii_uppercase
+from typing import Any, Literal, get_args
+
+from runtime.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+AnswerKind = Literal["choice", "number", "text"]
+Split = Literal["gather", "examine", "all"]
+
+FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "mmlu")
+# BBH tasks whose targets are integers; every other BBH task without "(X)" options is graded as text.
+BBH_NUMBER_TASKS = frozenset({"object_counting", "multistep_arithmetic_two"})
+
+_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s?(.*)$")
+_CHOICE_TARGET = re.compile(r"^\(?([A-Za-z])\)?$")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One benchmark item; ``id`` is unique and stable across runs (e.g. ``bbh/date_understanding/203``)."""
+
+    id: str
+    source: str  # the source dataset or sub-task, e.g. "bbh/date_understanding", "bbq/Age", "gsm8k"
+    input: str  # the prompt shown to the model; choice items include an "Options:\n(A) ..." block
+    target: str  # gold: "(B)" for choice, "18" for number, the exact text for text
+    answer_kind: AnswerKind
+    options: tuple[str, ...] = ()  # choice items: option texts in letter order, without the "(A) " prefix
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "options": list(self.options)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Example:
+        return cls(**{**d, "options": tuple(d.get("options", ())), "metadata": dict(d.get("metadata", {}))})
+
+
+def parse_options(text: str) -> tuple[str, ...]:
+    """Option texts from the ``(A) text`` lines after an ``Options:`` line (or anywhere, if there is none).
+
+    Letters must run A, B, C, ... in order; a block that does not is no option block.
+
+    >>> parse_options("Which?\\nOptions:\\n(A) red\\n(B) blue ")
+    ('red', 'blue')
+    >>> parse_options("Is it?\\nOptions:\\n- Yes\\n- No")
+    ()
+    """
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Options:"]
+    if starts:
+        lines = lines[starts[-1] + 1 :]
+    options = []
+    for line in lines:
+        m = _OPTION_LINE.match(line.strip())
+        if m is None:
+            continue
+        if m.group(1) != ascii_uppercase[len(options)]:
+            return ()
+        options.append(m.group(2).strip())
+    return tuple(options)
+
+
+def task_names(data_dir: Path | None = None) -> list[str]:
+    """Every accepted task name; without a data folder only the benchmark families (the sub-tasks are files)."""
+    if data_dir is None:
+        return sorted([*FAMILIES, "bbh/salam16"])
+    data_dir = Path(data_dir)
+    _require_data_dir(data_dir)
+    bbh = sorted(p.stem for p in (data_dir / "bbh" / "tasks").glob("*.json"))
+    bbq = sorted(p.name.removesuffix("_zero_shot.json") for p in (data_dir / "bbq_sm").glob("*_zero_shot.json"))
+    mmlu = sorted(p.name.removesuffix("_test.csv") for p in (data_dir / "mmlu" / "test").glob("*_test.csv"))
+    return sorted(
+        [*FAMILIES, "bbh/salam16", *(f"bbh/{t}" for t in bbh), *(f"bbq/{c}" for c in bbq), *(f"mmlu/{s}" for s in mmlu)]
+    )
+
+
+def load_task(name: str, split: Split, data_dir: Path, limit: int | None = None) -> list[Example]:
+    """Load one benchmark task's split; ``limit`` takes examples round-robin across its sources.
+
+    Sources come in a fixed order (BBH tasks, BBQ categories and MMLU subjects sorted by name) and keep their
+    file/split order; the result is grouped by source, so ``limit=None`` and a limit above the total agree.
+    """
+    if split not in get_args(Split):
+        raise ConfigError(f"unknown split {split!r}; use one of: gather, examine, all")
+    _check_limit(limit)
+    family, _, sub = name.partition("/")
+    if family not in FAMILIES or name.endswith("/") or (sub and family not in ("bbh", "bbq", "mmlu")):
+        raise _unknown_task(name, task_names())
+    data_dir = Path(data_dir)
+    _require_data_dir(data_dir)
+    loaders: dict[str, Callable[[str, Split, Path], list[list[Example]]]] = {
+        "bbh": _load_bbh,
+        "bbq": _load_bbq,
+        "gsm8k": _load_gsm8k,
+        "mmlu": _load_mmlu,
+        "arc": _load_arc,
+        "arc_challenge": _load_arc,
+    }
+    try:
+        per_source = loaders[family](sub, split, data_dir)
+    except KeyError as e:
+        raise DataError(f"the {family} data under {data_dir} lacks the field {e}; see the data folder's README") from e
+    examples = _round_robin(per_source, limit)
+    logger.debug("loaded %s/%s: %d examples from %d sources", name, split, len(examples), len(per_source))
+    return examples
+
+
+def load_jsonl(
+    path: Path, answer_kind: AnswerKind, source: str | None = None, limit: int | None = None
+) -> list[Example]:
+    """Bring your own benchmark: JSONL rows with ``input`` and ``target``; other fields go to metadata.
+
+    The whole file is validated before anything is returned. Ids are ``<source>/<line number>``; ``source``
+    defaults to the file stem. Choice targets may be ``B`` or ``(B)``; options come from ``(A) text`` lines.
+    """
+    if answer_kind not in get_args(AnswerKind):
+        raise ConfigError(f"unknown answer kind {answer_kind!r}; use one of: choice, number, text")
+    _check_limit(limit)
+    path = Path(path)
+    source = source or path.stem
+    examples = []
+    for line_no, row in _read_jsonl(path):
+        where = f"{path}:{line_no}"
+        for key in ("input", "target"):
+            if key not in row:
+                raise DataError(f"{where}: missing field {key!r} (each line needs 'input' and 'target')")
+        text, target = row["input"], row["target"]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: 'input' must be a non-empty string")
+        if isinstance(target, bool) or not isinstance(target, str | int | float):
+            raise DataError(f"{where}: 'target' must be a string or a number, got {type(target).__name__}")
+        target = str(target).strip()
+        if not target:
+            raise DataError(f"{where}: empty 'target'")
+        options: tuple[str, ...] = ()
+        if answer_kind == "choice":
+            options = parse_options(text)
+            target = _choice_target(target, options, where)
+        elif answer_kind == "number":
+            target = _number_target(target, where)
+        metadata = {k: v for k, v in row.items() if k not in ("input", "target")}
+        examples.append(Example(f"{source}/{line_no}", source, text, target, answer_kind, options, metadata))
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return examples[:limit]
+
+
+# --- benchmark loaders: each returns one list of examples per source, in source order ---
+
+
+def _load_bbh(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    tasks_dir = data_dir / "bbh" / "tasks"
+    if not tasks_dir.is_dir():
+        raise DataError(f"missing folder {tasks_dir}; the data folder should hold bbh/tasks/<task>.json")
+    plan = _read_json(data_dir / "splits" / "bbh_salam_80_20.json")
+    if not sub:
+        tasks = sorted(p.stem for p in tasks_dir.glob("*.json"))
+    elif sub == "salam16":
+        tasks = list(plan["salam16"])
+    elif (tasks_dir / f"{sub}.json").is_file():
+        tasks = [sub]
+    else:
+        raise _unknown_task(f"bbh/{sub}", task_names(data_dir))
+    out = []
+    for task in tasks:
+        path = tasks_dir / f"{task}.json"
+        rows = _read_json(path)["examples"]
+        idx = _split_indices(plan["tasks"][task], split, len(rows), path)
+        out.append([_bbh_example(task, i, rows[i], path) for i in idx])
+    return out
+
+
+def _bbh_example(task: str, i: int, row: dict[str, Any], path: Path) -> Example:
+    text, target = row["input"], row["target"].strip()
+    options = parse_options(text)
+    kind: AnswerKind = "text"
+    if options and re.fullmatch(r"\([A-Z]\)", target):
+        kind = "choice"
+        target = _choice_target(target, options, f"{path}: example {i}")
+    elif task in BBH_NUMBER_TASKS:
+        kind = "number"
+        target = _number_target(target, f"{path}: example {i}")
+    return Example(f"bbh/{task}/{i}", f"bbh/{task}", text, target, kind, options if kind == "choice" else ())
+
+
+def _load_bbq(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    folder = data_dir / "bbq_sm"
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder}; the data folder should hold bbq_sm/<Category>_zero_shot.json")
+    plan = _read_json(data_dir / "splits" / "bbq_sm_salam_80_20.json")["categories"]
+    if sub and sub not in plan:
+        raise _unknown_task(f"bbq/{sub}", task_names(data_dir))
+    out = []
+    for category in [sub] if sub else sorted(plan):
+        path = folder / f"{category}_zero_shot.json"
+        rows = {row["example_id"]: row for row in _read_json(path)}
+        ids = {
+            "gather": plan[category]["gather_example_id"],
+            "examine": plan[category]["exam_example_id"],
+            "all": plan[category]["gather_example_id"] + plan[category]["exam_example_id"],
+        }[split]
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise DataError(f"{path}: example_id {missing[0]} of the split file is not in the data")
+        out.append([_bbq_example(category, rows[i], path) for i in ids])
+    return out
+
+
+def _bbq_example(category: str, row: dict[str, Any], path: Path) -> Example:
+    options = tuple(re.sub(r"^\([A-Z]\)\s?", "", o).strip() for o in row["options"])
+    where = f"{path}: example_id {row['example_id']}"
+    metadata = {"example_id": row["example_id"], "category": row["category"], "question_index": row["question_index"]}
+    return Example(
+        f"bbq/{category}/{row['example_id']}",
+        f"bbq/{category}",
+        row["input"],
+        _choice_target(row["target"], options, where),
+        "choice",
+        options,
+        metadata,
+    )
+
+
+def _load_gsm8k(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    parts = {"gather": ["train"], "examine": ["test"], "all": ["train", "test"]}[split]
+    examples = []
+    for part in parts:
+        path = data_dir / "gsm8k" / f"{part}.jsonl"
+        for line_no, row in _read_jsonl(path):
+            i, solution = line_no - 1, row["answer"]
+            if "####" not in solution:
+                raise DataError(f"{path}:{line_no}: answer has no '#### N' line")
+            target = _number_target(solution.rsplit("####", 1)[1].strip(), f"{path}:{line_no}")
+            examples.append(
+                Example(f"gsm8k/{part}/{i}", "gsm8k", row["question"], target, "number", (), {"solution": solution})
+            )
+    return [examples]
+
+
+def _load_mmlu(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    folder = data_dir / "mmlu" / "test"
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder}; the data folder should hold mmlu/test/<subject>_test.csv")
+    plan = _read_json(data_dir / "splits" / "mmlu_per_subject_80_20.json")["subjects"]
+    if sub and sub not in plan:
+        raise _unknown_task(f"mmlu/{sub}", task_names(data_dir))
+    out = []
+    for subject in [sub] if sub else sorted(plan):
+        path = folder / f"{subject}_test.csv"
+        rows = list(csv.DictReader(io.StringIO(_read_text(path, newline=""), newline="")))
+        idx = _split_indices(plan[subject], split, len(rows), path)
+        out.append([_mmlu_example(subject, i, rows[i], path) for i in idx])
+    return out
+
+
+def _mmlu_example(subject: str, i: int, row: dict[str, str], path: Path) -> Example:
+    options = tuple(row[f"choice{k}"].strip() for k in range(4))
+    if row["answer"] not in ("0", "1", "2", "3"):
+        raise DataError(f"{path}: row {i}: answer must be 0-3, got {row['answer']!r}")
+    target = f"({ascii_uppercase[int(row['answer'])]})"
+    question = _with_options(row["question"].strip(), options)
+    return Example(f"mmlu/{subject}/{i}", f"mmlu/{subject}", question, target, "choice", options, {"subject": subject})
+
+
+def _load_arc(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    path = data_dir / "arc_challenge" / "ARC-Challenge-Test.jsonl"
+    plan = _read_json(data_dir / "splits" / "arc_challenge_80_20.json")
+    rows = [row for _, row in _read_jsonl(path)]
+    keep = {"gather": set(plan["gather_id"]), "examine": set(plan["exam_id"])}.get(split)
+    if split != "all" and len(keep & {row["id"] for row in rows}) != len(keep):
+        raise DataError(f"{path}: some ids of {split} in splits/arc_challenge_80_20.json are not in the data")
+    return [[_arc_example(row, path) for row in rows if keep is None or row["id"] in keep]]
+
+
+def _arc_example(row: dict[str, Any], path: Path) -> Example:
+    options = tuple(t.strip() for t in row["choices"]["text"])
+    labels = [str(label) for label in row["choices"]["label"]]  # "A".."E" or "1".."5": letters by position
+    if row["answerKey"] not in labels:
+        raise DataError(f"{path}: {row['id']}: answerKey {row['answerKey']!r} is not one of the labels {labels}")
+    target = f"({ascii_uppercase[labels.index(row['answerKey'])]})"
+    question = _with_options(row["question"].strip(), options)
+    return Example(f"arc/{row['id']}", "arc_challenge", question, target, "choice", options)
+
+
+# --- helpers ---
+
+
+def _with_options(question: str, options: Sequence[str]) -> str:
+    lines = [f"({letter}) {text}" for letter, text in zip(ascii_uppercase, options, strict=False)]
+    return "\n".join([question, "Options:", *lines])
+
+
+def _split_indices(plan: dict[str, Any], split: Split, n: int, path: Path) -> list[int]:
+    if plan["n"] != n:
+        raise DataError(f"{path}: has {n} examples but the split file expects {plan['n']}; is the data complete?")
+    return {"gather": plan["gather_idx"], "examine": plan["exam_idx"], "all": list(range(n))}[split]
+
+
+def _round_robin(per_source: list[list[Example]], limit: int | None) -> list[Example]:
+    """Take ``limit`` examples one source at a time in turn; return them grouped by source."""
+    if limit is None:
+        return [ex for examples in per_source for ex in examples]
+    take = [0] * len(per_source)
+    left = limit
+    while left > 0 and any(t < len(src) for t, src in zip(take, per_source, strict=True)):
+        for s, src in enumerate(per_source):
+            if left > 0 and take[s] < len(src):
+                take[s] += 1
+                left -= 1
+    return [ex for t, src in zip(take, per_source, strict=True) for ex in src[:t]]
+
+
+def _choice_target(target: str, options: Sequence[str], where: str) -> str:
+    m = _CHOICE_TARGET.match(target.strip())
+    if m is None:
+        raise DataError(f"{where}: a choice target must be a letter like '(B)', got {target!r}")
+    letter = m.group(1).upper()
+    if options and letter not in ascii_uppercase[: len(options)]:
+        raise DataError(f"{where}: target ({letter}) is not one of the {len(options)} options")
+    return f"({letter})"
+
+
+def _number_target(target: str, where: str) -> str:
+    number = target.replace(",", "").removeprefix("$").strip()
+    if not _NUMBER.fullmatch(number):
+        raise DataError(f"{where}: a number target must be a number like 18 or -2.5, got {target!r}")
+    return number
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of examples, got {limit}")
+
+
+def _require_data_dir(data_dir: Path) -> None:
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"benchmark data folder {data_dir} not found; pass --data-dir or set REDPEN_DATA_DIR")
+
+
+def _unknown_task(name: str, names: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown task {name!r}{hint} (`redpen tasks` lists them all)")
+
+
+def _read_text(path: Path, newline: str | None = None) -> str:
+    try:
+        with path.open(encoding="utf-8", newline=newline) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}; check the data folder (see its README.md)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is a ``DataError`` naming ``file:line``."""
+    rows = []
+    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line_no, row))
+    return rows
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
