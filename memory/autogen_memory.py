@@ -1,0 +1,126 @@
+"""The mistake memory as an ``autogen_core.memory.Memory``, so any AutoGen agent can recall past mistakes.
+
+Whatever this adapter hands to an agent leaves out the gold answer: a small student copies answer letters from
+whatever it is shown, so it sees the past question, its wrong answer, the reason and the guideline, never the gold.
+"""
+
+import asyncio
+import json
+from typing import Any
+
+from autogen_core import CancellationToken
+from autogen_core.memory import Memory, MemoryContent, MemoryMimeType, MemoryQueryResult, UpdateContextResult
+from autogen_core.model_context import ChatCompletionContext
+from autogen_core.models import SystemMessage, UserMessage
+
+from memory.record import MistakeRecord, make_record
+from memory.store import Hit, MistakeMemory
+
+_HEADER = (
+    "Mistakes made before on similar questions. Learn from why each answer was wrong and follow the guidelines; "
+    "the questions differ from the current one, so do not copy their answers."
+)
+
+
+def format_mistakes(hits: list[Hit]) -> str:
+    """The system message listing retrieved mistakes: question, wrong answer, reason and guideline, never the gold."""
+    blocks = [
+        f"{i}. Question: {h.record.query}\n"
+        f"   Wrong answer: {h.record.wrong_answer}\n"
+        f"   Why it was wrong: {h.record.reason}\n"
+        f"   Guideline: {h.record.guideline}"
+        for i, h in enumerate(hits, 1)
+    ]
+    return _HEADER + "\n\n" + "\n\n".join(blocks)
+
+
+def _as_content(hit: Hit) -> MemoryContent:
+    return MemoryContent(
+        content=hit.record.model_dump(mode="json", exclude={"gold"}),
+        mime_type=MemoryMimeType.JSON,
+        metadata={"id": hit.record.id, "score": hit.score},
+    )
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message content: a string, or the string parts of a multimodal list."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part for part in content if isinstance(part, str))
+
+
+class MistakeMemoryAdapter(Memory):
+    """Retrieval from a ``MistakeMemory`` for AutoGen agents, scoped by model and source at construction.
+
+    The adapter does not own the store: ``close()`` leaves it open, because one store is usually shared by several
+    agents; close the ``MistakeMemory`` where it was opened.
+    """
+
+    def __init__(
+        self,
+        store: MistakeMemory,
+        *,
+        model_id: str | None = None,
+        source: str | None = None,
+        k: int = 3,
+        threshold: float | None = None,
+        name: str = "mistake_memory",
+    ) -> None:
+        # k=3: the LLMs-as-Instructors ablation's best; threshold None keeps the k nearest however far they are.
+        self.store = store
+        self.model_id = model_id
+        self.source = source
+        self.k = k
+        self.threshold = threshold
+        self.name = name
+
+    def _search(self, text: str) -> list[Hit]:
+        return self.store.search(text, k=self.k, threshold=self.threshold, model_id=self.model_id, source=self.source)
+
+    async def update_context(self, model_context: ChatCompletionContext) -> UpdateContextResult:
+        """Search with the latest user message and, if anything matches, add the mistakes as a system message."""
+        messages = await model_context.get_messages()
+        question = next((_text_of(m.content) for m in reversed(messages) if isinstance(m, UserMessage)), "")
+        if not question.strip():
+            return UpdateContextResult(memories=MemoryQueryResult(results=[]))
+        # Embedding and search block for milliseconds to tens of ms; keep them off the event loop.
+        hits = await asyncio.to_thread(self._search, question)
+        if hits:
+            await model_context.add_message(SystemMessage(content=format_mistakes(hits)))
+        return UpdateContextResult(memories=MemoryQueryResult(results=[_as_content(h) for h in hits]))
+
+    async def query(
+        self,
+        query: str | MemoryContent,
+        cancellation_token: CancellationToken | None = None,
+        **kwargs: Any,
+    ) -> MemoryQueryResult:
+        """The nearest past mistakes to ``query`` (text, or a MemoryContent holding text or a record's fields).
+
+        Each result's content is the record without ``gold``; metadata holds its ``id`` and ``score``.
+        """
+        if isinstance(query, MemoryContent):
+            query = query.content["query"] if isinstance(query.content, dict) else str(query.content)
+        hits = await asyncio.to_thread(self._search, query)
+        return MemoryQueryResult(results=[_as_content(h) for h in hits])
+
+    async def add(self, content: MemoryContent, cancellation_token: CancellationToken | None = None) -> None:
+        """Store one mistake: ``content.content`` is a MistakeRecord's fields, as a dict or JSON text.
+
+        Without an ``id`` the id is computed from model_id, source and query, as ``make_record`` does.
+        """
+        fields = json.loads(content.content) if isinstance(content.content, str | bytes) else content.content
+        if not isinstance(fields, dict):
+            raise ValueError(f"a mistake must be a dict of MistakeRecord fields, not {type(fields).__name__}")
+        record = MistakeRecord.model_validate(fields) if "id" in fields else make_record(**fields)
+        await asyncio.to_thread(self.store.upsert, [record])
+
+    async def clear(self) -> None:
+        """Delete the mistakes in this adapter's scope (its model_id/source), or all of them if it has none."""
+        if self.model_id is None and self.source is None:
+            await asyncio.to_thread(self.store.clear)
+        else:
+            await asyncio.to_thread(self.store.delete, model_id=self.model_id, source=self.source)
+
+    async def close(self) -> None:
+        """Nothing to release: the store belongs to whoever opened it."""

@@ -1,0 +1,94 @@
+"""The mistake record: one wrong answer, why it was wrong, and the guideline that should prevent it next time."""
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+Outcome = Literal["corrected", "uncorrected"]
+
+# Fixed namespace, so the same mistake gets the same id on every machine and in every run.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "redpen/mistake-memory")
+
+
+def normalise_query(text: str) -> str:
+    """Lowercase, collapse runs of whitespace to one space, strip.
+
+    >>> normalise_query("  What is\\n  2 + 2?\\t")
+    'what is 2 + 2?'
+    """
+    return " ".join(text.lower().split())
+
+
+def record_id(model_id: str, source: str, query: str) -> str:
+    """Deterministic UUID5 of model, source and normalised query, so re-gathering never duplicates a mistake.
+
+    >>> record_id("qwen", "gsm8k", "What is 2+2?") == record_id("qwen", "gsm8k", "  what IS 2+2? ")
+    True
+    >>> record_id("qwen", "gsm8k", "What is 2+2?") == record_id("llama", "gsm8k", "What is 2+2?")
+    False
+    >>> record_id("qwen", "gsm8k", "What is 2+2?")
+    '14222cfa-d4ae-5aae-9348-8585de0ff463'
+    """
+    # JSON of a list keeps the parts apart: ("a b", "c") and ("a", "b c") must not collide.
+    key = json.dumps([model_id, source, normalise_query(query)], ensure_ascii=False)
+    return str(uuid.uuid5(_NAMESPACE, key))
+
+
+class MistakeRecord(BaseModel):
+    """One gathered mistake, as stored in the mistake memory (the payload of one Qdrant point)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="record_id(model_id, source, query); build records with make_record",
+    )
+    model_id: str = Field(description="the student model that made the mistake")
+    source: str = Field(description="benchmark / dataset the question came from, e.g. 'bbh/date_understanding'")
+    task: str = Field(description="task family, e.g. 'multiple_choice', 'math', 'code'")
+    query: str = Field(description="the question as the student saw it")
+    wrong_answer: str = Field(description="the student's wrong answer")
+    gold: str = Field(description="the gold answer; never shown to the student")
+    reason: str = Field(description="the study assistant's explanation of the error")
+    guideline: str = Field(description="advice for similar questions; must not reveal the answer")
+    outcome: Outcome = Field(description="whether the student got it right within the round limit")
+    rounds: int = Field(ge=0, description="feedback rounds used")
+    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        model_id: str,
+        source: str,
+        task: str,
+        query: str,
+        wrong_answer: str,
+        gold: str,
+        reason: str,
+        guideline: str,
+        outcome: Outcome,
+        rounds: int,
+        created_at: datetime | None = None,
+    ) -> "MistakeRecord":
+        """Build a record whose id is computed from model_id, source and query."""
+        return cls(
+            id=record_id(model_id, source, query),
+            model_id=model_id,
+            source=source,
+            task=task,
+            query=query,
+            wrong_answer=wrong_answer,
+            gold=gold,
+            reason=reason,
+            guideline=guideline,
+            outcome=outcome,
+            rounds=rounds,
+            created_at=created_at or datetime.now(UTC),
+        )
+
+
+make_record = MistakeRecord.make
