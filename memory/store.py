@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -411,13 +411,31 @@ class MistakeMemory:
 
         k=3: the LLMs-as-Instructors ablation's best number of neighbours. ``threshold`` drops hits scoring below it.
         """
-        vector = self.embedder.embed([query_text])[0]
-        with self._lock:
-            found = self._engine.query(vector, k, threshold, _filters(model_id, source, task))
-        hits = [Hit(MistakeRecord.model_validate(payload), score) for score, payload in found]
-        # Equal scores (the same query under two sources, say) are ordered by id, so both engines agree; rounding
-        # hides float noise in the last digits, which differs between the engines.
-        return sorted(hits, key=lambda h: (-round(h.score, 5), h.record.id))
+        return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, source=source, task=task)[0]
+
+    def search_many(
+        self,
+        query_texts: Sequence[str],
+        *,
+        k: int = 3,
+        threshold: float | None = None,
+        model_id: str | None = None,
+        source: str | None = None,
+        task: str | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search)."""
+        if not query_texts:
+            return []
+        vectors = self.embedder.embed(list(query_texts))
+        results = []
+        for vector in vectors:
+            with self._lock:
+                found = self._engine.query(vector, k, threshold, _filters(model_id, source, task))
+            hits = [Hit(MistakeRecord.model_validate(payload), score) for score, payload in found]
+            # Equal scores (the same query under two sources, say) are ordered by id, so both engines agree;
+            # rounding hides float noise in the last digits, which differs between the engines.
+            results.append(sorted(hits, key=lambda h: (-round(h.score, 5), h.record.id)))
+        return results
 
     def count(self, *, model_id: str | None = None, source: str | None = None, task: str | None = None) -> int:
         """Number of stored records matching the filters (all records without filters)."""

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from runtime.errors import RedpenError
 
@@ -54,6 +56,7 @@ def _backend(kind: str, model: str | None, base_url: str | None, **extra: Any) -
     if kind not in ("local", "openai"):
         raise ConfigError(f"unknown backend {kind!r}: choose --backend local or --backend openai")
     with console.status(f"loading the {kind} backend ..."):
+        _quiet_transformers()
         return make_backend(backend_config(kind=kind, model=model, base_url=base_url, **extra))
 
 
@@ -71,6 +74,90 @@ def _progress() -> Progress:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _examples(
+    task: str | None, jsonl: Path | None, answer_kind: str, split: str, limit: int | None, data_dir: Path | None
+) -> tuple[str, list[Any]]:
+    """(name, examples) from a benchmark task or a bring-your-own JSONL file."""
+    from runtime.config import resolve_data_dir
+    from runtime.errors import ConfigError
+    from runtime.tasks import load_jsonl, load_task
+
+    if (task is None) == (jsonl is None):
+        raise ConfigError("give exactly one of --task NAME or --jsonl FILE")
+    if split not in ("gather", "examine", "all"):
+        raise ConfigError(f"unknown --split {split!r}: choose gather, examine or all")
+    if jsonl is not None:
+        if answer_kind not in ("choice", "number", "text"):
+            raise ConfigError(f"unknown --answer-kind {answer_kind!r}: choose choice, number or text")
+        return jsonl.stem, load_jsonl(jsonl, answer_kind, limit=limit)  # type: ignore[arg-type]
+    assert task is not None
+    return task, load_task(task, split, resolve_data_dir(data_dir), limit)  # type: ignore[arg-type]
+
+
+def _roles(
+    config_file: Path | None,
+    backend: str,
+    model: str | None,
+    base_url: str | None,
+    assistant_backend: str | None,
+    assistant_model: str | None,
+    assistant_base_url: str | None,
+    max_new_tokens: int | None = None,
+) -> Any:
+    """Student and assistant backends; one shared instance when both roles use the same settings."""
+    import tomllib
+
+    from agents.team import STUDENT_SETTINGS, Roles
+    from runtime.backends import make_backend
+    from runtime.config import backend_config
+    from runtime.errors import ConfigError
+
+    tables: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            tables = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config_file}: cannot read the config ({exc})") from None
+        unknown = set(tables) - {"student", "assistant"}
+        if unknown:
+            raise ConfigError(f"{config_file}: unknown table(s) {sorted(unknown)}; expected [student] and [assistant]")
+    for kind in (backend, assistant_backend):
+        if kind is not None and kind not in ("local", "openai"):
+            raise ConfigError(f"unknown backend {kind!r}: choose local or openai")
+    student_cfg = backend_config(**{"kind": backend, "model": model, "base_url": base_url, **tables.get("student", {})})
+    assistant_values = {"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url}
+    if all(v is None for v in assistant_values.values()) and "assistant" not in tables:
+        assistant_cfg = student_cfg
+    else:
+        assistant_cfg = backend_config(
+            **{
+                "kind": assistant_backend or "local",
+                "model": assistant_model,
+                "base_url": assistant_base_url,
+                **tables.get("assistant", {}),
+            }
+        )
+    with console.status("loading models ..."):
+        _quiet_transformers()
+        student = make_backend(student_cfg)
+        assistant = student if assistant_cfg == student_cfg else make_backend(assistant_cfg)
+    settings = STUDENT_SETTINGS if max_new_tokens is None else replace(STUDENT_SETTINGS, max_new_tokens=max_new_tokens)
+    return Roles(student, assistant, student_settings=settings)
+
+
+def _memory(location: dict[str, Any]) -> Any:
+    from memory.store import MistakeMemory
+
+    with console.status("opening the mistake memory ..."):
+        return MistakeMemory(**location)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # redpen draws its own progress; per-tensor bars are noise
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
@@ -98,27 +185,13 @@ def eval(  # noqa: A001 - the command is called eval
 ) -> None:
     """Evaluate a model on a benchmark split; resumable, ends with an accuracy table."""
     from runtime.backend import GenerationSettings
-    from runtime.config import resolve_data_dir
     from runtime.errors import ConfigError
     from runtime.evaluate import render_report, run_eval, summarize
     from runtime.rundir import RunDir
-    from runtime.tasks import load_jsonl, load_task
 
-    if (task is None) == (jsonl is None):
-        raise ConfigError("give exactly one of --task NAME or --jsonl FILE")
-    if split not in ("gather", "examine", "all"):
-        raise ConfigError(f"unknown --split {split!r}: choose gather, examine or all")
     if mc_mode not in ("generate", "loglik"):
         raise ConfigError(f"unknown --mc-mode {mc_mode!r}: choose generate or loglik")
-    if jsonl is not None:
-        if answer_kind not in ("choice", "number", "text"):
-            raise ConfigError(f"unknown --answer-kind {answer_kind!r}: choose choice, number or text")
-        examples = load_jsonl(jsonl, answer_kind, limit=limit)  # type: ignore[arg-type]
-        name = jsonl.stem
-    else:
-        assert task is not None
-        examples = load_task(task, split, resolve_data_dir(data_dir), limit)  # type: ignore[arg-type]
-        name = task
+    name, examples = _examples(task, jsonl, answer_kind, split, limit, data_dir)
     if not examples:
         raise ConfigError(f"{name} has no examples in the {split} split")
     adapters = {"adapter": str(adapter)} if adapter else {}
@@ -191,6 +264,325 @@ def _accuracy_table(metrics: dict[str, Any]) -> None:
             source, str(f["n"]), f"{f['accuracy']:.3f}", str(f["no_answer"]), chance, f"{f['majority_gold']:.3f}"
         )
     console.print(table)
+
+
+# ---- SALAM: gathering, examination, the whole experiment --------------------------------------------------------
+
+Config = Annotated[Path | None, typer.Option("--config", help="TOML with [student] and [assistant] backend tables")]
+AssistantBackend = Annotated[
+    str | None, typer.Option("--assistant-backend", help="assistant's backend [default: the student's]")
+]
+AssistantModel = Annotated[str | None, typer.Option("--assistant-model", help="assistant's model")]
+AssistantUrl = Annotated[str | None, typer.Option("--assistant-base-url", help="assistant's server URL")]
+MemoryPath = Annotated[Path | None, typer.Option("--memory", help="embedded mistake memory folder")]
+MemoryUrl = Annotated[
+    str | None,
+    typer.Option("--memory-url", envvar="REDPEN_MEMORY_URL", help="Qdrant server URL instead of the embedded folder"),
+]
+Concurrency = Annotated[int, typer.Option(help="conversations in flight at once")]
+StudentTokens = Annotated[int | None, typer.Option("--max-new-tokens", help="student reply length [default: 128]")]
+
+
+def _phase_bar(bar: Progress) -> Any:
+    ids: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in ids:
+            ids[phase] = bar.add_task(phase, total=total, info="")
+        bar.update(ids[phase], completed=done)
+
+    return update
+
+
+@app.command()
+def gather(
+    task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
+    jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
+    answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
+    limit: Annotated[int | None, typer.Option(help="at most this many gather examples")] = None,
+    rounds: Annotated[int, typer.Option(help="feedback rounds per question")] = 3,
+    out: Annotated[Path | None, typer.Option(help="run directory [default: runs/gather-<task>]")] = None,
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    concurrency: Concurrency = 32,
+    max_new_tokens: StudentTokens = None,
+    config: Config = None,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    assistant_backend: AssistantBackend = None,
+    assistant_model: AssistantModel = None,
+    assistant_base_url: AssistantUrl = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Gather mistakes: student, examiner and assistant talk until the student is right; mistakes go to memory."""
+    from agents.gathering import run_gathering
+    from runtime.experiment import memory_location
+    from runtime.rundir import RunDir
+
+    name, examples = _examples(task, jsonl, answer_kind, "gather", limit, data_dir)
+    roles = _roles(
+        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+    )
+    path = out or Path("runs") / _slug(f"gather-{name}")
+    location = memory_location(path, memory, memory_url)
+    identity = {
+        "command": "gather",
+        "task": name,
+        "limit": limit,
+        "rounds": rounds,
+        "student": roles.student_id,
+        "assistant": roles.assistant_id,
+        "student_settings": roles.student_settings.to_dict(),
+    }
+    run = RunDir(path, identity, {"memory": {k: str(v) for k, v in location.items()}})
+    store = _memory(location)
+    try:
+        with _progress() as bar:
+            update = _phase_bar(bar)
+            count = 0
+
+            def tick(_: dict[str, Any]) -> None:
+                nonlocal count
+                count += 1
+                update("gathering", count, len(examples))
+
+            episodes = asyncio.run(
+                run_gathering(
+                    examples, roles, store, run, task=name, rounds=rounds, concurrency=concurrency, on_episode=tick
+                )
+            )
+        wrong = sum(e["first_verdict"] != "correct" for e in episodes)
+        console.print(
+            f"episodes {len(episodes)}  first answer wrong {wrong}  corrected "
+            f"{sum(e['corrected'] for e in episodes)}  mistakes in memory "
+            f"{store.count(model_id=roles.student_id, task=name)}  -> {run.path}"
+        )
+    finally:
+        store.close()
+
+
+@app.command()
+def exam(
+    mode: Annotated[str, typer.Option(help="baseline (no memory) or assisted (retrieved mistakes)")] = "assisted",
+    task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
+    jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
+    answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
+    limit: Annotated[int | None, typer.Option(help="at most this many examine examples")] = None,
+    memory_task: Annotated[
+        str | None, typer.Option(help="the task the mistakes were gathered under [default: --task]")
+    ] = None,
+    k: Annotated[int, typer.Option(help="mistakes retrieved per question")] = 3,
+    threshold: Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")] = 0.5,
+    out: Annotated[Path | None, typer.Option(help="run directory [default: runs/exam-<task>-<mode>]")] = None,
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    concurrency: Concurrency = 32,
+    max_new_tokens: StudentTokens = None,
+    config: Config = None,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    assistant_backend: AssistantBackend = None,
+    assistant_model: AssistantModel = None,
+    assistant_base_url: AssistantUrl = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Examine without the gold: as a baseline, or with the assistant's guidance from retrieved mistakes."""
+    from agents.examination import retrieve, run_exam
+    from runtime.errors import ConfigError
+    from runtime.evaluate import render_report, summarize
+    from runtime.experiment import memory_location
+    from runtime.rundir import RunDir
+
+    if mode not in ("baseline", "assisted"):
+        raise ConfigError(f"unknown --mode {mode!r}: choose baseline or assisted")
+    name, examples = _examples(task, jsonl, answer_kind, "examine", limit, data_dir)
+    roles = _roles(
+        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+    )
+    path = out or Path("runs") / _slug(f"exam-{name}-{mode}")
+    identity = {
+        "command": "exam",
+        "mode": mode,
+        "task": name,
+        "limit": limit,
+        "student": roles.student_id,
+        "assistant": roles.assistant_id,
+        "k": k,
+        "threshold": threshold,
+        "student_settings": roles.student_settings.to_dict(),
+    }
+    run = RunDir(path, identity)
+    hits = None
+    if mode == "assisted":
+        if memory is None and memory_url is None:
+            raise ConfigError("--mode assisted needs the mistake memory: pass --memory FOLDER or --memory-url URL")
+        store = _memory(memory_location(path, memory, memory_url))
+        try:
+            hits = retrieve(store, examples, roles.student_id, memory_task or name, k, threshold)
+        finally:
+            store.close()
+    started = time.perf_counter()
+    with _progress() as bar:
+        update = _phase_bar(bar)
+        count = 0
+
+        def tick(_: dict[str, Any]) -> None:
+            nonlocal count
+            count += 1
+            update(f"{mode} exam", count, len(examples))
+
+        results = asyncio.run(
+            run_exam(
+                examples,
+                roles,
+                run,
+                "results.jsonl",
+                mode=mode,
+                hits=hits,  # type: ignore[arg-type]
+                concurrency=concurrency,
+                on_result=tick,
+            )
+        )
+    metrics = summarize(results)
+    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
+    run.write_json("metrics.json", metrics)
+    run.write_text("report.md", render_report(f"redpen exam: {name} ({mode})", identity, metrics))
+    _accuracy_table(metrics)
+    console.print(f"run directory: {run.path}")
+    if json_out:
+        print(json.dumps({"task": name, "mode": mode, **metrics}))
+
+
+@app.command()
+def run(
+    task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16, gsm8k")] = None,
+    gather_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
+    examine_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
+    answer_kind: Annotated[str, typer.Option(help="for JSONL data: choice, number or text")] = "choice",
+    limit: Annotated[int | None, typer.Option(help="examine items (spread across sources)")] = None,
+    gather_limit: Annotated[int | None, typer.Option(help="gather items (spread across sources)")] = None,
+    rounds: Annotated[int, typer.Option(help="feedback rounds per gathered question")] = 3,
+    k: Annotated[int, typer.Option(help="mistakes retrieved per examine question")] = 3,
+    threshold: Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")] = 0.5,
+    out: Annotated[Path | None, typer.Option(help="run directory [default: runs/run-<task>]")] = None,
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    concurrency: Concurrency = 32,
+    max_new_tokens: StudentTokens = None,
+    config: Config = None,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    assistant_backend: AssistantBackend = None,
+    assistant_model: AssistantModel = None,
+    assistant_base_url: AssistantUrl = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
+    from runtime.errors import ConfigError
+    from runtime.experiment import ExperimentSettings, memory_location, run_experiment
+    from runtime.report import plot_experiment, render_experiment
+    from runtime.rundir import RunDir
+
+    if task is not None and (gather_jsonl or examine_jsonl):
+        raise ConfigError("give either --task or --gather-jsonl with --examine-jsonl, not both")
+    if task is None:
+        if gather_jsonl is None or examine_jsonl is None:
+            raise ConfigError("give --task NAME, or both --gather-jsonl FILE and --examine-jsonl FILE")
+        name, gather_set = _examples(None, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
+        _, examine_set = _examples(None, examine_jsonl, answer_kind, "examine", limit, data_dir)
+    else:
+        name, gather_set = _examples(task, None, answer_kind, "gather", gather_limit, data_dir)
+        _, examine_set = _examples(task, None, answer_kind, "examine", limit, data_dir)
+    if not gather_set or not examine_set:
+        raise ConfigError(f"{name}: the gather and examine sets must both have examples")
+    roles = _roles(
+        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+    )
+    settings = ExperimentSettings(task=name, rounds=rounds, k=k, threshold=threshold, concurrency=concurrency)
+    path = out or Path("runs") / _slug(f"run-{name}")
+    location = memory_location(path, memory, memory_url)
+    identity = {
+        "command": "run",
+        "task": name,
+        "limit": limit,
+        "gather_limit": gather_limit,
+        "rounds": rounds,
+        "k": k,
+        "threshold": threshold,
+        "student": roles.student_id,
+        "assistant": roles.assistant_id,
+        "student_settings": roles.student_settings.to_dict(),
+    }
+    run_dir = RunDir(
+        path,
+        identity,
+        {
+            "memory": {k_: str(v) for k_, v in location.items()},
+            "student_backend": roles.student.describe(),
+            "assistant_backend": roles.assistant.describe(),
+        },
+    )
+    store = _memory(location)
+    try:
+        with _progress() as bar:
+            figures = asyncio.run(
+                run_experiment(gather_set, examine_set, roles, store, run_dir, settings, progress=_phase_bar(bar))
+            )
+    finally:
+        store.close()
+    run_dir.write_json("figures.json", figures)
+    run_dir.write_text("report.md", render_experiment(figures, identity))
+    plot_experiment(figures, run_dir.file("accuracy.png"))
+    _experiment_table(figures)
+    console.print(f"report: {run_dir.file('report.md')}  plot: {run_dir.file('accuracy.png')}")
+    if json_out:
+        summary = {
+            k_: figures[k_]
+            for k_ in (
+                "task",
+                "student",
+                "assistant",
+                "n_gather",
+                "n_examine",
+                "near_duplicates",
+                "gathering",
+                "mistakes_stored",
+                "time_s",
+                "tokens",
+            )
+        }
+        summary["accuracy"] = {c: figures["conditions"][c]["overall"]["accuracy"] for c in figures["conditions"]}
+        summary["accuracy_without_near_duplicates"] = {
+            c: figures["without_near_duplicates"][c]["overall"]["accuracy"] for c in figures["conditions"]
+        }
+        summary["run_dir"] = str(run_dir.path)
+        print(json.dumps(summary))
+
+
+def _experiment_table(figures: dict[str, Any]) -> None:
+    table = Table(title=f"{figures['task']}: examine accuracy (same items in every column)")
+    for column in ("source", "n", "baseline", "assisted", "retrieval-only", "chance"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    c = figures["conditions"]
+    for source in [*sorted(c["baseline"]["by_source"]), "all"]:
+        row = [
+            c[k]["overall"] if source == "all" else c[k]["by_source"][source]
+            for k in ("baseline", "assisted", "retrieval_only")
+        ]
+        chance = f"{row[0]['chance']:.3f}" if row[0]["chance"] is not None else "-"
+        table.add_row(source, str(row[0]["n"]), *(f"{f['accuracy']:.3f}" for f in row), chance)
+    console.print(table)
+    g = figures["gathering"]
+    console.print(
+        f"gathering: {g['episodes']} episodes, {g['first_answer_wrong']} wrong first answers, "
+        f"{g['corrected']} corrected; {figures['mistakes_stored']} mistakes in memory; "
+        f"{figures['near_duplicates']}/{figures['n_examine']} examine items have a near-duplicate"
+    )
 
 
 @app.command()
@@ -291,7 +683,7 @@ def main() -> None:
     try:
         app()
     except RedpenError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; finished items are saved, re-run the same command to resume")

@@ -32,17 +32,22 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a results file; a torn last line (the process died mid-write) is dropped."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Only b"\n" ends a record: str.splitlines() would also split at U+2028/U+2029/U+0085, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings. Bytes, so a torn UTF-8 character is a torn line.
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             yield json.loads(line)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from a cut multi-byte character
             if number == len(lines):
                 log.warning("%s:%d is a torn last line; it will be redone", path, number)
                 return
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise DataError(f"{path}:{number}: not valid JSON ({reason})") from None
 
 
 class RunDir:
@@ -50,6 +55,7 @@ class RunDir:
 
     def __init__(self, path: Path, identity: dict[str, Any], config: dict[str, Any] | None = None) -> None:
         self.path = path
+        identity = json.loads(json.dumps(identity, default=str))  # compare as stored: tuples -> lists, Path -> str
         path.mkdir(parents=True, exist_ok=True)
         config_path = path / "config.json"
         if config_path.exists():

@@ -1,0 +1,122 @@
+"""Examination: answer without the gold, as a baseline or assisted by retrieved mistakes; and its controls.
+
+- baseline: student -> examiner.
+- assisted: assistant (with the retrieved mistakes) -> student -> examiner.
+- retrieval-only (a control, no model): the majority gold answer of the retrieved mistakes. When it matches
+  the assisted score, the gain came from near-duplicate questions in memory, not from guidance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from autogen_agentchat.conditions import MaxMessageTermination
+from autogen_agentchat.messages import BaseChatMessage
+from autogen_agentchat.teams import RoundRobinGroupChat
+
+from agents.roles import ASSISTANT, EXAMINER, STUDENT, ExaminerAgent, ExaminingAssistant, StudentAgent
+from agents.team import Roles, usage_of
+from memory.store import Hit, MistakeMemory
+from runtime.graders import grade
+from runtime.rundir import RunDir
+from runtime.tasks import Example
+
+Mode = Literal["baseline", "assisted"]
+DEFAULT_K = 3  # the SALAM paper retrieves the top-3 similar mistakes
+DEFAULT_THRESHOLD = 0.5  # cosine on MiniLM; below it a "similar" mistake is mostly another topic
+
+
+async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[Hit] = ()) -> dict[str, Any]:
+    """Examine one example as an AutoGen team; the result record has the same fields as ``redpen eval``'s."""
+    student, examiner = StudentAgent(example, roles.student_client()), ExaminerAgent(example)
+    agents = [student, examiner]
+    if mode == "assisted":
+        agents.insert(0, ExaminingAssistant(example, roles.assistant_client(), hits))
+    team = RoundRobinGroupChat(agents, termination_condition=MaxMessageTermination(1 + len(agents)))
+    started = time.perf_counter()
+    result = await team.run(task=example.input)
+    messages = [m for m in result.messages if isinstance(m, BaseChatMessage)]
+    verdict = next(m for m in messages if m.source == EXAMINER).metadata
+    guidance = next((m.to_text() for m in messages if m.source == ASSISTANT), "")
+    return {
+        "id": example.id,
+        "source": example.source,
+        "mode": mode,
+        "verdict": verdict["verdict"],
+        "predicted": verdict["predicted"] or None,
+        "target": example.target,
+        "n_options": len(example.options),
+        "reply": next(m.to_text() for m in messages if m.source == STUDENT),
+        "guidance": guidance,
+        "retrieved": [{"id": h.record.id, "score": round(h.score, 4), "source": h.record.source} for h in hits],
+        **usage_of(messages),
+        "latency_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def retrieve(
+    memory: MistakeMemory, examples: Sequence[Example], model_id: str, task: str, k: int, threshold: float | None
+) -> dict[str, list[Hit]]:
+    """The mistakes each example's assistant sees: this student's, on this task, most similar first."""
+    found = memory.search_many([e.input for e in examples], k=k, threshold=threshold, model_id=model_id, task=task)
+    return {e.id: hits for e, hits in zip(examples, found, strict=True)}
+
+
+async def run_exam(
+    examples: Sequence[Example],
+    roles: Roles,
+    run: RunDir,
+    results_file: str,
+    *,
+    mode: Mode,
+    hits: dict[str, list[Hit]] | None = None,
+    concurrency: int = 32,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order."""
+    run.repair(results_file)
+    done = run.done_ids(results_file)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(example: Example) -> None:
+        async with limit:
+            record = await exam_item(example, roles, mode, (hits or {}).get(example.id, []))
+        run.append(results_file, record)
+        if on_result is not None:
+            on_result(record)
+
+    await asyncio.gather(*(one(e) for e in examples if e.id not in done))
+    by_id = {r["id"]: r for r in run.records(results_file)}
+    return [by_id[e.id] for e in examples if e.id in by_id]
+
+
+def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[dict[str, Any]]:
+    """The control with no model: answer with the most common gold among the retrieved mistakes.
+
+    Ties go to the most similar mistake's gold; an example with nothing retrieved has no answer.
+    """
+    results = []
+    for example in examples:
+        found = hits.get(example.id, [])
+        golds = Counter(h.record.gold for h in found)
+        answer = max(golds, key=golds.__getitem__) if golds else ""  # Counter keeps similarity order for ties
+        result = grade(example, f"The answer is {answer}" if answer else "")
+        results.append(
+            {
+                "id": example.id,
+                "source": example.source,
+                "mode": "retrieval_only",
+                "verdict": result.verdict,
+                "predicted": result.predicted,
+                "target": example.target,
+                "n_options": len(example.options),
+                "reply": answer,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }
+        )
+    return results

@@ -1,0 +1,112 @@
+"""The study assistant's feedback: parse its ``{reason, guideline}`` reply and keep the gold answer out of it.
+
+A small student copies whatever answer letter or option text it is shown, so feedback that names the gold
+would teach nothing and inflate accuracy. Like the SALAM paper, leaks are found with patterns; a leaking
+sentence is dropped (the rest of the feedback is kept) and the leak is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from runtime.tasks import Example
+
+FALLBACK_GUIDELINE = "Re-read the question, check each option against the facts stated, and answer only from them."
+
+
+@dataclass(frozen=True)
+class Feedback:
+    reason: str
+    guideline: str
+    parsed: bool  # the reply was the JSON (or labelled lines) asked for
+    leaked: bool = False  # a sentence named the gold answer and was removed
+
+    def as_guidance(self) -> str:
+        """How the student sees the feedback."""
+        parts = [f"Why the last answer was wrong: {self.reason}" if self.reason else "", f"Guideline: {self.guideline}"]
+        return "\n".join(p for p in parts if p)
+
+
+def parse_feedback(reply: str) -> Feedback:
+    """Read ``{"reason": ..., "guideline": ...}``, else "Reason:"/"Guideline:" lines, else the whole reply.
+
+    >>> parse_feedback('Sure! {"reason": "Misread who spoke.", "guideline": "Track each speaker."}')
+    Feedback(reason='Misread who spoke.', guideline='Track each speaker.', parsed=True, leaked=False)
+    >>> parse_feedback("Reason: mixed up dates\\nGuideline: count days one by one").guideline
+    'count days one by one'
+    >>> parse_feedback("Think again.").parsed
+    False
+    """
+    for match in re.finditer(r"\{.*?\}", reply, re.DOTALL):
+        try:
+            data = json.loads(match.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("guideline"), str) and data["guideline"].strip():
+            return Feedback(str(data.get("reason", "")).strip(), data["guideline"].strip(), parsed=True)
+    reason = re.search(r"reason\W*:\s*(.+)", reply, re.IGNORECASE)
+    guideline = re.search(r"guideline\W*:\s*(.+)", reply, re.IGNORECASE)
+    if guideline:
+        return Feedback(reason.group(1).strip() if reason else "", guideline.group(1).strip(), parsed=True)
+    return Feedback("", reply.strip(), parsed=False)
+
+
+def leak_patterns(example: Example) -> list[re.Pattern[str]]:
+    """Patterns that give the gold away: its letter as an answer marker, and its option text.
+
+    >>> ex = Example("x", "s", "q", "(B)", "choice", ("Cannot answer", "The doctor"))
+    >>> [bool(p.search("The answer is B.")) for p in leak_patterns(ex)]
+    [True, False]
+    >>> any(p.search("Consider the doctor's role") for p in leak_patterns(ex))
+    True
+    >>> any(p.search("Be careful: a bias is not evidence.") for p in leak_patterns(ex))
+    False
+    """
+    if example.answer_kind == "choice":
+        letter = example.target.strip("() ")
+        patterns = [
+            re.compile(
+                rf"\({letter}\)|\b(?:option|answer|choice|choose|pick|select)\s+(?:is\s+)?\(?{letter}\b|^{letter}[).:]|"
+                rf"\b{letter}\s+is\s+(?:the\s+)?(?:correct|right|answer)",
+                re.IGNORECASE | re.MULTILINE,
+            )
+        ]
+        index = ord(letter) - ord("A")
+        if 0 <= index < len(example.options) and len(example.options[index].strip()) >= 3:
+            text = re.escape(example.options[index].strip().rstrip("."))
+            patterns.append(re.compile(text.replace(r"\ ", r"\s+"), re.IGNORECASE))
+        return patterns
+    target = re.escape(example.target.strip())
+    if not target:
+        return []
+    return [re.compile(rf"(?<![\w.]){target}(?![\w]|\.\d)", re.IGNORECASE)]
+
+
+# Any "the answer is (X)" or bare "(X)" teaches nothing and, shown later beside another question, is copied.
+ANSWER_STATEMENT = re.compile(
+    r"\b(?:answer|option|choice)\s+(?:is\s+)?\([A-Z]\)|^\s*\([A-Z]\)", re.IGNORECASE | re.MULTILINE
+)
+
+
+def scrub(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, bool]:
+    """Drop the sentences of ``text`` that match a leak pattern.
+
+    >>> scrub("Check the dates. The answer is 42. Count carefully.", [re.compile(r"\\b42\\b")])
+    ('Check the dates. Count carefully.', True)
+    """
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text.strip())
+    kept = [s for s in sentences if s and not any(p.search(s) for p in patterns)]
+    return " ".join(kept), len(kept) != len([s for s in sentences if s])
+
+
+def without_leaks(feedback: Feedback, example: Example) -> Feedback:
+    """The feedback with every sentence that names the gold removed; an emptied guideline gets a neutral one."""
+    patterns = leak_patterns(example)
+    reason, reason_leaked = scrub(feedback.reason, patterns)
+    guideline, guideline_leaked = scrub(feedback.guideline, patterns)
+    # Statements of some other answer are not leaks (not counted), but are no guideline either.
+    reason, _ = scrub(reason, [ANSWER_STATEMENT])
+    guideline, _ = scrub(guideline, [ANSWER_STATEMENT])
+    return Feedback(reason, guideline or FALLBACK_GUIDELINE, feedback.parsed, reason_leaked or guideline_leaked)

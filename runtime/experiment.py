@@ -1,0 +1,191 @@
+"""``redpen run``: the whole SALAM experiment on one benchmark, with its controls, in one run directory.
+
+1. baseline examination of the examine split (no memory);
+2. gathering on the gather split (mistakes into memory);
+3. assisted examination of the same examine items;
+4. controls on the same items: retrieval-only (majority gold of the retrieved mistakes, no model) and the
+   examine items with a near-duplicate in the gathered questions (embedding similarity >= 0.95);
+5. a Markdown report and a PNG plot.
+Every phase appends to its own JSONL file and skips what is done, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.examination import retrieval_only, retrieve, run_exam
+from agents.gathering import run_gathering
+from agents.team import Roles
+from memory.store import MistakeMemory
+from runtime.evaluate import summarize
+from runtime.rundir import RunDir
+from runtime.tasks import Example
+
+log = logging.getLogger(__name__)
+
+NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
+BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    task: str
+    rounds: int = 3
+    k: int = 3
+    threshold: float | None = 0.5
+    concurrency: int = 32
+
+
+def near_duplicates(memory: MistakeMemory, examine: Sequence[Example], gather: Sequence[Example]) -> dict[str, float]:
+    """For each examine item, its highest similarity to any gathered question."""
+    if not examine or not gather:
+        return {e.id: 0.0 for e in examine}
+    a = memory.embedder.embed([e.input for e in examine])
+    b = memory.embedder.embed([e.input for e in gather])
+    best = (np.asarray(a) @ np.asarray(b).T).max(axis=1)  # rows are unit vectors: dot product = cosine
+    return {e.id: float(s) for e, s in zip(examine, best, strict=True)}
+
+
+async def run_experiment(
+    gather: Sequence[Example],
+    examine: Sequence[Example],
+    roles: Roles,
+    memory: MistakeMemory,
+    run: RunDir,
+    settings: ExperimentSettings,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run every phase (resuming finished ones) and return the figures the report is made of."""
+    times: dict[str, float] = {}
+
+    def ticker(phase: str, total: int) -> Callable[[dict[str, Any]], None]:
+        done = 0
+
+        def tick(_: dict[str, Any]) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(phase, done, total)
+
+        return tick
+
+    started = time.perf_counter()
+    baseline = await run_exam(
+        examine,
+        roles,
+        run,
+        BASELINE,
+        mode="baseline",
+        concurrency=settings.concurrency,
+        on_result=ticker("baseline exam", len(examine)),
+    )
+    times["baseline"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    episodes = await run_gathering(
+        gather,
+        roles,
+        memory,
+        run,
+        task=settings.task,
+        rounds=settings.rounds,
+        concurrency=settings.concurrency,
+        on_episode=ticker("gathering", len(gather)),
+    )
+    times["gathering"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    hits = retrieve(memory, examine, roles.student_id, settings.task, settings.k, settings.threshold)
+    assisted = await run_exam(
+        examine,
+        roles,
+        run,
+        ASSISTED,
+        mode="assisted",
+        hits=hits,
+        concurrency=settings.concurrency,
+        on_result=ticker("assisted exam", len(examine)),
+    )
+    times["assisted"] = time.perf_counter() - started
+
+    control = retrieval_only(examine, hits)
+    run.write_text(RETRIEVAL, "".join(_jsonl(r) for r in control))
+    similarity = near_duplicates(memory, examine, gather)
+    duplicated = {i for i, s in similarity.items() if s >= NEAR_DUPLICATE}
+
+    conditions = {"baseline": baseline, "assisted": assisted, "retrieval_only": control}
+    figures = {
+        "task": settings.task,
+        "student": roles.student_id,
+        "assistant": roles.assistant_id,
+        "n_gather": len(gather),
+        "n_examine": len(examine),
+        "conditions": {name: summarize(rs) for name, rs in conditions.items()},
+        "without_near_duplicates": {
+            name: summarize([r for r in rs if r["id"] not in duplicated]) for name, rs in conditions.items()
+        },
+        "near_duplicates": len(duplicated),
+        "near_duplicate_threshold": NEAR_DUPLICATE,
+        "gathering": _gathering_figures(episodes),
+        "mistakes_stored": memory.count(model_id=roles.student_id, task=settings.task),
+        "retrieved_per_item": round(float(np.mean([len(h) for h in hits.values()])), 2) if hits else 0.0,
+        "examples": _guidance_examples(assisted, examine),
+        "time_s": {k: round(v, 1) for k, v in times.items()},
+        "tokens": {
+            name: sum(r["prompt_tokens"] + r["completion_tokens"] for r in rs)
+            for name, rs in (("baseline", baseline), ("gathering", episodes), ("assisted", assisted))
+        },
+    }
+    return figures
+
+
+def _gathering_figures(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    wrong = [e for e in episodes if e["first_verdict"] != "correct"]
+    turns = [t for e in episodes for t in e["turns"]]
+    return {
+        "episodes": len(episodes),
+        "first_answer_wrong": len(wrong),
+        "corrected": sum(e["corrected"] for e in wrong),
+        "feedback_turns": len(turns),
+        "rewarded_turns": sum(t["reward"] for t in turns),
+        "leaks_removed": sum(t["action"]["leaked"] for t in turns),
+        "unparsed_feedback": sum(not t["action"]["parsed"] for t in turns),
+    }
+
+
+def _guidance_examples(assisted: Sequence[dict[str, Any]], examine: Sequence[Example], n: int = 3) -> list[dict]:
+    inputs = {e.id: e.input for e in examine}
+    shown = [r for r in assisted if r.get("guidance")][:n]
+    return [
+        {
+            "id": r["id"],
+            "question": inputs.get(r["id"], ""),
+            "guidance": r["guidance"],
+            "reply": r["reply"],
+            "verdict": r["verdict"],
+            "target": r["target"],
+        }
+        for r in shown
+    ]
+
+
+def _jsonl(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def memory_location(run_path: Path, memory_path: Path | None, memory_url: str | None) -> dict[str, Any]:
+    """Where the mistake memory lives: a server by URL, else an embedded folder (default: inside the run)."""
+    if memory_url:
+        return {"url": memory_url}
+    return {"path": memory_path or run_path / "memory"}

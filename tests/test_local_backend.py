@@ -1,0 +1,233 @@
+"""LocalBackend on a tiny random Llama built in the test: micro-batching, usage, option scoring, LoRA adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.backend import GenerationSettings, Message
+from runtime.errors import BackendError, ConfigError
+from runtime.local import LocalBackend
+from tests.helpers import build_tiny_model
+
+GREEDY = GenerationSettings(max_new_tokens=10)
+PROMPTS = [
+    "Who was late to the meeting?",
+    "The answer is (B).",
+    "Tomorrow is 11/12/2019. What is the date one year ago from today in MM/DD/YYYY?",
+    "red",
+    "Options: (A) red (B) blue (C) green. Which one is the colour of the sky on a clear day, usually?",
+    "0 1 2 3",
+    "The quick brown fox jumps over the lazy dog.",
+    "Answer with the letter of the correct option, like (A) or (B). Who was late? The older adult or the young man?",
+]
+
+
+def chat(text: str) -> list[Message]:
+    return [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: Path) -> LocalBackend:
+    # float32: bf16 kernels may round a batched row differently from the same row alone.
+    return LocalBackend(tiny_model, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # init_lora_weights=False: random B as well as A, so the adapter changes outputs from the first step.
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    path = tmp_path_factory.mktemp("lora") / "tuned"
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+async def one_at_a_time(backend: LocalBackend, prompts: list[str], settings: GenerationSettings, adapter=None):
+    return [await backend.generate(chat(p), settings, adapter) for p in prompts]
+
+
+async def test_concurrent_calls_batch_and_match_one_at_a_time(backend: LocalBackend) -> None:
+    before = backend.batches_run
+    alone = await one_at_a_time(backend, PROMPTS, GREEDY)
+    assert backend.batches_run - before == len(PROMPTS)
+
+    before = backend.batches_run
+    together = await asyncio.gather(*(backend.generate(chat(p), GREEDY) for p in PROMPTS))
+    assert backend.batches_run - before == 1  # all eight met in one left-padded generate
+
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert [g.usage for g in together] == [g.usage for g in alone]
+    assert len({g.text for g in alone}) > 1  # the prompts really lead to different replies
+
+
+async def test_max_batch_size_splits_batches(tiny_model: Path) -> None:
+    small = LocalBackend(tiny_model, device="cpu", dtype="float32", max_batch_size=3)
+    results = await asyncio.gather(*(small.generate(chat(p), GREEDY) for p in PROMPTS))
+    assert len(results) == len(PROMPTS)
+    assert small.batches_run == 3  # 3 + 3 + 2
+    await small.aclose()
+
+
+async def test_usage_counts_prompt_and_reply_tokens(backend: LocalBackend) -> None:
+    settings = GenerationSettings(max_new_tokens=7)
+    results = await asyncio.gather(*(backend.generate(chat(p), settings) for p in PROMPTS))
+    for prompt, generation in zip(PROMPTS, results, strict=True):
+        rendered = backend.tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
+        expected = len(backend.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        assert generation.usage.prompt_tokens == expected  # padding is not counted
+        assert 1 <= generation.usage.completion_tokens <= settings.max_new_tokens
+        if generation.finish_reason == "length":
+            assert generation.usage.completion_tokens == settings.max_new_tokens
+        assert generation.latency_s > 0
+
+
+async def test_ignore_eos_generates_exactly_max_new_tokens(backend: LocalBackend) -> None:
+    settings = GenerationSettings(max_new_tokens=9, ignore_eos=True)
+    results = await asyncio.gather(*(backend.generate(chat(p), settings) for p in PROMPTS[:4]))
+    assert [g.usage.completion_tokens for g in results] == [9] * 4
+    assert {g.finish_reason for g in results} == {"length"}
+
+
+async def test_ignore_eos_overrides_a_model_that_always_stops(tiny_model: Path) -> None:
+    stopper = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    assert stopper.tokenizer.eos_token_id == 0
+    with torch.no_grad():
+        stopper.model.lm_head.weight.zero_()  # all logits tie, greedy takes the first id: EOS
+    stopped = await stopper.generate(chat("hello"), GenerationSettings(max_new_tokens=6))
+    assert (stopped.usage.completion_tokens, stopped.finish_reason, stopped.text) == (1, "stop", "")
+    forced = await stopper.generate(chat("hello"), GenerationSettings(max_new_tokens=6, ignore_eos=True))
+    assert (forced.usage.completion_tokens, forced.finish_reason) == (6, "length")
+    await stopper.aclose()
+
+
+async def test_different_settings_in_flight_are_not_mixed(backend: LocalBackend) -> None:
+    short = GenerationSettings(max_new_tokens=3, ignore_eos=True)
+    long = GenerationSettings(max_new_tokens=8, ignore_eos=True)
+    plan = [(p, short if i % 2 else long) for i, p in enumerate(PROMPTS)]
+    alone = [await backend.generate(chat(p), s) for p, s in plan]
+
+    before = backend.batches_run
+    together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
+    assert backend.batches_run - before == 2  # one batch per settings group
+    assert [g.usage.completion_tokens for g in together] == [s.max_new_tokens for _, s in plan]
+    assert [g.text for g in together] == [g.text for g in alone]
+
+
+def test_backend_serves_successive_event_loops(backend: LocalBackend) -> None:
+    first = asyncio.run(backend.generate(chat("red"), GREEDY))
+    second = asyncio.run(backend.generate(chat("red"), GREEDY))  # a new loop needs a new worker, not a hang
+    assert first.text == second.text
+
+
+async def test_score_options_matches_a_manual_log_likelihood(backend: LocalBackend) -> None:
+    messages = chat("Which is the colour of the sky? Options: (A) red (B) blue (C) green")
+    options = ["(A) red", "(B) blue", "(C) green and a much longer option that pads the others"]
+    scores = await backend.score_options(messages, options)
+    assert len(scores) == len(options)
+    assert all(isinstance(s, float) and s < 0 for s in scores)
+    assert len(set(scores)) == len(options)
+
+    tokenizer, model = backend.tokenizer, backend.model
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    option_ids = tokenizer(options[1], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + option_ids])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.float()[0], dim=-1)
+    manual = sum(float(logprobs[len(prompt_ids) - 1 + k, token]) for k, token in enumerate(option_ids))
+    assert scores[1] == pytest.approx(manual, abs=1e-3)  # "(B) blue" sat left-padded in a batch of three
+
+
+async def test_score_options_concurrent_calls_match_one_at_a_time(backend: LocalBackend) -> None:
+    questions = [("red or blue?", ["red", "blue"]), ("pick a number", ["1", "2", "100", "2024"])]
+    alone = [await backend.score_options(chat(q), opts) for q, opts in questions]
+    together = await asyncio.gather(*(backend.score_options(chat(q), opts) for q, opts in questions))
+    assert [len(s) for s in together] == [2, 4]
+    for a, b in zip(alone, together, strict=True):
+        assert a == pytest.approx(b, abs=1e-3)
+
+
+async def test_score_options_needs_options(backend: LocalBackend) -> None:
+    with pytest.raises(BackendError, match="at least one option"):
+        await backend.score_options(chat("hi"), [])
+
+
+async def test_lora_adapter_changes_output_and_leaves_the_base_alone(tiny_model: Path, lora_adapter: Path) -> None:
+    fresh = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    base_before = await one_at_a_time(fresh, PROMPTS[:3], GREEDY)
+    base_scores = await fresh.score_options(chat("red or blue?"), ["red", "blue"])
+    await fresh.aclose()
+
+    tuned = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    tuned.load_adapter("tuned", lora_adapter)
+    assert tuned.adapters == {"tuned": str(lora_adapter)}
+    with_adapter = await one_at_a_time(tuned, PROMPTS[:3], GREEDY, adapter="tuned")
+    without = await one_at_a_time(tuned, PROMPTS[:3], GREEDY, adapter=None)
+    assert [g.text for g in without] == [g.text for g in base_before]
+    assert [g.text for g in with_adapter] != [g.text for g in base_before]
+
+    # Both groups in flight at once: each batch uses its own adapter setting.
+    mixed = await asyncio.gather(
+        *(tuned.generate(chat(p), GREEDY, adapter) for p in PROMPTS[:3] for adapter in ("tuned", None))
+    )
+    assert [g.text for g in mixed[0::2]] == [g.text for g in with_adapter]
+    assert [g.text for g in mixed[1::2]] == [g.text for g in base_before]
+
+    assert await tuned.score_options(chat("red or blue?"), ["red", "blue"]) == pytest.approx(base_scores, abs=1e-4)
+    tuned_scores = await tuned.score_options(chat("red or blue?"), ["red", "blue"], adapter="tuned")
+    assert tuned_scores != pytest.approx(base_scores, abs=1e-4)
+    await tuned.aclose()
+
+
+async def test_adapter_given_at_construction(tiny_model: Path, lora_adapter: Path) -> None:
+    tuned = LocalBackend(tiny_model, adapters={"tuned": lora_adapter}, device="cpu", dtype="float32")
+    plain = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    assert tuned.describe()["adapters"] == {"tuned": str(lora_adapter)}
+    a = await tuned.generate(chat("red"), GREEDY, adapter="tuned")
+    b = await tuned.generate(chat("red"), GREEDY)
+    c = await plain.generate(chat("red"), GREEDY)
+    assert b.text == c.text != a.text
+    await tuned.aclose()
+    await plain.aclose()
+
+
+async def test_unknown_adapter_is_a_backend_error(backend: LocalBackend) -> None:
+    with pytest.raises(BackendError, match="unknown adapter 'nope'.*none loaded"):
+        await backend.generate(chat("hi"), GREEDY, adapter="nope")
+    with pytest.raises(BackendError, match="unknown adapter 'nope'"):
+        await backend.score_options(chat("hi"), ["a"], adapter="nope")
+
+
+def test_adapter_folder_without_config_is_a_config_error(backend: LocalBackend, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        backend.load_adapter("broken", tmp_path)
+    assert backend.adapters == {}
+
+
+def test_model_folder_without_config_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        LocalBackend(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        LocalBackend(tmp_path / "empty", max_batch_size=0)
+
+
+def test_describe_names_the_model(backend: LocalBackend, tiny_model: Path) -> None:
+    described = backend.describe()
+    assert described["kind"] == "local"
+    assert described["model_id"] == "tiny-llama"
+    assert described["path"] == str(tiny_model)
+    assert described["dtype"] == "float32"

@@ -1,0 +1,215 @@
+"""Run directories (identity check, append-and-fsync JSONL, torn-line repair) and resumable ``run_eval``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.errors import ConfigError, DataError
+from runtime.evaluate import RESULTS, render_report, run_eval, summarize
+from runtime.rundir import RunDir
+from runtime.tasks import Example
+
+IDENTITY = {"command": "eval", "task": "bbq", "limit": 6, "model_id": "tiny"}
+SETTINGS = GenerationSettings(max_new_tokens=16)
+
+
+def examples(n: int = 6) -> list[Example]:
+    """Choice items whose gold letter cycles A, B, C."""
+    options = ("red", "blue", "green")
+    text = "Which colour?\nOptions:\n(A) red\n(B) blue\n(C) green"
+    return [Example(f"toy/{i}", "toy", f"{text}\n#{i}", f"({'ABC'[i % 3]})", "choice", options) for i in range(n)]
+
+
+class ScriptedStudent(Backend):
+    """Always answers "(B)"; later items answer sooner, so results arrive out of input order."""
+
+    kind = "scripted"
+    model_id = "scripted-student"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = SETTINGS,
+        adapter: str | None = None,
+    ) -> Generation:
+        number = int(messages[-1]["content"].rsplit("#", 1)[1])
+        self.asked.append(f"toy/{number}")
+        await asyncio.sleep(0.002 * (10 - number))
+        return Generation("The answer is (B).", Usage(20, 5), finish_reason="stop")
+
+    @property
+    def supports_option_scoring(self) -> bool:
+        return True
+
+    async def score_options(
+        self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
+    ) -> list[float]:
+        self.asked.append("score")
+        return [-3.0 if not o.startswith("(C)") else -0.5 for o in options]
+
+
+# ---- RunDir ---------------------------------------------------------------------------------------------------
+
+
+def test_identity_mismatch_names_the_change(tmp_path: Path) -> None:
+    RunDir(tmp_path / "run", IDENTITY, {"note": "first"})
+    with pytest.raises(ConfigError, match=r"limit: 6 -> 8.*another --out"):
+        RunDir(tmp_path / "run", {**IDENTITY, "limit": 8})
+    same = RunDir(tmp_path / "run", dict(IDENTITY), {"note": "second"})  # same identity resumes
+    config = json.loads(same.file("config.json").read_text())
+    assert config == {"identity": IDENTITY, "note": "second"}
+
+
+def test_identity_survives_the_json_round_trip(tmp_path: Path) -> None:
+    """An identity holding tuples (``GenerationSettings.to_dict()``) or paths must match itself on a re-run."""
+    identity = {**IDENTITY, "settings": GenerationSettings(stop=("###",)).to_dict(), "adapter": tmp_path / "lora"}
+    RunDir(tmp_path / "run", identity)
+    RunDir(tmp_path / "run", identity)  # the same command again resumes
+    with pytest.raises(ConfigError, match="settings"):
+        RunDir(tmp_path / "run", {**identity, "settings": GenerationSettings(stop=("END",)).to_dict()})
+
+
+def test_folder_without_recorded_identity_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no identity recorded"):
+        RunDir(tmp_path / "run", IDENTITY)
+
+
+def test_append_and_records_round_trip(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    assert run.records(RESULTS) == [] and run.done_ids(RESULTS) == set()
+    rows = [{"id": "a", "reply": "héllo\nworld"}, {"id": "b", "n": 2, "nested": {"x": [1, 2]}}]
+    for row in rows:
+        run.append(RESULTS, row)
+    assert run.records(RESULTS) == rows
+    assert run.done_ids(RESULTS) == {"a", "b"}
+    assert run.file(RESULTS).read_text(encoding="utf-8").count("\n") == 2  # one line per record
+
+
+def test_torn_last_line_is_dropped_then_cut(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    run.append(RESULTS, {"id": "a"})
+    run.append(RESULTS, {"id": "b"})
+    with run.file(RESULTS).open("a") as f:
+        f.write('{"id": "c", "rep')  # the process died mid-write
+    assert run.records(RESULTS) == [{"id": "a"}, {"id": "b"}]
+    assert run.done_ids(RESULTS) == {"a", "b"}
+
+    run.repair(RESULTS)
+    assert run.file(RESULTS).read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    run.append(RESULTS, {"id": "c"})
+    assert run.done_ids(RESULTS) == {"a", "b", "c"}
+    run.repair(RESULTS)  # nothing torn: a no-op
+    assert len(run.records(RESULTS)) == 3
+
+
+def test_torn_multibyte_character_is_a_torn_line(tmp_path: Path) -> None:
+    """Records are written with ensure_ascii=False, so a kill can cut a UTF-8 character in half."""
+    run = RunDir(tmp_path, IDENTITY)
+    run.append(RESULTS, {"id": "a", "reply": "café"})
+    with run.file(RESULTS).open("ab") as f:
+        f.write(b'{"id": "b", "reply": "caf' + "é".encode()[:1])
+    assert run.records(RESULTS) == [{"id": "a", "reply": "café"}]
+    assert run.done_ids(RESULTS) == {"a"}
+    run.repair(RESULTS)
+    assert run.records(RESULTS) == [{"id": "a", "reply": "café"}]
+
+
+def test_unicode_line_separators_inside_a_reply_round_trip(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 are left raw by json.dumps(ensure_ascii=False); they are not line ends."""
+    run = RunDir(tmp_path, IDENTITY)
+    rows = [{"id": "a", "reply": "one\u2028two"}, {"id": "b", "reply": "x\x85y\u2029z"}, {"id": "c", "reply": "ok"}]
+    for row in rows:
+        run.append(RESULTS, row)
+    assert run.records(RESULTS) == rows
+    assert run.done_ids(RESULTS) == {"a", "b", "c"}
+
+
+def test_malformed_middle_line_names_file_and_line(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    run.file(RESULTS).write_text('{"id": "a"}\n{"id": oops}\n{"id": "c"}\n')
+    with pytest.raises(DataError, match=rf"{RESULTS}:2: not valid JSON"):
+        run.records(RESULTS)
+    with pytest.raises(DataError, match=rf"{RESULTS}:2"):
+        run.done_ids(RESULTS)
+
+
+def test_whole_files_are_written_atomically(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    run.write_json("metrics.json", {"accuracy": 0.5})
+    run.write_json("metrics.json", {"accuracy": 0.75})
+    run.write_text("report.md", "# report\n")
+    assert json.loads(run.file("metrics.json").read_text()) == {"accuracy": 0.75}
+    assert run.file("report.md").read_text() == "# report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.json", "report.md"]
+
+
+# ---- run_eval -------------------------------------------------------------------------------------------------
+
+
+async def test_run_eval_resumes_only_the_missing_items(tmp_path: Path) -> None:
+    items = examples(6)
+    first = ScriptedStudent()
+    results = await run_eval(items, first, RunDir(tmp_path, IDENTITY), SETTINGS, concurrency=6)
+    assert [r["id"] for r in results] == [e.id for e in items]
+    assert sorted(first.asked) == sorted(e.id for e in items)
+    assert [r["verdict"] for r in results] == ["wrong", "correct", "wrong"] * 2
+    assert all(r["predicted"] == "(B)" and r["mode"] == "generate" for r in results)
+    on_disk = [json.loads(line)["id"] for line in (tmp_path / RESULTS).read_text().splitlines()]
+    assert on_disk != [e.id for e in items]  # appended as they finished, which is not input order
+
+    # Keep two records (as if killed) plus a torn third line.
+    lines = (tmp_path / RESULTS).read_text().splitlines(keepends=True)
+    kept = [json.loads(line)["id"] for line in lines[:2]]
+    (tmp_path / RESULTS).write_text("".join(lines[:2]) + lines[2][:15])
+
+    second = ScriptedStudent()
+    seen: list[str] = []
+    resumed = await run_eval(
+        items, second, RunDir(tmp_path, IDENTITY), SETTINGS, on_result=lambda r: seen.append(r["id"])
+    )
+    assert sorted(second.asked) == sorted(e.id for e in items if e.id not in kept)
+    assert sorted(seen) == sorted(second.asked)
+    assert [r["id"] for r in resumed] == [e.id for e in items]
+    assert [r["verdict"] for r in resumed] == [r["verdict"] for r in results]
+    assert len((tmp_path / RESULTS).read_text().splitlines()) == 6
+
+    third = ScriptedStudent()
+    again = await run_eval(items, third, RunDir(tmp_path, IDENTITY), SETTINGS)
+    assert third.asked == [] and again == resumed
+
+
+async def test_run_eval_returns_only_the_asked_items(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    await run_eval(examples(6), ScriptedStudent(), run, SETTINGS)
+    subset = examples(6)[3:5]
+    results = await run_eval(subset, ScriptedStudent(), run, SETTINGS)
+    assert [r["id"] for r in results] == ["toy/3", "toy/4"]
+
+
+async def test_run_eval_loglik_mode_and_summary(tmp_path: Path) -> None:
+    backend = ScriptedStudent()
+    results = await run_eval(examples(6), backend, RunDir(tmp_path, IDENTITY), SETTINGS, mode="loglik")
+    assert backend.asked == ["score"] * 6
+    assert {r["mode"] for r in results} == {"loglik"}
+    assert {r["predicted"] for r in results} == {"(C)"}
+    assert all(r["scores"] == [-3.0, -3.0, -0.5] for r in results)
+
+    metrics = summarize(results)
+    overall = metrics["overall"]
+    assert (overall["n"], overall["correct"], overall["wrong"], overall["no_answer"]) == (6, 2, 4, 0)
+    assert overall["chance"] == pytest.approx(1 / 3, abs=1e-4)
+    assert metrics["modes"] == {"loglik": 6}
+    report = render_report("toy eval", IDENTITY, metrics)
+    assert report.startswith("# toy eval\n")
+    assert "| **all** | 6 | 0.333 |" in report
