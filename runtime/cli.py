@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Measure speed, printed as ratios from one run.")
 app.add_typer(bench_app, name="bench")
+memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage a mistake memory.")
+app.add_typer(memory_app, name="memory")
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
 
@@ -151,6 +153,7 @@ def _memory(location: dict[str, Any]) -> Any:
     from memory.store import MistakeMemory
 
     with console.status("opening the mistake memory ..."):
+        _quiet_transformers()
         return MistakeMemory(**location)
 
 
@@ -583,6 +586,92 @@ def _experiment_table(figures: dict[str, Any]) -> None:
         f"{g['corrected']} corrected; {figures['mistakes_stored']} mistakes in memory; "
         f"{figures['near_duplicates']}/{figures['n_examine']} examine items have a near-duplicate"
     )
+
+
+# ---- the mistake memory for users ----------------------------------------------------------------------------
+
+ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
+SourceFilter = Annotated[str | None, typer.Option("--source", help="only this source, e.g. bbq/Age")]
+TaskFilter = Annotated[str | None, typer.Option("--task", help="only this task, e.g. bbq")]
+
+
+def _open_memory(memory: Path | None, memory_url: str | None) -> Any:
+    from runtime.errors import ConfigError
+
+    if memory is None and memory_url is None:
+        raise ConfigError("give the memory: --memory FOLDER (embedded) or --memory-url URL (Qdrant server)")
+    if memory is not None and not memory.is_dir():
+        raise ConfigError(f"no mistake memory at {memory}")
+    return _memory({"url": memory_url} if memory_url else {"path": memory})
+
+
+@memory_app.command("count")
+def memory_count(
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    model_id: ModelFilter = None,
+    source: SourceFilter = None,
+    task: TaskFilter = None,
+) -> None:
+    """Number of stored mistakes (matching the filters)."""
+    with _open_memory(memory, memory_url) as store:
+        out.print(store.count(model_id=model_id, source=source, task=task))
+
+
+@memory_app.command("list")
+def memory_list(
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    model_id: ModelFilter = None,
+    source: SourceFilter = None,
+    task: TaskFilter = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 20,
+) -> None:
+    """Show stored mistakes: source, outcome, question and guideline."""
+    table = Table(title="mistakes")
+    for column in ("source", "outcome", "rounds", "question", "guideline"):
+        table.add_column(column, overflow="fold")
+    with _open_memory(memory, memory_url) as store:
+        for r in store.list(model_id=model_id, source=source, task=task, limit=limit):
+            table.add_row(r.source, r.outcome, str(r.rounds), " ".join(r.query.split())[:80], r.guideline[:80])
+    out.print(table)
+
+
+@memory_app.command("export")
+def memory_export(
+    path: Annotated[Path, typer.Argument(help="JSONL file to write")],
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    model_id: ModelFilter = None,
+    source: SourceFilter = None,
+    task: TaskFilter = None,
+) -> None:
+    """Write the stored mistakes as JSON lines (written whole, or not at all)."""
+    with _open_memory(memory, memory_url) as store:
+        n = store.export_jsonl(path, model_id=model_id, source=source, task=task)
+    console.print(f"exported {n} mistakes to {path}")
+
+
+@memory_app.command("delete")
+def memory_delete(
+    memory: MemoryPath = None,
+    memory_url: MemoryUrl = None,
+    model_id: ModelFilter = None,
+    source: SourceFilter = None,
+    task: TaskFilter = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+) -> None:
+    """Delete the mistakes matching the filters (at least one filter is required)."""
+    from runtime.errors import ConfigError
+
+    if model_id is None and source is None and task is None:
+        raise ConfigError("delete needs a filter: --model-id, --source or --task")
+    with _open_memory(memory, memory_url) as store:
+        n = store.count(model_id=model_id, source=source, task=task)
+        if not yes and not typer.confirm(f"delete {n} mistakes?"):
+            raise typer.Abort()
+        store.delete(model_id=model_id, source=source, task=task)
+    console.print(f"deleted {n} mistakes")
 
 
 @app.command()

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ class _Request:
 
     @property
     def group(self) -> tuple[Any, ...]:
-        return (self.kind, self.settings, self.adapter)
+        # Lengths may differ within a batch: it runs to the longest limit and each reply is cut to its own.
+        return (self.kind, replace(self.settings, max_new_tokens=0), self.adapter)
 
 
 class LocalBackend(Backend):
@@ -159,6 +160,17 @@ class LocalBackend(Backend):
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
         return await self._submit(_Request("score", messages, GenerationSettings(), adapter, future, options))
 
+    async def prompt_logprobs(self, prompt: str, adapter: str | None = None) -> list[tuple[str, float | None, int]]:
+        """Each token of a raw prompt with its log-prob given the tokens before it, and its character offset.
+
+        What an OpenAI-compatible ``/v1/completions`` with ``echo`` and ``logprobs`` returns; ``redpen serve``
+        uses it so that option scoring also works through HTTP. The first token has no log-prob.
+        """
+        self._check_adapter(adapter)
+        future: asyncio.Future[list[tuple[str, float | None, int]]] = asyncio.get_running_loop().create_future()
+        messages: list[Message] = [{"role": "user", "content": prompt}]  # carried, not templated
+        return await self._submit(_Request("prompt", messages, GenerationSettings(), adapter, future))
+
     async def _drain(self) -> None:
         assert self._queue is not None
         queue = self._queue
@@ -183,10 +195,8 @@ class LocalBackend(Backend):
             if not batch:
                 continue
             try:
-                if first.kind == "generate":
-                    results: list[Any] = await asyncio.to_thread(self._generate_batch, batch)
-                else:
-                    results = await asyncio.to_thread(self._score_batch, batch)
+                work = {"generate": self._generate_batch, "score": self._score_batch, "prompt": self._prompt_batch}
+                results: list[Any] = await asyncio.to_thread(work[first.kind], batch)
             except Exception as exc:  # one bad batch fails its callers, not the worker
                 log.exception("local batch of %d failed", len(batch))
                 for request in batch:
@@ -220,11 +230,12 @@ class LocalBackend(Backend):
         import torch
 
         settings, adapter = batch[0].settings, batch[0].adapter
+        max_new_tokens = max(r.settings.max_new_tokens for r in batch)
         inputs = self.tokenizer(
             self._prompt_texts(batch), return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.device)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
+            "max_new_tokens": max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if settings.greedy:
@@ -234,7 +245,7 @@ class LocalBackend(Backend):
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
         if settings.ignore_eos:
-            kwargs["min_new_tokens"] = settings.max_new_tokens
+            kwargs["min_new_tokens"] = max_new_tokens
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
         with torch.inference_mode(), self._adapter_context(adapter):
@@ -244,7 +255,7 @@ class LocalBackend(Backend):
         eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         results = []
         for row, request in enumerate(batch):
-            new_tokens = output[row, prompt_len:].tolist()
+            new_tokens = output[row, prompt_len:][: request.settings.max_new_tokens].tolist()
             length, finish = len(new_tokens), "length"
             for i, token in enumerate(new_tokens):
                 if token in eos_ids:
@@ -287,6 +298,23 @@ class LocalBackend(Backend):
             n_option = len(f_ids) - len(p_ids)  # the option's tokens sit at the right end (left padding)
             scores[i].append(float(token_lp[row, width - 1 - n_option :].sum()))
         return scores
+
+    def _prompt_batch(self, batch: Sequence[_Request]) -> list[list[tuple[str, float | None, int]]]:
+        import torch
+
+        results = []
+        for request in batch:  # rare and short: one forward each keeps offsets simple
+            prompt = request.messages[0]["content"]
+            encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            ids = torch.tensor([encoded["input_ids"]], device=self.device)
+            with torch.inference_mode(), self._adapter_context(request.adapter):
+                logits = self.model(input_ids=ids).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+            tokens: list[tuple[str, float | None, int]] = []
+            for i, (start, end) in enumerate(encoded["offset_mapping"]):
+                tokens.append((prompt[start:end], None if i == 0 else float(logprobs[i - 1]), start))
+            results.append(tokens)
+        return results
 
     async def aclose(self) -> None:
         if self._worker is not None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
+
+from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -60,3 +64,84 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+# ---- scripted SALAM roles: deterministic fakes of the student and the study assistant -------------------------
+
+STUDENT_WRONG = "I think it is the grandson. The answer is (C)."
+STUDENT_RIGHT = "The grandmother forgot. The answer is (B)."
+NUMBER_WRONG, NUMBER_RIGHT = "40 + 2 is 41. The answer is 41", "40 + 2 is 42. The answer is 42"
+GOOD_FEEDBACK = '{"reason": "You trusted a stereotype.", "guideline": "Answer only from what the context states."}'
+EXAM_FEEDBACK = (
+    'Here you go: {"reason": "Past answers relied on assumptions.", "guideline": "Quote the context first."}'
+)
+
+
+def question_part(user: str) -> str:
+    """The question a student prompt asks, without any guidance shown before it."""
+    return user.split("\n\nQuestion:\n")[-1]
+
+
+def guidance_part(user: str) -> str:
+    """What a student prompt shows before the question (empty when unguided)."""
+    return user.split("\n\nQuestion:\n")[0] if "\n\nQuestion:\n" in user else ""
+
+
+class FakeStudent(Backend):
+    """A scripted student: wrong until a "Guideline:" line is in its prompt, then right.
+
+    Markers in the question change that: ``[knows]`` is always right, ``[stubborn]`` always wrong. Number
+    questions get numeric replies (41 wrong, 42 right). Every user prompt it got is kept in ``prompts``.
+    """
+
+    kind = "fake"
+
+    def __init__(self, model_id: str = "fake-student") -> None:
+        self.model_id = model_id
+        self.prompts: list[str] = []
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+    ) -> Generation:
+        user = messages[-1]["content"]
+        self.prompts.append(user)
+        question = question_part(user)
+        guided = re.search(r"^Guideline:", user, re.MULTILINE) is not None
+        right = "[knows]" in question or (guided and "[stubborn]" not in question)
+        wrong_text, right_text = (
+            (NUMBER_WRONG, NUMBER_RIGHT)
+            if "math word problems" in messages[0]["content"]
+            else (STUDENT_WRONG, STUDENT_RIGHT)
+        )
+        text = right_text if right else wrong_text
+        return Generation(text, Usage(len(user) // 4, len(text) // 4))
+
+
+class FakeAssistant(Backend):
+    """A scripted study assistant: ``replies`` maps a marker in the question to its reply; else the defaults."""
+
+    kind = "fake"
+
+    def __init__(self, replies: dict[str, str] | None = None, model_id: str = "fake-assistant") -> None:
+        self.model_id = model_id
+        self.replies = replies or {}
+        self.prompts: list[str] = []
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+    ) -> Generation:
+        user = messages[-1]["content"]
+        self.prompts.append(user)
+        gathering = "Correct answer (do not reveal)" in user
+        # The question this call is about: in an exam prompt it follows the past mistakes.
+        question = user.split("New question:\n")[-1] if not gathering else user.split("Student's answer:")[0]
+        text = next((r for marker, r in self.replies.items() if marker in question), None)
+        if text is None:
+            text = GOOD_FEEDBACK if gathering else EXAM_FEEDBACK
+        return Generation(text, Usage(len(user) // 4, len(text) // 4))

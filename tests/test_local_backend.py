@@ -113,7 +113,7 @@ async def test_ignore_eos_overrides_a_model_that_always_stops(tiny_model: Path) 
     await stopper.aclose()
 
 
-async def test_different_settings_in_flight_are_not_mixed(backend: LocalBackend) -> None:
+async def test_lengths_share_a_batch_and_each_reply_keeps_its_own_limit(backend: LocalBackend) -> None:
     short = GenerationSettings(max_new_tokens=3, ignore_eos=True)
     long = GenerationSettings(max_new_tokens=8, ignore_eos=True)
     plan = [(p, short if i % 2 else long) for i, p in enumerate(PROMPTS)]
@@ -121,8 +121,20 @@ async def test_different_settings_in_flight_are_not_mixed(backend: LocalBackend)
 
     before = backend.batches_run
     together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
-    assert backend.batches_run - before == 2  # one batch per settings group
+    assert backend.batches_run - before == 1  # greedy decoding to the longest limit, cut per reply
     assert [g.usage.completion_tokens for g in together] == [s.max_new_tokens for _, s in plan]
+    assert [g.text for g in together] == [g.text for g in alone]
+
+
+async def test_different_decoding_settings_in_flight_are_not_mixed(backend: LocalBackend) -> None:
+    plain = GenerationSettings(max_new_tokens=4, ignore_eos=True)
+    eos_stops = GenerationSettings(max_new_tokens=4)
+    plan = [(p, plain if i % 2 else eos_stops) for i, p in enumerate(PROMPTS)]
+    alone = [await backend.generate(chat(p), s) for p, s in plan]
+
+    before = backend.batches_run
+    together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
+    assert backend.batches_run - before == 2  # one batch per decoding group
     assert [g.text for g in together] == [g.text for g in alone]
 
 
