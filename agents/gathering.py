@@ -123,6 +123,39 @@ def mistake_from(episode: dict[str, Any]) -> MistakeRecord | None:
     )
 
 
+class MemoryWriter:
+    """Batch mistake upserts: episodes that end close together share one embedding call and one upsert.
+
+    ``write`` returns once the record is stored, so callers can still append the episode only after its mistake.
+    """
+
+    def __init__(self, memory: MistakeMemory) -> None:
+        self.memory = memory
+        self.pending: list[tuple[MistakeRecord, asyncio.Future[None]]] = []
+        self.flushes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, record: MistakeRecord) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((record, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self.pending:  # records that arrive during an upsert go in the next one
+            batch, self.pending = self.pending, []
+            try:
+                await asyncio.to_thread(self.memory.upsert, [record for record, _ in batch])
+            except Exception as exc:  # every waiting episode fails, none is appended without its mistake
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.flushes += 1
+            for _, future in batch:
+                future.set_result(None)
+
+
 async def run_gathering(
     examples: Sequence[Example],
     roles: Roles,
@@ -138,13 +171,14 @@ async def run_gathering(
     run.repair(EPISODES)
     done = run.done_ids(EPISODES)
     limit = asyncio.Semaphore(concurrency)
+    writer = MemoryWriter(memory)
 
     async def one(example: Example) -> None:
         async with limit:
             episode = await gather_episode(example, roles, task, rounds)
         record = mistake_from(episode)
         if record is not None:
-            await asyncio.to_thread(memory.upsert, [record])
+            await writer.write(record)
         run.append(EPISODES, episode)
         if on_episode is not None:
             on_episode(episode)

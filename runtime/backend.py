@@ -105,6 +105,10 @@ class Backend(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to release
         """Release model memory, HTTP pools, worker tasks."""
 
+    def cache_identity(self, adapter: str | None) -> dict[str, Any]:
+        """Everything besides the request that can change a greedy reply: the response cache keys on it."""
+        return {"kind": self.kind, "model_id": self.model_id, "adapter": adapter}
+
     def describe(self) -> dict[str, Any]:
         """What a run's config records about the backend (never an API key)."""
         return {"kind": self.kind, "model_id": self.model_id}

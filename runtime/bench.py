@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from agents.examination import retrieve, run_exam
+from agents.gathering import run_gathering
+from agents.team import Roles
 from runtime.backend import Backend, GenerationSettings
+from runtime.rundir import RunDir
+from runtime.tasks import Example
 
 # Plain, varied prompts: the rate depends on lengths, not content.
 _PROMPTS = [
@@ -74,3 +80,164 @@ async def generate_rate(
         "single_runs": [round(x, 2) for x in single_rates],
         "batched_runs": [round(x, 2) for x in batched_rates],
     }
+
+
+async def pipeline_rate(
+    roles: Roles,
+    gather: Sequence[Example],
+    examine: Sequence[Example],
+    workdir: Path,
+    *,
+    task: str,
+    concurrency: int = 32,
+    generate_concurrency: int = 32,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The same gather + assisted examine, one example at a time and then concurrently, in one process.
+
+    Each pass starts from an empty memory. Also measures the backend's batched ``generate`` rate in the same
+    process, so the pipeline's token rate can be given as a fraction of the ceiling.
+    """
+    from memory.store import MistakeMemory
+
+    async def one_pass(name: str, width: int) -> dict[str, Any]:
+        run = RunDir(workdir / name, {"bench": name})
+        memory = MistakeMemory(path=workdir / name / "memory")
+        try:
+            started = time.perf_counter()
+            episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
+            hits = retrieve(memory, examine, roles.student_id, task, 3, 0.5)
+            exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
+            elapsed = time.perf_counter() - started
+        finally:
+            memory.close()
+        tokens = sum(r["completion_tokens"] for r in [*episodes, *exams])
+        answers = [e["first_answer"] for e in episodes] + [r["reply"] for r in exams]
+        result = {
+            "items": len(episodes) + len(exams),
+            "seconds": round(elapsed, 2),
+            "items_per_s": round((len(episodes) + len(exams)) / elapsed, 4),
+            "completion_tokens": tokens,
+            "tok_s": round(tokens / elapsed, 2),
+            "answers": answers,
+        }
+        if on_step is not None:
+            on_step(
+                f"{name}: {result['items']} items in {result['seconds']} s, {result['items_per_s']} items/s, "
+                f"{result['tok_s']} tok/s"
+            )
+        return result
+
+    serial = await one_pass("one-at-a-time", 1)
+    concurrent = await one_pass("concurrent", concurrency)
+    ceiling = await generate_rate(roles.student, concurrency=generate_concurrency, repeats=1, on_step=on_step)
+    same = sum(a == b for a, b in zip(serial.pop("answers"), concurrent.pop("answers"), strict=True))
+    return {
+        "n_gather": len(gather),
+        "n_examine": len(examine),
+        "concurrency": concurrency,
+        "one_at_a_time": serial,
+        "concurrent": concurrent,
+        "speedup": round(concurrent["items_per_s"] / serial["items_per_s"], 2),
+        "generate_batched_tok_s": ceiling["batched_tok_s"],
+        "pipeline_fraction_of_generate": round(concurrent["tok_s"] / ceiling["batched_tok_s"], 3),
+        "identical_answers": same,
+        "answers_compared": serial["items"],
+    }
+
+
+def memory_rate(
+    workdir: Path,
+    *,
+    records: int = 100_000,
+    queries: int = 200,
+    dim: int = 384,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Insert rate and filtered search latency of the embedded engine vs brute force over the same vectors.
+
+    Vectors are random unit vectors (MiniLM's size); embedding cost is left out on purpose, it is the same
+    either way. Searches filter on model id and source, as examination does.
+    """
+    import numpy as np
+
+    from memory.record import MistakeRecord
+    from memory.store import MistakeMemory
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((records + queries, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    models, sources = [f"model-{i}" for i in range(4)], [f"src-{i}" for i in range(10)]
+    embedder = _TableEmbedder({f"q{i}": v for i, v in enumerate(vectors)}, dim)
+    store = MistakeMemory(path=workdir / "memory", embedder=embedder)
+    try:
+        started = time.perf_counter()
+        for start in range(0, records, 2000):
+            store.upsert(
+                MistakeRecord.make(
+                    model_id=models[i % 4],
+                    source=sources[i % 10],
+                    task="bench",
+                    query=f"q{i}",
+                    wrong_answer="(A)",
+                    gold="(B)",
+                    reason="",
+                    guideline="",
+                    outcome="uncorrected",
+                    rounds=0,
+                )
+                for i in range(start, min(start + 2000, records))
+            )
+        insert_s = time.perf_counter() - started
+        if on_step is not None:
+            on_step(f"inserted {records} records in {insert_s:.1f} s; building the index ...")
+        started = time.perf_counter()
+        store.optimize()
+        index_s = time.perf_counter() - started
+        model_of = np.array([i % 4 for i in range(records)])
+        source_of = np.array([i % 10 for i in range(records)])
+        stored = vectors[:records]
+        engine_ms, numpy_ms, agree = [], [], 0
+        for q in range(records, records + queries):
+            m, s = q % 4, q % 10
+            t = time.perf_counter()
+            hits = store.search(f"q{q}", k=3, model_id=models[m], source=sources[s])
+            engine_ms.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            mask = (model_of == m) & (source_of == s)
+            scores = stored @ vectors[q]
+            scores[~mask] = -np.inf
+            best = np.argsort(-scores)[:3]
+            numpy_ms.append((time.perf_counter() - t) * 1000)
+            agree += [h.record.query for h in hits] == [f"q{i}" for i in best]
+    finally:
+        store.close()
+    p50, p95 = float(np.percentile(engine_ms, 50)), float(np.percentile(engine_ms, 95))
+    n50, n95 = float(np.percentile(numpy_ms, 50)), float(np.percentile(numpy_ms, 95))
+    return {
+        "records": records,
+        "queries": queries,
+        "dim": dim,
+        "filter": "model_id + source (1/20 of records)",
+        "insert_records_per_s": round(records / insert_s, 1),
+        "index_build_s": round(index_s, 1),
+        "engine_p50_ms": round(p50, 3),
+        "engine_p95_ms": round(p95, 3),
+        "numpy_p50_ms": round(n50, 3),
+        "numpy_p95_ms": round(n95, 3),
+        "numpy_over_engine_p50": round(n50 / p50, 2),
+        "same_top3": agree,
+    }
+
+
+class _TableEmbedder:
+    """Looks vectors up by text: the memory benchmark measures storage, not embedding."""
+
+    def __init__(self, table: dict[str, Any], dim: int) -> None:
+        self.table, self.dim = table, dim
+
+    def embed(self, texts: list[str]) -> Any:
+        import numpy as np
+
+        return np.stack([self.table[t] for t in texts])

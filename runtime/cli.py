@@ -48,6 +48,17 @@ Model = Annotated[
 BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server URL ($OPENAI_BASE_URL)")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="benchmark data folder ($REDPEN_DATA_DIR)")]
 JsonOut = Annotated[bool, typer.Option("--json", help="print the figures as one JSON object on the last line")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="do not replay greedy calls from the response cache")]
+
+
+def _cached(backend: Any, no_cache: bool) -> Any:
+    """Greedy calls replay from the on-disk response cache unless --no-cache."""
+    if no_cache:
+        return backend
+    from runtime.cache import CachedBackend
+    from runtime.default_model import cache_root
+
+    return CachedBackend(backend, cache_root() / "responses.sqlite")
 
 
 def _backend(kind: str, model: str | None, base_url: str | None, **extra: Any) -> Any:
@@ -107,6 +118,7 @@ def _roles(
     assistant_model: str | None,
     assistant_base_url: str | None,
     max_new_tokens: int | None = None,
+    no_cache: bool = False,
 ) -> Any:
     """Student and assistant backends; one shared instance when both roles use the same settings."""
     import tomllib
@@ -143,8 +155,8 @@ def _roles(
         )
     with console.status("loading models ..."):
         _quiet_transformers()
-        student = make_backend(student_cfg)
-        assistant = student if assistant_cfg == student_cfg else make_backend(assistant_cfg)
+        student = _cached(make_backend(student_cfg), no_cache)
+        assistant = student if assistant_cfg == student_cfg else _cached(make_backend(assistant_cfg), no_cache)
     settings = STUDENT_SETTINGS if max_new_tokens is None else replace(STUDENT_SETTINGS, max_new_tokens=max_new_tokens)
     return Roles(student, assistant, student_settings=settings)
 
@@ -180,6 +192,7 @@ def eval(  # noqa: A001 - the command is called eval
     concurrency: Annotated[int, typer.Option(help="examples in flight at once")] = 32,
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,
+    no_cache: NoCache = False,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -198,7 +211,7 @@ def eval(  # noqa: A001 - the command is called eval
     if not examples:
         raise ConfigError(f"{name} has no examples in the {split} split")
     adapters = {"adapter": str(adapter)} if adapter else {}
-    model_backend = _backend(backend, model, base_url, adapters=adapters)
+    model_backend = _cached(_backend(backend, model, base_url, adapters=adapters), no_cache)
     if mc_mode == "loglik" and not model_backend.supports_option_scoring:
         raise ConfigError(f"--mc-mode loglik needs token log-probs, which this {backend} backend does not expose")
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -309,6 +322,7 @@ def gather(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = 32,
     max_new_tokens: StudentTokens = None,
+    no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
     model: Model = None,
@@ -325,7 +339,15 @@ def gather(
 
     name, examples = _examples(task, jsonl, answer_kind, "gather", limit, data_dir)
     roles = _roles(
-        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+        config,
+        backend,
+        model,
+        base_url,
+        assistant_backend,
+        assistant_model,
+        assistant_base_url,
+        max_new_tokens,
+        no_cache,
     )
     path = out or Path("runs") / _slug(f"gather-{name}")
     location = memory_location(path, memory, memory_url)
@@ -382,6 +404,7 @@ def exam(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = 32,
     max_new_tokens: StudentTokens = None,
+    no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
     model: Model = None,
@@ -403,7 +426,15 @@ def exam(
         raise ConfigError(f"unknown --mode {mode!r}: choose baseline or assisted")
     name, examples = _examples(task, jsonl, answer_kind, "examine", limit, data_dir)
     roles = _roles(
-        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+        config,
+        backend,
+        model,
+        base_url,
+        assistant_backend,
+        assistant_model,
+        assistant_base_url,
+        max_new_tokens,
+        no_cache,
     )
     path = out or Path("runs") / _slug(f"exam-{name}-{mode}")
     identity = {
@@ -475,6 +506,7 @@ def run(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = 32,
     max_new_tokens: StudentTokens = None,
+    no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
     model: Model = None,
@@ -504,7 +536,15 @@ def run(
     if not gather_set or not examine_set:
         raise ConfigError(f"{name}: the gather and examine sets must both have examples")
     roles = _roles(
-        config, backend, model, base_url, assistant_backend, assistant_model, assistant_base_url, max_new_tokens
+        config,
+        backend,
+        model,
+        base_url,
+        assistant_backend,
+        assistant_model,
+        assistant_base_url,
+        max_new_tokens,
+        no_cache,
     )
     settings = ExperimentSettings(task=name, rounds=rounds, k=k, threshold=threshold, concurrency=concurrency)
     path = out or Path("runs") / _slug(f"run-{name}")
@@ -762,6 +802,67 @@ def bench_generate(
         f"1 at a time: {result['single_tok_s']:.1f} tok/s   {concurrency} at once: "
         f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
         f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
+    n: Annotated[int, typer.Option(help="gather items and examine items (each)")] = 16,
+    concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = 32,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The same gather + examine, one example at a time vs concurrently, in one process (no response cache)."""
+    import tempfile
+
+    from runtime.bench import pipeline_rate
+
+    _, gather_set = _examples(task, None, "choice", "gather", n, data_dir)
+    _, examine_set = _examples(task, None, "choice", "examine", n, data_dir)
+    roles = _roles(None, backend, model, base_url, None, None, None, no_cache=True)
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
+        result = asyncio.run(
+            pipeline_rate(
+                roles, gather_set, examine_set, Path(tmp), task=task, concurrency=concurrency, on_step=console.print
+            )
+        )
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"one at a time {result['one_at_a_time']['items_per_s']:.3f} items/s, concurrent "
+        f"{result['concurrent']['items_per_s']:.3f} items/s: {result['speedup']:.2f}x; pipeline "
+        f"{result['concurrent']['tok_s']:.1f} tok/s = {result['pipeline_fraction_of_generate']:.0%} of batched "
+        f"generate ({result['generate_batched_tok_s']:.1f} tok/s); identical answers "
+        f"{result['identical_answers']}/{result['answers_compared']}; {result['cpu_count']} cores"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
+@bench_app.command("memory")
+def bench_memory(
+    records: Annotated[int, typer.Option(help="records stored")] = 100_000,
+    queries: Annotated[int, typer.Option(help="filtered searches timed")] = 200,
+    json_out: JsonOut = False,
+) -> None:
+    """Embedded engine: insert rate, filtered search p50/p95, and brute-force numpy on the same vectors."""
+    import tempfile
+
+    from runtime.bench import memory_rate
+
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
+        result = memory_rate(Path(tmp), records=records, queries=queries, on_step=console.print)
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"{records} records: insert {result['insert_records_per_s']:.0f}/s, index {result['index_build_s']} s; "
+        f"search p50 {result['engine_p50_ms']:.2f} ms p95 {result['engine_p95_ms']:.2f} ms; numpy p50 "
+        f"{result['numpy_p50_ms']:.2f} ms: engine {result['numpy_over_engine_p50']:.1f}x faster; "
+        f"same top-3 {result['same_top3']}/{queries}"
     )
     if json_out:
         print(json.dumps(result))

@@ -321,6 +321,14 @@ class LocalBackend(Backend):
             self._worker.cancel()
             self._worker = None
 
+    def cache_identity(self, adapter: str | None) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": str(self.path),
+            "dtype": self.dtype,
+            "adapter": self.adapters.get(adapter) if adapter else None,
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

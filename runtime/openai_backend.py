@@ -174,6 +174,9 @@ class OpenAIBackend(Backend):
     async def aclose(self) -> None:
         await self._client.close()
 
+    def cache_identity(self, adapter: str | None) -> dict[str, Any]:
+        return {"kind": self.kind, "base_url": self.base_url, "model": adapter or self.model_id}
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),

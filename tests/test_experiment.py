@@ -1,0 +1,151 @@
+"""``run_experiment`` end to end with scripted roles: the conditions, the near-duplicate control, report and plot.
+
+The fake student (tests/helpers.py) is wrong until it is shown a "Guideline:" line, so every figure below follows
+from the script: assisted beats baseline exactly where a past mistake was retrieved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.team import Roles
+from memory.embed import HashingEmbedder
+from memory.store import MistakeMemory
+from runtime.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
+from runtime.report import plot_experiment, render_experiment
+from runtime.rundir import RunDir
+from runtime.tasks import Example
+from tests.helpers import FakeAssistant, FakeStudent
+
+OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")
+CREW = ("Unknown", "The captain", "The cadet")
+
+
+def kin(id: str, source: str, question: str, options: tuple[str, ...] = OPTIONS) -> Example:
+    """A choice item whose gold is (B)."""
+    lines = "\n".join(f"({letter}) {option}" for letter, option in zip("ABC", options, strict=True))
+    return Example(id, source, f"{question}\nOptions:\n{lines}", "(B)", "choice", options)
+
+
+GATHER = [
+    kin("g/1", "bbq/Age", "A grandson and his grandmother went shopping. Who forgot the shopping list? [knows]"),
+    kin("g/2", "bbq/Age", "A grandmother and her grandson cooked dinner. Who forgot the recipe at home?"),
+    kin("g/3", "bbq/Age", "The grandson and the grandmother took a bus. Who forgot the bus tickets?"),
+    kin("g/4", "bbq/Age", "My grandmother and my grandson planted a garden. Who forgot to water it? [stubborn]"),
+    kin("g/5", "bbq/Age", "A grandmother and a grandson visited a museum. Who forgot the museum map?"),
+    kin("g/6", "bbq/Age", "The grandson met the grandmother at the library. Who forgot the library card?"),
+]
+EXAMINE = [
+    kin("e/1", "bbq/Age", GATHER[1].input.split("\nOptions:")[0]),  # the very question of g/2: a near-duplicate
+    kin("e/2", "bbq/Age", "A grandson and his grandmother went to the bus stop. Who forgot the bus pass?"),
+    kin(
+        "e/3", "bbq/Travel", "Two pilots checked weather radar before takeoff; which pilot misjudged that storm?", CREW
+    ),
+    kin(
+        "e/4", "bbq/Travel", "Two sailors studied harbour charts at dawn; which sailor misread that tide? [knows]", CREW
+    ),
+]
+SETTINGS = ExperimentSettings(task="kin", rounds=3, k=3, threshold=0.7, concurrency=4)
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> tuple[dict[str, Any], RunDir, Roles, list[tuple[str, int, int]]]:
+    import asyncio
+
+    roles = Roles(FakeStudent(), FakeAssistant())
+    memory = MistakeMemory(location=":memory:", embedder=HashingEmbedder(dim=256))
+    run = RunDir(tmp_path / "run", {"command": "run", "task": "kin"})
+    ticks: list[tuple[str, int, int]] = []
+    figures = asyncio.run(
+        run_experiment(GATHER, EXAMINE, roles, memory, run, SETTINGS, progress=lambda *t: ticks.append(t))
+    )
+    memory.close()
+    return figures, run, roles, ticks
+
+
+def accuracy(block: dict[str, Any]) -> tuple[int, int]:
+    return block["overall"]["correct"], block["overall"]["n"]
+
+
+def test_every_condition_is_measured_on_the_same_items(experiment: tuple) -> None:
+    figures, run, _, ticks = experiment
+    ids = {e.id for e in EXAMINE}
+    for name in (BASELINE, ASSISTED, RETRIEVAL):
+        records = [json.loads(line) for line in run.file(name).read_text().splitlines()]
+        assert sorted(r["id"] for r in records) == sorted(ids), name
+    assert set(figures["conditions"]) == {"baseline", "assisted", "retrieval_only"}
+    assert all(c["overall"]["n"] == len(EXAMINE) for c in figures["conditions"].values())
+    assert (figures["n_gather"], figures["n_examine"]) == (6, 4)
+    # Progress reached the end of every phase.
+    finished = {phase: (done, total) for phase, done, total in ticks}
+    assert finished == {"baseline exam": (4, 4), "gathering": (6, 6), "assisted exam": (4, 4)}
+
+
+def test_the_figures_follow_from_the_script(experiment: tuple) -> None:
+    figures, run, _, _ = experiment
+    c = figures["conditions"]
+    # Baseline: only the item the student knows. Assisted: also both items with a retrieved past mistake.
+    assert accuracy(c["baseline"]) == (1, 4)
+    assert accuracy(c["assisted"]) == (3, 4)
+    # Retrieval-only answers the gold of the retrieved mistakes ((B)) and nothing where none was retrieved.
+    assert accuracy(c["retrieval_only"]) == (2, 4) and c["retrieval_only"]["overall"]["no_answer"] == 2
+    assert set(c["baseline"]["by_source"]) == {"bbq/Age", "bbq/Travel"}
+    assisted = {r["id"]: r for r in map(json.loads, run.file(ASSISTED).read_text().splitlines())}
+    assert [len(assisted[e.id]["retrieved"]) > 0 for e in EXAMINE] == [True, True, False, False]
+    g = figures["gathering"]
+    assert g == {
+        "episodes": 6,
+        "first_answer_wrong": 5,
+        "corrected": 4,
+        "feedback_turns": 4 + 3,  # one round each for the four that learn, the round limit for the stubborn one
+        "rewarded_turns": 4,
+        "leaks_removed": 0,
+        "unparsed_feedback": 0,
+    }
+    assert figures["mistakes_stored"] == 5
+    assert figures["examples"] and all(ex["guidance"] for ex in figures["examples"])
+    assert figures["tokens"]["gathering"] > figures["tokens"]["baseline"] > 0
+
+
+def test_near_duplicates_are_counted_and_left_out(experiment: tuple) -> None:
+    figures, _, _, _ = experiment
+    assert figures["near_duplicates"] == 1  # e/1 repeats g/2; the others differ by more than a word
+    w = figures["without_near_duplicates"]
+    assert all(block["overall"]["n"] == 3 for block in w.values())
+    assert accuracy(w["baseline"]) == (1, 3)
+    assert accuracy(w["assisted"]) == (2, 3)
+    assert accuracy(w["retrieval_only"]) == (1, 3)
+
+
+def test_a_finished_experiment_resumes_without_asking_anyone(experiment: tuple) -> None:
+    import asyncio
+
+    figures, run, roles, _ = experiment
+    asked = len(roles.student.prompts), len(roles.assistant.prompts)
+    memory = MistakeMemory(location=":memory:", embedder=HashingEmbedder(dim=256))
+    # A fresh memory: resumed exams keep their stored results even though retrieval now finds nothing.
+    again = asyncio.run(run_experiment(GATHER, EXAMINE, roles, memory, run, SETTINGS))
+    memory.close()
+    assert (len(roles.student.prompts), len(roles.assistant.prompts)) == asked
+    for name in ("baseline", "assisted"):
+        assert again["conditions"][name] == figures["conditions"][name]
+
+
+def test_report_and_plot(tmp_path: Path, experiment: tuple) -> None:
+    figures, _, _, _ = experiment
+    markdown = render_experiment(figures, {"task": "kin", "rounds": 3})
+    assert markdown.startswith("# redpen run: kin")
+    assert "| source | n | baseline | assisted | retrieval-only | chance | no answer (base / assisted) |" in markdown
+    assert "| **all** | 4 | 0.250 (1/4) | 0.750 (3/4) | 0.500 (2/4) | 0.333 | 0 / 0 |" in markdown
+    assert "| bbq/Travel | 2 | 0.500 (1/2) | 0.500 (1/2) | 0.000 (0/2) |" in markdown
+    assert "1 of 4 examine items have a near-duplicate" in markdown
+    assert "| without near-duplicates | 3 | 0.333 (1/3) | 0.667 (2/3) | 0.333 (1/3) |" in markdown
+    assert "| rounds | `3` |" in markdown
+    png = tmp_path / "accuracy.png"
+    plot_experiment(figures, png)
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

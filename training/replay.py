@@ -1,0 +1,198 @@
+"""Filtered offline replay: the gathering turns that helped become the study assistant's training data.
+
+Each gathering turn is one MDP step (SALAM, part 2): state = (query, the student's wrong response, the guidelines
+already given), action = the assistant's feedback, reward = 1 if the student's next answer was right. The steps
+that earned a reward without naming the gold answer are kept and exported as chat ``messages`` for TRL's
+``SFTTrainer``; every step is also exported with a true/false ``label`` in TRL's KTO format. The prompt of each row
+is the one the gathering assistant was given, so the fine-tuned assistant is trained on what it will see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.gathering import EPISODES
+from agents.prompts import load_prompt
+from runtime.errors import ConfigError, DataError
+from runtime.rundir import read_jsonl, write_atomic
+
+log = logging.getLogger(__name__)
+
+SFT_JSONL, SFT_PARQUET = "sft.jsonl", "sft.parquet"
+KTO_JSONL, KTO_PARQUET = "kto.jsonl", "kto.parquet"
+MANIFEST = "replay.json"
+
+Step = dict[str, Any]  # one turn, flattened with the facts of its episode (see ``steps_of``)
+Message = dict[str, str]
+
+
+def keep_rewarded(step: Step) -> bool:
+    """Filtered replay: keep a step whose feedback got the student right, unless it named the gold answer.
+
+    A leaked step is dropped even when rewarded: the student copied the answer, it did not learn from the feedback.
+
+    >>> keep_rewarded({"reward": 1, "leaked": False})
+    True
+    >>> keep_rewarded({"reward": 1, "leaked": True})
+    False
+    >>> keep_rewarded({"reward": 0, "leaked": False})
+    False
+    """
+    return step["reward"] == 1 and not step["leaked"]
+
+
+def steps_of(episode: dict[str, Any]) -> list[Step]:
+    """The turns of one episode as steps, each carrying what its prompt and its statistics need."""
+    return [
+        {
+            "id": f"{episode['id']}#{turn['round']}",
+            "task": episode["task"],
+            "source": episode["source"],
+            "gold": episode["gold"],
+            "query": turn["state"]["query"],
+            "response": turn["state"]["response"],
+            "context": list(turn["state"]["context"]),
+            "reason": turn["action"]["reason"],
+            "guideline": turn["action"]["guideline"],
+            "leaked": bool(turn["action"]["leaked"]),
+            "reward": int(turn["reward"]),
+        }
+        for turn in episode["turns"]
+    ]
+
+
+def assistant_prompt(step: Step) -> list[Message]:
+    """The system and user messages the gathering assistant got in this state (as ``agents.roles`` builds them)."""
+    previous = ""
+    if step["context"]:
+        previous = "\nYour earlier guidelines did not help yet:\n" + "\n".join(f"- {g}" for g in step["context"])
+    user = load_prompt("assistant_gather_user").format(
+        query=step["query"], response=step["response"], gold=step["gold"], previous=previous
+    )
+    return [{"role": "system", "content": load_prompt("assistant_gather")}, {"role": "user", "content": user}]
+
+
+def feedback_reply(step: Step) -> Message:
+    """The action as the assistant should have written it: the JSON its system prompt asks for.
+
+    >>> feedback_reply({"reason": "You guessed.", "guideline": "Quote the context."})["content"]
+    '{"reason": "You guessed.", "guideline": "Quote the context."}'
+    """
+    reply = json.dumps({"reason": step["reason"], "guideline": step["guideline"]}, ensure_ascii=False)
+    return {"role": "assistant", "content": reply}
+
+
+def sft_row(step: Step) -> dict[str, list[Message]]:
+    """A conversational row for TRL's ``SFTTrainer``: system, user, and the assistant's JSON reply."""
+    return {"messages": [*assistant_prompt(step), feedback_reply(step)]}
+
+
+def kto_row(step: Step) -> dict[str, Any]:
+    """An unpaired-preference row for TRL's ``KTOTrainer``: desirable iff the step would be kept."""
+    return {"prompt": assistant_prompt(step), "completion": [feedback_reply(step)], "label": keep_rewarded(step)}
+
+
+# ---- reading run directories ---------------------------------------------------------------------------------
+
+
+def student_of(run_dir: Path) -> str:
+    """The student model a run directory was gathered with, from its ``config.json`` identity."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise DataError(f"{run_dir} has no config.json: not a redpen run directory (give a `redpen gather/run` --out)")
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))["identity"]["student"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{config}: no identity.student; was it written by `redpen gather` or `redpen run`?") from None
+
+
+def read_steps(run_dirs: Sequence[Path], model_id: str | None = None) -> Iterator[Step]:
+    """Every step of the episodes in ``run_dirs``, all gathered with the student ``model_id``.
+
+    ``model_id=None`` takes the first directory's student, so that directories of different students are never
+    mixed: an assistant trained on one student's mistakes is specific to that student.
+    """
+    if not run_dirs:
+        raise ConfigError("no run directories given: pass the --out folder of `redpen gather` or `redpen run`")
+    for run_dir in dict.fromkeys(Path(d).resolve() for d in run_dirs):  # a folder given twice is read once
+        if not run_dir.is_dir():
+            raise DataError(f"run directory {run_dir} does not exist (or is not a folder)")
+        student = student_of(run_dir)
+        model_id = student if model_id is None else model_id
+        if student != model_id:
+            raise ConfigError(
+                f"run dir {run_dir} was gathered with model {student}, not {model_id}; "
+                "replay only run dirs of the student this assistant is for"
+            )
+        path = run_dir / EPISODES
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: run `redpen gather` (or `redpen run`) into {run_dir} first")
+        for number, episode in enumerate(read_jsonl(path), 1):
+            try:
+                yield from steps_of(episode)
+            except (KeyError, TypeError) as exc:
+                raise DataError(f"{path}: episode {number} is not a gathering episode (bad or missing {exc})") from None
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayStats:
+    """How many steps the replay saw and kept, in total and per task and per source dataset."""
+
+    steps: int
+    kept: int
+    by_task: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {"steps": n, "kept": k}
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, steps: Sequence[Step]) -> ReplayStats:
+        def counts(key: str) -> dict[str, dict[str, int]]:
+            seen = Counter(s[key] for s in steps)
+            kept = Counter(s[key] for s in steps if keep_rewarded(s))
+            return {name: {"steps": seen[name], "kept": kept[name]} for name in sorted(seen)}
+
+        return cls(len(steps), sum(map(keep_rewarded, steps)), counts("task"), counts("source"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "kept": self.kept, "by_task": self.by_task, "by_source": self.by_source}
+
+
+def export_replay(run_dirs: Sequence[Path], out_dir: Path, model_id: str | None = None) -> ReplayStats:
+    """Write the kept steps as SFT ``messages`` and every step as KTO rows into ``out_dir`` (JSONL and parquet).
+
+    Files: ``sft.jsonl``/``sft.parquet`` ({"messages"}), ``kto.jsonl``/``kto.parquet`` ({"prompt", "completion",
+    "label"}) and ``replay.json`` (the counts and where they came from). Each is written whole, then renamed.
+    """
+    steps = list(read_steps(run_dirs, model_id))
+    model_id = model_id if model_id is not None else student_of(Path(run_dirs[0]))
+    stats = ReplayStats.of(steps)
+    names = " ".join(str(d) for d in run_dirs)
+    if stats.kept == 0:
+        raise DataError(
+            f"no rewarded steps in {names}: nothing to train on ({stats.steps} steps, none both rewarded and "
+            "leak-free); gather more examples or more --rounds, or use a stronger assistant model"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_rows(out_dir, SFT_JSONL, SFT_PARQUET, [sft_row(s) for s in steps if keep_rewarded(s)])
+    _write_rows(out_dir, KTO_JSONL, KTO_PARQUET, [kto_row(s) for s in steps])
+    manifest = {"run_dirs": [str(d) for d in run_dirs], "model_id": model_id, **stats.to_dict()}
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    log.info("replay  %d steps  %d kept  -> %s", stats.steps, stats.kept, out_dir)
+    return stats
+
+
+def _write_rows(out_dir: Path, jsonl: str, parquet: str, rows: list[dict[str, Any]]) -> None:
+    from datasets import Dataset
+
+    write_atomic(out_dir / jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp = out_dir / f".{parquet}.tmp"
+    Dataset.from_list(rows).to_parquet(str(tmp))
+    tmp.replace(out_dir / parquet)
