@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
@@ -145,3 +145,29 @@ class FakeAssistant(Backend):
         if text is None:
             text = GOOD_FEEDBACK if gathering else EXAM_FEEDBACK
         return Generation(text, Usage(len(user) // 4, len(text) // 4))
+
+
+# ---- a scripted backend for any role: the reply is a function of the chat and the settings ---------------------
+
+
+class ScriptedBackend(Backend):
+    """Replies ``script(messages, settings)``; every call's messages and settings are kept in ``calls``."""
+
+    kind = "fake"
+
+    def __init__(
+        self, script: Callable[[Sequence[Message], GenerationSettings], str], model_id: str = "scripted"
+    ) -> None:
+        self.script = script
+        self.model_id = model_id
+        self.calls: list[tuple[Sequence[Message], GenerationSettings]] = []
+
+    async def generate(
+        self,
+        messages: Sequence[Message],
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+    ) -> Generation:
+        self.calls.append((messages, settings))
+        text = self.script(messages, settings)
+        return Generation(text, Usage(sum(len(m["content"]) for m in messages) // 4, len(text) // 4))

@@ -1,0 +1,252 @@
+"""LEMA's corrector: given a wrong reasoning path, name its first wrong step, say why, and correct it.
+
+The wrong path is split into numbered steps ("Step 1: ..."); the corrector, who is told the gold answer, replies
+in the LEMA paper's format::
+
+    Incorrect Step: Step 2.
+    Explanation: <why step 2 is wrong>
+    Correct Solution:
+    Step 2: <the corrected step>
+    ...
+    The answer is 55.
+
+The reply is read strictly (:func:`parse_correction`) and a correction is kept only when its corrected solution's
+final answer grades correct against the gold (:func:`review`): a corrector that writes a fluent but wrong fix
+teaches the student a new mistake.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from autogen_agentchat.agents import BaseChatAgent
+from autogen_agentchat.base import Response
+from autogen_agentchat.messages import BaseChatMessage, TextMessage
+from autogen_core import CancellationToken
+from autogen_core.models import ChatCompletionClient, LLMMessage, SystemMessage, UserMessage
+
+from agents.prompts import load_prompt
+from runtime.backend import Message
+from runtime.graders import grade
+from runtime.tasks import Example
+
+CORRECTOR = "corrector"
+KEPT = "kept"
+WRONG_FINAL_ANSWER = "wrong final answer"  # parsed, but the corrected solution does not reach the gold
+
+# Labels start a line, or follow a sentence's end on the same line ("... Step 2. Explanation: ..."); markdown
+# around them ("**Incorrect Step:**", "### Explanation:") is allowed, the colon is not optional.
+_LABEL = r"(?:^|(?<=[.!?])[ \t]+)[ \t>#*_-]*(?:{})[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*"
+_INCORRECT_STEP = re.compile(_LABEL.format(r"incorrect[ \t]+step"), re.IGNORECASE | re.MULTILINE)
+_EXPLANATION = re.compile(_LABEL.format(r"explanation"), re.IGNORECASE | re.MULTILINE)
+_CORRECT_SOLUTION = re.compile(_LABEL.format(r"correct(?:ed)?[ \t]+solution"), re.IGNORECASE | re.MULTILINE)
+_STEP_NUMBER = re.compile(r"(?:step[ \t]*)?#?(\d+)(?![\d.,]\d|\w)", re.IGNORECASE)
+_FINAL_ANSWER = re.compile(
+    r"\bthe[ \t]+(?:final[ \t]+)?answer[ \t]+is\b[ \t]*:?[ \t]*(?P<answer>[^\n]*?)[ \t]*(?:\.(?=\s|$)|$)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Sentence ends: punctuation, space, then what starts a sentence; titles like "Mr." end nothing.
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)\s+(?=[A-Z$(\d])")
+_LIST_MARKER = re.compile(r"^\s*(?:step[ \t]*\d+[ \t]*[:.)-]|\d+[.)](?=\s)|[-*•](?=\s))\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One parsed correction: the first wrong step (1-based), why it is wrong, and the corrected solution."""
+
+    step: int
+    explanation: str
+    solution: str  # from the corrected step on, ending with "The answer is X."
+    answer: str  # X, as written
+
+    def text(self) -> str:
+        """The correction in the LEMA paper's format, without whatever chatter surrounded it."""
+        return f"Incorrect Step: Step {self.step}.\nExplanation: {self.explanation}\nCorrect Solution:\n{self.solution}"
+
+
+class ParseResult(NamedTuple):
+    correction: Correction | None
+    reason: str  # why the reply was rejected; "" when it parsed
+
+
+def parse_correction(text: str, n_steps: int | None = None) -> ParseResult:
+    """Read a corrector's reply; reject it, with a reason, unless every part of the format is there.
+
+    ``n_steps`` is the number of steps the wrong path had: the incorrect step must be one of them.
+    Chatter before the first label and after the final answer is dropped, and so is a second correction.
+
+    >>> reply = '''Sure, here it is.
+    ... **Incorrect Step:** Step 2.
+    ... **Explanation:** Monday's 15 pages are missing from the total.
+    ... **Correct Solution:**
+    ... Step 2: In total he has read 15 + 30 = 45 pages.
+    ... Step 3: He still has to read 100 - 45 = 55 pages.
+    ... The answer is 55.
+    ... Hope this helps!'''
+    >>> correction, reason = parse_correction(reply, n_steps=4)
+    >>> correction.step, correction.answer, reason
+    (2, '55', '')
+    >>> print(correction.text())
+    Incorrect Step: Step 2.
+    Explanation: Monday's 15 pages are missing from the total.
+    Correct Solution:
+    Step 2: In total he has read 15 + 30 = 45 pages.
+    Step 3: He still has to read 100 - 45 = 55 pages.
+    The answer is 55.
+    >>> parse_correction(reply, n_steps=1).reason
+    'step number out of range'
+    >>> parse_correction("Incorrect Step: Step N.\\nExplanation: x\\nCorrect Solution: y").reason
+    'step is not a number'
+    >>> parse_correction("The second step is wrong; the answer is 55.").reason
+    'no Incorrect Step'
+    """
+    step_label = _INCORRECT_STEP.search(text)
+    if step_label is None:
+        return ParseResult(None, "no Incorrect Step")
+    solution_label = _CORRECT_SOLUTION.search(text, step_label.end())
+    explanation_label = _EXPLANATION.search(
+        text, step_label.end(), solution_label.start() if solution_label else len(text)
+    )
+    value_end = next((m.start() for m in (explanation_label, solution_label) if m), len(text))
+    value = text[step_label.end() : value_end].strip().strip("*_").strip()
+    number = _STEP_NUMBER.match(value)
+    if number is None:
+        return ParseResult(None, "step is not a number")
+    step = int(number.group(1))
+    if step < 1 or (n_steps is not None and step > n_steps):
+        return ParseResult(None, "step number out of range")
+    if explanation_label is None:
+        return ParseResult(None, "no Explanation")
+    explanation = text[explanation_label.end() : solution_label.start() if solution_label else len(text)].strip()
+    if not explanation:
+        return ParseResult(None, "no Explanation")
+    if solution_label is None:
+        return ParseResult(None, "no Correct Solution")
+    after = [m.start() for m in (_INCORRECT_STEP.search(text, solution_label.end()),) if m]
+    body = text[solution_label.end() : after[0] if after else len(text)].strip()
+    if not body:
+        return ParseResult(None, "no Correct Solution")
+    for final in _FINAL_ANSWER.finditer(body):
+        answer = final.group("answer").strip(" \t*_").rstrip(".").strip()
+        if answer:
+            return ParseResult(Correction(step, explanation, body[: final.end()].strip(), answer), "")
+    return ParseResult(None, "no final answer")
+
+
+@dataclass(frozen=True)
+class Review:
+    """What became of one corrector reply: ``status`` is ``kept``, ``wrong final answer`` or a parse failure."""
+
+    status: str
+    correction: Correction | None  # also set when the answer was wrong, so reports can show it
+
+    @property
+    def kept(self) -> bool:
+        return self.status == KEPT
+
+    def to_metadata(self) -> dict[str, str]:
+        """As an AutoGen message's metadata (strings only)."""
+        c = self.correction
+        fields = {"step": str(c.step), "explanation": c.explanation, "solution": c.solution, "answer": c.answer}
+        return {"status": self.status, **(fields if c else dict.fromkeys(fields, ""))}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> Review:
+        if not metadata["step"]:
+            return cls(metadata["status"], None)
+        correction = Correction(
+            int(metadata["step"]), metadata["explanation"], metadata["solution"], metadata["answer"]
+        )
+        return cls(metadata["status"], correction)
+
+
+def review(example: Example, reply: str, n_steps: int) -> Review:
+    """Parse a corrector's reply and grade its corrected solution against the example's gold."""
+    correction, reason = parse_correction(reply, n_steps)
+    if correction is None:
+        return Review(reason, None)
+    verdict = grade(example, correction.solution).verdict
+    return Review(KEPT if verdict == "correct" else WRONG_FINAL_ANSWER, correction)
+
+
+def split_steps(path: str) -> list[str]:
+    """A reasoning path as steps: one per line, and lines split into sentences; existing numbering dropped.
+
+    >>> split_steps("Natalia sold 48/2 = 24 clips in May. She sold 48 + 24 = 72 clips.\\n\\nThe answer is 72.")
+    ['Natalia sold 48/2 = 24 clips in May.', 'She sold 48 + 24 = 72 clips.', 'The answer is 72.']
+    >>> split_steps("Step 1: Mr. Lee pays $2.50 each.\\n2. Then 4 * 2.50 = 10.")
+    ['Mr. Lee pays $2.50 each.', 'Then 4 * 2.50 = 10.']
+    """
+    steps = []
+    for line in path.splitlines():
+        for sentence in _SENTENCE_END.split(_LIST_MARKER.sub("", line)):
+            sentence = _LIST_MARKER.sub("", sentence).strip()
+            if re.search(r"\w", sentence):
+                steps.append(sentence)
+    return steps
+
+
+def format_steps(steps: Sequence[str]) -> str:
+    """Numbered steps, one a line.
+
+    >>> print(format_steps(["Add 2 and 3.", "The answer is 5."]))
+    Step 1: Add 2 and 3.
+    Step 2: The answer is 5.
+    """
+    return "\n".join(f"Step {i}: {step}" for i, step in enumerate(steps, 1))
+
+
+def gold_answer(example: Example) -> str:
+    """The gold as the corrector reads it: a choice item's letter with its option text."""
+    if example.answer_kind == "choice" and example.options:
+        return f"{example.target} {example.options[ord(example.target[1]) - ord('A')]}"
+    return example.target
+
+
+def corrector_messages(example: Example, steps: Sequence[str]) -> list[Message]:
+    """The chat the corrector answers: instructions with worked examples, then the problem, gold and steps."""
+    user = load_prompt("corrector_user").format(
+        question=example.input, gold=gold_answer(example), steps=format_steps(steps)
+    )
+    return [{"role": "system", "content": load_prompt("corrector")}, {"role": "user", "content": user}]
+
+
+def correction_prompt(question: str, steps: Sequence[str]) -> str:
+    """The user turn of a correction-data row: the question and the wrong steps, never the gold."""
+    return load_prompt("corrector_train").format(question=question, steps=format_steps(steps))
+
+
+class CorrectorAgent(BaseChatAgent):
+    """Corrects the reasoning path in the last message it is given, for one example (it knows the gold).
+
+    The reply keeps the corrector's raw text; the message's metadata carries the :class:`Review`
+    (``Review.from_metadata``) and ``steps``, the number of steps the path was split into.
+    """
+
+    def __init__(self, example: Example, client: ChatCompletionClient) -> None:
+        super().__init__(CORRECTOR, "names the first wrong step of a solution, explains it and corrects it")
+        self.example, self.client = example, client
+
+    @property
+    def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
+        return (TextMessage,)
+
+    async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
+        steps = split_steps(messages[-1].to_text() if messages else "")
+        chat = corrector_messages(self.example, steps)
+        llm: list[LLMMessage] = [
+            SystemMessage(content=chat[0]["content"]),
+            UserMessage(content=chat[1]["content"], source="user"),
+        ]
+        result = await self.client.create(llm, cancellation_token=cancellation_token)
+        text = result.content if isinstance(result.content, str) else str(result.content)
+        metadata = review(self.example, text, len(steps)).to_metadata() | {"steps": str(len(steps))}
+        return Response(
+            chat_message=TextMessage(content=text, source=self.name, models_usage=result.usage, metadata=metadata)
+        )
+
+    async def on_reset(self, cancellation_token: CancellationToken) -> None:  # noqa: B027 - keeps no state
+        """Nothing to forget: each agent serves one example."""

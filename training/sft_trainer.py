@@ -1,0 +1,210 @@
+"""LoRA fine-tuning with TRL's ``SFTTrainer`` on any chat dataset, the loss on the last assistant reply only.
+
+One trainer for every fine-tune in redpen: the study assistant on replayed feedback (``training.replay``) and the
+student on correction data. A dataset is JSON lines of ``{"messages": [...]}`` ending with the assistant's reply.
+Each row is split into a ``prompt`` (every message before that reply) and a ``completion`` (the reply): for
+conversational prompt-completion rows TRL masks the prompt's labels with -100, so the model learns to write the
+reply, not to recite the question. (TRL's ``assistant_only_loss`` would need a chat template with
+``{% generation %}`` markers, which the default model's template lacks.)
+
+The adapter is written to a scratch folder beside ``output_dir`` and renamed into place when whole, so a crash never
+leaves half an adapter; ``redpen_adapter.json`` beside the weights says what it was trained from and how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runtime.errors import ConfigError, DataError
+from runtime.rundir import read_jsonl, write_atomic
+from training.sft_config import LoraSFTConfig
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+log = logging.getLogger(__name__)
+
+METADATA = "redpen_adapter.json"
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    final_loss: float
+    steps: int
+    dataset_hash: str  # sha256 of the dataset file's bytes
+    losses: list[float]  # every logged training loss, in step order
+
+
+def to_prompt_completion(row: dict[str, list[Message]]) -> dict[str, list[Message]]:
+    """Split a chat at its last message, the assistant reply that is trained on.
+
+    >>> to_prompt_completion({"messages": [
+    ...     {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})
+    {'prompt': [{'role': 'user', 'content': '2+2?'}], 'completion': [{'role': 'assistant', 'content': '4'}]}
+    """
+    return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+
+def read_messages(dataset: Path) -> list[dict[str, list[Message]]]:
+    """The rows of a ``{"messages": [...]}`` JSONL file, each checked to end with an assistant reply."""
+    if not dataset.is_file():
+        raise DataError(f"dataset {dataset} does not exist; export one with `redpen replay` first")
+    rows = []
+    for number, row in enumerate(read_jsonl(dataset), 1):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if (
+            not isinstance(messages, list)
+            or len(messages) < 2
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+            or messages[-1].get("role") != "assistant"
+        ):
+            raise DataError(
+                f"{dataset}: row {number} is not a chat ending with the assistant's reply: "
+                'want {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}'
+            )
+        rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
+    if not rows:
+        raise DataError(f"dataset {dataset} has no rows: nothing to train on")
+    return rows
+
+
+def build_trainer(
+    rows: Sequence[dict[str, list[Message]]],
+    config: LoraSFTConfig,
+    model_dir: Path,
+    work_dir: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> SFTTrainer:
+    """An ``SFTTrainer`` with the LoRA adapter attached and the rows tokenized (prompt labels masked)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    set_seed(config.seed)  # before the model exists, so the LoRA init is the same on every run
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"the tokenizer in {model_dir} has no chat template; give a chat (instruct) model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **config.model_init_kwargs())
+    trainer = SFTTrainer(
+        model=model,
+        args=config.to_sft_config(work_dir),
+        train_dataset=Dataset.from_list([to_prompt_completion(r) for r in rows]),
+        processing_class=tokenizer,
+        peft_config=config.to_lora_config(),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)  # library code never prints; _Progress logs and relays instead
+    return trainer
+
+
+def train_lora(
+    dataset: Path, config: LoraSFTConfig, on_log: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
+    """Fine-tune a LoRA adapter on a ``{"messages": [...]}`` JSONL file and save it to ``config.output_dir``.
+
+    ``on_log`` is called after every step with ``{"step", "max_steps"}`` and, at each logging step, with the
+    trainer's logs (``loss``, ``learning_rate``, ``grad_norm``...) added: enough to draw a progress bar.
+    """
+    rows = read_messages(dataset)
+    target = Path(config.output_dir).expanduser()
+    if target.exists() and not (target / METADATA).is_file() and any(target.iterdir()):
+        raise ConfigError(f"output_dir {target} exists and holds no redpen adapter; choose an empty or new folder")
+    model_id, model_dir = config.base_model_dir()
+    digest = hashlib.sha256(dataset.read_bytes()).hexdigest()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        progress = _Progress(on_log)
+        trainer = build_trainer(rows, config, model_dir, work / "trainer", [progress])
+        log.info("train  %d rows  base %s  %d steps  -> %s", len(rows), model_id, config.max_steps, target)
+        started = time.perf_counter()
+        output = trainer.train()
+        elapsed = time.perf_counter() - started
+        losses = progress.losses
+        final_loss = losses[-1] if losses else float(output.training_loss)
+        if not math.isfinite(final_loss):
+            raise DataError(f"training on {dataset} diverged (loss {final_loss}); lower learning_rate")
+        adapter = work / "adapter"
+        trainer.model.save_pretrained(adapter)
+        metadata = {
+            "base_model": {"id": model_id, "path": str(model_dir)},
+            "dataset": {"path": str(dataset), "sha256": digest, "rows": len(rows)},
+            "steps": trainer.state.global_step,
+            "final_loss": final_loss,
+            "losses": losses,
+            "train_seconds": round(elapsed, 3),
+            "device": str(trainer.args.device),
+            "lora": {k: config.to_dict()[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+            "config": config.to_dict(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_atomic(adapter / METADATA, json.dumps(metadata, indent=2) + "\n")
+        _replace_folder(adapter, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("trained  %d steps  loss %.4f  %.2f steps/s  -> %s", metadata["steps"], final_loss,
+             metadata["steps"] / elapsed, target)
+    return TrainResult(target, final_loss, metadata["steps"], digest, losses)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an adapter already there is moved aside first and deleted after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        target.rename(old / target.name)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _progress_callback() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _Progress(_progress_callback()):  # type: ignore[misc]
+    """Collects the logged losses, logs one line per logging step, and relays progress to ``on_log``."""
+
+    def __init__(self, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self.relay = on_log
+        self.losses: list[float] = []
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.relay is not None:
+            self.relay({"step": state.global_step, "max_steps": state.max_steps})
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            rate = state.global_step / max(time.perf_counter() - self.started, 1e-9)
+            log.info(
+                "train %d/%d  loss %.4f  lr %.2e  %.2f steps/s",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("learning_rate", 0.0),
+                rate,
+            )
+        if self.relay is not None:
+            self.relay({"step": state.global_step, "max_steps": state.max_steps, **logs})
