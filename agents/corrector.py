@@ -150,8 +150,15 @@ class Review:
     def to_metadata(self) -> dict[str, str]:
         """As an AutoGen message's metadata (strings only)."""
         c = self.correction
-        fields = {"step": str(c.step), "explanation": c.explanation, "solution": c.solution, "answer": c.answer}
-        return {"status": self.status, **(fields if c else dict.fromkeys(fields, ""))}
+        if c is None:
+            return {"status": self.status, "step": "", "explanation": "", "solution": "", "answer": ""}
+        return {
+            "status": self.status,
+            "step": str(c.step),
+            "explanation": c.explanation,
+            "solution": c.solution,
+            "answer": c.answer,
+        }
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> Review:

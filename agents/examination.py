@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from agents.roles import ASSISTANT, EXAMINER, STUDENT, ExaminerAgent, ExaminingA
 from agents.team import Roles, usage_of
 from memory.store import Hit, MistakeMemory
 from runtime.graders import grade
-from runtime.rundir import RunDir
+from runtime.rundir import RunDir, complete_pending
 from runtime.tasks import Example
 
 Mode = Literal["baseline", "assisted"]
@@ -78,20 +77,14 @@ async def run_exam(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order."""
-    run.repair(results_file)
-    done = run.done_ids(results_file)
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(example: Example) -> None:
-        async with limit:
-            record = await exam_item(example, roles, mode, (hits or {}).get(example.id, []))
-        run.append(results_file, record)
-        if on_result is not None:
-            on_result(record)
-
-    await asyncio.gather(*(one(e) for e in examples if e.id not in done))
-    by_id = {r["id"]: r for r in run.records(results_file)}
-    return [by_id[e.id] for e in examples if e.id in by_id]
+    return await complete_pending(
+        run,
+        results_file,
+        examples,
+        lambda e: exam_item(e, roles, mode, (hits or {}).get(e.id, [])),
+        concurrency=concurrency,
+        on_record=on_result,
+    )
 
 
 def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[dict[str, Any]]:

@@ -46,8 +46,8 @@ def parse_feedback(reply: str) -> Feedback:
             continue
         if isinstance(data, dict) and isinstance(data.get("guideline"), str) and data["guideline"].strip():
             return Feedback(str(data.get("reason", "")).strip(), data["guideline"].strip(), parsed=True)
-    reason = re.search(r"reason\W*:\s*(.+)", reply, re.IGNORECASE)
-    guideline = re.search(r"guideline\W*:\s*(.+)", reply, re.IGNORECASE)
+    reason = re.search(r"reason\W*:[\s*_]*(.+)", reply, re.IGNORECASE)  # [\s*_]: markdown bold after the colon
+    guideline = re.search(r"guideline\W*:[\s*_]*(.+)", reply, re.IGNORECASE)
     if guideline:
         return Feedback(reason.group(1).strip() if reason else "", guideline.group(1).strip(), parsed=True)
     return Feedback("", reply.strip(), parsed=False)

@@ -22,7 +22,7 @@ from agents.roles import ASSISTANT, CORRECT, EXAMINER, STUDENT, ExaminerAgent, G
 from agents.team import Roles, usage_of
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory
-from runtime.rundir import RunDir
+from runtime.rundir import RunDir, complete_pending
 from runtime.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -168,21 +168,13 @@ async def run_gathering(
     on_episode: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Gather every example not yet in the run's episodes; return all episodes of ``examples`` in input order."""
-    run.repair(EPISODES)
-    done = run.done_ids(EPISODES)
-    limit = asyncio.Semaphore(concurrency)
     writer = MemoryWriter(memory)
 
-    async def one(example: Example) -> None:
-        async with limit:
-            episode = await gather_episode(example, roles, task, rounds)
+    async def one(example: Example) -> dict[str, Any]:
+        episode = await gather_episode(example, roles, task, rounds)
         record = mistake_from(episode)
         if record is not None:
-            await writer.write(record)
-        run.append(EPISODES, episode)
-        if on_episode is not None:
-            on_episode(episode)
+            await writer.write(record)  # stored before the episode is appended: see the module's docstring
+        return episode
 
-    await asyncio.gather(*(one(e) for e in examples if e.id not in done))
-    by_id = {r["id"]: r for r in run.records(EPISODES)}
-    return [by_id[e.id] for e in examples if e.id in by_id]
+    return await complete_pending(run, EPISODES, examples, one, concurrency=concurrency, on_record=on_episode)

@@ -8,7 +8,6 @@ Two ways to answer a multiple-choice item, recorded per item and in the run's co
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 from agents.student import labelled_options, student_messages
 from runtime.backend import Backend, GenerationSettings
 from runtime.graders import grade
-from runtime.rundir import RunDir
+from runtime.rundir import RunDir, complete_pending
 from runtime.tasks import Example
 
 RESULTS = "results.jsonl"
@@ -78,22 +77,14 @@ async def run_eval(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every example not already in the run directory; return all results (old and new) in input order."""
-    run.repair(RESULTS)
-    done = run.done_ids(RESULTS)
-    todo = [e for e in examples if e.id not in done]
-    limit = asyncio.Semaphore(concurrency)
-
-    async def one(example: Example) -> None:
-        async with limit:
-            record = await answer(example, backend, settings, mode, adapter)
-        run.append(RESULTS, record)  # flushed before the next one is written: a kill loses only items in flight
-        if on_result is not None:
-            on_result(record)
-
-    await asyncio.gather(*(one(e) for e in todo))
-    wanted = {e.id for e in examples}
-    by_id = {r["id"]: r for r in run.records(RESULTS) if r["id"] in wanted}
-    return [by_id[e.id] for e in examples if e.id in by_id]
+    return await complete_pending(
+        run,
+        RESULTS,
+        examples,
+        lambda e: answer(e, backend, settings, mode, adapter),
+        concurrency=concurrency,
+        on_record=on_result,
+    )
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -7,12 +7,13 @@ Whole files (config, metrics, report) are written to a temporary name and rename
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from runtime.errors import ConfigError, DataError
 
@@ -103,3 +104,41 @@ def _diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
         return "no identity recorded"
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Item = TypeVar("Item", bound=_HasId)
+
+
+async def complete_pending(
+    run: RunDir,
+    name: str,
+    items: Sequence[Item],
+    work: Callable[[Item], Awaitable[dict[str, Any]]],
+    *,
+    concurrency: int,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``work`` on every item not yet recorded in ``name``, at most ``concurrency`` at once.
+
+    Each record is appended (and flushed) as soon as it is done, so a killed run loses only the items in flight and
+    re-running skips the rest. Returns the records of ``items``, old and new, in input order.
+    """
+    run.repair(name)
+    done = run.done_ids(name)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(item: Item) -> None:
+        async with limit:
+            record = await work(item)
+        run.append(name, record)
+        if on_record is not None:
+            on_record(record)
+
+    await asyncio.gather(*(one(item) for item in items if item.id not in done))
+    by_id = {r["id"]: r for r in run.records(name)}
+    return [by_id[item.id] for item in items if item.id in by_id]
