@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 
@@ -171,3 +173,63 @@ class ScriptedBackend(Backend):
         self.calls.append((messages, settings))
         text = self.script(messages, settings)
         return Generation(text, Usage(sum(len(m["content"]) for m in messages) // 4, len(text) // 4))
+
+
+# ---- run directories of gathering episodes, for replay and training tests ------------------------------------
+
+
+def make_episode(
+    id: str,
+    turns: Sequence[tuple[int, bool]],
+    *,
+    source: str | None = None,
+    task: str = "bbq",
+    gold: str = "(B)",
+) -> dict[str, Any]:
+    """A gathering episode as ``agents.gathering.episode_record`` writes it; ``turns`` are (reward, leaked) pairs.
+
+    Every turn's feedback is the same reason and guideline; each turn's context is the guidelines before it.
+    """
+    query = f"Who forgot? [{id}]\nOptions:\n(A) Cannot be determined\n(B) The grandmother\n(C) The grandson"
+    guideline = "Quote the context."
+    records = [
+        {
+            "round": i,
+            "state": {"query": query, "response": "The answer is (C).", "context": [guideline] * (i - 1)},
+            "action": {
+                "reason": "You assumed.",
+                "guideline": guideline,
+                "text": f"Why the last answer was wrong: You assumed.\nGuideline: {guideline}",
+                "leaked": leaked,
+                "parsed": True,
+            },
+            "reward": reward,
+            "next_response": "The answer is (B)." if reward else "The answer is (C).",
+        }
+        for i, (reward, leaked) in enumerate(turns, 1)
+    ]
+    right = bool(turns) and turns[-1][0] == 1
+    return {
+        "id": id,
+        "source": source if source is not None else id.rsplit("/", 1)[0],
+        "task": task,
+        "model_id": "student",
+        "assistant_id": "assistant",
+        "query": query,
+        "gold": gold,
+        "first_answer": "The answer is (C)." if turns else "The answer is (B).",
+        "first_verdict": "wrong" if turns else "correct",
+        "turns": records,
+        "verdict": "correct" if right or not turns else "wrong",
+        "rounds": len(records),
+        "corrected": right,
+    }
+
+
+def make_run_dir(path: Path, student: str, episodes: Sequence[dict[str, Any]]) -> Path:
+    """A run directory as `redpen gather` leaves it: config.json with the student's identity, and episodes.jsonl."""
+    path.mkdir(parents=True, exist_ok=True)
+    identity = {"command": "gather", "task": "bbq", "student": student, "assistant": "assistant"}
+    (path / "config.json").write_text(json.dumps({"identity": identity}, indent=2) + "\n", encoding="utf-8")
+    (path / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes), encoding="utf-8")
+    return path

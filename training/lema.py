@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from autogen_agentchat.messages import TextMessage
 from autogen_core import CancellationToken
+from autogen_core.models import ChatCompletionClient
 
 from agents.corrector import (
     KEPT,
@@ -120,7 +121,7 @@ def wrong_paths(paths: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return _distinct([p for p in paths if p["verdict"] != "correct" and split_steps(p["text"])])
 
 
-async def correct_path(example: Example, path: dict[str, Any], client: BackendChatCompletionClient) -> dict[str, Any]:
+async def correct_path(example: Example, path: dict[str, Any], client: ChatCompletionClient) -> dict[str, Any]:
     """Ask the corrector about one wrong path; the record keeps its raw reply and what became of it."""
     agent = CorrectorAgent(example, client)
     response = await agent.on_messages([TextMessage(content=path["text"], source="student")], CancellationToken())

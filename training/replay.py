@@ -190,9 +190,10 @@ def export_replay(run_dirs: Sequence[Path], out_dir: Path, model_id: str | None 
 
 
 def _write_rows(out_dir: Path, jsonl: str, parquet: str, rows: list[dict[str, Any]]) -> None:
-    from datasets import Dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     write_atomic(out_dir / jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     tmp = out_dir / f".{parquet}.tmp"
-    Dataset.from_list(rows).to_parquet(str(tmp))
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
     tmp.replace(out_dir / parquet)

@@ -13,6 +13,7 @@ leaves half an adapter; ``redpen_adapter.json`` beside the weights says what it 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,16 +99,25 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.chat_template is None:
         raise ConfigError(f"the tokenizer in {model_dir} has no chat template; give a chat (instruct) model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **config.model_init_kwargs())
-    trainer = SFTTrainer(
-        model=model,
-        args=config.to_sft_config(work_dir),
-        train_dataset=Dataset.from_list([to_prompt_completion(r) for r in rows]),
-        processing_class=tokenizer,
-        peft_config=config.to_lora_config(),
-        callbacks=list(callbacks),
-    )
-    trainer.remove_callback(PrinterCallback)  # library code never prints; _Progress logs and relays instead
+    # A row cut at max_length would lose its end, the reply: the only part trained on. Such rows are left out.
+    fits = [r for r in rows if _length(tokenizer, r["messages"]) <= config.max_length]
+    if len(fits) < len(rows):
+        log.warning(
+            "left out %d of %d rows longer than max_length=%d", len(rows) - len(fits), len(rows), config.max_length
+        )
+    if not fits:
+        raise DataError(f"every row is longer than max_length={config.max_length} tokens; raise max_length")
+    with _no_progress_bars():  # loading weights and TRL's tokenizing datasets.map draw bars on the terminal
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **config.model_init_kwargs())
+        trainer = SFTTrainer(
+            model=model,
+            args=config.to_sft_config(work_dir),
+            train_dataset=Dataset.from_list([to_prompt_completion(r) for r in fits]),
+            processing_class=tokenizer,
+            peft_config=config.to_lora_config(),
+            callbacks=list(callbacks),
+        )
+    trainer.remove_callback(PrinterCallback)  # library code never prints; _progress logs and relays instead
     return trainer
 
 
@@ -128,14 +138,13 @@ def train_lora(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        progress = _Progress(on_log)
-        trainer = build_trainer(rows, config, model_dir, work / "trainer", [progress])
+        losses: list[float] = []
+        trainer = build_trainer(rows, config, model_dir, work / "trainer", [_progress(on_log, losses)])
         log.info("train  %d rows  base %s  %d steps  -> %s", len(rows), model_id, config.max_steps, target)
         started = time.perf_counter()
-        output = trainer.train()
+        trainer.train()
         elapsed = time.perf_counter() - started
-        losses = progress.losses
-        final_loss = losses[-1] if losses else float(output.training_loss)
+        final_loss = losses[-1]  # logging_first_step: there is always one
         if not math.isfinite(final_loss):
             raise DataError(f"training on {dataset} diverged (loss {final_loss}); lower learning_rate")
         adapter = work / "adapter"
@@ -156,9 +165,35 @@ def train_lora(
         _replace_folder(adapter, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("trained  %d steps  loss %.4f  %.2f steps/s  -> %s", metadata["steps"], final_loss,
-             metadata["steps"] / elapsed, target)
+    log.info(
+        "trained  %d steps  loss %.4f  %.2f steps/s  -> %s",
+        metadata["steps"],
+        final_loss,
+        metadata["steps"] / elapsed,
+        target,
+    )
     return TrainResult(target, final_loss, metadata["steps"], digest, losses)
+
+
+def _length(tokenizer: Any, messages: list[Message]) -> int:
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    datasets_bars, transformers_bars = not are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            enable_progress_bars()
+        if transformers_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -172,39 +207,34 @@ def _replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def _progress_callback() -> type:
+def _progress(on_log: Callable[[dict[str, Any]], None] | None, losses: list[float]) -> TrainerCallback:
+    """A callback that collects the logged losses into ``losses``, logs one line per logging step and relays
+    progress to ``on_log`` (built here so that importing this module does not import transformers)."""
     from transformers import TrainerCallback
 
-    return TrainerCallback
+    class Progress(TrainerCallback):
+        started = time.perf_counter()
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
 
-class _Progress(_progress_callback()):  # type: ignore[misc]
-    """Collects the logged losses, logs one line per logging step, and relays progress to ``on_log``."""
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if on_log is not None:
+                on_log({"step": state.global_step, "max_steps": state.max_steps})
 
-    def __init__(self, on_log: Callable[[dict[str, Any]], None] | None) -> None:
-        self.relay = on_log
-        self.losses: list[float] = []
-        self.started = time.perf_counter()
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any], **kwargs: Any) -> None:
+            if "loss" in logs:
+                losses.append(float(logs["loss"]))
+                rate = state.global_step / (time.perf_counter() - self.started)
+                log.info(
+                    "train %d/%d  loss %.4f  lr %.2e  %.2f steps/s",
+                    state.global_step,
+                    state.max_steps,
+                    logs["loss"],
+                    logs["learning_rate"],
+                    rate,
+                )
+            if on_log is not None:
+                on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started = time.perf_counter()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.relay is not None:
-            self.relay({"step": state.global_step, "max_steps": state.max_steps})
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        logs = logs or {}
-        if "loss" in logs:
-            self.losses.append(float(logs["loss"]))
-            rate = state.global_step / max(time.perf_counter() - self.started, 1e-9)
-            log.info(
-                "train %d/%d  loss %.4f  lr %.2e  %.2f steps/s",
-                state.global_step,
-                state.max_steps,
-                logs["loss"],
-                logs.get("learning_rate", 0.0),
-                rate,
-            )
-        if self.relay is not None:
-            self.relay({"step": state.global_step, "max_steps": state.max_steps, **logs})
+    return Progress()
