@@ -119,8 +119,12 @@ def _roles(
     assistant_base_url: str | None,
     max_new_tokens: int | None = None,
     no_cache: bool = False,
+    assistant_adapter: str | None = None,
 ) -> Any:
-    """Student and assistant backends; one shared instance when both roles use the same settings."""
+    """Student and assistant backends; one shared instance when both roles use the same settings.
+
+    ``assistant_adapter`` is a LoRA folder (local backend: loaded as "assistant") or a name the server serves.
+    """
     import tomllib
 
     from agents.team import STUDENT_SETTINGS, Roles
@@ -153,12 +157,26 @@ def _roles(
                 **tables.get("assistant", {}),
             }
         )
+    adapter_name = None
+    if assistant_adapter is not None:
+        folder = Path(assistant_adapter)
+        if assistant_cfg.kind == "local":
+            if not (folder / "adapter_config.json").exists():
+                raise ConfigError(f"--assistant-adapter: no LoRA adapter folder at {folder}")
+            shared = assistant_cfg == student_cfg
+            assistant_cfg = assistant_cfg.model_copy(
+                update={"adapters": {**assistant_cfg.adapters, "assistant": str(folder)}}
+            )
+            student_cfg = assistant_cfg if shared else student_cfg  # one model, the adapter chosen per request
+            adapter_name = "assistant"
+        else:
+            adapter_name = assistant_adapter  # served by name, e.g. vLLM --lora-modules NAME=PATH
     with console.status("loading models ..."):
         _quiet_transformers()
         student = _cached(make_backend(student_cfg), no_cache)
         assistant = student if assistant_cfg == student_cfg else _cached(make_backend(assistant_cfg), no_cache)
     settings = STUDENT_SETTINGS if max_new_tokens is None else replace(STUDENT_SETTINGS, max_new_tokens=max_new_tokens)
-    return Roles(student, assistant, student_settings=settings)
+    return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
 
 
 def _memory(location: dict[str, Any]) -> Any:
@@ -412,6 +430,9 @@ def exam(
     assistant_backend: AssistantBackend = None,
     assistant_model: AssistantModel = None,
     assistant_base_url: AssistantUrl = None,
+    assistant_adapter: Annotated[
+        str | None, typer.Option(help="trained assistant: LoRA folder (local) or served adapter name (openai)")
+    ] = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -435,6 +456,7 @@ def exam(
         assistant_base_url,
         max_new_tokens,
         no_cache,
+        assistant_adapter,
     )
     path = out or Path("runs") / _slug(f"exam-{name}-{mode}")
     identity = {
@@ -446,6 +468,7 @@ def exam(
         "assistant": roles.assistant_id,
         "k": k,
         "threshold": threshold,
+        "assistant_adapter": assistant_adapter,
         "student_settings": roles.student_settings.to_dict(),
     }
     run = RunDir(path, identity)
@@ -626,6 +649,136 @@ def _experiment_table(figures: dict[str, Any]) -> None:
         f"{g['corrected']} corrected; {figures['mistakes_stored']} mistakes in memory; "
         f"{figures['near_duplicates']}/{figures['n_examine']} examine items have a near-duplicate"
     )
+
+
+# ---- model-specific study assistant -----------------------------------------------------------------------------
+
+
+def _train_bar(bar: Progress, max_steps: int) -> Any:
+    task_id = bar.add_task("fine-tuning", total=max_steps, info="")
+
+    def on_log(event: dict[str, Any]) -> None:
+        if "loss" in event:
+            bar.update(task_id, info=f"loss {event['loss']:.4f}")
+        elif "step" in event:
+            bar.update(task_id, completed=event["step"])
+
+    return on_log
+
+
+@app.command("train-assistant")
+def train_assistant(
+    runs: Annotated[list[Path], typer.Option("--runs", help="run directories with episodes.jsonl; repeatable")],
+    out: Annotated[Path, typer.Option(help="adapter folder to write")],
+    max_steps: Annotated[int | None, typer.Option(help="optimisation steps [default: the config's, 30]")] = None,
+    base_model: Annotated[str | None, typer.Option(help="model folder to train [default: the runs' assistant]")] = None,
+    compare: Annotated[bool, typer.Option(help="then examine with the general and the trained assistant")] = True,
+    limit: Annotated[int | None, typer.Option(help="examine items for the comparison [default: the run's]")] = None,
+    concurrency: Concurrency = 32,
+    no_cache: NoCache = False,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Fine-tune the study assistant (LoRA) on its rewarded feedback, then compare it with the general one."""
+    from runtime.errors import ConfigError
+    from runtime.experiment import ExperimentSettings, compare_assistants
+    from runtime.report import render_comparison
+    from runtime.rundir import RunDir
+    from training import LoraSFTConfig, export_replay, train_lora
+
+    first = _run_config(runs[0])
+    backend_info = first.get("assistant_backend", {})
+    if base_model is None:
+        if backend_info.get("kind") != "local":
+            raise ConfigError(f"{runs[0]}: its assistant was not a local model; pass --base-model FOLDER to train one")
+        base_model = backend_info["path"]
+    replay_dir = out.with_name(out.name + "-replay")
+    with console.status("exporting the replay ..."):
+        stats = export_replay(runs, replay_dir)
+    console.print(f"replay: {stats.steps} feedback steps, {stats.kept} rewarded kept -> {replay_dir}")
+    for task_name, counts in stats.by_task.items():
+        console.print(f"  {task_name}: kept {counts['kept']} of {counts['steps']}")
+    steps = {"max_steps": max_steps} if max_steps is not None else {}
+    config = LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps)
+    _quiet_transformers()
+    with _progress() as bar:
+        result = train_lora(replay_dir / "sft.jsonl", config, on_log=_train_bar(bar, config.max_steps))
+    console.print(f"adapter: {result.adapter_dir}  ({result.steps} steps, final loss {result.final_loss:.4f})")
+    summary: dict[str, Any] = {
+        "replay": stats.to_dict(),
+        "adapter_dir": str(result.adapter_dir),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+    }
+    if compare:
+        identity = first["identity"]
+        if identity.get("command") != "run":
+            raise ConfigError(
+                f"{runs[0]} is not a `redpen run` directory; pass --no-compare, or compare with "
+                "`redpen exam --assistant-adapter`"
+            )
+        name = identity["task"]
+        _, examples = _examples(name, None, "choice", "examine", limit or identity["limit"], data_dir)
+        roles = _roles(
+            None,
+            "local",
+            base_model,
+            None,
+            None,
+            None,
+            None,
+            no_cache=no_cache,
+            assistant_adapter=str(result.adapter_dir),
+        )
+        general = replace(roles, assistant_adapter=None)
+        settings = ExperimentSettings(
+            task=name, k=identity["k"], threshold=identity["threshold"], concurrency=concurrency
+        )
+        compare_dir = RunDir(
+            out.with_name(out.name + "-compare"),
+            {
+                "command": "compare-assistants",
+                "run": str(runs[0]),
+                "adapter": str(result.adapter_dir),
+                "dataset_hash": result.dataset_hash,
+                "limit": limit or identity["limit"],
+            },
+        )
+        store = _memory({k: Path(v) if k == "path" else v for k, v in first["memory"].items()})
+        try:
+            with _progress() as bar:
+                figures = asyncio.run(
+                    compare_assistants(examples, general, roles, store, compare_dir, settings, progress=_phase_bar(bar))
+                )
+        finally:
+            store.close()
+        training_info = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "dataset_hash": result.dataset_hash,
+            "adapter_dir": str(result.adapter_dir),
+        }
+        compare_dir.write_json("figures.json", figures)
+        compare_dir.write_text("report.md", render_comparison(figures, training_info, stats.to_dict()))
+        c = figures["conditions"]
+        console.print(
+            f"examine accuracy on {figures['n_examine']} items: general {c['general']['overall']['accuracy']:.3f}, "
+            f"trained {c['trained']['overall']['accuracy']:.3f}, retrieval-only "
+            f"{c['retrieval_only']['overall']['accuracy']:.3f}; report: {compare_dir.file('report.md')}"
+        )
+        summary["accuracy"] = {k: v["overall"]["accuracy"] for k, v in c.items()}
+        summary["changed_answers"] = figures["changed_answers"]
+    if json_out:
+        print(json.dumps(summary))
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    from runtime.errors import DataError
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise DataError(f"{run_dir} is not a redpen run directory (no config.json)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---- the mistake memory for users ----------------------------------------------------------------------------

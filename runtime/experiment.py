@@ -189,3 +189,48 @@ def memory_location(run_path: Path, memory_path: Path | None, memory_url: str | 
     if memory_url:
         return {"url": memory_url}
     return {"path": memory_path or run_path / "memory"}
+
+
+async def compare_assistants(
+    examine: Sequence[Example],
+    general: Roles,
+    trained: Roles,
+    memory: MistakeMemory,
+    run: RunDir,
+    settings: ExperimentSettings,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The same examine items, the same memory and student: the general assistant vs the trained one."""
+    hits = retrieve(memory, examine, general.student_id, settings.task, settings.k, settings.threshold)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, roles in (("general", general), ("trained", trained)):
+        done = 0
+
+        def tick(_: dict[str, Any], phase: str = f"{name} assistant") -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(phase, done, len(examine))
+
+        results[name] = await run_exam(
+            examine,
+            roles,
+            run,
+            f"exam_{name}.jsonl",
+            mode="assisted",
+            hits=hits,
+            concurrency=settings.concurrency,
+            on_result=tick,
+        )
+    results["retrieval_only"] = retrieval_only(examine, hits)
+    return {
+        "task": settings.task,
+        "student": general.student_id,
+        "general_assistant": general.assistant_id,
+        "trained_assistant": trained.assistant_id,
+        "n_examine": len(examine),
+        "conditions": {name: summarize(rs) for name, rs in results.items()},
+        "changed_answers": sum(
+            a["predicted"] != b["predicted"] for a, b in zip(results["general"], results["trained"], strict=True)
+        ),
+    }

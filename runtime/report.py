@@ -124,3 +124,39 @@ def plot_experiment(figures: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_comparison(figures: dict[str, Any], training: dict[str, Any], replay: dict[str, Any]) -> str:
+    """General vs trained study assistant on the same examine items, memory and student."""
+    c = figures["conditions"]
+    lines = [
+        f"# General vs trained study assistant: {figures['task']}",
+        "",
+        f"Student `{figures['student']}`; general assistant `{figures['general_assistant']}`, trained assistant "
+        f"`{figures['trained_assistant']}`; the same {figures['n_examine']} examine items and the same memory.",
+        "*retrieval-only* (no model: the majority gold of the retrieved mistakes) is the control.",
+        "",
+        "| source | n | general | trained | retrieval-only | chance |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for source in [*sorted(c["general"]["by_source"]), "all"]:
+        general, trained, control = (
+            c[k]["overall"] if source == "all" else c[k]["by_source"][source]
+            for k in ("general", "trained", "retrieval_only")
+        )
+        chance = f"{general['chance']:.3f}" if general["chance"] is not None else "-"
+        name = "**all**" if source == "all" else source
+        lines.append(f"| {name} | {general['n']} | {_cell(general)} | {_cell(trained)} | {_cell(control)} | {chance} |")
+    per_task = ", ".join(f"{t} {v['kept']}/{v['steps']}" for t, v in replay["by_task"].items())
+    lines += [
+        "",
+        f"Answers that changed between the two assistants: {figures['changed_answers']} of {figures['n_examine']}.",
+        "",
+        "## Training",
+        "",
+        f"- replay: {replay['steps']} feedback steps, {replay['kept']} rewarded and kept (per task: {per_task})",
+        f"- LoRA fine-tuning: {training['steps']} steps, final loss {training['final_loss']:.4f}, "
+        f"dataset sha256 `{training['dataset_hash'][:12]}`",
+        f"- adapter: `{training['adapter_dir']}`",
+    ]
+    return "\n".join(lines) + "\n"
