@@ -101,6 +101,8 @@ async def pipeline_rate(
     from memory.store import MistakeMemory
 
     async def one_pass(name: str, width: int) -> dict[str, Any]:
+        stats_before = dict(getattr(roles.student, "stats", {}))
+        batches_before = getattr(roles.student, "batches_run", 0)
         run = RunDir(workdir / name, {"bench": name})
         memory = MistakeMemory(path=workdir / name / "memory")
         try:
@@ -121,6 +123,16 @@ async def pipeline_rate(
             "tok_s": round(tokens / elapsed, 2),
             "answers": answers,
         }
+        stats = getattr(roles.student, "stats", None)
+        if stats is not None:  # the local backend's profile: batch sizes and how much decode work was kept
+            delta = {k: stats[k] - stats_before.get(k, 0) for k in stats}
+            batches = roles.student.batches_run - batches_before  # type: ignore[attr-defined]
+            result["profile"] = {
+                "generate_calls": batches,
+                "mean_batch_rows": round(delta["rows"] / max(batches, 1), 2),
+                "decode_slots_used": round(delta["useful_tokens"] / max(delta["slot_tokens"], 1), 3),
+                "share_of_time_in_generate": round(delta["generate_s"] / elapsed, 3),
+            }
         if on_step is not None:
             on_step(
                 f"{name}: {result['items']} items in {result['seconds']} s, {result['items_per_s']} items/s, "

@@ -102,6 +102,9 @@ class LocalBackend(Backend):
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task[None] | None = None
         self.batches_run = 0  # for benchmarks: how well requests were grouped
+        # Where decode time goes: a batch runs every row for as many steps as its longest reply, so
+        # useful_tokens / slot_tokens is the share of decode work that produced a kept token.
+        self.stats = {"rows": 0, "useful_tokens": 0, "slot_tokens": 0, "generate_s": 0.0}
 
     # ---- adapters -------------------------------------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class LocalBackend(Backend):
             kwargs["min_new_tokens"] = max_new_tokens
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        started = time.perf_counter()
         with torch.inference_mode(), self._adapter_context(adapter):
             output = self.model.generate(**inputs, **kwargs)
         finished = time.perf_counter()
@@ -267,6 +271,11 @@ class LocalBackend(Backend):
                     text, finish = text[: text.index(stop)], "stop"
             usage = Usage(int(inputs["attention_mask"][row].sum()), length)
             results.append(Generation(text.strip(), usage, finished - request.enqueued, finish))
+        steps = output.shape[1] - prompt_len
+        self.stats["rows"] += len(batch)
+        self.stats["useful_tokens"] += sum(r.usage.completion_tokens for r in results)
+        self.stats["slot_tokens"] += steps * len(batch)
+        self.stats["generate_s"] += finished - started
         return results
 
     def _score_batch(self, batch: Sequence[_Request]) -> list[list[float]]:
