@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 from autogen_agentchat.agents import BaseChatAgent
 from autogen_agentchat.base import Response
 from autogen_agentchat.messages import BaseChatMessage, TextMessage
 from autogen_core import CancellationToken
-from autogen_core.models import ChatCompletionClient, LLMMessage, SystemMessage, UserMessage
+from autogen_core.models import AssistantMessage, ChatCompletionClient, LLMMessage, SystemMessage, UserMessage
 
 from agents.prompts import load_prompt
 from runtime.backend import Message
@@ -65,6 +65,9 @@ class Correction:
     def text(self) -> str:
         """The correction in the LEMA paper's format, without whatever chatter surrounded it."""
         return f"Incorrect Step: Step {self.step}.\nExplanation: {self.explanation}\nCorrect Solution:\n{self.solution}"
+
+
+_CORRECTION_FIELDS = tuple(f.name for f in fields(Correction))
 
 
 class ParseResult(NamedTuple):
@@ -148,26 +151,16 @@ class Review:
         return self.status == KEPT
 
     def to_metadata(self) -> dict[str, str]:
-        """As an AutoGen message's metadata (strings only)."""
-        c = self.correction
-        if c is None:
-            return {"status": self.status, "step": "", "explanation": "", "solution": "", "answer": ""}
-        return {
-            "status": self.status,
-            "step": str(c.step),
-            "explanation": c.explanation,
-            "solution": c.solution,
-            "answer": c.answer,
-        }
+        """As an AutoGen message's metadata (strings only; empty fields when nothing parsed)."""
+        values = asdict(self.correction) if self.correction else dict.fromkeys(_CORRECTION_FIELDS, "")
+        return {"status": self.status} | {k: str(v) for k, v in values.items()}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> Review:
         if not metadata["step"]:
             return cls(metadata["status"], None)
-        correction = Correction(
-            int(metadata["step"]), metadata["explanation"], metadata["solution"], metadata["answer"]
-        )
-        return cls(metadata["status"], correction)
+        values = {k: metadata[k] for k in _CORRECTION_FIELDS}
+        return cls(metadata["status"], Correction(**values | {"step": int(metadata["step"])}))
 
 
 def review(example: Example, reply: str, n_steps: int) -> Review:
@@ -213,12 +206,28 @@ def gold_answer(example: Example) -> str:
     return example.target
 
 
+def worked_examples() -> list[tuple[str, str]]:
+    """The corrector's worked examples as (user, assistant) turns, from ``prompts/corrector_examples.txt``.
+
+    Shown as earlier turns of the chat rather than inside the instructions, so the model's own turn starts the
+    way the examples' replies do: "Incorrect Step: ...".
+    """
+    pairs = []
+    for block in load_prompt("corrector_examples").split("\n---\n"):
+        user, _, reply = block.strip().partition("\nIncorrect Step:")
+        pairs.append((user.strip(), "Incorrect Step:" + reply))
+    return pairs
+
+
 def corrector_messages(example: Example, steps: Sequence[str]) -> list[Message]:
-    """The chat the corrector answers: instructions with worked examples, then the problem, gold and steps."""
+    """The chat the corrector answers: instructions, the worked examples, then the problem, gold and steps."""
+    chat: list[Message] = [{"role": "system", "content": load_prompt("corrector")}]
+    for user, reply in worked_examples():
+        chat += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     user = load_prompt("corrector_user").format(
         question=example.input, gold=gold_answer(example), steps=format_steps(steps)
     )
-    return [{"role": "system", "content": load_prompt("corrector")}, {"role": "user", "content": user}]
+    return [*chat, {"role": "user", "content": user}]
 
 
 def correction_prompt(question: str, steps: Sequence[str]) -> str:
@@ -243,11 +252,7 @@ class CorrectorAgent(BaseChatAgent):
 
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         steps = split_steps(messages[-1].to_text() if messages else "")
-        chat = corrector_messages(self.example, steps)
-        llm: list[LLMMessage] = [
-            SystemMessage(content=chat[0]["content"]),
-            UserMessage(content=chat[1]["content"], source="user"),
-        ]
+        llm: list[LLMMessage] = [_llm_message(m) for m in corrector_messages(self.example, steps)]
         result = await self.client.create(llm, cancellation_token=cancellation_token)
         text = result.content if isinstance(result.content, str) else str(result.content)
         metadata = review(self.example, text, len(steps)).to_metadata() | {"steps": str(len(steps))}
@@ -257,3 +262,11 @@ class CorrectorAgent(BaseChatAgent):
 
     async def on_reset(self, cancellation_token: CancellationToken) -> None:  # noqa: B027 - keeps no state
         """Nothing to forget: each agent serves one example."""
+
+
+def _llm_message(message: Message) -> LLMMessage:
+    if message["role"] == "system":
+        return SystemMessage(content=message["content"])
+    if message["role"] == "assistant":
+        return AssistantMessage(content=message["content"], source=CORRECTOR)
+    return UserMessage(content=message["content"], source="user")
