@@ -781,6 +781,167 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# ---- LEMA: correction data and student fine-tuning ---------------------------------------------------------------
+
+
+@app.command()
+def correct(
+    task: Annotated[str, typer.Option(help="numeric or multiple-choice task to gather on")] = "gsm8k",
+    limit: Annotated[int | None, typer.Option(help="gather problems")] = None,
+    samples: Annotated[int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)")] = 4,
+    out: Annotated[Path | None, typer.Option(help="run directory [default: runs/correct-<task>]")] = None,
+    corrector_backend: Annotated[str | None, typer.Option(help="corrector's backend [default: the student's]")] = None,
+    corrector_model: Annotated[str | None, typer.Option(help="corrector's model (a stronger one in real use)")] = None,
+    corrector_base_url: Annotated[str | None, typer.Option(help="corrector's server URL")] = None,
+    concurrency: Concurrency = 32,
+    no_cache: NoCache = False,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Sample the student's reasoning, have a corrector fix the wrong paths, and write CoT + correction datasets."""
+    from runtime.rundir import RunDir
+    from training.lema import run_correction
+
+    name, examples = _examples(task, None, "choice", "gather", limit, data_dir)
+    roles = _roles(
+        None, backend, model, base_url, corrector_backend, corrector_model, corrector_base_url, no_cache=no_cache
+    )
+    identity = {
+        "command": "correct",
+        "task": name,
+        "limit": limit,
+        "samples": samples,
+        "student": roles.student_id,
+        "corrector": roles.assistant_id,
+    }
+    run = RunDir(
+        out or Path("runs") / _slug(f"correct-{name}"),
+        identity,
+        {"student_backend": roles.student.describe(), "corrector_backend": roles.assistant.describe()},
+    )
+    with _progress() as bar:
+        task_id = bar.add_task("correcting", total=len(examples), info="")
+        counts = asyncio.run(
+            run_correction(
+                examples,
+                roles.student,
+                roles.assistant,
+                run,
+                samples=samples,
+                concurrency=concurrency,
+                on_progress=lambda _: bar.update(task_id, advance=1),
+            )
+        )
+    console.print(
+        f"{counts['problems']} problems, {counts['paths_sampled']} paths ({counts['paths_correct']} correct); "
+        f"{counts['corrections_requested']} corrections asked, {counts['kept']} kept; CoT rows {counts['cot_rows']}, "
+        f"correction rows {counts['correction_rows']}  -> {run.path}/report.md"
+    )
+    if json_out:
+        print(json.dumps(counts))
+
+
+@app.command("train-student")
+def train_student(
+    data: Annotated[Path, typer.Option(help="a `redpen correct` run directory")],
+    out: Annotated[Path, typer.Option(help="adapter folder to write")],
+    mode: Annotated[str, typer.Option(help="cot (chain-of-thought only) or cot+corrections")] = "cot+corrections",
+    rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="optimisation steps [default: the config's, 30]")] = None,
+    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+) -> None:
+    """Fine-tune the student (LoRA) on CoT data, or CoT + corrections at the same size."""
+    from runtime.errors import ConfigError
+    from training.ablation import SETS, training_sets
+    from training.lema import COT
+    from training.sft_config import LoraSFTConfig
+    from training.sft_trainer import train_lora
+
+    if mode not in ("cot", "cot+corrections"):
+        raise ConfigError(f"unknown --mode {mode!r}: choose cot or cot+corrections")
+    sets_dir = out.with_name(out.name + "-data")
+    if mode == "cot":
+        dataset = data / COT
+    else:
+        dataset = training_sets(data, sets_dir, rows)[SETS[1]]
+    steps = {"max_steps": max_steps} if max_steps is not None else {}
+    config = LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps)
+    _quiet_transformers()
+    with _progress() as bar:
+        result = train_lora(dataset, config, on_log=_train_bar(bar, config.max_steps))
+    console.print(
+        f"adapter: {result.adapter_dir}  ({result.steps} steps, final loss {result.final_loss:.4f}); "
+        f"evaluate it with `redpen eval --adapter {result.adapter_dir}`"
+    )
+
+
+@app.command("ablate-corrections")
+def ablate_corrections(
+    data: Annotated[Path, typer.Option(help="a `redpen correct` run directory")],
+    out: Annotated[Path | None, typer.Option(help="ablation folder [default: <data>-ablation]")] = None,
+    rows: Annotated[int | None, typer.Option(help="rows in each training set [default: all CoT rows]")] = None,
+    limit: Annotated[int | None, typer.Option(help="examine items")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="optimisation steps per adapter")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit at evaluation")] = 256,
+    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    concurrency: Concurrency = 32,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Train on CoT only and on CoT + corrections at equal size; evaluate both and the base on the examine split."""
+    from runtime.backend import GenerationSettings
+    from runtime.rundir import RunDir
+    from training.ablation import evaluate_adapters, render_ablation, train_sets, training_sets
+
+    task = _run_config(data)["identity"]["task"]
+    folder = out or data.with_name(data.name + "-ablation")
+    sets = training_sets(data, folder, rows)
+    _quiet_transformers()
+    with _progress() as bar:
+
+        def on_log(name: str) -> Any:
+            return _train_bar(bar, max_steps or 30)
+
+        trained = train_sets(sets, folder, base_model, max_steps, on_log=on_log)
+    _, examples = _examples(task, None, "choice", "examine", limit, data_dir)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    run = RunDir(
+        folder,
+        {
+            "command": "ablate-corrections",
+            "data": str(data),
+            "rows": rows,
+            "limit": limit,
+            "hashes": {k: v.dataset_hash for k, v in trained.items()},
+        },
+    )
+    with _progress() as bar:
+        update = _phase_bar(bar)
+        counts: dict[str, int] = {}
+
+        def on_result(name: str) -> Any:
+            def tick(_: dict[str, Any]) -> None:
+                counts[name] = counts.get(name, 0) + 1
+                update(f"eval {name}", counts[name], len(examples))
+
+            return tick
+
+        adapters = {name: result.adapter_dir for name, result in trained.items()}
+        figures = asyncio.run(
+            evaluate_adapters(examples, base_model, adapters, run, settings, concurrency, on_result=on_result)
+        )
+    run.write_json("figures.json", figures)
+    run.write_text("report.md", render_ablation(task, figures, trained, sets))
+    console.print(
+        " | ".join(f"{k} {v['overall']['accuracy']:.3f}" for k, v in figures.items()) + f"  -> {run.file('report.md')}"
+    )
+    if json_out:
+        print(json.dumps({k: v["overall"] for k, v in figures.items()}))
+
+
 # ---- the mistake memory for users ----------------------------------------------------------------------------
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]

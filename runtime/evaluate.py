@@ -75,11 +75,12 @@ async def run_eval(
     adapter: str | None = None,
     concurrency: int = 32,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    results_file: str = RESULTS,
 ) -> list[dict[str, Any]]:
     """Answer every example not already in the run directory; return all results (old and new) in input order."""
     return await complete_pending(
         run,
-        RESULTS,
+        results_file,
         examples,
         lambda e: answer(e, backend, settings, mode, adapter),
         concurrency=concurrency,

@@ -268,7 +268,7 @@ def test_equal_size_needs_enough_cot_rows() -> None:
 async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> None:
     from runtime.local import LocalBackend
 
-    examples = load_task("gsm8k", "gather", data_dir, limit=2)
+    examples = load_task("gsm8k", "gather", data_dir, limit=1)  # one problem: the corrector's prompt is long on CPU
     backend = LocalBackend()
     try:
         counts = await run_correction(
@@ -277,19 +277,19 @@ async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> No
             backend,
             run_dir(tmp_path),
             samples=2,
-            student_settings=GenerationSettings(max_new_tokens=128, temperature=0.8, top_p=0.95, seed=0),
-            corrector_settings=GenerationSettings(max_new_tokens=128),
+            student_settings=GenerationSettings(max_new_tokens=96, temperature=0.8, top_p=0.95, seed=0),
+            corrector_settings=GenerationSettings(max_new_tokens=96),
         )
     finally:
         await backend.aclose()
     print(json.dumps(counts))
-    assert counts["problems"] == 2 and counts["paths_sampled"] == 4
-    assert counts["paths_correct"] + counts["paths_wrong"] + counts["paths_no_answer"] == 4
+    assert counts["problems"] == 1 and counts["paths_sampled"] == 2
+    assert counts["paths_correct"] + counts["paths_wrong"] + counts["paths_no_answer"] == 2
     failures = sum(counts["parse_failures"].values())
     assert counts["corrections_requested"] == failures + counts["rejected_wrong_answer"] + counts["kept"]
     assert counts["corrections_requested"] <= counts["paths_wrong"] + counts["paths_no_answer"]
-    assert counts["cot_gold_rows"] == 2
-    assert len(rows(tmp_path / COT)) == counts["cot_rows"] >= 2
+    assert counts["cot_gold_rows"] == 1
+    assert len(rows(tmp_path / COT)) == counts["cot_rows"] >= 1
     assert len(rows(tmp_path / CORRECTIONS)) == counts["correction_rows"] == counts["kept"]
-    assert len(run_dir(tmp_path).records(PROBLEMS)) == 2
+    assert len(run_dir(tmp_path).records(PROBLEMS)) == 1
     assert "# LEMA correction data" in (tmp_path / REPORT).read_text()
