@@ -39,9 +39,10 @@ def parse_feedback(reply: str) -> Feedback:
     >>> parse_feedback("Think again.").parsed
     False
     """
-    for match in re.finditer(r"\{.*?\}", reply, re.DOTALL):
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(reply) if ch == "{"):  # raw_decode: braces inside strings are fine
         try:
-            data = json.loads(match.group(0))
+            data, _ = decoder.raw_decode(reply, start)
         except json.JSONDecodeError:
             continue
         if isinstance(data, dict) and isinstance(data.get("guideline"), str) and data["guideline"].strip():
@@ -66,17 +67,18 @@ def leak_patterns(example: Example) -> list[re.Pattern[str]]:
     """
     if example.answer_kind == "choice":
         letter = example.target.strip("() ")
+        # The keywords ignore case; a bare letter must be a capital, so "pick a date" is not option A ("(a)" is).
         patterns = [
             re.compile(
-                rf"\({letter}\)|\b(?:option|answer|choice|choose|pick|select)\s+(?:is\s+)?\(?{letter}\b|^{letter}[).:]|"
-                rf"\b{letter}\s+is\s+(?:the\s+)?(?:correct|right|answer)",
-                re.IGNORECASE | re.MULTILINE,
+                rf"\((?i:{letter})\)|(?i:\b(?:option|answer|choice|choose|pick|select)(?:\s+is)?\s*[:\s]\s*){letter}\b|"
+                rf"^{letter}[).:]|\b{letter}\s+(?i:is\s+(?:the\s+)?(?:correct|right|answer))",
+                re.MULTILINE,
             )
         ]
         index = ord(letter) - ord("A")
         if 0 <= index < len(example.options) and len(example.options[index].strip()) >= 3:
             text = re.escape(example.options[index].strip().rstrip("."))
-            patterns.append(re.compile(text.replace(r"\ ", r"\s+"), re.IGNORECASE))
+            patterns.append(re.compile(rf"(?<!\w){text.replace(chr(92) + ' ', chr(92) + 's+')}(?!\w)", re.IGNORECASE))
         return patterns
     target = re.escape(example.target.strip())
     if not target:

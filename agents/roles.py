@@ -15,7 +15,14 @@ from autogen_agentchat.messages import BaseChatMessage, TextMessage
 from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient, CreateResult, LLMMessage, SystemMessage, UserMessage
 
-from agents.feedback import Feedback, parse_feedback, without_leaks
+from agents.feedback import (
+    ANSWER_STATEMENT,
+    FALLBACK_GUIDELINE,
+    Feedback,
+    parse_feedback,
+    scrub,
+    without_leaks,
+)
 from agents.prompts import load_prompt
 from agents.student import student_messages
 from memory.store import Hit
@@ -128,6 +135,9 @@ class ExaminingAssistant(_RoleAgent):
         ]
         result = await self.client.create(llm, cancellation_token=cancellation_token)
         feedback = parse_feedback(_text(result))
+        # No gold here, but a stated answer letter would be copied: "assisted" would measure the assistant answering.
+        guideline = scrub(feedback.guideline, [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
+        feedback = Feedback(feedback.reason, guideline, feedback.parsed)
         guidance = f"Past mistakes on similar questions:\n{past_mistakes(self.hits)}\n\nGuideline: {feedback.guideline}"
         message = _feedback_message(feedback, self.name, result, content=guidance)
         message.metadata["retrieved"] = str(len(self.hits))

@@ -84,6 +84,13 @@ def run_dir(path: Path) -> RunDir:
             "Mixed up dates",
             "Count days one by one",
         ),
+        # A "}" inside a string, and an object nested in another, still parse.
+        (
+            '{"reason": "Wrote {x} unsolved.", "guideline": "Solve for {x} first."}',
+            "Wrote {x} unsolved.",
+            "Solve for {x} first.",
+        ),
+        ('{"feedback": {"reason": "r", "guideline": "g"}}', "r", "g"),
         # A JSON object without a guideline is skipped for the next one.
         ('{"note": "thinking"} then {"reason": "r", "guideline": "g"}', "r", "g"),
         ("Reason: confused the order\nGuideline: list the events first", "confused the order", "list the events first"),
@@ -397,6 +404,18 @@ async def test_assisted_exam_shows_past_mistakes_but_never_their_gold(tmp_path: 
     assert guidance_part(prompts[PEARS.input]) == guidance
     assert prompts[UNRELATED.input] == UNRELATED.input
     assert (unrelated["guidance"], unrelated["retrieved"]) == ("", [])
+    mem.close()
+
+
+async def test_an_exam_guideline_that_states_an_answer_loses_that_sentence(tmp_path: Path) -> None:
+    # The exam assistant knows no gold, but the student copies a stated answer letter: "assisted" would then
+    # measure the assistant answering, not its guidance.
+    mem = memory()
+    await run_gathering([LEARNS], roles(), mem, run_dir(tmp_path / "gather"), task="bbq")
+    hits = retrieve(mem, [LEAKS], "fake-student", "bbq", k=3, threshold=0.3)
+    answering = '{"reason": "Stereotypes.", "guideline": "The answer is (C). Quote the context first."}'
+    result = await exam_item(LEAKS, roles({"[leaky]": answering}), "assisted", hits["kin/4"])
+    assert result["retrieved"] and result["guidance"].endswith("\n\nGuideline: Quote the context first.")
     mem.close()
 
 
