@@ -95,3 +95,42 @@ def test_eval_loglik_on_the_default_model(tmp_path: Path, data_dir: Path) -> Non
         assert len(r["scores"]) == r["n_options"] == 3
         best = max(range(3), key=r["scores"].__getitem__)
         assert r["predicted"] == f"({'ABC'[best]})"
+
+
+def test_run_the_whole_experiment_on_the_default_model(tmp_path: Path, data_dir: Path) -> None:
+    """`redpen run` with the real model and the real MiniLM + embedded Qdrant: every phase, report and plot."""
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--task",
+        "bbq",
+        "--limit",
+        "2",
+        "--gather-limit",
+        "3",
+        "--max-new-tokens",
+        "32",
+        "--rounds",
+        "1",
+        "--no-cache",
+        "--json",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDPEN_DATA_DIR": str(data_dir)}
+    result = subprocess.run(
+        [sys.executable, "-c", "from runtime.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["n_gather"], summary["n_examine"]) == (3, 2)
+    assert set(summary["accuracy"]) == {"baseline", "assisted", "retrieval_only"}
+    assert summary["gathering"]["episodes"] == 3
+    assert summary["mistakes_stored"] == summary["gathering"]["first_answer_wrong"]
+    for name in ("report.md", "accuracy.png", "episodes.jsonl", "exam_baseline.jsonl", "exam_assisted.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert "retrieval-only" in (out / "report.md").read_text()
