@@ -11,6 +11,7 @@ Every phase appends to its own JSONL file and skips what is done, so a killed ru
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +66,13 @@ async def run_experiment(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run every phase (resuming finished ones) and return the figures the report is made of."""
-    times: dict[str, float] = {}
+    # Seconds per phase, summed over the invocations of a resumed run (a resumed phase adds only what it did).
+    times_file = run.file("phase_seconds.json")
+    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.exists() else {}
+
+    def spent(phase: str, started: float) -> None:
+        times[phase] = times.get(phase, 0.0) + time.perf_counter() - started
+        run.write_json(times_file.name, times)
 
     def ticker(phase: str, total: int) -> Callable[[dict[str, Any]], None]:
         done = 0
@@ -88,7 +95,7 @@ async def run_experiment(
         concurrency=settings.concurrency,
         on_result=ticker("baseline exam", len(examine)),
     )
-    times["baseline"] = time.perf_counter() - started
+    spent("baseline", started)
 
     started = time.perf_counter()
     episodes = await run_gathering(
@@ -101,7 +108,7 @@ async def run_experiment(
         concurrency=settings.concurrency,
         on_episode=ticker("gathering", len(gather)),
     )
-    times["gathering"] = time.perf_counter() - started
+    spent("gathering", started)
 
     started = time.perf_counter()
     hits = retrieve(memory, examine, roles.student_id, settings.task, settings.k, settings.threshold)
@@ -115,7 +122,7 @@ async def run_experiment(
         concurrency=settings.concurrency,
         on_result=ticker("assisted exam", len(examine)),
     )
-    times["assisted"] = time.perf_counter() - started
+    spent("assisted", started)
 
     control = retrieval_only(examine, hits)
     run.write_text(RETRIEVAL, "".join(_jsonl(r) for r in control))
@@ -179,8 +186,6 @@ def _guidance_examples(assisted: Sequence[dict[str, Any]], examine: Sequence[Exa
 
 
 def _jsonl(record: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
