@@ -687,14 +687,14 @@ def train_assistant(
     from training import LoraSFTConfig, export_replay, train_lora
 
     first = _run_config(runs[0])
+    replay_dir = out.with_name(out.name + "-replay")
+    with console.status("exporting the replay ..."):
+        stats = export_replay(runs, replay_dir)
     backend_info = first.get("assistant_backend", {})
     if base_model is None:
         if backend_info.get("kind") != "local":
             raise ConfigError(f"{runs[0]}: its assistant was not a local model; pass --base-model FOLDER to train one")
         base_model = backend_info["path"]
-    replay_dir = out.with_name(out.name + "-replay")
-    with console.status("exporting the replay ..."):
-        stats = export_replay(runs, replay_dir)
     console.print(f"replay: {stats.steps} feedback steps, {stats.kept} rewarded kept -> {replay_dir}")
     for task_name, counts in stats.by_task.items():
         console.print(f"  {task_name}: kept {counts['kept']} of {counts['steps']}")

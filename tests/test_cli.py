@@ -183,3 +183,28 @@ def test_unreachable_server_fails_fast(tmp_path: Path, good_jsonl: Path) -> None
     elapsed = time.perf_counter() - started
     assert_one_line_error(result, f"cannot reach the OpenAI-compatible server at {url}", "fix --base-url")
     assert elapsed < 20, f"took {elapsed:.1f}s to report an unreachable server"
+
+
+def test_train_assistant_on_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    result = redpen("train-assistant", "--runs", tmp_path, "--out", tmp_path / "adapter")
+    assert_one_line_error(result, "is not a redpen run directory")
+
+
+def test_train_assistant_with_no_rewarded_steps(tmp_path: Path) -> None:
+    from tests.helpers import make_episode, make_run_dir
+
+    run = make_run_dir(tmp_path / "run", "student-model", [make_episode("e1", [(0, False), (0, False)])])
+    result = redpen("train-assistant", "--runs", run, "--out", tmp_path / "adapter", "--no-compare")
+    assert_one_line_error(result, "no rewarded steps")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_ablation_without_kept_corrections(tmp_path: Path) -> None:
+    data = tmp_path / "correct"
+    data.mkdir()
+    (data / "config.json").write_text('{"identity": {"command": "correct", "task": "gsm8k"}}')
+    row = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    (data / "cot.jsonl").write_text(row)
+    (data / "corrections.jsonl").write_text("")
+    result = redpen("ablate-corrections", "--data", data)
+    assert_one_line_error(result, "no kept corrections")
