@@ -69,7 +69,7 @@ class LocalBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from runtime.default_model import DEFAULT_MODEL_NAME, default_model_dir
+        from runtime.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
 
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -79,7 +79,9 @@ class LocalBackend(Backend):
             path = Path(model).expanduser()
             if not (path / "config.json").exists():
                 raise ConfigError(f"model folder {path} has no config.json; give a local Hugging Face model folder")
-            self.model_id = path.name
+            # The converted default named by its folder is still the default: mistakes are filed under one id.
+            is_default = path.resolve().parent == (cache_root() / "models").resolve()
+            self.model_id = DEFAULT_MODEL_NAME if is_default and path.name.startswith(DEFAULT_MODEL_NAME) else path.name
         self.path = path
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if dtype == "auto":
