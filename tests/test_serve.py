@@ -7,6 +7,7 @@ The served model is a tiny random chat model built by the test; its greedy repli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -72,11 +73,9 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 pytest.fail(f"redpen serve exited with {process.returncode}:\n{log_path.read_text()}")
             if time.monotonic() > deadline:
                 pytest.fail(f"redpen serve did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()}")
-            try:
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
                 if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             time.sleep(0.2)
         yield base_url
     finally:
