@@ -352,7 +352,7 @@ def gather(
 ) -> None:
     """Gather mistakes: student, examiner and assistant talk until the student is right; mistakes go to memory."""
     from agents.gathering import run_gathering
-    from runtime.experiment import memory_location
+    from runtime.experiment import counter, memory_location
     from runtime.rundir import RunDir
 
     name, examples = _examples(task, jsonl, answer_kind, "gather", limit, data_dir)
@@ -382,14 +382,7 @@ def gather(
     store = _memory(location)
     try:
         with _progress() as bar:
-            update = _phase_bar(bar)
-            count = 0
-
-            def tick(_: dict[str, Any]) -> None:
-                nonlocal count
-                count += 1
-                update("gathering", count, len(examples))
-
+            tick = counter(_phase_bar(bar), "gathering", len(examples))
             episodes = asyncio.run(
                 run_gathering(
                     examples, roles, store, run, task=name, rounds=rounds, concurrency=concurrency, on_episode=tick
@@ -440,7 +433,7 @@ def exam(
     from agents.examination import retrieve, run_exam
     from runtime.errors import ConfigError
     from runtime.evaluate import render_report, summarize
-    from runtime.experiment import memory_location
+    from runtime.experiment import counter, memory_location
     from runtime.rundir import RunDir
 
     if mode not in ("baseline", "assisted"):
@@ -483,14 +476,7 @@ def exam(
             store.close()
     started = time.perf_counter()
     with _progress() as bar:
-        update = _phase_bar(bar)
-        count = 0
-
-        def tick(_: dict[str, Any]) -> None:
-            nonlocal count
-            count += 1
-            update(f"{mode} exam", count, len(examples))
-
+        tick = counter(_phase_bar(bar), f"{mode} exam", len(examples))
         results = asyncio.run(
             run_exam(
                 examples,
@@ -911,6 +897,7 @@ def ablate_corrections(
 ) -> None:
     """Train on CoT only and on CoT + corrections at equal size; evaluate both and the base on the examine split."""
     from runtime.backend import GenerationSettings
+    from runtime.experiment import counter
     from runtime.rundir import RunDir
     from training.ablation import evaluate_adapters, render_ablation, train_sets, training_sets
 
@@ -938,14 +925,9 @@ def ablate_corrections(
     )
     with _progress() as bar:
         update = _phase_bar(bar)
-        counts: dict[str, int] = {}
 
         def on_result(name: str) -> Any:
-            def tick(_: dict[str, Any]) -> None:
-                counts[name] = counts.get(name, 0) + 1
-                update(f"eval {name}", counts[name], len(examples))
-
-            return tick
+            return counter(update, f"eval {name}", len(examples))
 
         adapters = {name: result.adapter_dir for name, result in trained.items()}
         figures = asyncio.run(

@@ -46,6 +46,19 @@ class ExperimentSettings:
     concurrency: int = 32
 
 
+def counter(progress: Progress | None, phase: str, total: int) -> Callable[[dict[str, Any]], None]:
+    """A per-record callback that reports ``(phase, done, total)`` to ``progress`` as records finish."""
+    done = 0
+
+    def tick(_: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(phase, done, total)
+
+    return tick
+
+
 def near_duplicates(memory: MistakeMemory, examine: Sequence[Example], gather: Sequence[Example]) -> dict[str, float]:
     """For each examine item, its highest similarity to any gathered question."""
     if not examine or not gather:
@@ -74,17 +87,6 @@ async def run_experiment(
         times[phase] = times.get(phase, 0.0) + time.perf_counter() - started
         run.write_json(times_file.name, times)
 
-    def ticker(phase: str, total: int) -> Callable[[dict[str, Any]], None]:
-        done = 0
-
-        def tick(_: dict[str, Any]) -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(phase, done, total)
-
-        return tick
-
     started = time.perf_counter()
     baseline = await run_exam(
         examine,
@@ -93,7 +95,7 @@ async def run_experiment(
         BASELINE,
         mode="baseline",
         concurrency=settings.concurrency,
-        on_result=ticker("baseline exam", len(examine)),
+        on_result=counter(progress, "baseline exam", len(examine)),
     )
     spent("baseline", started)
 
@@ -106,7 +108,7 @@ async def run_experiment(
         task=settings.task,
         rounds=settings.rounds,
         concurrency=settings.concurrency,
-        on_episode=ticker("gathering", len(gather)),
+        on_episode=counter(progress, "gathering", len(gather)),
     )
     spent("gathering", started)
 
@@ -120,7 +122,7 @@ async def run_experiment(
         mode="assisted",
         hits=hits,
         concurrency=settings.concurrency,
-        on_result=ticker("assisted exam", len(examine)),
+        on_result=counter(progress, "assisted exam", len(examine)),
     )
     spent("assisted", started)
 
@@ -209,14 +211,6 @@ async def compare_assistants(
     hits = retrieve(memory, examine, general.student_id, settings.task, settings.k, settings.threshold)
     results: dict[str, list[dict[str, Any]]] = {}
     for name, roles in (("general", general), ("trained", trained)):
-        done = 0
-
-        def tick(_: dict[str, Any], phase: str = f"{name} assistant") -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(phase, done, len(examine))
-
         results[name] = await run_exam(
             examine,
             roles,
@@ -225,7 +219,7 @@ async def compare_assistants(
             mode="assisted",
             hits=hits,
             concurrency=settings.concurrency,
-            on_result=tick,
+            on_result=counter(progress, f"{name} assistant", len(examine)),
         )
     results["retrieval_only"] = retrieval_only(examine, hits)
     return {
