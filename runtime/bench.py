@@ -102,7 +102,6 @@ async def pipeline_rate(
 
     async def one_pass(name: str, width: int) -> dict[str, Any]:
         stats_before = dict(getattr(roles.student, "stats", {}))
-        batches_before = getattr(roles.student, "batches_run", 0)
         run = RunDir(workdir / name, {"bench": name})
         memory = MistakeMemory(path=workdir / name / "memory")
         try:
@@ -124,14 +123,17 @@ async def pipeline_rate(
             "answers": answers,
         }
         stats = getattr(roles.student, "stats", None)
-        if stats is not None:  # the local backend's profile: batch sizes and how much decode work was kept
+        if stats is not None:  # the local backend's profile: how full the batches were and where time went
             delta = {k: stats[k] - stats_before.get(k, 0) for k in stats}
-            batches = roles.student.batches_run - batches_before  # type: ignore[attr-defined]
+            model_s, prefills = delta["prefill_s"] + delta["decode_s"], delta["forwards"] - delta["decode_steps"]
             result["profile"] = {
-                "generate_calls": batches,
-                "mean_batch_rows": round(delta["rows"] / max(batches, 1), 2),
-                "decode_slots_used": round(delta["useful_tokens"] / max(delta["slot_tokens"], 1), 3),
-                "share_of_time_in_generate": round(delta["generate_s"] / elapsed, 3),
+                "decode_steps": int(delta["decode_steps"]),
+                "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
+                "prefills": int(prefills),
+                "mean_rows_per_prefill": round(delta["prefill_rows"] / max(prefills, 1), 2),
+                "prefill_tokens": int(delta["prefill_tokens"]),
+                "prefill_share_of_model_time": round(delta["prefill_s"] / max(model_s, 1e-9), 3),
+                "share_of_time_in_model": round(model_s / elapsed, 3),
             }
         if on_step is not None:
             on_step(

@@ -1,8 +1,9 @@
-"""The local backend: a Hugging Face model in this process, with concurrent requests micro-batched.
+"""The local backend: a Hugging Face model in this process, with concurrent requests continuously batched.
 
 Callers ``await generate(...)`` one conversation at a time, from as many tasks as they like. A single worker
-drains the queue: requests that arrive close together and share settings and adapter run as one left-padded
-``generate`` in a worker thread, so the event loop stays free while the model works.
+owns the model: between decode steps it admits the requests that arrived (one prefill for all of them), and a
+reply is answered the step it finishes, so episodes waiting on each other's turns keep the batch full. The
+model runs in a worker thread, so the event loop stays free while it works.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.continuous import ContinuousBatch, Row, check_supported, new_stats
 from runtime.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,6 @@ class _Request:
     options: Sequence[str] = ()
     enqueued: float = field(default_factory=time.perf_counter)
 
-    @property
-    def group(self) -> tuple[Any, ...]:
-        # Lengths may differ within a batch: it runs to the longest limit and each reply is cut to its own.
-        return (self.kind, replace(self.settings, max_new_tokens=0), self.adapter)
 
 
 class LocalBackend(Backend):
@@ -97,16 +95,17 @@ class LocalBackend(Backend):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
         model_obj.eval()
+        check_supported(model_obj)
         self.adapters: dict[str, str] = {}
         for name, adapter_path in (adapters or {}).items():
             model_obj = self._attach_adapter(model_obj, name, Path(adapter_path))
         self.model = model_obj
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.batches_run = 0  # for benchmarks: how well requests were grouped
-        # Where decode time goes: a batch runs every row for as many steps as its longest reply, so
-        # useful_tokens / slot_tokens is the share of decode work that produced a kept token.
-        self.stats = {"rows": 0, "useful_tokens": 0, "slot_tokens": 0, "generate_s": 0.0}
+        self._batches: dict[str | None, ContinuousBatch] = {}  # one running batch per adapter
+        self._eos_ids = _eos_ids(model_obj.generation_config, self.tokenizer)
+        # For benchmarks: forward passes, decode steps, rows per step, prefill vs decode time.
+        self.stats: dict[str, float] = new_stats()
 
     # ---- adapters -------------------------------------------------------------------------------------------
 
@@ -179,39 +178,65 @@ class LocalBackend(Backend):
     async def _drain(self) -> None:
         assert self._queue is not None
         queue = self._queue
-        held: list[_Request] = []  # requests of another group, kept for the next batch
+        self._batches = {}  # rows of a previous event loop cannot be answered any more
+        waiting: list[_Request] = []  # generate requests not yet admitted to a running batch
         while True:
-            first = held.pop(0) if held else await queue.get()
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_wait_s
-            # Take the held ones of the same group, then wait briefly for more to arrive.
-            for request in list(held):
-                if len(batch) < self.max_batch_size and request.group == first.group:
-                    batch.append(request)
-                    held.remove(request)
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.perf_counter()
+            arrived = []
+            if not waiting and not any(self._batches.values()):
+                arrived.append(await queue.get())
+                await asyncio.sleep(self.batch_wait_s)  # let a burst of requests meet in one prefill
+            while not queue.empty():
+                arrived.append(queue.get_nowait())
+            await self._run_forward_batches([r for r in arrived if r.kind != "generate"])
+            waiting = [r for r in waiting + arrived if r.kind == "generate" and not r.future.cancelled()]
+            for adapter in {r.adapter for r in waiting} | {a for a, b in self._batches.items() if b}:
+                batch = self._batches.get(adapter)
+                if batch is None:
+                    batch = ContinuousBatch(self.model, self.tokenizer, self._eos_ids, self.stats)
+                    self._batches[adapter] = batch
+                batch.cancel(lambda row: row.tag.future.cancelled())
+                room = self.max_batch_size - len(batch)
+                admit = [r for r in waiting if r.adapter == adapter][: max(room, 0)]
+                waiting = [r for r in waiting if r not in admit]
+                await self._advance(adapter, batch, admit)
+
+    async def _advance(self, adapter: str | None, batch: ContinuousBatch, admit: list[_Request]) -> None:
+        rows = [self._row(r) for r in admit]
+        try:
+            finished = await asyncio.to_thread(self._in_adapter, adapter, batch.advance, rows)
+        except Exception as exc:  # a failed step fails its rows, not the worker
+            log.exception("local decoding of %d rows failed", len(batch) + len(rows))
+            for row in [*batch.rows, *rows]:
+                if not row.tag.future.done():
+                    row.tag.future.set_exception(BackendError(f"local generation failed: {exc}"))
+            self._batches.pop(adapter, None)
+            return
+        now = time.perf_counter()
+        for row in finished:
+            if not row.tag.future.done():
+                row.tag.future.set_result(self._generation(row, now))
+
+    async def _run_forward_batches(self, requests: list[_Request]) -> None:
+        """Scoring and prompt log-prob requests: one forward per (kind, adapter) group, no decoding."""
+        groups: dict[tuple[str, str | None], list[_Request]] = {}
+        for request in requests:
+            if not request.future.cancelled():
+                groups.setdefault((request.kind, request.adapter), []).append(request)
+        for (kind, adapter), group in groups.items():
+            for start in range(0, len(group), self.max_batch_size):
+                chunk = group[start : start + self.max_batch_size]
+                work = self._score_batch if kind == "score" else self._prompt_batch
                 try:
-                    request = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
-                (batch if request.group == first.group else held).append(request)
-            batch = [r for r in batch if not r.future.cancelled()]
-            if not batch:
-                continue
-            try:
-                work = {"generate": self._generate_batch, "score": self._score_batch, "prompt": self._prompt_batch}
-                results: list[Any] = await asyncio.to_thread(work[first.kind], batch)
-            except Exception as exc:  # one bad batch fails its callers, not the worker
-                log.exception("local batch of %d failed", len(batch))
-                for request in batch:
+                    results = await asyncio.to_thread(self._in_adapter, adapter, work, chunk)
+                except Exception as exc:
+                    log.exception("local batch of %d failed", len(chunk))
+                    for request in chunk:
+                        if not request.future.done():
+                            request.future.set_exception(BackendError(f"local scoring failed: {exc}"))
+                    continue
+                for request, result in zip(chunk, results, strict=True):
                     if not request.future.done():
-                        request.future.set_exception(BackendError(f"local generation failed: {exc}"))
-                continue
-            self.batches_run += 1
-            for request, result in zip(batch, results, strict=True):
-                if not request.future.done():
-                    request.future.set_result(result)
+                        request.future.set_result(result)
 
     # ---- model work (runs in a worker thread) ---------------------------------------------------------------
 
@@ -231,54 +256,33 @@ class LocalBackend(Backend):
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
 
-    def _generate_batch(self, batch: Sequence[_Request]) -> list[Generation]:
+    def _in_adapter(self, adapter: str | None, work: Any, *args: Any) -> Any:
         import torch
 
-        settings, adapter = batch[0].settings, batch[0].adapter
-        max_new_tokens = max(r.settings.max_new_tokens for r in batch)
-        inputs = self.tokenizer(
-            self._prompt_texts(batch), return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if settings.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-        if settings.ignore_eos:
-            kwargs["min_new_tokens"] = max_new_tokens
-        if settings.stop:
-            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
-        started = time.perf_counter()
         with torch.inference_mode(), self._adapter_context(adapter):
-            output = self.model.generate(**inputs, **kwargs)
-        finished = time.perf_counter()
-        prompt_len = inputs["input_ids"].shape[1]
-        eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
-        results = []
-        for row, request in enumerate(batch):
-            new_tokens = output[row, prompt_len:][: request.settings.max_new_tokens].tolist()
-            length, finish = len(new_tokens), "length"
-            for i, token in enumerate(new_tokens):
-                if token in eos_ids:
-                    length, finish = i + 1, "stop"
-                    break
-            text = self.tokenizer.decode(new_tokens[:length], skip_special_tokens=True)
-            for stop in settings.stop:
-                if stop in text:
-                    text, finish = text[: text.index(stop)], "stop"
-            usage = Usage(int(inputs["attention_mask"][row].sum()), length)
-            results.append(Generation(text.strip(), usage, finished - request.enqueued, finish))
-        steps = output.shape[1] - prompt_len
-        self.stats["rows"] += len(batch)
-        self.stats["useful_tokens"] += sum(r.usage.completion_tokens for r in results)
-        self.stats["slot_tokens"] += steps * len(batch)
-        self.stats["generate_s"] += finished - started
-        return results
+            return work(*args)
+
+    def _row(self, request: _Request) -> Row:
+        prompt = self._prompt_texts([request])[0]
+        s = request.settings
+        return Row(
+            prompt_ids=self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos,
+            tag=request,
+        )
+
+    def _generation(self, row: Row, now: float) -> Generation:
+        text, finish = self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.finish or "length"
+        for stop in row.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        usage = Usage(len(row.prompt_ids), len(row.tokens))
+        return Generation(text.strip(), usage, now - row.tag.enqueued, finish)
 
     def _score_batch(self, batch: Sequence[_Request]) -> list[list[float]]:
         import torch

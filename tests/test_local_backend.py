@@ -59,26 +59,57 @@ async def one_at_a_time(backend: LocalBackend, prompts: list[str], settings: Gen
     return [await backend.generate(chat(p), settings, adapter) for p in prompts]
 
 
-async def test_concurrent_calls_batch_and_match_one_at_a_time(backend: LocalBackend) -> None:
-    before = backend.batches_run
-    alone = await one_at_a_time(backend, PROMPTS, GREEDY)
-    assert backend.batches_run - before == len(PROMPTS)
+def counters(backend: LocalBackend) -> dict[str, float]:
+    return dict(backend.stats)
 
-    before = backend.batches_run
+
+def delta(backend: LocalBackend, before: dict[str, float]) -> dict[str, float]:
+    return {k: backend.stats[k] - before[k] for k in before}
+
+
+async def test_concurrent_calls_batch_and_match_one_at_a_time(backend: LocalBackend) -> None:
+    before = counters(backend)
+    alone = await one_at_a_time(backend, PROMPTS, GREEDY)
+    serial = delta(backend, before)
+    assert serial["forwards"] == sum(g.usage.completion_tokens for g in alone)  # one prefill + a step per token
+
+    before = counters(backend)
     together = await asyncio.gather(*(backend.generate(chat(p), GREEDY) for p in PROMPTS))
-    assert backend.batches_run - before == 1  # all eight met in one left-padded generate
+    shared = delta(backend, before)
+    assert shared["prefill_rows"] == len(PROMPTS) and shared["forwards"] - shared["decode_steps"] == 1  # one prefill
+    assert shared["forwards"] == max(g.usage.completion_tokens for g in together)  # steps shared by all rows
 
     assert [g.text for g in together] == [g.text for g in alone]
     assert [g.usage for g in together] == [g.usage for g in alone]
     assert len({g.text for g in alone}) > 1  # the prompts really lead to different replies
 
 
-async def test_max_batch_size_splits_batches(tiny_model: Path) -> None:
+async def test_max_batch_size_caps_the_rows_decoded_together(tiny_model: Path) -> None:
     small = LocalBackend(tiny_model, device="cpu", dtype="float32", max_batch_size=3)
-    results = await asyncio.gather(*(small.generate(chat(p), GREEDY) for p in PROMPTS))
-    assert len(results) == len(PROMPTS)
-    assert small.batches_run == 3  # 3 + 3 + 2
+    settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
+    results = await asyncio.gather(*(small.generate(chat(p), settings) for p in PROMPTS))
+    assert [g.usage.completion_tokens for g in results] == [10] * len(PROMPTS)
+    assert small.stats["forwards"] - small.stats["decode_steps"] == 3  # admitted 3 + 3 + 2
+    assert small.stats["decode_steps"] == 3 * 9 and small.stats["slot_tokens"] == len(PROMPTS) * 9
     await small.aclose()
+
+
+async def test_a_request_joins_a_running_batch_and_finished_rows_leave(backend: LocalBackend) -> None:
+    long = GenerationSettings(max_new_tokens=24, ignore_eos=True)
+    short = GenerationSettings(max_new_tokens=4, ignore_eos=True)
+    alone_long = [await backend.generate(chat(p), long) for p in PROMPTS[:3]]
+    alone_late = await backend.generate(chat(PROMPTS[5]), short)
+
+    before = counters(backend)
+    running = [asyncio.create_task(backend.generate(chat(p), long)) for p in PROMPTS[:3]]
+    while backend.stats["decode_steps"] - before["decode_steps"] < 5:  # noqa: ASYNC110 - a counter, not an event
+        await asyncio.sleep(0.001)  # the batch is mid-reply once five steps ran
+    late = await backend.generate(chat(PROMPTS[5]), short)
+    assert not all(t.done() for t in running)  # answered while the long replies still decode
+    together = await asyncio.gather(*running)
+    shared = delta(backend, before)
+    assert shared["prefill_rows"] == 4 and shared["decode_steps"] == 23  # the late row rode along, no extra steps
+    assert [g.text for g in together] == [g.text for g in alone_long] and late.text == alone_late.text
 
 
 async def test_usage_counts_prompt_and_reply_tokens(backend: LocalBackend) -> None:
@@ -113,29 +144,35 @@ async def test_ignore_eos_overrides_a_model_that_always_stops(tiny_model: Path) 
     await stopper.aclose()
 
 
-async def test_lengths_share_a_batch_and_each_reply_keeps_its_own_limit(backend: LocalBackend) -> None:
+async def test_mixed_settings_share_a_batch_and_each_row_keeps_its_own(backend: LocalBackend) -> None:
     short = GenerationSettings(max_new_tokens=3, ignore_eos=True)
-    long = GenerationSettings(max_new_tokens=8, ignore_eos=True)
-    plan = [(p, short if i % 2 else long) for i, p in enumerate(PROMPTS)]
+    long = GenerationSettings(max_new_tokens=8)
+    sampled = GenerationSettings(max_new_tokens=8, temperature=0.9, seed=11, ignore_eos=True)
+    plan = [(p, (short, long, sampled)[i % 3]) for i, p in enumerate(PROMPTS)]
     alone = [await backend.generate(chat(p), s) for p, s in plan]
 
-    before = backend.batches_run
+    before = counters(backend)
     together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
-    assert backend.batches_run - before == 1  # greedy decoding to the longest limit, cut per reply
-    assert [g.usage.completion_tokens for g in together] == [s.max_new_tokens for _, s in plan]
-    assert [g.text for g in together] == [g.text for g in alone]
+    shared = delta(backend, before)
+    assert shared["forwards"] - shared["decode_steps"] == 1  # one prefill for every setting
+    assert [g.text for g in together] == [g.text for g in alone]  # sampled rows too: each has its own seeded RNG
+    assert [g.usage.completion_tokens for g in together][0::3] == [3, 3, 3]
 
 
-async def test_different_decoding_settings_in_flight_are_not_mixed(backend: LocalBackend) -> None:
-    plain = GenerationSettings(max_new_tokens=4, ignore_eos=True)
-    eos_stops = GenerationSettings(max_new_tokens=4)
-    plan = [(p, plain if i % 2 else eos_stops) for i, p in enumerate(PROMPTS)]
-    alone = [await backend.generate(chat(p), s) for p, s in plan]
+async def test_sampling_follows_the_seed(backend: LocalBackend) -> None:
+    def seeded(seed: int) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
 
-    before = backend.batches_run
-    together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
-    assert backend.batches_run - before == 2  # one batch per decoding group
-    assert [g.text for g in together] == [g.text for g in alone]
+    a, b, c = await asyncio.gather(*(backend.generate(chat("red"), seeded(s)) for s in (1, 1, 2)))
+    assert a.text == b.text != c.text
+
+
+async def test_stop_strings_end_a_reply(backend: LocalBackend) -> None:
+    free = await backend.generate(chat(PROMPTS[2]), GenerationSettings(max_new_tokens=16, ignore_eos=True))
+    stop = free.text.split()[1] if len(free.text.split()) > 1 else free.text[:2]
+    cut = await backend.generate(chat(PROMPTS[2]), GenerationSettings(max_new_tokens=16, stop=(stop,)))
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert free.text.startswith(cut.text) and cut.usage.completion_tokens < 16
 
 
 def test_backend_serves_successive_event_loops(backend: LocalBackend) -> None:
