@@ -20,6 +20,7 @@ def make_backend(config: BackendConfig) -> Backend:
             dtype=config.dtype,
             max_batch_size=config.max_batch_size,
             batch_wait_ms=config.batch_wait_ms,
+            prefix_cache_mb=config.prefix_cache_mb,
         )
     from runtime.openai_backend import OpenAIBackend
 

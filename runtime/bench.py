@@ -101,6 +101,9 @@ async def pipeline_rate(
     from memory.store import MistakeMemory
 
     async def one_pass(name: str, width: int) -> dict[str, Any]:
+        for backend in {id(roles.student): roles.student, id(roles.assistant): roles.assistant}.values():
+            if hasattr(backend, "clear_prefix_cache"):  # neither pass may start from the other's prompts
+                backend.clear_prefix_cache()
         stats_before = dict(getattr(roles.student, "stats", {}))
         run = RunDir(workdir / name, {"bench": name})
         memory = MistakeMemory(path=workdir / name / "memory")

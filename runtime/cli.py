@@ -1130,6 +1130,7 @@ def bench_pipeline(
     model: Model = None,
     base_url: BaseUrl = None,
     data_dir: DataDir = None,
+    config: Config = None,
     json_out: JsonOut = False,
 ) -> None:
     """The same gather + examine, one example at a time vs concurrently, in one process (no response cache)."""
@@ -1139,7 +1140,7 @@ def bench_pipeline(
 
     _, gather_set = _examples(task, None, "choice", "gather", n, data_dir)
     _, examine_set = _examples(task, None, "choice", "examine", n, data_dir)
-    roles = _roles(None, backend, model, base_url, None, None, None, no_cache=True)
+    roles = _roles(config, backend, model, base_url, None, None, None, no_cache=True)
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         result = asyncio.run(
             pipeline_rate(

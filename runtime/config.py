@@ -32,9 +32,10 @@ class BackendConfig(BaseModel):
     tokenizer: str | None = Field(None, description="openai: local tokenizer folder, enables option scoring")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters by name -> folder (local)")
     device: str = "auto"
-    dtype: str = Field("auto", description="auto: bf16 where the hardware has it, else fp32")
+    dtype: str = Field("auto", description="auto: bf16 on a GPU that has it, else fp32 (faster on CPU, batch-exact)")
     max_batch_size: int = Field(32, ge=1, description="local: most requests in one generate")
     batch_wait_ms: float = Field(5.0, ge=0, description="local: how long a batch waits for more requests")
+    prefix_cache_mb: int = Field(1024, ge=0, description="local: memory for reusable prompt prefixes; 0 = off")
     max_concurrency: int = Field(16, ge=1, description="openai: most HTTP requests in flight")
 
     def to_dict(self) -> dict[str, Any]:

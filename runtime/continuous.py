@@ -13,10 +13,12 @@ than half the speed of a static ``generate`` on the same prompts, so this keeps 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,10 +47,15 @@ class Row:
         return len(self.prompt_ids) + len(self.tokens) - 1
 
 
+# Shorter shared prefixes are not worth a cache copy.
+MIN_REUSED_PREFIX = 8
+
+
 def new_stats() -> dict[str, float]:
-    """Counters of the model work: forwards, decode steps, rows decoded (slot_tokens), prefill and decode time."""
-    return {"forwards": 0, "decode_steps": 0, "slot_tokens": 0, "useful_tokens": 0, "prefill_rows": 0,
-            "prefill_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+    """Counters of the model work: forward passes (a prefill per row, then one per decode step), admissions (new
+    rows merged into the running batch), rows decoded (slot_tokens), prompt tokens computed and reused, times."""
+    return {"forwards": 0, "admissions": 0, "decode_steps": 0, "slot_tokens": 0, "useful_tokens": 0, "prefill_rows": 0,
+            "prefill_tokens": 0, "reused_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
 
 
 def check_supported(model: Any) -> None:
@@ -65,11 +72,79 @@ def check_supported(model: Any) -> None:
         )
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values one token occupies in the cache, over all layers."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * element
+
+
+class PrefixStore:
+    """KV states of recent sequences (prompts, and prompts + replies) by token ids, least recently used first out.
+
+    A new prompt starts from the longest common token prefix with any stored sequence, so a role's system prompt,
+    or an earlier turn of the same conversation, is computed once. Positions are absolute from the first token, so
+    a stored prefix is valid for every sequence that begins with it.
+    """
+
+    def __init__(self, budget_tokens: int) -> None:
+        self.budget_tokens = budget_tokens
+        self._entries: OrderedDict[int, tuple[np.ndarray, list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self._next = 0
+        self.tokens = 0
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.tokens = 0
+
+    def longest(self, ids: Sequence[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """Length of the longest stored prefix of ``ids`` and that entry's keys and values per layer."""
+        query = np.asarray(ids)
+        best, best_key = 0, None
+        for key, (stored, _, _) in self._entries.items():
+            n = min(len(stored), len(query))
+            differs = np.flatnonzero(stored[:n] != query[:n])
+            common = int(differs[0]) if differs.size else n
+            if common > best:
+                best, best_key = common, key
+        if best_key is None:
+            return 0, [], []
+        self._entries.move_to_end(best_key)
+        _, keys, values = self._entries[best_key]
+        return best, keys, values
+
+    def put(self, ids: Sequence[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Store one sequence's per-layer keys and values (``[heads, tokens, dim]``, owned by the store)."""
+        if len(ids) > self.budget_tokens:
+            return
+        stored = np.asarray(ids)
+        for key, (other, _, _) in list(self._entries.items()):  # a stored prefix of this sequence is redundant
+            if len(other) <= len(stored) and np.array_equal(other, stored[: len(other)]):
+                self.tokens -= len(other)
+                del self._entries[key]
+        self._entries[self._next] = (stored, keys, values)
+        self._next += 1
+        self.tokens += len(stored)
+        while self.tokens > self.budget_tokens:
+            _, (evicted, _, _) = self._entries.popitem(last=False)
+            self.tokens -= len(evicted)
+
+
 class ContinuousBatch:
     """The active rows of one model (and adapter) and their shared KV cache. Not thread-safe: one caller."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], stats: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_ids: set[int],
+        stats: dict[str, float] | None = None,
+        prefix_tokens: int = 0,
+    ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, sorted(eos_ids)
+        self.prefixes = PrefixStore(prefix_tokens) if prefix_tokens > 0 else None
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -97,29 +172,49 @@ class ContinuousBatch:
     # ---- model work -----------------------------------------------------------------------------------------
 
     def _admit(self, rows: Sequence[Row]) -> None:
-        from transformers import DynamicCache
-
+        # One forward per row: on CPU prefill is compute-bound (batching prompts gains nothing), and alone each row
+        # can start from its own cached prefix. The new rows join the running cache in one merge.
         started = time.perf_counter()
-        width = max(len(r.prompt_ids) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        caches, logits = [], []
         for row in rows:
+            cache, row_logits = self._prefill(row)
+            caches.append(cache)
+            logits.append(row_logits)
             if row.seed is not None and row.temperature > 0:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
-        self._merge(out.past_key_values, mask)
+        self._merge(caches, [len(r.prompt_ids) for r in rows])
         self.rows.extend(rows)
-        self._append(rows, self._pick(out.logits[:, -1], rows))
-        self.stats["forwards"] += 1
+        self._append(rows, self._pick(torch.cat(logits), rows))
+        self.stats["admissions"] += 1
         self.stats["prefill_rows"] += len(rows)
-        self.stats["prefill_tokens"] += int(mask.sum())
         self.stats["prefill_s"] += time.perf_counter() - started
+
+    def _prefill(self, row: Row) -> tuple[Any, torch.Tensor]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        reused = 0
+        if self.prefixes is not None:
+            reused, keys, values = self.prefixes.longest(row.prompt_ids)
+            reused = min(reused, len(row.prompt_ids) - 1)  # the last prompt token must run: its logits are needed
+            if reused < MIN_REUSED_PREFIX:
+                reused = 0
+            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+                if reused:
+                    cache.update(k[None, :, :reused], v[None, :, :reused], layer)
+        suffix = row.prompt_ids[reused:]
+        ids = torch.tensor([suffix], device=self.device)
+        positions = torch.arange(reused, len(row.prompt_ids), device=self.device)[None]
+        mask = torch.ones((1, len(row.prompt_ids)), dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        if self.prefixes is not None:
+            self.prefixes.put(row.prompt_ids, [layer.keys[0] for layer in cache.layers],
+                              [layer.values[0] for layer in cache.layers])
+        self.stats["forwards"] += 1
+        self.stats["prefill_tokens"] += len(suffix)
+        self.stats["reused_tokens"] += reused
+        return out.past_key_values, out.logits[:, -1]
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -162,21 +257,26 @@ class ContinuousBatch:
 
     # ---- cache bookkeeping ----------------------------------------------------------------------------------
 
-    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
-        if not self.rows:
-            self.cache, self.mask = cache, mask
-            return
-        assert self.mask is not None
-        width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, 2), _left_pad(theirs.values, width, 2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+    def _merge(self, caches: Sequence[Any], lengths: Sequence[int]) -> None:
+        """Left-pad the running cache and the new rows' caches to one length and stack them."""
+        parts = [] if self.cache is None else [self.cache]
+        masks = [] if self.mask is None else [self.mask]
+        masks += [torch.ones((1, n), dtype=torch.long, device=self.device) for n in lengths]
+        width = max(m.shape[1] for m in masks)
+        self.mask = torch.cat([_left_pad(m, width, 1) for m in masks])
+        parts += caches
+        merged = parts[0]
+        for i, layer in enumerate(merged.layers):
+            layer.keys = torch.cat([_left_pad(p.layers[i].keys, width, 2) for p in parts])
+            layer.values = torch.cat([_left_pad(p.layers[i].values, width, 2) for p in parts])
+        self.cache = merged
 
     def _drop_finished(self) -> list[Row]:
         finished = [r for r in self.rows if r.finish is not None]
         if not finished:
             return []
+        if self.prefixes is not None:
+            self._remember(finished)
         keep = [i for i, r in enumerate(self.rows) if r.finish is None]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
@@ -191,6 +291,23 @@ class ContinuousBatch:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
         return finished
+
+
+    def _remember(self, finished: Sequence[Row]) -> None:
+        """Store prompt + reply of finished rows: the conversation's next turn usually starts with them."""
+        assert self.prefixes is not None and self.mask is not None
+        width = self.mask.shape[1]
+        for row in finished:
+            if row.finish == "cancelled":
+                continue
+            i = self.rows.index(row)
+            n = len(row.prompt_ids) + len(row.tokens) - 1  # the last token was sampled, never fed
+            n = min(n, width)
+            self.prefixes.put(
+                [*row.prompt_ids, *row.tokens][:n],
+                [layer.keys[i, :, width - n :].clone() for layer in self.cache.layers],
+                [layer.values[i, :, width - n :].clone() for layer in self.cache.layers],
+            )
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

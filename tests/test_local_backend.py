@@ -76,8 +76,8 @@ async def test_concurrent_calls_batch_and_match_one_at_a_time(backend: LocalBack
     before = counters(backend)
     together = await asyncio.gather(*(backend.generate(chat(p), GREEDY) for p in PROMPTS))
     shared = delta(backend, before)
-    assert shared["prefill_rows"] == len(PROMPTS) and shared["forwards"] - shared["decode_steps"] == 1  # one prefill
-    assert shared["forwards"] == max(g.usage.completion_tokens for g in together)  # steps shared by all rows
+    assert shared["prefill_rows"] == len(PROMPTS) and shared["admissions"] == 1  # all joined at once
+    assert shared["decode_steps"] == max(g.usage.completion_tokens for g in together) - 1  # steps shared by all rows
 
     assert [g.text for g in together] == [g.text for g in alone]
     assert [g.usage for g in together] == [g.usage for g in alone]
@@ -89,7 +89,7 @@ async def test_max_batch_size_caps_the_rows_decoded_together(tiny_model: Path) -
     settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
     results = await asyncio.gather(*(small.generate(chat(p), settings) for p in PROMPTS))
     assert [g.usage.completion_tokens for g in results] == [10] * len(PROMPTS)
-    assert small.stats["forwards"] - small.stats["decode_steps"] == 3  # admitted 3 + 3 + 2
+    assert small.stats["admissions"] == 3  # 3 + 3 + 2
     assert small.stats["decode_steps"] == 3 * 9 and small.stats["slot_tokens"] == len(PROMPTS) * 9
     await small.aclose()
 
@@ -154,7 +154,7 @@ async def test_mixed_settings_share_a_batch_and_each_row_keeps_its_own(backend: 
     before = counters(backend)
     together = await asyncio.gather(*(backend.generate(chat(p), s) for p, s in plan))
     shared = delta(backend, before)
-    assert shared["forwards"] - shared["decode_steps"] == 1  # one prefill for every setting
+    assert shared["admissions"] == 1  # every setting in one batch
     assert [g.text for g in together] == [g.text for g in alone]  # sampled rows too: each has its own seeded RNG
     assert [g.usage.completion_tokens for g in together][0::3] == [3, 3, 3]
 
@@ -173,6 +173,32 @@ async def test_stop_strings_end_a_reply(backend: LocalBackend) -> None:
     cut = await backend.generate(chat(PROMPTS[2]), GenerationSettings(max_new_tokens=16, stop=(stop,)))
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert free.text.startswith(cut.text) and cut.usage.completion_tokens < 16
+
+
+async def test_shared_prefixes_are_computed_once_and_change_no_reply(tiny_model: Path, backend: LocalBackend) -> None:
+    plain = LocalBackend(tiny_model, device="cpu", dtype="float32", prefix_cache_mb=0)
+    first_turn = [await plain.generate(chat(p), GREEDY) for p in PROMPTS[:3]]
+    follow_ups = [
+        [*chat(p), {"role": "assistant", "content": g.text}, {"role": "user", "content": "Are you sure?"}]
+        for p, g in zip(PROMPTS[:3], first_turn, strict=True)
+    ]
+    expected = [await plain.generate(m, GREEDY) for m in follow_ups]
+    assert plain.stats["reused_tokens"] == 0
+    await plain.aclose()
+
+    cached = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    before = counters(cached)
+    again = [await cached.generate(chat(p), GREEDY) for p in PROMPTS[:3]]
+    system_only = delta(cached, before)["reused_tokens"]
+    assert system_only > 0  # the second and third prompt reuse the system prompt of the first
+    before = counters(cached)
+    follow = [await cached.generate(m, GREEDY) for m in follow_ups]
+    turns = delta(cached, before)
+    assert turns["reused_tokens"] > turns["prefill_tokens"]  # a follow-up turn mostly starts from the cache
+    assert [g.text for g in again] == [g.text for g in first_turn] and [g.text for g in follow] == [
+        g.text for g in expected
+    ]
+    await cached.aclose()
 
 
 def test_backend_serves_successive_event_loops(backend: LocalBackend) -> None:
@@ -280,3 +306,23 @@ def test_describe_names_the_model(backend: LocalBackend, tiny_model: Path) -> No
     assert described["model_id"] == "tiny-llama"
     assert described["path"] == str(tiny_model)
     assert described["dtype"] == "float32"
+
+
+def test_prefix_store_finds_the_longest_common_prefix_and_keeps_its_budget() -> None:
+    from runtime.continuous import PrefixStore
+
+    def kv(n: int) -> list[torch.Tensor]:
+        return [torch.arange(n, dtype=torch.float32).reshape(1, n, 1)]
+
+    store = PrefixStore(budget_tokens=10)
+    store.put([1, 2, 3], kv(3), kv(3))
+    store.put([1, 2, 3, 4, 5], kv(5), kv(5))  # the stored [1, 2, 3] is now redundant
+    assert store.tokens == 5
+    n, keys, _ = store.longest([1, 2, 3, 9])
+    assert n == 3 and keys[0].shape == (1, 5, 1)  # the caller takes the first n positions
+    assert store.longest([7, 1, 2])[0] == 0
+    store.put([6, 6, 6, 6], kv(4), kv(4))
+    store.put([8, 8, 8], kv(3), kv(3))  # 12 tokens > 10: the least recently used entry goes
+    assert store.tokens == 7 and store.longest([1, 2])[0] == 0 and store.longest([8, 8])[0] == 2
+    store.put(list(range(11)), kv(11), kv(11))  # larger than the whole budget: not stored
+    assert store.tokens == 7
