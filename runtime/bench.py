@@ -135,7 +135,9 @@ async def pipeline_rate(
                 "prefills": int(prefills),
                 "mean_rows_per_prefill": round(delta["prefill_rows"] / max(prefills, 1), 2),
                 "prefill_tokens": int(delta["prefill_tokens"]),
+                "reused_prefix_tokens": int(delta["reused_tokens"]),
                 "prefill_share_of_model_time": round(delta["prefill_s"] / max(model_s, 1e-9), 3),
+                "merge_share_of_model_time": round(delta["merge_s"] / max(model_s, 1e-9), 3),
                 "share_of_time_in_model": round(model_s / elapsed, 3),
             }
         if on_step is not None:

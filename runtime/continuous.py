@@ -55,7 +55,7 @@ def new_stats() -> dict[str, float]:
     """Counters of the model work: forward passes (a prefill per row, then one per decode step), admissions (new
     rows merged into the running batch), rows decoded (slot_tokens), prompt tokens computed and reused, times."""
     return {"forwards": 0, "admissions": 0, "decode_steps": 0, "slot_tokens": 0, "useful_tokens": 0, "prefill_rows": 0,
-            "prefill_tokens": 0, "reused_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+            "prefill_tokens": 0, "reused_tokens": 0, "prefill_s": 0.0, "merge_s": 0.0, "decode_s": 0.0}
 
 
 def check_supported(model: Any) -> None:
@@ -182,7 +182,9 @@ class ContinuousBatch:
             logits.append(row_logits)
             if row.seed is not None and row.temperature > 0:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
+        merging = time.perf_counter()
         self._merge(caches, [len(r.prompt_ids) for r in rows])
+        self.stats["merge_s"] += time.perf_counter() - merging
         self.rows.extend(rows)
         self._append(rows, self._pick(torch.cat(logits), rows))
         self.stats["admissions"] += 1

@@ -58,8 +58,8 @@ PROBLEMS = "problems.jsonl"  # one record per problem: its sampled paths, their 
 COT, CORRECTIONS = "cot.jsonl", "corrections.jsonl"  # the two TRL messages datasets
 COUNTS, REPORT = "counts.json", "report.md"
 
-# 0.8: diverse paths that still mostly stay on topic. Sample j uses seed + j: distinct within a problem, and the
-# same across problems, so the local backend batches the j-th samples of many problems into one generate.
+# 0.8: diverse paths that still mostly stay on topic. Sample j uses seed + j: distinct within a problem, and
+# reproducible, since the local backend gives every row its own seeded generator whatever it is batched with.
 SAMPLE_SETTINGS = GenerationSettings(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=0)
 # Greedy; 384: a GSM8K correction restates the steps from the wrong one on, rarely more than 250 tokens.
 CORRECTOR_SETTINGS = GenerationSettings(max_new_tokens=384)
