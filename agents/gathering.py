@@ -24,6 +24,7 @@ from memory.record import MistakeRecord
 from memory.store import MistakeMemory
 from runtime.rundir import RunDir, complete_pending
 from runtime.tasks import Example
+from runtime.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class MemoryWriter:
         while self.pending:  # records that arrive during an upsert go in the next one
             batch, self.pending = self.pending, []
             try:
-                await asyncio.to_thread(self.memory.upsert, [record for record, _ in batch])
+                await run_torch(self.memory.upsert, [record for record, _ in batch])
             except Exception as exc:  # every waiting episode fails, none is appended without its mistake
                 for _, future in batch:
                     future.set_exception(exc)

@@ -4,7 +4,6 @@ Whatever this adapter hands to an agent leaves out the gold answer: a small stud
 whatever it is shown, so it sees the past question, its wrong answer, the reason and the guideline, never the gold.
 """
 
-import asyncio
 import json
 from typing import Any
 
@@ -15,6 +14,7 @@ from autogen_core.models import SystemMessage, UserMessage
 
 from memory.record import MistakeRecord, make_record
 from memory.store import Hit, MistakeMemory
+from runtime.torch_thread import run_torch
 
 _HEADER = (
     "Mistakes made before on similar questions. Learn from why each answer was wrong and follow the guidelines; "
@@ -84,7 +84,7 @@ class MistakeMemoryAdapter(Memory):
         if not question.strip():
             return UpdateContextResult(memories=MemoryQueryResult(results=[]))
         # Embedding and search block for milliseconds to tens of ms; keep them off the event loop.
-        hits = await asyncio.to_thread(self._search, question)
+        hits = await run_torch(self._search, question)
         if hits:
             await model_context.add_message(SystemMessage(content=format_mistakes(hits)))
         return UpdateContextResult(memories=MemoryQueryResult(results=[_as_content(h) for h in hits]))
@@ -101,7 +101,7 @@ class MistakeMemoryAdapter(Memory):
         """
         if isinstance(query, MemoryContent):
             query = query.content["query"] if isinstance(query.content, dict) else str(query.content)
-        hits = await asyncio.to_thread(self._search, query)
+        hits = await run_torch(self._search, query)
         return MemoryQueryResult(results=[_as_content(h) for h in hits])
 
     async def add(self, content: MemoryContent, cancellation_token: CancellationToken | None = None) -> None:
@@ -113,14 +113,14 @@ class MistakeMemoryAdapter(Memory):
         if not isinstance(fields, dict):
             raise ValueError(f"a mistake must be a dict of MistakeRecord fields, not {type(fields).__name__}")
         record = MistakeRecord.model_validate(fields) if "id" in fields else make_record(**fields)
-        await asyncio.to_thread(self.store.upsert, [record])
+        await run_torch(self.store.upsert, [record])
 
     async def clear(self) -> None:
         """Delete the mistakes in this adapter's scope (its model_id/source), or all of them if it has none."""
         if self.model_id is None and self.source is None:
-            await asyncio.to_thread(self.store.clear)
+            await run_torch(self.store.clear)
         else:
-            await asyncio.to_thread(self.store.delete, model_id=self.model_id, source=self.source)
+            await run_torch(self.store.delete, model_id=self.model_id, source=self.source)
 
     async def close(self) -> None:
         """Nothing to release: the store belongs to whoever opened it."""

@@ -19,6 +19,7 @@ from typing import Any
 from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
 from runtime.errors import BackendError, ConfigError
+from runtime.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class LocalBackend(Backend):
     async def _advance(self, adapter: str | None, batch: ContinuousBatch, admit: list[_Request]) -> None:
         rows = [self._row(r) for r in admit]
         try:
-            finished = await asyncio.to_thread(self._in_adapter, adapter, batch.advance, rows)
+            finished = await run_torch(self._in_adapter, adapter, batch.advance, rows)
         except Exception as exc:  # a failed step fails its rows, not the worker
             log.exception("local decoding of %d rows failed", len(batch) + len(rows))
             for row in [*batch.rows, *rows]:
@@ -229,7 +230,7 @@ class LocalBackend(Backend):
                 chunk = group[start : start + self.max_batch_size]
                 work = self._score_batch if kind == "score" else self._prompt_batch
                 try:
-                    results = await asyncio.to_thread(self._in_adapter, adapter, work, chunk)
+                    results = await run_torch(self._in_adapter, adapter, work, chunk)
                 except Exception as exc:
                     log.exception("local batch of %d failed", len(chunk))
                     for request in chunk:
