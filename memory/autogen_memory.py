@@ -4,6 +4,7 @@ Whatever this adapter hands to an agent leaves out the gold answer: a small stud
 whatever it is shown, so it sees the past question, its wrong answer, the reason and the guideline, never the gold.
 """
 
+import asyncio
 import json
 from typing import Any
 
@@ -118,9 +119,9 @@ class MistakeMemoryAdapter(Memory):
     async def clear(self) -> None:
         """Delete the mistakes in this adapter's scope (its model_id/source), or all of them if it has none."""
         if self.model_id is None and self.source is None:
-            await run_torch(self.store.clear)
+            await asyncio.to_thread(self.store.clear)
         else:
-            await run_torch(self.store.delete, model_id=self.model_id, source=self.source)
+            await asyncio.to_thread(self.store.delete, model_id=self.model_id, source=self.source)
 
     async def close(self) -> None:
         """Nothing to release: the store belongs to whoever opened it."""
