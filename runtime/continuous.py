@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from runtime.errors import ConfigError
 
@@ -61,7 +62,6 @@ def new_stats() -> dict[str, float]:
 def check_supported(model: Any) -> None:
     """Refuse models whose cache is not a plain full-attention ``DynamicCache``: rows could not be merged."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     layers = DynamicCache(config=model.config).layers
     odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
@@ -268,9 +268,13 @@ class ContinuousBatch:
         self.mask = torch.cat([_left_pad(m, width, 1) for m in masks])
         parts += caches
         merged = parts[0]
-        for i, layer in enumerate(merged.layers):
-            layer.keys = torch.cat([_left_pad(p.layers[i].keys, width, 2) for p in parts])
-            layer.values = torch.cat([_left_pad(p.layers[i].values, width, 2) for p in parts])
+        merged.layers = [
+            GrowingLayer.holding(
+                torch.cat([_left_pad(p.layers[i].keys, width, 2) for p in parts]),
+                torch.cat([_left_pad(p.layers[i].values, width, 2) for p in parts]),
+            )
+            for i in range(len(merged.layers))
+        ]
         self.cache = merged
 
     def _drop_finished(self) -> list[Row]:
@@ -310,6 +314,40 @@ class ContinuousBatch:
                 [layer.keys[i, :, width - n :].clone() for layer in self.cache.layers],
                 [layer.values[i, :, width - n :].clone() for layer in self.cache.layers],
             )
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer with spare room at the end, so a decode step writes its column in place.
+
+    ``DynamicLayer.update`` concatenates, copying the whole cache every step: at 32 rows and 600 tokens that was a
+    third of the step (242 vs 160 ms). After a merge or a drop the batch holds fresh tensors, and the room is made
+    again on the next update.
+    """
+
+    ROOM = 128  # columns added per reallocation: one copy per 128 steps
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> GrowingLayer:
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return layer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        used, n = self.keys.shape[-2], key_states.shape[-2]
+        room: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_room", None)
+        if room is None or room[0].data_ptr() != self.keys.data_ptr() or used + n > room[0].shape[-2]:
+            shape = (*self.keys.shape[:-2], used + n + self.ROOM, self.keys.shape[-1])
+            room = (self.keys.new_empty(shape), self.values.new_empty(shape))
+            room[0][..., :used, :] = self.keys
+            room[1][..., :used, :] = self.values
+            self._room = room
+        room[0][..., used : used + n, :] = key_states
+        room[1][..., used : used + n, :] = value_states
+        self.keys, self.values = room[0][..., : used + n, :], room[1][..., : used + n, :]
+        return self.keys, self.values
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
