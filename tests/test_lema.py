@@ -293,3 +293,24 @@ async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> No
     assert len(rows(tmp_path / CORRECTIONS)) == counts["correction_rows"] == counts["kept"]
     assert len(run_dir(tmp_path).records(PROBLEMS)) == 1
     assert "# LEMA correction data" in (tmp_path / REPORT).read_text()
+
+
+def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> None:
+    from training.ablation import render_ablation
+    from training.sft_trainer import TrainResult
+
+    replies = ("The answer is (A).", "Incorrect Step: Step 1.\nExplanation: x\nCorrect Solution:\nThe answer is (B).")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": c}]} for c in replies]
+    mixed = tmp_path / "cot_plus_corrections.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def overall(accuracy: float, chance: float | None) -> dict:
+        return {"overall": {"n": 40, "accuracy": accuracy, "no_answer": 1, "chance": chance, "majority_gold": 0.325}}
+
+    trained = {"cot_plus_corrections": TrainResult(tmp_path, 0.85, 30, "sha", [1.2, 0.85])}
+    choice = render_ablation("arc", {"base": overall(0.225, 0.25), "cot_plus_corrections": overall(0.275, 0.25)},
+                             trained, {"cot_plus_corrections": mixed})
+    assert "| base | - | - | - | 40 | 0.225 | 1 | 0.250 | 0.325 |" in choice
+    assert "| cot_plus_corrections | 2 | 1 | 0.8500 | 40 | 0.275 | 1 | 0.250 | 0.325 |" in choice
+    numeric = render_ablation("gsm8k", {"base": overall(0.05, None)}, {}, {})
+    assert "| base | - | - | - | 40 | 0.050 | 1 | - | 0.325 |" in numeric

@@ -105,11 +105,11 @@ def render_ablation(task: str, figures: dict[str, Any], trained: dict[str, Train
         f"# LEMA ablation: {task}",
         "",
         "The student fine-tuned on CoT only and on CoT + corrections, with the same number of rows, and the base",
-        "model, on the same examine items. Controls: chance is not defined for numeric answers; *majority gold*",
-        "always answers the most common gold answer.",
+        "model, on the same examine items. Controls: *chance* is a uniform guess among the options (none for",
+        "numeric answers); *majority gold* always answers the most common gold answer.",
         "",
-        "| condition | rows | corrections | final loss | n | accuracy | no answer | majority gold |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| condition | rows | corrections | final loss | n | accuracy | no answer | chance | majority gold |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, f in figures.items():
         overall = f["overall"]
@@ -119,8 +119,9 @@ def render_ablation(task: str, figures: dict[str, Any], trained: dict[str, Train
             rows = str(len(data))
             corrections = str(sum("Incorrect Step" in r["messages"][-1]["content"] for r in data))
             loss = f"{trained[name].final_loss:.4f}"
+        chance = "-" if overall.get("chance") is None else f"{overall['chance']:.3f}"
         lines.append(
             f"| {name} | {rows} | {corrections} | {loss} | {overall['n']} | {overall['accuracy']:.3f} "
-            f"| {overall['no_answer']} | {overall['majority_gold']:.3f} |"
+            f"| {overall['no_answer']} | {chance} | {overall['majority_gold']:.3f} |"
         )
     return "\n".join(lines) + "\n"
