@@ -200,11 +200,17 @@ class LocalBackend(Backend):
                 batch.cancel(lambda row: row.tag.future.cancelled())
                 room = self.max_batch_size - len(batch)
                 admit = [r for r in waiting if r.adapter == adapter][: max(room, 0)]
-                waiting = [r for r in waiting if r not in admit]
+                admitted = {id(r) for r in admit}
+                waiting = [r for r in waiting if id(r) not in admitted]
                 await self._advance(adapter, batch, admit)
 
     async def _advance(self, adapter: str | None, batch: ContinuousBatch, admit: list[_Request]) -> None:
-        rows = [self._row(r) for r in admit]
+        rows = []
+        for request in admit:
+            try:
+                rows.append(self._row(request))
+            except Exception as exc:  # e.g. a chat template that refuses the messages: that caller's error only
+                request.future.set_exception(BackendError(f"local generation failed: {exc}"))
         try:
             finished = await run_torch(self._in_adapter, adapter, batch.advance, rows)
         except Exception as exc:  # a failed step fails its rows, not the worker

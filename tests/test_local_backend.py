@@ -326,3 +326,22 @@ def test_prefix_store_finds_the_longest_common_prefix_and_keeps_its_budget() -> 
     assert store.tokens == 7 and store.longest([1, 2])[0] == 0 and store.longest([8, 8])[0] == 2
     store.put(list(range(11)), kv(11), kv(11))  # larger than the whole budget: not stored
     assert store.tokens == 7
+
+
+async def test_an_untemplatable_request_fails_alone(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = LocalBackend(tiny_model, device="cpu", dtype="float32")
+    render = local.tokenizer.apply_chat_template
+
+    def picky(messages, **kwargs):
+        if any(m["content"] == "boom" for m in messages):
+            raise ValueError("template refused the messages")
+        return render(messages, **kwargs)
+
+    monkeypatch.setattr(local.tokenizer, "apply_chat_template", picky)
+    good, bad = await asyncio.gather(
+        local.generate(chat("red"), GREEDY), local.generate(chat("boom"), GREEDY), return_exceptions=True
+    )
+    assert isinstance(bad, BackendError) and "template refused" in str(bad)
+    assert not isinstance(good, BaseException) and good.usage.completion_tokens > 0
+    assert (await local.generate(chat("blue"), GREEDY)).usage.completion_tokens > 0  # the worker lives on
+    await local.aclose()
