@@ -269,10 +269,8 @@ class ContinuousBatch:
         parts += caches
         merged = parts[0]
         merged.layers = [
-            GrowingLayer.holding(
-                torch.cat([_left_pad(p.layers[i].keys, width, 2) for p in parts]),
-                torch.cat([_left_pad(p.layers[i].values, width, 2) for p in parts]),
-            )
+            GrowingLayer.holding(_stack_right([p.layers[i].keys for p in parts], width),
+                                 _stack_right([p.layers[i].values for p in parts], width), width)
             for i in range(len(merged.layers))
         ]
         self.cache = merged
@@ -293,9 +291,12 @@ class ContinuousBatch:
         mask = self.mask[index]
         start = int(mask.any(0).nonzero()[0])  # columns that are padding for every remaining row go
         self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        width = self.mask.shape[1]
+        self.cache.layers = [
+            GrowingLayer.holding(_stack_right([layer.keys[index, :, start:]], width),
+                                 _stack_right([layer.values[index, :, start:]], width), width)
+            for layer in self.cache.layers
+        ]
         return finished
 
 
@@ -327,10 +328,12 @@ class GrowingLayer(DynamicLayer):
     ROOM = 128  # columns added per reallocation: one copy per 128 steps
 
     @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> GrowingLayer:
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, used: int) -> GrowingLayer:
+        """A layer over buffers whose first ``used`` columns are filled; the rest is room for decode steps."""
         layer = cls()
         layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+        layer._room = (keys, values)
+        layer.keys, layer.values = keys[..., :used, :], values[..., :used, :]
         return layer
 
     def update(
@@ -348,6 +351,19 @@ class GrowingLayer(DynamicLayer):
         room[1][..., used : used + n, :] = value_states
         self.keys, self.values = room[0][..., : used + n, :], room[1][..., : used + n, :]
         return self.keys, self.values
+
+
+def _stack_right(parts: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack ``[rows, heads, length, dim]`` tensors into one buffer of ``width + ROOM`` columns, each part
+    right-aligned at ``width`` (left padding zero): one copy, with room for the next decode steps."""
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    buffer = first.new_zeros((rows, first.shape[1], width + GrowingLayer.ROOM, first.shape[3]))
+    row = 0
+    for part in parts:
+        buffer[row : row + part.shape[0], :, width - part.shape[2] : width] = part
+        row += part.shape[0]
+    return buffer
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
