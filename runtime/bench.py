@@ -132,8 +132,8 @@ async def pipeline_rate(
             result["profile"] = {
                 "decode_steps": int(delta["decode_steps"]),
                 "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
-                "prefills": int(prefills),
-                "mean_rows_per_prefill": round(delta["prefill_rows"] / max(prefills, 1), 2),
+                "prefills": int(prefills),  # one row each
+                "mean_rows_per_admission": round(delta["prefill_rows"] / max(delta["admissions"], 1), 2),
                 "prefill_tokens": int(delta["prefill_tokens"]),
                 "reused_prefix_tokens": int(delta["reused_tokens"]),
                 "prefill_share_of_model_time": round(delta["prefill_s"] / max(model_s, 1e-9), 3),

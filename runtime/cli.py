@@ -670,7 +670,7 @@ def train_assistant(
     from runtime.experiment import ExperimentSettings, compare_assistants
     from runtime.report import render_comparison
     from runtime.rundir import RunDir
-    from training import LoraSFTConfig, export_replay, train_lora
+    from training import LoraSFTConfig, export_replay, train_lora, trained_before
 
     first = _run_config(runs[0])
     replay_dir = out.with_name(out.name + "-replay")
@@ -687,8 +687,10 @@ def train_assistant(
     steps = {"max_steps": max_steps} if max_steps is not None else {}
     config = LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps)
     _quiet_transformers()
-    result = _trained_before(out, replay_dir / "sft.jsonl", config.max_steps)
-    if result is None:
+    result = trained_before(replay_dir / "sft.jsonl", out, config.max_steps)
+    if result is not None:
+        console.print(f"{out} was already trained on this replay for {config.max_steps} steps; reusing it")
+    else:
         with _progress() as bar:
             result = train_lora(replay_dir / "sft.jsonl", config, on_log=_train_bar(bar, config.max_steps))
     console.print(f"adapter: {result.adapter_dir}  ({result.steps} steps, final loss {result.final_loss:.4f})")
@@ -758,22 +760,6 @@ def train_assistant(
         summary["changed_answers"] = figures["changed_answers"]
     if json_out:
         print(json.dumps(summary))
-
-
-def _trained_before(out: Path, dataset: Path, max_steps: int) -> Any:
-    """The adapter already in ``out`` if it was trained on this very dataset for as many steps (a re-run resumes)."""
-    import hashlib
-
-    from training import TrainResult
-
-    meta_path = out / "redpen_adapter.json"
-    if not meta_path.exists():
-        return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta["dataset"]["sha256"] != hashlib.sha256(dataset.read_bytes()).hexdigest() or meta["steps"] != max_steps:
-        return None
-    console.print(f"{out} was already trained on this replay for {max_steps} steps; reusing it")
-    return TrainResult(out, meta["final_loss"], meta["steps"], meta["dataset"]["sha256"], meta["losses"])
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:

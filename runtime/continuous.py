@@ -2,7 +2,7 @@
 
 A static ``generate`` runs every row until the longest reply ends and admits nobody midway, so when episodes
 issue dependent calls most decode slots idle. Here each step decodes one token for every active row; finished
-rows leave at once, and waiting requests are prefilled together and join the running cache. Rows are left-padded
+rows leave at once, and waiting requests are prefilled and join the running cache. Rows are left-padded
 to a common cache length; the attention mask hides the padding and explicit position ids give each row its own
 positions, so a row's tokens do not depend on its neighbours (up to kernel rounding in low precision).
 
@@ -55,7 +55,7 @@ MIN_REUSED_PREFIX = 8
 def new_stats() -> dict[str, float]:
     """Counters of the model work: forward passes (a prefill per row, then one per decode step), admissions (new
     rows merged into the running batch), rows decoded (slot_tokens), prompt tokens computed and reused, times."""
-    return {"forwards": 0, "admissions": 0, "decode_steps": 0, "slot_tokens": 0, "useful_tokens": 0, "prefill_rows": 0,
+    return {"forwards": 0, "admissions": 0, "decode_steps": 0, "slot_tokens": 0, "prefill_rows": 0,
             "prefill_tokens": 0, "reused_tokens": 0, "prefill_s": 0.0, "merge_s": 0.0, "decode_s": 0.0}
 
 
@@ -201,8 +201,8 @@ class ContinuousBatch:
             reused = min(reused, len(row.prompt_ids) - 1)  # the last prompt token must run: its logits are needed
             if reused < MIN_REUSED_PREFIX:
                 reused = 0
-            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-                if reused:
+            else:
+                for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
                     cache.update(k[None, :, :reused], v[None, :, :reused], layer)
         suffix = row.prompt_ids[reused:]
         ids = torch.tensor([suffix], device=self.device)
@@ -247,7 +247,6 @@ class ContinuousBatch:
     def _append(self, rows: Sequence[Row], tokens: list[int]) -> None:
         for row, token in zip(rows, tokens, strict=True):
             row.tokens.append(token)
-            self.stats["useful_tokens"] += 1
             if not row.ignore_eos and token in self.eos_ids:
                 row.finish = "stop"
             elif len(row.tokens) >= row.max_new_tokens:
@@ -265,7 +264,7 @@ class ContinuousBatch:
         masks = [] if self.mask is None else [self.mask]
         masks += [torch.ones((1, n), dtype=torch.long, device=self.device) for n in lengths]
         width = max(m.shape[1] for m in masks)
-        self.mask = torch.cat([_left_pad(m, width, 1) for m in masks])
+        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
         parts += caches
         merged = parts[0]
         merged.layers = [
@@ -299,7 +298,6 @@ class ContinuousBatch:
         ]
         return finished
 
-
     def _remember(self, finished: Sequence[Row]) -> None:
         """Store prompt + reply of finished rows: the conversation's next turn usually starts with them."""
         assert self.prefixes is not None and self.mask is not None
@@ -309,7 +307,6 @@ class ContinuousBatch:
                 continue
             i = self.rows.index(row)
             n = len(row.prompt_ids) + len(row.tokens) - 1  # the last token was sampled, never fed
-            n = min(n, width)
             self.prefixes.put(
                 [*row.prompt_ids, *row.tokens][:n],
                 [layer.keys[i, :, width - n :].clone() for layer in self.cache.layers],
@@ -321,11 +318,11 @@ class GrowingLayer(DynamicLayer):
     """A cache layer with spare room at the end, so a decode step writes its column in place.
 
     ``DynamicLayer.update`` concatenates, copying the whole cache every step: at 32 rows and 600 tokens that was a
-    third of the step (242 vs 160 ms). After a merge or a drop the batch holds fresh tensors, and the room is made
-    again on the next update.
+    third of the step (242 vs 160 ms). Merges and drops build their buffers with room already (``_stack_right``);
+    when the room runs out, ``update`` makes more.
     """
 
-    ROOM = 128  # columns added per reallocation: one copy per 128 steps
+    ROOM = 128  # spare columns per (re)allocation: one copy per 128 steps
 
     @classmethod
     def holding(cls, keys: torch.Tensor, values: torch.Tensor, used: int) -> GrowingLayer:
@@ -364,14 +361,6 @@ def _stack_right(parts: Sequence[torch.Tensor], width: int) -> torch.Tensor:
         buffer[row : row + part.shape[0], :, width - part.shape[2] : width] = part
         row += part.shape[0]
     return buffer
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]  # F.pad lists the last dimension first
-    return F.pad(tensor, pad)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -1,9 +1,10 @@
 """The local backend: a Hugging Face model in this process, with concurrent requests continuously batched.
 
 Callers ``await generate(...)`` one conversation at a time, from as many tasks as they like. A single worker
-owns the model: between decode steps it admits the requests that arrived (one prefill for all of them), and a
-reply is answered the step it finishes, so episodes waiting on each other's turns keep the batch full. The
-model runs in a worker thread, so the event loop stays free while it works.
+owns the model: between decode steps it admits the requests that arrived (each prefilled from its longest
+cached prefix, all merged into the running batch at once), and a reply is answered the step it finishes, so
+episodes waiting on each other's turns keep the batch full. The model runs on the process's torch thread, so
+the event loop stays free while it works.
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ DEFAULT_PREFIX_CACHE_MB = 1024
 
 @dataclass
 class _Request:
-    kind: str  # "generate" | "score"
+    kind: str  # "generate" | "score" | "prompt"
     messages: Sequence[Message]
     settings: GenerationSettings
     adapter: str | None
     future: asyncio.Future[Any]
     options: Sequence[str] = ()
     enqueued: float = field(default_factory=time.perf_counter)
-
 
 
 class LocalBackend(Backend):

@@ -7,7 +7,14 @@ only when a function needs them.
 
 from training.replay import ReplayStats, export_replay, keep_rewarded, kto_row, read_steps, sft_row, steps_of
 from training.sft_config import LoraSFTConfig
-from training.sft_trainer import TrainResult, build_trainer, read_messages, to_prompt_completion, train_lora
+from training.sft_trainer import (
+    TrainResult,
+    build_trainer,
+    read_messages,
+    to_prompt_completion,
+    train_lora,
+    trained_before,
+)
 
 __all__ = [
     "LoraSFTConfig",
@@ -23,4 +30,5 @@ __all__ = [
     "steps_of",
     "to_prompt_completion",
     "train_lora",
+    "trained_before",
 ]

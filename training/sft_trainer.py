@@ -121,6 +121,18 @@ def build_trainer(
     return trainer
 
 
+def trained_before(dataset: Path, output_dir: str | Path, max_steps: int) -> TrainResult | None:
+    """The adapter already in ``output_dir`` if it was trained on this very dataset for as many steps, else None."""
+    meta_path = Path(output_dir).expanduser() / METADATA
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    digest = hashlib.sha256(dataset.read_bytes()).hexdigest()
+    if meta["dataset"]["sha256"] != digest or meta["steps"] != max_steps:
+        return None
+    return TrainResult(meta_path.parent, meta["final_loss"], meta["steps"], digest, meta["losses"])
+
+
 def train_lora(
     dataset: Path, config: LoraSFTConfig, on_log: Callable[[dict[str, Any]], None] | None = None
 ) -> TrainResult:
