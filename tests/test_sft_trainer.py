@@ -242,3 +242,22 @@ def test_the_config_maps_onto_trl_and_peft(tmp_path: Path) -> None:
     lora = config.to_lora_config()
     assert (lora.r, lora.lora_alpha, lora.task_type) == (8, 16, "CAUSAL_LM")
     assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_trained_before_matches_dataset_and_steps(tmp_path: Path) -> None:
+
+    from training import trained_before
+
+    dataset = tmp_path / "sft.jsonl"
+    dataset.write_text('{"messages": []}\n')
+    out = tmp_path / "adapter"
+    assert trained_before(dataset, out, 30) is None  # nothing there yet
+    out.mkdir()
+    meta = {"dataset": {"sha256": hashlib.sha256(dataset.read_bytes()).hexdigest()}, "steps": 30,
+            "final_loss": 0.9, "losses": [1.5, 0.9]}
+    (out / "redpen_adapter.json").write_text(json.dumps(meta))
+    found = trained_before(dataset, out, 30)
+    assert found is not None and (found.final_loss, found.steps, found.losses) == (0.9, 30, [1.5, 0.9])
+    assert trained_before(dataset, out, 20) is None  # other step count
+    dataset.write_text('{"messages": [1]}\n')
+    assert trained_before(dataset, out, 30) is None  # other data
