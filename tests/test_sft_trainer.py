@@ -245,7 +245,6 @@ def test_the_config_maps_onto_trl_and_peft(tmp_path: Path) -> None:
 
 
 def test_trained_before_matches_dataset_and_steps(tmp_path: Path) -> None:
-
     from training import trained_before
 
     dataset = tmp_path / "sft.jsonl"
