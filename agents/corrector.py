@@ -29,9 +29,9 @@ from autogen_core import CancellationToken
 from autogen_core.models import AssistantMessage, ChatCompletionClient, LLMMessage, SystemMessage, UserMessage
 
 from agents.prompts import load_prompt
-from runtime.backend import Message
-from runtime.graders import grade
-from runtime.tasks import Example
+from runtime.data.graders import grade
+from runtime.data.tasks import Example
+from runtime.models.backend import Message
 
 CORRECTOR = "corrector"
 KEPT = "kept"

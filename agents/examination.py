@@ -20,9 +20,9 @@ from autogen_agentchat.teams import RoundRobinGroupChat
 from agents.roles import ASSISTANT, EXAMINER, STUDENT, ExaminerAgent, ExaminingAssistant, StudentAgent
 from agents.team import Roles, usage_of
 from memory.store import Hit, MistakeMemory
-from runtime.graders import grade
-from runtime.rundir import RunDir, complete_pending
-from runtime.tasks import Example
+from runtime.data.graders import grade
+from runtime.data.rundir import RunDir, complete_pending
+from runtime.data.tasks import Example
 
 Mode = Literal["baseline", "assisted"]
 DEFAULT_K = 3  # the SALAM paper retrieves the top-3 similar mistakes

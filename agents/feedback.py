@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from runtime.tasks import Example
+from runtime.data.tasks import Example
 
 FALLBACK_GUIDELINE = "Re-read the question, check each option against the facts stated, and answer only from them."
 

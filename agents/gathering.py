@@ -22,9 +22,9 @@ from agents.roles import ASSISTANT, CORRECT, EXAMINER, STUDENT, ExaminerAgent, G
 from agents.team import Roles, usage_of
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory
-from runtime.rundir import RunDir, complete_pending
-from runtime.tasks import Example
-from runtime.torch_thread import run_torch
+from runtime.data.rundir import RunDir, complete_pending
+from runtime.data.tasks import Example
+from runtime.models.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from agents.feedback import (
 from agents.prompts import load_prompt
 from agents.student import student_messages
 from memory.store import Hit
-from runtime.graders import grade
-from runtime.tasks import Example
+from runtime.data.graders import grade
+from runtime.data.tasks import Example
 
 STUDENT, EXAMINER, ASSISTANT = "student", "examiner", "assistant"
 CORRECT, WRONG = "CORRECT", "WRONG"  # examiner verdict words; neither contains the other

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agents.prompts import load_prompt
-from runtime.backend import Message
-from runtime.tasks import Example
+from runtime.data.tasks import Example
+from runtime.models.backend import Message
 
 
 def student_messages(example: Example, guidance: str | None = None) -> list[Message]:

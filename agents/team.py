@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from autogen_agentchat.messages import BaseChatMessage
 
-from runtime.autogen_client import BackendChatCompletionClient
-from runtime.backend import Backend, GenerationSettings
+from runtime.models.autogen_client import BackendChatCompletionClient
+from runtime.models.backend import Backend, GenerationSettings
 
 # 128: room for a short reason before "The answer is (X)"; past that the 135M default mostly repeats itself.
 STUDENT_SETTINGS = GenerationSettings(max_new_tokens=128)

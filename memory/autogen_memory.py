@@ -15,7 +15,7 @@ from autogen_core.models import SystemMessage, UserMessage
 
 from memory.record import MistakeRecord, make_record
 from memory.store import Hit, MistakeMemory
-from runtime.torch_thread import run_torch
+from runtime.models.torch_thread import run_torch
 
 _HEADER = (
     "Mistakes made before on similar questions. Learn from why each answer was wrong and follow the guidelines; "

@@ -12,9 +12,9 @@ from typing import Any
 from agents.examination import retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
-from runtime.backend import Backend, GenerationSettings
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
+from runtime.models.backend import Backend, GenerationSettings
 
 # Plain, varied prompts: the rate depends on lengths, not content.
 _PROMPTS = [

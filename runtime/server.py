@@ -23,8 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message
 from runtime.errors import RedpenError
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"

@@ -18,8 +18,8 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord, record_id
 from memory.store import Hit, MistakeMemory
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
 from tests.helpers import (
     GOOD_FEEDBACK,
     NUMBER_WRONG,

@@ -20,9 +20,9 @@ from autogen_core.models import (
     UserMessage,
 )
 
-from runtime.autogen_client import BackendChatCompletionClient, to_messages
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.errors import BackendError
+from runtime.models.autogen_client import BackendChatCompletionClient, to_messages
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
 

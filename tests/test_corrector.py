@@ -27,8 +27,8 @@ from agents.corrector import (
     worked_examples,
 )
 from agents.prompts import load_prompt
-from runtime.autogen_client import BackendChatCompletionClient
-from runtime.tasks import Example
+from runtime.data.tasks import Example
+from runtime.models.autogen_client import BackendChatCompletionClient
 from tests.helpers import ScriptedBackend
 
 BOOK = Example(

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from agents.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
 from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.store import MistakeMemory
-from runtime.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
-from runtime.report import plot_experiment, render_experiment
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
+from runtime.report.experiment import plot_experiment, render_experiment
 from tests.helpers import FakeAssistant, FakeStudent
 
 OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")

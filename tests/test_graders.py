@@ -2,9 +2,9 @@ import doctest
 
 import pytest
 
-from runtime import graders
-from runtime.graders import Grade, extract_choice, extract_number, extract_text, grade
-from runtime.tasks import Example
+from runtime.data import graders
+from runtime.data.graders import Grade, extract_choice, extract_number, extract_text, grade
+from runtime.data.tasks import Example
 
 BBQ_OPTIONS = ("Cannot answer", "The twenty-something", "The older adult")
 DATE_OPTIONS = ("12/11/1937", "12/25/1937", "01/04/1938", "12/04/1937", "12/25/2006", "07/25/1937")

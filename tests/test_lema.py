@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backend import GenerationSettings, Message
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example, load_task
 from runtime.errors import ConfigError
-from runtime.rundir import RunDir
-from runtime.tasks import Example, load_task
+from runtime.models.backend import GenerationSettings, Message
 from tests.helpers import ScriptedBackend
 from training.lema import (
     CORRECTIONS,
@@ -266,7 +266,7 @@ def test_equal_size_needs_enough_cot_rows() -> None:
 
 @pytest.mark.slow
 async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> None:
-    from runtime.local import LocalBackend
+    from runtime.models.local import LocalBackend
 
     examples = load_task("gsm8k", "gather", data_dir, limit=1)  # one problem: the corrector's prompt is long on CPU
     backend = LocalBackend()
@@ -308,8 +308,12 @@ def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> Non
         return {"overall": {"n": 40, "accuracy": accuracy, "no_answer": 1, "chance": chance, "majority_gold": 0.325}}
 
     trained = {"cot_plus_corrections": TrainResult(tmp_path, 0.85, 30, "sha", [1.2, 0.85])}
-    choice = render_ablation("arc", {"base": overall(0.225, 0.25), "cot_plus_corrections": overall(0.275, 0.25)},
-                             trained, {"cot_plus_corrections": mixed})
+    choice = render_ablation(
+        "arc",
+        {"base": overall(0.225, 0.25), "cot_plus_corrections": overall(0.275, 0.25)},
+        trained,
+        {"cot_plus_corrections": mixed},
+    )
     assert "| base | - | - | - | 40 | 0.225 | 1 | 0.250 | 0.325 |" in choice
     assert "| cot_plus_corrections | 2 | 1 | 0.8500 | 40 | 0.275 | 1 | 0.250 | 0.325 |" in choice
     numeric = render_ablation("gsm8k", {"base": overall(0.05, None)}, {}, {})

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.backend import GenerationSettings, Message
 from runtime.errors import BackendError, ConfigError
-from runtime.local import LocalBackend
+from runtime.models.backend import GenerationSettings, Message
+from runtime.models.local import LocalBackend
 from tests.helpers import build_tiny_model
 
 GREEDY = GenerationSettings(max_new_tokens=10)
@@ -309,7 +309,7 @@ def test_describe_names_the_model(backend: LocalBackend, tiny_model: Path) -> No
 
 
 def test_prefix_store_finds_the_longest_common_prefix_and_keeps_its_budget() -> None:
-    from runtime.continuous import PrefixStore
+    from runtime.models.continuous import PrefixStore
 
     def kv(n: int) -> list[torch.Tensor]:
         return [torch.arange(n, dtype=torch.float32).reshape(1, n, 1)]

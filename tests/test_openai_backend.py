@@ -20,9 +20,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.errors import BackendError, ConfigError
-from runtime.openai_backend import OpenAIBackend
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.openai_backend import OpenAIBackend
 from runtime.server import build_app
 
 DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
@@ -205,7 +205,7 @@ def flaky_app(failures: int, status: int) -> tuple[FastAPI, list[int]]:
 
 async def test_retries_on_503_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
     app, calls = flaky_app(failures=2, status=503)
-    with running(app) as base_url, caplog.at_level(logging.WARNING, logger="runtime.openai_backend"):
+    with running(app) as base_url, caplog.at_level(logging.WARNING, logger="runtime.models.openai_backend"):
         backend = OpenAIBackend("m", base_url=base_url, max_retries=3, backoff_s=0.01)
         generation = await backend.generate(QUESTION)
         await backend.aclose()

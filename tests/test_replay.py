@@ -13,8 +13,8 @@ from trl.data_utils import is_conversational
 from agents.gathering import EPISODES, gather_episode
 from agents.prompts import load_prompt
 from agents.team import Roles
+from runtime.data.tasks import Example
 from runtime.errors import ConfigError, DataError
-from runtime.tasks import Example
 from tests.helpers import FakeAssistant, FakeStudent, make_episode, make_run_dir
 from training.replay import (
     KTO_JSONL,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from agents.evaluation import RESULTS, render_report, run_eval, summarize
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
 from runtime.errors import ConfigError, DataError
-from runtime.evaluate import RESULTS, render_report, run_eval, summarize
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 IDENTITY = {"command": "eval", "task": "bbq", "limit": 6, "model_id": "tiny"}
 SETTINGS = GenerationSettings(max_new_tokens=16)

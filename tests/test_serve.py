@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.backend import GenerationSettings, Message
 from runtime.errors import BackendError
-from runtime.local import LocalBackend
-from runtime.openai_backend import OpenAIBackend
+from runtime.models.backend import GenerationSettings, Message
+from runtime.models.local import LocalBackend
+from runtime.models.openai_backend import OpenAIBackend
 from tests.helpers import build_tiny_model
 
 START_TIMEOUT_S = 180  # importing torch and loading the model on 2 busy cores; a healthy start takes ~10 s

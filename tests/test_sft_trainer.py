@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.backend import GenerationSettings
 from runtime.errors import ConfigError, DataError
-from runtime.local import LocalBackend
+from runtime.models.backend import GenerationSettings
+from runtime.models.local import LocalBackend
 from tests.helpers import build_tiny_model, make_episode, make_run_dir
 from training.replay import SFT_JSONL, export_replay
 from training.sft_config import LoraSFTConfig
@@ -252,8 +252,12 @@ def test_trained_before_matches_dataset_and_steps(tmp_path: Path) -> None:
     out = tmp_path / "adapter"
     assert trained_before(dataset, out, 30) is None  # nothing there yet
     out.mkdir()
-    meta = {"dataset": {"sha256": hashlib.sha256(dataset.read_bytes()).hexdigest()}, "steps": 30,
-            "final_loss": 0.9, "losses": [1.5, 0.9]}
+    meta = {
+        "dataset": {"sha256": hashlib.sha256(dataset.read_bytes()).hexdigest()},
+        "steps": 30,
+        "final_loss": 0.9,
+        "losses": [1.5, 0.9],
+    }
     (out / "redpen_adapter.json").write_text(json.dumps(meta))
     found = trained_before(dataset, out, 30)
     assert found is not None and (found.final_loss, found.steps, found.losses) == (0.9, 30, [1.5, 0.9])

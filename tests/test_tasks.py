@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import tasks
+from runtime.data import tasks
+from runtime.data.tasks import Example, load_jsonl, load_task, parse_options, task_names
 from runtime.errors import ConfigError, DataError
-from runtime.tasks import Example, load_jsonl, load_task, parse_options, task_names
 
 
 def _split(data_dir: Path, name: str) -> dict:

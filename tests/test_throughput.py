@@ -12,11 +12,11 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
-from runtime.cache import CachedBackend
-from runtime.local import LocalBackend
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.cache import CachedBackend
+from runtime.models.local import LocalBackend
 from tests.helpers import build_tiny_model
 
 
@@ -60,8 +60,18 @@ async def test_memory_writer_batches_records_that_arrive_together() -> None:
     memory = MistakeMemory(location=":memory:", embedder=HashingEmbedder())
     writer = MemoryWriter(memory)
     records = [
-        MistakeRecord.make(model_id="m", source="s", task="t", query=f"question {i}", wrong_answer="(A)", gold="(B)",
-                           reason="", guideline="g", outcome="uncorrected", rounds=1)
+        MistakeRecord.make(
+            model_id="m",
+            source="s",
+            task="t",
+            query=f"question {i}",
+            wrong_answer="(A)",
+            gold="(B)",
+            reason="",
+            guideline="g",
+            outcome="uncorrected",
+            rounds=1,
+        )
         for i in range(12)
     ]
     await asyncio.gather(*(writer.write(r) for r in records))
@@ -78,8 +88,14 @@ def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> LocalBackend:
 
 def _examples(prefix: str, n: int) -> list[Example]:
     return [
-        Example(f"{prefix}/{i}", f"src/{i % 2}", f"Who was late, number {i}?\nOptions:\n(A) red\n(B) blue",
-                "(B)" if i % 3 else "(A)", "choice", ("red", "blue"))
+        Example(
+            f"{prefix}/{i}",
+            f"src/{i % 2}",
+            f"Who was late, number {i}?\nOptions:\n(A) red\n(B) blue",
+            "(B)" if i % 3 else "(A)",
+            "choice",
+            ("red", "blue"),
+        )
         for i in range(n)
     ]
 

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.backend import GenerationSettings
+from agents.evaluation import run_eval, summarize
+from runtime.data.rundir import RunDir, write_atomic
+from runtime.data.tasks import Example
 from runtime.errors import DataError
-from runtime.evaluate import run_eval, summarize
-from runtime.local import LocalBackend
-from runtime.rundir import RunDir, write_atomic
-from runtime.tasks import Example
+from runtime.models.backend import GenerationSettings
+from runtime.models.local import LocalBackend
 from training.lema import CORRECTIONS, COT, equal_size
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, train_lora

@@ -45,12 +45,12 @@ from agents.corrector import (
     split_steps,
 )
 from agents.student import student_messages
-from runtime.autogen_client import BackendChatCompletionClient
-from runtime.backend import Backend, GenerationSettings
+from runtime.data.graders import grade
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
 from runtime.errors import ConfigError
-from runtime.graders import grade
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.models.autogen_client import BackendChatCompletionClient
+from runtime.models.backend import Backend, GenerationSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from agents.gathering import EPISODES
 from agents.prompts import load_prompt
+from runtime.data.rundir import read_jsonl, write_atomic
 from runtime.errors import ConfigError, DataError
-from runtime.rundir import read_jsonl, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -112,7 +112,7 @@ class LoraSFTConfig:
     def base_model_dir(self) -> tuple[str, Path]:
         """The base model's id (as the local backend names it) and folder; the default is converted on first use."""
         if self.base_model is None:
-            from runtime.default_model import DEFAULT_MODEL_NAME, default_model_dir
+            from runtime.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
             return DEFAULT_MODEL_NAME, default_model_dir()
         path = Path(self.base_model).expanduser()

@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.data.rundir import read_jsonl, write_atomic
 from runtime.errors import ConfigError, DataError
-from runtime.rundir import read_jsonl, write_atomic
 from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:

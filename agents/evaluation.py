@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agents.student import labelled_options, student_messages
-from runtime.backend import Backend, GenerationSettings
-from runtime.graders import grade
-from runtime.rundir import RunDir, complete_pending
-from runtime.tasks import Example
+from runtime.data.graders import grade
+from runtime.data.rundir import RunDir, complete_pending
+from runtime.data.tasks import Example
+from runtime.models.backend import Backend, GenerationSettings
 
 RESULTS = "results.jsonl"
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import openai
 from openai import AsyncOpenAI
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.errors import BackendError, ConfigError
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 log = logging.getLogger(__name__)
 

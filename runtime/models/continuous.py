@@ -55,8 +55,18 @@ MIN_REUSED_PREFIX = 8
 def new_stats() -> dict[str, float]:
     """Counters of the model work: forward passes (a prefill per row, then one per decode step), admissions (new
     rows merged into the running batch), rows decoded (slot_tokens), prompt tokens computed and reused, times."""
-    return {"forwards": 0, "admissions": 0, "decode_steps": 0, "slot_tokens": 0, "prefill_rows": 0,
-            "prefill_tokens": 0, "reused_tokens": 0, "prefill_s": 0.0, "merge_s": 0.0, "decode_s": 0.0}
+    return {
+        "forwards": 0,
+        "admissions": 0,
+        "decode_steps": 0,
+        "slot_tokens": 0,
+        "prefill_rows": 0,
+        "prefill_tokens": 0,
+        "reused_tokens": 0,
+        "prefill_s": 0.0,
+        "merge_s": 0.0,
+        "decode_s": 0.0,
+    }
 
 
 def check_supported(model: Any) -> None:
@@ -208,11 +218,18 @@ class ContinuousBatch:
         ids = torch.tensor([suffix], device=self.device)
         positions = torch.arange(reused, len(row.prompt_ids), device=self.device)[None]
         mask = torch.ones((1, len(row.prompt_ids)), dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         if self.prefixes is not None:
-            self.prefixes.put(row.prompt_ids, [layer.keys[0] for layer in cache.layers],
-                              [layer.values[0] for layer in cache.layers])
+            self.prefixes.put(
+                row.prompt_ids, [layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers]
+            )
         self.stats["forwards"] += 1
         self.stats["prefill_tokens"] += len(suffix)
         self.stats["reused_tokens"] += reused
@@ -224,8 +241,9 @@ class ContinuousBatch:
         ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
         positions = torch.tensor([[r.next_position] for r in self.rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+        )
         self.cache = out.past_key_values
         self._append(self.rows, self._pick(out.logits[:, -1], self.rows))
         self.stats["forwards"] += 1
@@ -268,8 +286,11 @@ class ContinuousBatch:
         parts += caches
         merged = parts[0]
         merged.layers = [
-            GrowingLayer.holding(_stack_right([p.layers[i].keys for p in parts], width),
-                                 _stack_right([p.layers[i].values for p in parts], width), width)
+            GrowingLayer.holding(
+                _stack_right([p.layers[i].keys for p in parts], width),
+                _stack_right([p.layers[i].values for p in parts], width),
+                width,
+            )
             for i in range(len(merged.layers))
         ]
         self.cache = merged
@@ -292,8 +313,11 @@ class ContinuousBatch:
         self.mask = mask[:, start:]
         width = self.mask.shape[1]
         self.cache.layers = [
-            GrowingLayer.holding(_stack_right([layer.keys[index, :, start:]], width),
-                                 _stack_right([layer.values[index, :, start:]], width), width)
+            GrowingLayer.holding(
+                _stack_right([layer.keys[index, :, start:]], width),
+                _stack_right([layer.values[index, :, start:]], width),
+                width,
+            )
             for layer in self.cache.layers
         ]
         return finished

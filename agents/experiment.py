@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from agents.evaluation import summarize
 from agents.examination import retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.store import MistakeMemory
-from runtime.evaluate import summarize
-from runtime.rundir import RunDir
-from runtime.tasks import Example
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
 
 log = logging.getLogger(__name__)
 

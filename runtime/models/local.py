@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
-from runtime.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
 from runtime.errors import BackendError, ConfigError
-from runtime.torch_thread import run_torch
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
+from runtime.models.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class LocalBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from runtime.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
+        from runtime.models.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
 
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")

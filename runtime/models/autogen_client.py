@@ -27,8 +27,8 @@ from autogen_core.models import (
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
-from runtime.backend import Backend, GenerationSettings, Message
 from runtime.errors import BackendError
+from runtime.models.backend import Backend, GenerationSettings, Message
 
 DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
 

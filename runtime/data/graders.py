@@ -15,7 +15,7 @@ from string import ascii_uppercase
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from runtime.tasks import Example
+    from runtime.data.tasks import Example
 
 Verdict = Literal["correct", "wrong", "no_answer"]
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from runtime.backend import Backend
-from runtime.config import BackendConfig
 from runtime.errors import ConfigError
+from runtime.models.backend import Backend
+from runtime.models.config import BackendConfig
 
 
 def make_backend(config: BackendConfig) -> Backend:
     if config.kind == "local":
-        from runtime.local import LocalBackend
+        from runtime.models.local import LocalBackend
 
         return LocalBackend(
             config.model,
@@ -22,7 +22,7 @@ def make_backend(config: BackendConfig) -> Backend:
             batch_wait_ms=config.batch_wait_ms,
             prefix_cache_mb=config.prefix_cache_mb,
         )
-    from runtime.openai_backend import OpenAIBackend
+    from runtime.models.openai_backend import OpenAIBackend
 
     if config.model is None:
         raise ConfigError("the openai backend needs --model (the model name the server serves)")

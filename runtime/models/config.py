@@ -1,4 +1,4 @@
-"""Settings: which backend serves a role, where the data lives, how a run samples.
+"""Backend settings: which model endpoint serves a role.
 
 Pydantic models, so a wrong value fails at load with the setting's name. Settings serialise with ``to_dict``
 into each run's config.json; API keys are read from the environment and never written.
@@ -6,8 +6,6 @@ into each run's config.json; API keys are read from the environment and never wr
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,20 +38,6 @@ class BackendConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
-
-
-def default_data_dir() -> Path | None:
-    value = os.environ.get("REDPEN_DATA_DIR")
-    return Path(value).expanduser() if value else None
-
-
-def resolve_data_dir(data_dir: Path | None) -> Path:
-    path = data_dir or default_data_dir()
-    if path is None:
-        raise ConfigError("no data directory: pass --data-dir or set REDPEN_DATA_DIR (the benchmark data folder)")
-    if not path.is_dir():
-        raise ConfigError(f"data directory {path} does not exist: pass --data-dir or set REDPEN_DATA_DIR")
-    return path
 
 
 def backend_config(**values: Any) -> BackendConfig:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 
 def cache_key(

@@ -1,0 +1,117 @@
+"""`redpen bench`: speed measured as ratios from one run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runtime.cli.common import (
+    Backend,
+    BaseUrl,
+    Config,
+    DataDir,
+    JsonOut,
+    Model,
+    console,
+    load_backend,
+    load_examples,
+    load_roles,
+)
+
+
+def bench_generate(
+    concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
+    repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run."""
+    from runtime.bench import generate_rate
+
+    model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
+    with console.status("measuring ..."):
+        result = asyncio.run(
+            generate_rate(
+                model_backend,
+                concurrency=concurrency,
+                max_new_tokens=max_new_tokens,
+                repeats=repeats,
+                on_step=console.print,
+            )
+        )
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"1 at a time: {result['single_tok_s']:.1f} tok/s   {concurrency} at once: "
+        f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
+        f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
+def bench_pipeline(
+    task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
+    n: Annotated[int, typer.Option(help="gather items and examine items (each)")] = 16,
+    concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = 32,
+    backend: Backend = "local",
+    model: Model = None,
+    base_url: BaseUrl = None,
+    data_dir: DataDir = None,
+    config: Config = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The same gather + examine, one example at a time vs concurrently, in one process (no response cache)."""
+    import tempfile
+
+    from runtime.bench import pipeline_rate
+
+    _, gather_set = load_examples(task, None, "choice", "gather", n, data_dir)
+    _, examine_set = load_examples(task, None, "choice", "examine", n, data_dir)
+    roles = load_roles(config, backend, model, base_url, None, None, None, no_cache=True)
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
+        result = asyncio.run(
+            pipeline_rate(
+                roles, gather_set, examine_set, Path(tmp), task=task, concurrency=concurrency, on_step=console.print
+            )
+        )
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"one at a time {result['one_at_a_time']['items_per_s']:.3f} items/s, concurrent "
+        f"{result['concurrent']['items_per_s']:.3f} items/s: {result['speedup']:.2f}x; pipeline "
+        f"{result['concurrent']['tok_s']:.1f} tok/s = {result['pipeline_fraction_of_generate']:.0%} of batched "
+        f"generate ({result['generate_batched_tok_s']:.1f} tok/s); identical answers "
+        f"{result['identical_answers']}/{result['answers_compared']}; {result['cpu_count']} cores"
+    )
+    if json_out:
+        print(json.dumps(result))
+
+
+def bench_memory(
+    records: Annotated[int, typer.Option(help="records stored")] = 100_000,
+    queries: Annotated[int, typer.Option(help="filtered searches timed")] = 200,
+    json_out: JsonOut = False,
+) -> None:
+    """Embedded engine: insert rate, filtered search p50/p95, and brute-force numpy on the same vectors."""
+    import tempfile
+
+    from runtime.bench import memory_rate
+
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
+        result = memory_rate(Path(tmp), records=records, queries=queries, on_step=console.print)
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"{records} records: insert {result['insert_records_per_s']:.0f}/s, index {result['index_build_s']} s; "
+        f"search p50 {result['engine_p50_ms']:.2f} ms p95 {result['engine_p95_ms']:.2f} ms; numpy p50 "
+        f"{result['numpy_p50_ms']:.2f} ms: engine {result['numpy_over_engine_p50']:.1f}x faster; "
+        f"same top-3 {result['same_top3']}/{queries}"
+    )
+    if json_out:
+        print(json.dumps(result))
