@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from autogen_agentchat.agents import BaseChatAgent
 from autogen_agentchat.base import Response
-from autogen_agentchat.messages import BaseChatMessage, TextMessage
+from autogen_agentchat.messages import BaseChatMessage, StructuredMessage
 from autogen_core import CancellationToken
 from autogen_core.models import AssistantMessage, ChatCompletionClient, LLMMessage, SystemMessage, UserMessage
+from pydantic import BaseModel, ConfigDict
 
 from agents.prompts import load_prompt
 from runtime.data.graders import grade
@@ -65,9 +66,6 @@ class Correction:
     def text(self) -> str:
         """The correction in the LEMA paper's format, without whatever chatter surrounded it."""
         return f"Incorrect Step: Step {self.step}.\nExplanation: {self.explanation}\nCorrect Solution:\n{self.solution}"
-
-
-_CORRECTION_FIELDS = tuple(f.name for f in fields(Correction))
 
 
 class ParseResult(NamedTuple):
@@ -146,21 +144,15 @@ class Review:
     status: str
     correction: Correction | None  # also set when the answer was wrong, so reports can show it
 
-    @property
-    def kept(self) -> bool:
-        return self.status == KEPT
 
-    def to_metadata(self) -> dict[str, str]:
-        """As an AutoGen message's metadata (strings only; empty fields when nothing parsed)."""
-        values = asdict(self.correction) if self.correction else dict.fromkeys(_CORRECTION_FIELDS, "")
-        return {"status": self.status} | {k: str(v) for k, v in values.items()}
+class CorrectorReply(BaseModel):
+    """The corrector's message: its raw reply, what became of it, and how many steps the path was split into."""
 
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> Review:
-        if not metadata["step"]:
-            return cls(metadata["status"], None)
-        values = {k: metadata[k] for k in _CORRECTION_FIELDS}
-        return cls(metadata["status"], Correction(**values | {"step": int(metadata["step"])}))
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    review: Review
+    steps: int
 
 
 def review(example: Example, reply: str, n_steps: int) -> Review:
@@ -238,8 +230,8 @@ def correction_prompt(question: str, steps: Sequence[str]) -> str:
 class CorrectorAgent(BaseChatAgent):
     """Corrects the reasoning path in the last message it is given, for one example (it knows the gold).
 
-    The reply keeps the corrector's raw text; the message's metadata carries the :class:`Review`
-    (``Review.from_metadata``) and ``steps``, the number of steps the path was split into.
+    The reply is a structured message: a :class:`CorrectorReply` with the raw text (what ``to_text`` shows), the
+    :class:`Review` and the number of steps the path was split into.
     """
 
     def __init__(self, example: Example, client: ChatCompletionClient) -> None:
@@ -248,17 +240,18 @@ class CorrectorAgent(BaseChatAgent):
 
     @property
     def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
-        return (TextMessage,)
+        return (StructuredMessage[CorrectorReply],)
 
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         steps = split_steps(messages[-1].to_text() if messages else "")
         llm: list[LLMMessage] = [_llm_message(m) for m in corrector_messages(self.example, steps)]
         result = await self.client.create(llm, cancellation_token=cancellation_token)
         text = result.content if isinstance(result.content, str) else str(result.content)
-        metadata = review(self.example, text, len(steps)).to_metadata() | {"steps": str(len(steps))}
-        return Response(
-            chat_message=TextMessage(content=text, source=self.name, models_usage=result.usage, metadata=metadata)
+        content = CorrectorReply(text=text, review=review(self.example, text, len(steps)), steps=len(steps))
+        message = StructuredMessage[CorrectorReply](
+            content=content, source=self.name, models_usage=result.usage, format_string="{text}"
         )
+        return Response(chat_message=message)
 
     async def on_reset(self, cancellation_token: CancellationToken) -> None:  # noqa: B027 - keeps no state
         """Nothing to forget: each agent serves one example."""

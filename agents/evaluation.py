@@ -11,13 +11,19 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents.student import labelled_options, student_messages
 from runtime.data.graders import grade
+from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY
 from runtime.models.backend import Backend, GenerationSettings
+from runtime.report import PRIOR_SHIFT_THRESHOLD, Report, answer_distribution, flag_prior_shift, prior_shift
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 RESULTS = "results.jsonl"
 
@@ -29,39 +35,39 @@ async def answer(
     mode: str = "generate",
     adapter: str | None = None,
     guidance: str | None = None,
-) -> dict[str, Any]:
-    """One graded answer as a result record."""
+) -> ItemResult:
+    """One graded answer."""
     messages = student_messages(example, guidance)
     started = time.perf_counter()
     if mode == "loglik" and example.answer_kind == "choice" and example.options:
         scores = await backend.score_options(messages, labelled_options(example), adapter)
-        best = max(range(len(scores)), key=scores.__getitem__)
-        reply, usage, item_mode = (
-            labelled_options(example)[best],
-            {"prompt_tokens": 0, "completion_tokens": 0},
-            "loglik",
+        reply = labelled_options(example)[max(range(len(scores)), key=scores.__getitem__)]
+        return ItemResult(
+            **_graded(example, reply, "loglik"),
+            latency_s=round(time.perf_counter() - started, 4),
+            scores=[round(s, 4) for s in scores],
         )
-        extra: dict[str, Any] = {"scores": [round(s, 4) for s in scores]}
-    else:
-        generation = await backend.generate(messages, settings, adapter)
-        reply, item_mode, extra = generation.text, "generate", {"finish_reason": generation.finish_reason}
-        usage = {
-            "prompt_tokens": generation.usage.prompt_tokens,
-            "completion_tokens": generation.usage.completion_tokens,
-        }
+    generation = await backend.generate(messages, settings, adapter)
+    return ItemResult(
+        **_graded(example, generation.text, "generate"),
+        prompt_tokens=generation.usage.prompt_tokens,
+        completion_tokens=generation.usage.completion_tokens,
+        latency_s=round(time.perf_counter() - started, 4),
+        finish_reason=generation.finish_reason,
+    )
+
+
+def _graded(example: Example, reply: str, mode: str) -> dict[str, Any]:
     result = grade(example, reply)
     return {
         "id": example.id,
         "source": example.source,
-        "mode": item_mode,
+        "mode": mode,
         "verdict": result.verdict,
         "predicted": result.predicted,
         "target": example.target,
         "n_options": len(example.options),
         "reply": reply,
-        **usage,
-        "latency_s": round(time.perf_counter() - started, 4),
-        **extra,
     }
 
 
@@ -73,36 +79,53 @@ async def run_eval(
     *,
     mode: str = "generate",
     adapter: str | None = None,
-    concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     results_file: str = RESULTS,
 ) -> list[dict[str, Any]]:
     """Answer every example not already in the run directory; return all results (old and new) in input order."""
-    return await complete_pending(
-        run,
-        results_file,
-        examples,
-        lambda e: answer(e, backend, settings, mode, adapter),
-        concurrency=concurrency,
-        on_record=on_result,
-    )
+
+    async def one(example: Example) -> dict[str, Any]:
+        return (await answer(example, backend, settings, mode, adapter)).to_json()
+
+    return await complete_pending(run, results_file, examples, one, concurrency=concurrency, on_record=on_result)
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy with its controls: chance (uniform over options) and always answering the most common gold.
 
-    >>> r = [{"source": "s", "verdict": v, "target": t, "n_options": 2, "completion_tokens": 3, "prompt_tokens": 9,
-    ...       "mode": "generate"} for v, t in [("correct", "(A)"), ("wrong", "(A)"), ("no_answer", "(B)")]]
+    ``answers`` holds the predicted and the gold answer distributions of the multiple-choice items.
+
+    >>> r = [{"source": "s", "verdict": v, "predicted": p, "target": t, "n_options": 2, "completion_tokens": 3,
+    ...       "prompt_tokens": 9, "mode": "generate"}
+    ...      for v, p, t in [("correct", "(A)", "(A)"), ("wrong", "(B)", "(A)"), ("no_answer", None, "(B)")]]
     >>> m = summarize(r)
     >>> (m["overall"]["accuracy"], m["overall"]["no_answer"], m["overall"]["majority_gold"], m["overall"]["chance"])
     (0.3333, 1, 0.6667, 0.5)
+    >>> m["answers"]
+    {'predicted': {'(A)': 1, '(B)': 1, 'none': 1}, 'gold': {'(A)': 2, '(B)': 1}}
     """
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         groups[r["source"]].append(r)
     summary = {"overall": _figures(results), "by_source": {s: _figures(rs) for s, rs in sorted(groups.items())}}
     summary["modes"] = dict(Counter(r["mode"] for r in results))
+    choice = [r for r in results if r["n_options"]]
+    summary["answers"] = {
+        "predicted": answer_distribution([r["predicted"] for r in choice]),
+        "gold": answer_distribution([r["target"] for r in choice]),
+    }
     return summary
+
+
+def condition_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`summarize` with the per-item verdicts (item id -> right), for paired comparison with another condition.
+
+    >>> condition_summary([{"id": "x", "source": "s", "verdict": "correct", "predicted": "4", "target": "4",
+    ...     "n_options": 0, "completion_tokens": 1, "prompt_tokens": 1, "mode": "generate"}])["verdicts"]
+    {'x': True}
+    """
+    return {**summarize(results), "verdicts": {r["id"]: r["verdict"] == "correct" for r in results}}
 
 
 def _figures(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -110,7 +133,7 @@ def _figures(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     verdicts = Counter(r["verdict"] for r in results)
     answered = n - verdicts["no_answer"]
     golds = Counter(r["target"] for r in results)
-    choice = [r for r in results if r.get("n_options")]
+    choice = [r for r in results if r["n_options"]]
     return {
         "n": n,
         "correct": verdicts["correct"],
@@ -125,24 +148,56 @@ def _figures(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def render_report(title: str, config: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The run's Markdown report: settings, then the accuracy table with its controls."""
-    lines = [f"# {title}", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in config.items()]
-    lines += [
-        "",
-        "Controls on the same items: *chance* answers uniformly at random among the options; *majority gold*",
-        "always answers the most common gold answer of the set. *no answer* counts replies with no parsable answer",
-        "(apart from wrong ones); *acc answered* is accuracy over the replies that gave one.",
-        "",
-        "| source | n | accuracy | acc answered | no answer | chance | majority gold |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def render_report(title: str, config: dict[str, Any], metrics: dict[str, Any]) -> Report:
+    """The run's report: settings, the accuracy table with its controls, and the answers beside the gold ones."""
+    report = Report(title)
+    report.table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items()])
+    report.paragraph(
+        "Controls on the same items: *chance* answers uniformly at random among the options; *majority gold* "
+        "always answers the most common gold answer of the set. *no answer* counts replies with no parsable answer "
+        "(apart from wrong ones); *acc answered* is accuracy over the replies that gave one."
+    )
     rows = [*metrics["by_source"].items(), ("**all**", metrics["overall"])]
-    for source, f in rows:
-        chance = f"{f['chance']:.3f}" if f["chance"] is not None else "-"
-        lines.append(
-            f"| {source} | {f['n']} | {f['accuracy']:.3f} | {f['accuracy_answered']:.3f} | {f['no_answer']} "
-            f"| {chance} | {f['majority_gold']:.3f} |"
+    report.table(
+        ["source", "n", "accuracy", "acc answered", "no answer", "chance", "majority gold"],
+        [
+            [s, f["n"], f["accuracy"], f["accuracy_answered"], f["no_answer"], f["chance"], f["majority_gold"]]
+            for s, f in rows
+        ],
+    )
+    predicted, gold = metrics["answers"]["predicted"], metrics["answers"]["gold"]
+    if gold:
+        answered = {a: n for a, n in predicted.items() if a != "none"}
+        shift = prior_shift(answered, gold)
+        report.heading("Answers given and gold answers")
+        verdict = (
+            f"**above {PRIOR_SHIFT_THRESHOLD}: the answers lean away from the gold ones, as a preference for some "
+            "options over others would make them**"
+            if flag_prior_shift(answered, gold)
+            else f"at most {PRIOR_SHIFT_THRESHOLD}, no strong lean"
         )
-    return "\n".join(lines) + "\n"
+        report.paragraph(
+            f"Total variation distance between the answers given (no-answer replies left out) and the gold answers "
+            f"of the multiple-choice items: {shift:.3f}, {verdict}."
+        )
+        labels = sorted(gold.keys() | predicted.keys(), key=lambda a: (a == "none", a))
+        report.table(["answer", "given", "gold"], [[a, predicted.get(a, 0), gold.get(a, 0)] for a in labels])
+        report.figure(
+            "answers.png",
+            "How often each answer was given, beside the gold answers.",
+            _answer_bars(labels, predicted, gold),
+        )
+    return report
+
+
+def _answer_bars(labels: Sequence[str], predicted: dict[str, int], gold: dict[str, int]) -> Callable[[Axes], None]:
+    def draw(ax: Axes) -> None:
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [predicted.get(a, 0) for a in labels], 0.4, label="given")
+        ax.bar([x + 0.2 for x in xs], [gold.get(a, 0) for a in labels], 0.4, label="gold")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("items")
+        ax.legend()
+
+    return draw

@@ -17,20 +17,20 @@ from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.messages import BaseChatMessage
 from autogen_agentchat.teams import RoundRobinGroupChat
 
-from agents.roles import ASSISTANT, EXAMINER, STUDENT, ExaminerAgent, ExaminingAssistant, StudentAgent
+from agents.roles import ASSISTANT, STUDENT, ExaminerAgent, ExaminingAssistant, Grade, StudentAgent, contents
 from agents.team import Roles, usage_of
 from memory.store import Hit, MistakeMemory
 from runtime.data.graders import grade
+from runtime.data.records import ItemResult, Retrieved
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY
 
 Mode = Literal["baseline", "assisted"]
-DEFAULT_K = 3  # the SALAM paper retrieves the top-3 similar mistakes
-DEFAULT_THRESHOLD = 0.5  # cosine on MiniLM; below it a "similar" mistake is mostly another topic
 
 
-async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[Hit] = ()) -> dict[str, Any]:
-    """Examine one example as an AutoGen team; the result record has the same fields as ``redpen eval``'s."""
+async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[Hit] = ()) -> ItemResult:
+    """Examine one example as an AutoGen team; the result has the same fields as ``redpen eval``'s."""
     student, examiner = StudentAgent(example, roles.student_client()), ExaminerAgent(example)
     agents = [student, examiner]
     if mode == "assisted":
@@ -39,29 +39,39 @@ async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[H
     started = time.perf_counter()
     result = await team.run(task=example.input)
     messages = [m for m in result.messages if isinstance(m, BaseChatMessage)]
-    verdict = next(m for m in messages if m.source == EXAMINER).metadata
-    guidance = next((m.to_text() for m in messages if m.source == ASSISTANT), "")
-    return {
-        "id": example.id,
-        "source": example.source,
-        "mode": mode,
-        "verdict": verdict["verdict"],
-        "predicted": verdict["predicted"] or None,
-        "target": example.target,
-        "n_options": len(example.options),
-        "reply": next(m.to_text() for m in messages if m.source == STUDENT),
-        "guidance": guidance,
-        "retrieved": [{"id": h.record.id, "score": round(h.score, 4), "source": h.record.source} for h in hits],
+    [verdict] = contents(messages, Grade)
+    return ItemResult(
+        id=example.id,
+        source=example.source,
+        mode=mode,
+        verdict=verdict.verdict,
+        predicted=verdict.predicted,
+        target=example.target,
+        n_options=len(example.options),
+        reply=next(m.to_text() for m in messages if m.source == STUDENT),
+        guidance=next((m.to_text() for m in messages if m.source == ASSISTANT), ""),
+        retrieved=[Retrieved(id=h.record.id, score=round(h.score, 4), source=h.record.source) for h in hits],
         **usage_of(messages),
-        "latency_s": round(time.perf_counter() - started, 3),
-    }
+        latency_s=round(time.perf_counter() - started, 3),
+    )
 
 
 def retrieve(
-    memory: MistakeMemory, examples: Sequence[Example], model_id: str, task: str, k: int, threshold: float | None
+    memory: MistakeMemory,
+    examples: Sequence[Example],
+    model_id: str,
+    task: str,
+    k: int,
+    threshold: float | None,
+    skip_absorbed: bool = False,
 ) -> dict[str, list[Hit]]:
-    """The mistakes each example's assistant sees: this student's, on this task, most similar first."""
-    found = memory.search_many([e.input for e in examples], k=k, threshold=threshold, model_id=model_id, task=task)
+    """The mistakes each example's assistant sees: this student's, on this task, most similar first.
+
+    ``skip_absorbed`` leaves out mistakes a fine-tuned student has already learned into its weights.
+    """
+    found = memory.search_many(
+        [e.input for e in examples], k=k, threshold=threshold, model_id=model_id, task=task, skip_absorbed=skip_absorbed
+    )
     return {e.id: hits for e, hits in zip(examples, found, strict=True)}
 
 
@@ -73,18 +83,15 @@ async def run_exam(
     *,
     mode: Mode,
     hits: dict[str, list[Hit]] | None = None,
-    concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order."""
-    return await complete_pending(
-        run,
-        results_file,
-        examples,
-        lambda e: exam_item(e, roles, mode, (hits or {}).get(e.id, [])),
-        concurrency=concurrency,
-        on_record=on_result,
-    )
+
+    async def one(example: Example) -> dict[str, Any]:
+        return (await exam_item(example, roles, mode, (hits or {}).get(example.id, []))).to_json()
+
+    return await complete_pending(run, results_file, examples, one, concurrency=concurrency, on_record=on_result)
 
 
 def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[dict[str, Any]]:
@@ -98,18 +105,15 @@ def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> l
         golds = Counter(h.record.gold for h in found)
         answer = max(golds, key=golds.__getitem__) if golds else ""  # Counter keeps similarity order for ties
         result = grade(example, f"The answer is {answer}" if answer else "")
-        results.append(
-            {
-                "id": example.id,
-                "source": example.source,
-                "mode": "retrieval_only",
-                "verdict": result.verdict,
-                "predicted": result.predicted,
-                "target": example.target,
-                "n_options": len(example.options),
-                "reply": answer,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-            }
+        item = ItemResult(
+            id=example.id,
+            source=example.source,
+            mode="retrieval_only",
+            verdict=result.verdict,
+            predicted=result.predicted,
+            target=example.target,
+            n_options=len(example.options),
+            reply=answer,
         )
+        results.append(item.to_json())
     return results

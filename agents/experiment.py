@@ -5,14 +5,13 @@
 3. assisted examination of the same examine items;
 4. controls on the same items: retrieval-only (majority gold of the retrieved mistakes, no model) and the
    examine items with a near-duplicate in the gathered questions (embedding similarity >= 0.95);
-5. a Markdown report and a PNG plot.
+5. the report (Markdown and HTML, with its plot), with paired differences between the conditions.
 Every phase appends to its own JSONL file and skips what is done, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,15 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from agents.evaluation import summarize
+from agents.evaluation import condition_summary
 from agents.examination import retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.store import MistakeMemory
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-
-log = logging.getLogger(__name__)
+from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
 NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
 BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"
@@ -40,15 +38,19 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 @dataclass(frozen=True)
 class ExperimentSettings:
     task: str
-    rounds: int = 3
-    k: int = 3
-    threshold: float | None = 0.5
-    concurrency: int = 32
+    rounds: int = ROUNDS
+    k: int = RETRIEVAL_K
+    threshold: float | None = RETRIEVAL_THRESHOLD
+    concurrency: int = CONCURRENCY
 
 
-def counter(progress: Progress | None, phase: str, total: int) -> Callable[[dict[str, Any]], None]:
-    """A per-record callback that reports ``(phase, done, total)`` to ``progress`` as records finish."""
-    done = 0
+def counter(progress: Progress | None, phase: str, total: int, done: int = 0) -> Callable[[dict[str, Any]], None]:
+    """A per-record callback that reports ``(phase, done, total)`` to ``progress`` as records finish.
+
+    ``done`` records were finished before (a resumed run); they are reported at once.
+    """
+    if progress is not None and done:
+        progress(phase, done, total)
 
     def tick(_: dict[str, Any]) -> None:
         nonlocal done
@@ -138,9 +140,9 @@ async def run_experiment(
         "assistant": roles.assistant_id,
         "n_gather": len(gather),
         "n_examine": len(examine),
-        "conditions": {name: summarize(rs) for name, rs in conditions.items()},
+        "conditions": {name: condition_summary(rs) for name, rs in conditions.items()},
         "without_near_duplicates": {
-            name: summarize([r for r in rs if r["id"] not in duplicated]) for name, rs in conditions.items()
+            name: condition_summary([r for r in rs if r["id"] not in duplicated]) for name, rs in conditions.items()
         },
         "near_duplicates": len(duplicated),
         "near_duplicate_threshold": NEAR_DUPLICATE,
@@ -222,14 +224,13 @@ async def compare_assistants(
             on_result=counter(progress, f"{name} assistant", len(examine)),
         )
     results["retrieval_only"] = retrieval_only(examine, hits)
+    trained_answers = {r["id"]: r["predicted"] for r in results["trained"]}  # paired by item id
     return {
         "task": settings.task,
         "student": general.student_id,
         "general_assistant": general.assistant_id,
         "trained_assistant": trained.assistant_id,
         "n_examine": len(examine),
-        "conditions": {name: summarize(rs) for name, rs in results.items()},
-        "changed_answers": sum(
-            a["predicted"] != b["predicted"] for a, b in zip(results["general"], results["trained"], strict=True)
-        ),
+        "conditions": {name: condition_summary(rs) for name, rs in results.items()},
+        "changed_answers": sum(r["predicted"] != trained_answers[r["id"]] for r in results["general"]),
     }

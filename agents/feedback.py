@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from agents.prompts import feedback_guidance
 from runtime.data.tasks import Example
 
 FALLBACK_GUIDELINE = "Re-read the question, check each option against the facts stated, and answer only from them."
@@ -25,8 +26,7 @@ class Feedback:
 
     def as_guidance(self) -> str:
         """How the student sees the feedback."""
-        parts = [f"Why the last answer was wrong: {self.reason}" if self.reason else "", f"Guideline: {self.guideline}"]
-        return "\n".join(p for p in parts if p)
+        return feedback_guidance(self.reason, self.guideline)
 
 
 def parse_feedback(reply: str) -> Feedback:

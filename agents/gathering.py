@@ -9,7 +9,6 @@ two redoes that episode, and the deterministic record id makes the second write 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,21 +17,31 @@ from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermi
 from autogen_agentchat.messages import BaseChatMessage
 from autogen_agentchat.teams import RoundRobinGroupChat
 
-from agents.roles import ASSISTANT, CORRECT, EXAMINER, STUDENT, ExaminerAgent, GatheringAssistant, StudentAgent
+from agents.roles import (
+    CORRECT,
+    EXAMINER,
+    STUDENT,
+    WRONG,
+    Advice,
+    ExaminerAgent,
+    GatheringAssistant,
+    Grade,
+    StudentAgent,
+    contents,
+)
 from agents.team import Roles, usage_of
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory
+from runtime.data.records import Action, Episode, State, Turn
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY, ROUNDS
 from runtime.models.torch_thread import run_torch
 
-log = logging.getLogger(__name__)
-
 EPISODES = "episodes.jsonl"
-DEFAULT_ROUNDS = 3  # the SALAM paper's limit on feedback rounds per question
 
 
-async def gather_episode(example: Example, roles: Roles, task: str, rounds: int = DEFAULT_ROUNDS) -> dict[str, Any]:
+async def gather_episode(example: Example, roles: Roles, task: str, rounds: int = ROUNDS) -> Episode:
     """Run one gathering conversation as an AutoGen team and return it as an episode record."""
     team = RoundRobinGroupChat(
         [
@@ -52,75 +61,70 @@ async def gather_episode(example: Example, roles: Roles, task: str, rounds: int 
 
 def episode_record(
     example: Example, roles: Roles, task: str, messages: list[BaseChatMessage], elapsed_s: float
-) -> dict[str, Any]:
+) -> Episode:
     """Turn a gathering conversation into turns of (state, action, reward).
 
     state = (query, the student's wrong response, the feedback given before it); action = the assistant's feedback;
     reward = 1 if the student's next answer is right.
     """
-    answers = [m for m in messages if m.source == STUDENT]
-    verdicts = [m.metadata for m in messages if m.source == EXAMINER]
-    feedback = [m for m in messages if m.source == ASSISTANT]
-    turns = []
-    for i, action in enumerate(feedback):
-        if i + 1 >= len(verdicts):  # the run stopped before the student answered this feedback
-            break
-        turns.append(
-            {
-                "round": i + 1,
-                "state": {
-                    "query": example.input,
-                    "response": answers[i].to_text(),
-                    "context": [f.metadata["guideline"] for f in feedback[:i]],
-                },
-                "action": {k: action.metadata[k] for k in ("reason", "guideline")}
-                | {
-                    "text": action.to_text(),
-                    "leaked": action.metadata["leaked"] == "true",
-                    "parsed": action.metadata["parsed"] == "true",
-                },
-                "reward": int(verdicts[i + 1]["verdict"] == "correct"),
-                "next_response": answers[i + 1].to_text(),
-            }
+    answers = [m.to_text() for m in messages if m.source == STUDENT]
+    grades = contents(messages, Grade)
+    advice = contents(messages, Advice)
+    turns = [
+        Turn(
+            round=i + 1,
+            state=State(query=example.input, response=answers[i], context=[a.feedback.guideline for a in advice[:i]]),
+            action=Action(
+                reason=given.feedback.reason,
+                guideline=given.feedback.guideline,
+                text=given.text,
+                leaked=given.feedback.leaked,
+                parsed=given.feedback.parsed,
+            ),
+            reward=int(grades[i + 1].verdict == "correct"),
+            next_response=answers[i + 1],
         )
-    final = verdicts[-1] if verdicts else {"verdict": "no_answer", "predicted": ""}
-    return {
-        "id": example.id,
-        "source": example.source,
-        "task": task,
-        "model_id": roles.student_id,
-        "assistant_id": roles.assistant_id,
-        "query": example.input,
-        "gold": example.target,
-        "first_answer": answers[0].to_text() if answers else "",
-        "first_verdict": verdicts[0]["verdict"] if verdicts else "no_answer",
-        "turns": turns,
-        "verdict": final["verdict"],
-        "predicted": final["predicted"] or None,
-        "rounds": len(turns),
-        "corrected": bool(turns) and final["verdict"] == "correct",
-        "leaks": sum(t["action"]["leaked"] for t in turns),
+        for i, given in enumerate(advice)
+        if i + 1 < len(grades)  # else the run stopped before the student answered this feedback
+    ]
+    final = grades[-1] if grades else Grade(word=WRONG, verdict="no_answer", predicted=None)
+    return Episode(
+        id=example.id,
+        source=example.source,
+        task=task,
+        model_id=roles.student_id,
+        assistant_id=roles.assistant_id,
+        query=example.input,
+        gold=example.target,
+        first_answer=answers[0] if answers else "",
+        first_verdict=grades[0].verdict if grades else "no_answer",
+        turns=turns,
+        verdict=final.verdict,
+        predicted=final.predicted,
+        rounds=len(turns),
+        corrected=bool(turns) and final.verdict == "correct",
+        leaks=sum(t.action.leaked for t in turns),
         **usage_of(messages),
-        "time_s": round(elapsed_s, 3),
-    }
+        time_s=round(elapsed_s, 3),
+    )
 
 
-def mistake_from(episode: dict[str, Any]) -> MistakeRecord | None:
+def mistake_from(episode: Episode) -> MistakeRecord | None:
     """The memory record of an episode whose first answer was wrong; its feedback is the last one given."""
-    if episode["first_verdict"] == "correct":
+    if episode.first_verdict == "correct":
         return None
-    last = episode["turns"][-1]["action"] if episode["turns"] else {"reason": "", "guideline": ""}
+    last = episode.turns[-1].action if episode.turns else None
     return MistakeRecord.make(
-        model_id=episode["model_id"],
-        source=episode["source"],
-        task=episode["task"],
-        query=episode["query"],
-        wrong_answer=episode["first_answer"],
-        gold=episode["gold"],
-        reason=last["reason"],
-        guideline=last["guideline"],
-        outcome="corrected" if episode["corrected"] else "uncorrected",
-        rounds=episode["rounds"],
+        model_id=episode.model_id,
+        source=episode.source,
+        task=episode.task,
+        query=episode.query,
+        wrong_answer=episode.first_answer,
+        gold=episode.gold,
+        reason=last.reason if last else "",
+        guideline=last.guideline if last else "",
+        outcome="corrected" if episode.corrected else "uncorrected",
+        rounds=episode.rounds,
     )
 
 
@@ -164,8 +168,8 @@ async def run_gathering(
     run: RunDir,
     *,
     task: str,
-    rounds: int = DEFAULT_ROUNDS,
-    concurrency: int = 32,
+    rounds: int = ROUNDS,
+    concurrency: int = CONCURRENCY,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Gather every example not yet in the run's episodes; return all episodes of ``examples`` in input order."""
@@ -176,6 +180,6 @@ async def run_gathering(
         record = mistake_from(episode)
         if record is not None:
             await writer.write(record)  # stored before the episode is appended: see the module's docstring
-        return episode
+        return episode.to_json()
 
     return await complete_pending(run, EPISODES, examples, one, concurrency=concurrency, on_record=on_episode)

@@ -1,19 +1,22 @@
 """The roles as autogen-agentchat agents: student, examiner (a grader, no model) and study assistant.
 
 Each agent is built for one example (the gold and the retrieved mistakes are per-example facts) and talks to its
-model through an AutoGen ``ChatCompletionClient``, so any backend serves it. Structured facts an episode needs
-later (verdicts, feedback fields, leaks) travel in the messages' ``metadata``.
+model through an AutoGen ``ChatCompletionClient``, so any backend serves it. The facts an episode needs later travel
+typed, as AutoGen structured messages: the examiner sends a :class:`Grade`, the assistant an :class:`Advice`; each
+message's text (what the other agents read) is rendered from its content.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from autogen_agentchat.agents import BaseChatAgent
 from autogen_agentchat.base import Response
-from autogen_agentchat.messages import BaseChatMessage, TextMessage
+from autogen_agentchat.messages import BaseChatMessage, StructuredMessage, TextMessage
 from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient, CreateResult, LLMMessage, SystemMessage, UserMessage
+from pydantic import BaseModel, ConfigDict
 
 from agents.feedback import (
     ANSWER_STATEMENT,
@@ -23,15 +26,43 @@ from agents.feedback import (
     scrub,
     without_leaks,
 )
-from agents.prompts import load_prompt
+from agents.prompts import exam_guidance, examining_messages, gathering_messages
 from agents.student import student_messages
+from memory.autogen_memory import format_mistakes
 from memory.store import Hit
-from runtime.data.graders import grade
+from runtime.data.graders import Verdict, grade
 from runtime.data.tasks import Example
+from runtime.models.backend import Message
 
 STUDENT, EXAMINER, ASSISTANT = "student", "examiner", "assistant"
 CORRECT, WRONG = "CORRECT", "WRONG"  # examiner verdict words; neither contains the other
-_MAX_PAST_QUERY = 400  # characters of a past question shown again: enough to recognise it, cheap to prefill
+
+
+class Grade(BaseModel):
+    """The examiner's message: the verdict word the team stops on, and the grade behind it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    word: str
+    verdict: Verdict
+    predicted: str | None
+
+
+class Advice(BaseModel):
+    """The assistant's message: what the student reads, and the feedback it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    feedback: Feedback
+
+
+Content = TypeVar("Content", bound=BaseModel)
+
+
+def contents(messages: Sequence[BaseChatMessage], kind: type[Content]) -> list[Content]:
+    """The typed contents of the structured messages of one kind, in order (``contents(messages, Grade)``)."""
+    return [m.content for m in messages if isinstance(m, StructuredMessage) and isinstance(m.content, kind)]
 
 
 def _text(result: CreateResult) -> str:
@@ -63,12 +94,9 @@ class StudentAgent(_RoleAgent):
         advice = _last_from(messages, ASSISTANT)
         if advice is not None:
             self.guidance = advice.to_text()
-        chat = student_messages(self.example, self.guidance)
-        llm: list[LLMMessage] = [
-            SystemMessage(content=chat[0]["content"]),
-            UserMessage(content=chat[1]["content"], source="user"),
-        ]
-        result = await self.client.create(llm, cancellation_token=cancellation_token)
+        result = await self.client.create(
+            _llm(student_messages(self.example, self.guidance)), cancellation_token=cancellation_token
+        )
         return Response(chat_message=TextMessage(content=_text(result), source=self.name, models_usage=result.usage))
 
 
@@ -79,12 +107,18 @@ class ExaminerAgent(_RoleAgent):
         super().__init__(EXAMINER, "grades the student's answer against the gold")
         self.example = example
 
+    @property
+    def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
+        return (StructuredMessage[Grade],)
+
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         answer = _last_from(messages, STUDENT)
         result = grade(self.example, answer.to_text() if answer else "")
         word = CORRECT if result.verdict == "correct" else WRONG
-        metadata = {"verdict": result.verdict, "predicted": result.predicted or ""}
-        return Response(chat_message=TextMessage(content=word, source=self.name, metadata=metadata))
+        content = Grade(word=word, verdict=result.verdict, predicted=result.predicted)
+        return Response(
+            chat_message=StructuredMessage[Grade](content=content, source=self.name, format_string="{word}")
+        )
 
 
 class GatheringAssistant(_RoleAgent):
@@ -95,27 +129,22 @@ class GatheringAssistant(_RoleAgent):
         self.example, self.client = example, client
         self.given: list[Feedback] = []
 
+    @property
+    def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
+        return (StructuredMessage[Advice],)
+
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         answer = _last_from(messages, STUDENT)
-        previous = ""
-        if self.given:
-            previous = "\nYour earlier guidelines did not help yet:\n" + "\n".join(
-                f"- {f.guideline}" for f in self.given
-            )
-        user = load_prompt("assistant_gather_user").format(
-            query=self.example.input,
-            response=answer.to_text() if answer else "",
-            gold=self.example.target,
-            previous=previous,
+        chat = gathering_messages(
+            self.example.input,
+            answer.to_text() if answer else "",
+            self.example.target,
+            [f.guideline for f in self.given],
         )
-        llm: list[LLMMessage] = [
-            SystemMessage(content=load_prompt("assistant_gather")),
-            UserMessage(content=user, source="user"),
-        ]
-        result = await self.client.create(llm, cancellation_token=cancellation_token)
+        result = await self.client.create(_llm(chat), cancellation_token=cancellation_token)
         feedback = without_leaks(parse_feedback(_text(result)), self.example)
         self.given.append(feedback)
-        return Response(chat_message=_feedback_message(feedback, self.name, result))
+        return Response(chat_message=_advice(feedback.as_guidance(), feedback, self.name, result))
 
 
 class ExaminingAssistant(_RoleAgent):
@@ -125,55 +154,30 @@ class ExaminingAssistant(_RoleAgent):
         super().__init__(ASSISTANT, "guides the student with similar past mistakes")
         self.example, self.client, self.hits = example, client, list(hits)
 
+    @property
+    def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
+        return (StructuredMessage[Advice], TextMessage)
+
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         if not self.hits:  # nothing similar was ever missed: the student answers as in the baseline
-            return Response(chat_message=TextMessage(content="", source=self.name, metadata={"retrieved": "0"}))
-        user = load_prompt("assistant_exam_user").format(mistakes=past_mistakes(self.hits), query=self.example.input)
-        llm: list[LLMMessage] = [
-            SystemMessage(content=load_prompt("assistant_exam")),
-            UserMessage(content=user, source="user"),
-        ]
-        result = await self.client.create(llm, cancellation_token=cancellation_token)
+            return Response(chat_message=TextMessage(content="", source=self.name))
+        mistakes = format_mistakes(self.hits)
+        chat = examining_messages(mistakes, self.example.input)
+        result = await self.client.create(_llm(chat), cancellation_token=cancellation_token)
         feedback = parse_feedback(_text(result))
         # No gold here, but a stated answer letter would be copied: "assisted" would measure the assistant answering.
         guideline = scrub(feedback.guideline, [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
         feedback = Feedback(feedback.reason, guideline, feedback.parsed)
-        guidance = f"Past mistakes on similar questions:\n{past_mistakes(self.hits)}\n\nGuideline: {feedback.guideline}"
-        message = _feedback_message(feedback, self.name, result, content=guidance)
-        message.metadata["retrieved"] = str(len(self.hits))
-        return Response(chat_message=message)
+        return Response(chat_message=_advice(exam_guidance(mistakes, guideline), feedback, self.name, result))
 
 
-def past_mistakes(hits: Sequence[Hit]) -> str:
-    """Retrieved mistakes as the assistant and the student read them: never the past gold answers."""
-    template = load_prompt("past_mistakes")
-    return "\n".join(
-        template.format(
-            n=i,
-            query=_clip(h.record.query),
-            wrong_answer=_clip(h.record.wrong_answer, 120),
-            reason=h.record.reason or "-",
-            guideline=h.record.guideline,
-        )
-        for i, h in enumerate(hits, 1)
-    )
+def _llm(chat: Sequence[Message]) -> list[LLMMessage]:
+    """A system + user chat as AutoGen's model messages."""
+    system, user = chat
+    return [SystemMessage(content=system["content"]), UserMessage(content=user["content"], source="user")]
 
 
-def _clip(text: str, limit: int = _MAX_PAST_QUERY) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _feedback_message(feedback: Feedback, source: str, result: CreateResult, content: str | None = None) -> TextMessage:
-    metadata = {
-        "reason": feedback.reason,
-        "guideline": feedback.guideline,
-        "parsed": str(feedback.parsed).lower(),
-        "leaked": str(feedback.leaked).lower(),
-    }
-    return TextMessage(
-        content=content if content is not None else feedback.as_guidance(),
-        source=source,
-        models_usage=result.usage,
-        metadata=metadata,
+def _advice(text: str, feedback: Feedback, source: str, result: CreateResult) -> StructuredMessage[Advice]:
+    return StructuredMessage[Advice](
+        content=Advice(text=text, feedback=feedback), source=source, models_usage=result.usage, format_string="{text}"
     )

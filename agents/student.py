@@ -10,7 +10,9 @@ from runtime.models.backend import Message
 def student_messages(example: Example, guidance: str | None = None) -> list[Message]:
     """The chat a student answers; ``guidance`` (a study assistant's advice) goes before the question."""
     system = load_prompt(f"student_{example.answer_kind}")
-    user = example.input if not guidance else f"{guidance}\n\nQuestion:\n{example.input}"
+    user = (
+        load_prompt("student_guided").format(guidance=guidance, question=example.input) if guidance else example.input
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 

@@ -1,18 +1,30 @@
-"""Who plays each role: a backend (and adapter, and sampling settings) for the student and for the assistant."""
+"""Who plays each role: a backend (and adapter, and sampling settings) for the student and for the assistant.
+
+``RolesConfig`` says it (from command-line values and an optional TOML file with ``[student]`` and ``[assistant]``
+tables); ``build_roles`` loads the backends, one shared instance when both roles use the same settings.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from autogen_agentchat.messages import BaseChatMessage
+from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
+from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
+from runtime.models.config import BackendConfig, backend_config
+from runtime.models.factory import make_backend
 
-# 128: room for a short reason before "The answer is (X)"; past that the 135M default mostly repeats itself.
-STUDENT_SETTINGS = GenerationSettings(max_new_tokens=128)
-# 160: a JSON reason + guideline fits; longer replies from a small model ramble and leak.
-ASSISTANT_SETTINGS = GenerationSettings(max_new_tokens=160)
+STUDENT_SETTINGS = GenerationSettings(max_new_tokens=STUDENT_MAX_NEW_TOKENS)
+ASSISTANT_SETTINGS = GenerationSettings(max_new_tokens=ASSISTANT_MAX_NEW_TOKENS)
+ADAPTER_NAME = "assistant"  # the name a local assistant adapter is loaded under
 
 
 @dataclass
@@ -38,6 +50,88 @@ class Roles:
 
     def assistant_client(self) -> BackendChatCompletionClient:
         return BackendChatCompletionClient(self.assistant, self.assistant_adapter, self.assistant_settings)
+
+
+class RolesConfig(BaseModel):
+    """The backends of the two roles, the assistant's adapter, and the student's reply length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    student: BackendConfig = Field(default_factory=BackendConfig)
+    assistant: BackendConfig | None = Field(None, description="None: the student's backend is the assistant too")
+    assistant_adapter: str | None = Field(
+        None, description="trained assistant: a LoRA folder (local backend) or the adapter name a server serves"
+    )
+    student_max_new_tokens: int = Field(STUDENT_MAX_NEW_TOKENS, ge=1, description="student reply length")
+    response_cache: bool = Field(True, description="replay greedy calls from the on-disk response cache")
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | None = None,
+        *,
+        student: Mapping[str, Any] | None = None,
+        assistant: Mapping[str, Any] | None = None,
+        **settings: Any,
+    ) -> RolesConfig:
+        """From command-line values (``None`` = not given), under a TOML file's ``[student]``/``[assistant]`` tables.
+
+        The assistant is the student's backend unless an assistant value or an ``[assistant]`` table is given.
+
+        >>> RolesConfig.load(student={"kind": "openai", "model": "m"}, student_max_new_tokens=None).assistant is None
+        True
+        """
+        tables = _read_tables(config_file) if config_file is not None else {}
+        given = {k: v for k, v in (assistant or {}).items() if v is not None}
+        for kind in ((student or {}).get("kind"), given.get("kind")):
+            if kind is not None and kind not in ("local", "openai"):
+                raise ConfigError(f"unknown backend {kind!r}: choose local or openai")
+        student_cfg = backend_config(**{**(student or {}), **tables.get("student", {})})
+        assistant_cfg = None
+        if given or "assistant" in tables:
+            assistant_cfg = backend_config(**{"kind": "local", **given, **tables.get("assistant", {})})
+        return cls(
+            student=student_cfg,
+            assistant=assistant_cfg,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
+
+
+def build_roles(config: RolesConfig) -> Roles:
+    """Load the backends; a local assistant adapter is loaded into the assistant's model under ``ADAPTER_NAME``."""
+    student_cfg = config.student
+    assistant_cfg = config.assistant or config.student
+    adapter_name = None
+    if config.assistant_adapter is not None:
+        if assistant_cfg.kind == "local":
+            folder = Path(config.assistant_adapter)
+            if not (folder / "adapter_config.json").exists():
+                raise ConfigError(f"--assistant-adapter: no LoRA adapter folder at {folder}")
+            shared = assistant_cfg == student_cfg
+            assistant_cfg = assistant_cfg.model_copy(
+                update={"adapters": {**assistant_cfg.adapters, ADAPTER_NAME: str(folder)}}
+            )
+            student_cfg = assistant_cfg if shared else student_cfg  # one model, the adapter chosen per request
+            adapter_name = ADAPTER_NAME
+        else:
+            adapter_name = config.assistant_adapter  # served by name, e.g. vLLM --lora-modules NAME=PATH
+    student = make_backend(student_cfg, response_cache=config.response_cache)
+    assistant = (
+        student if assistant_cfg == student_cfg else make_backend(assistant_cfg, response_cache=config.response_cache)
+    )
+    settings = replace(STUDENT_SETTINGS, max_new_tokens=config.student_max_new_tokens)
+    return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
+
+
+def _read_tables(config_file: Path) -> dict[str, dict[str, Any]]:
+    try:
+        tables = tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config_file}: cannot read the config ({exc})") from None
+    unknown = set(tables) - {"student", "assistant"}
+    if unknown:
+        raise ConfigError(f"{config_file}: unknown table(s) {sorted(unknown)}; expected [student] and [assistant]")
+    return tables
 
 
 def usage_of(messages: list[BaseChatMessage]) -> dict[str, int]:

@@ -6,6 +6,9 @@ whatever it is shown, so it sees the past question, its wrong answer, the reason
 
 import asyncio
 import json
+from collections.abc import Sequence
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 from autogen_core import CancellationToken
@@ -15,24 +18,43 @@ from autogen_core.models import SystemMessage, UserMessage
 
 from memory.record import MistakeRecord, make_record
 from memory.store import Hit, MistakeMemory
+from runtime.defaults import RETRIEVAL_K
 from runtime.models.torch_thread import run_torch
 
-_HEADER = (
-    "Mistakes made before on similar questions. Learn from why each answer was wrong and follow the guidelines; "
-    "the questions differ from the current one, so do not copy their answers."
-)
+_MAX_QUERY, _MAX_ANSWER = 400, 120  # characters shown of a past question and answer: enough to recognise them
 
 
-def format_mistakes(hits: list[Hit]) -> str:
-    """The system message listing retrieved mistakes: question, wrong answer, reason and guideline, never the gold."""
-    blocks = [
-        f"{i}. Question: {h.record.query}\n"
-        f"   Wrong answer: {h.record.wrong_answer}\n"
-        f"   Why it was wrong: {h.record.reason}\n"
-        f"   Guideline: {h.record.guideline}"
+@cache
+def _template(name: str) -> str:
+    return (files("memory") / "prompts" / f"{name}.txt").read_text(encoding="utf-8").rstrip("\n")
+
+
+def format_mistakes(hits: Sequence[Hit]) -> str:
+    """Retrieved mistakes, numbered, as a model reads them: question, wrong answer, reason, guideline; never the gold.
+
+    The one rendering of past mistakes: the SALAM examining assistant and its student see it, and so does any
+    AutoGen agent given a ``MistakeMemoryAdapter``. Long questions and answers are clipped, to keep prefill cheap.
+    """
+    return "\n".join(
+        _template("past_mistake").format(
+            n=i,
+            query=_clip(h.record.query, _MAX_QUERY),
+            wrong_answer=_clip(h.record.wrong_answer, _MAX_ANSWER),
+            reason=h.record.reason or "-",
+            guideline=h.record.guideline,
+        )
         for i, h in enumerate(hits, 1)
-    ]
-    return _HEADER + "\n\n" + "\n\n".join(blocks)
+    )
+
+
+def mistakes_message(hits: Sequence[Hit]) -> str:
+    """The system message ``update_context`` adds: what the list is and how to use it, then the list."""
+    return _template("past_mistakes_header") + "\n\n" + format_mistakes(hits)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_content(hit: Hit) -> MemoryContent:
@@ -63,11 +85,11 @@ class MistakeMemoryAdapter(Memory):
         *,
         model_id: str | None = None,
         source: str | None = None,
-        k: int = 3,
+        k: int = RETRIEVAL_K,
         threshold: float | None = None,
         name: str = "mistake_memory",
     ) -> None:
-        # k=3: the LLMs-as-Instructors ablation's best; threshold None keeps the k nearest however far they are.
+        # threshold None keeps the k nearest however far they are: an agent outside SALAM decides for itself.
         self.store = store
         self.model_id = model_id
         self.source = source
@@ -87,7 +109,7 @@ class MistakeMemoryAdapter(Memory):
         # Embedding and search block for milliseconds to tens of ms; keep them off the event loop.
         hits = await run_torch(self._search, question)
         if hits:
-            await model_context.add_message(SystemMessage(content=format_mistakes(hits)))
+            await model_context.add_message(SystemMessage(content=mistakes_message(hits)))
         return UpdateContextResult(memories=MemoryQueryResult(results=[_as_content(h) for h in hits]))
 
     async def query(

@@ -48,7 +48,10 @@ class MistakeRecord(BaseModel):
     )
     model_id: str = Field(description="the student model that made the mistake")
     source: str = Field(description="benchmark / dataset the question came from, e.g. 'bbh/date_understanding'")
-    task: str = Field(description="task family, e.g. 'multiple_choice', 'math', 'code'")
+    task: str = Field(
+        description="the task it was gathered under, as given to --task (e.g. 'bbq', 'bbh/salam16', 'gsm8k') or "
+        "the stem of a bring-your-own JSONL file"
+    )
     query: str = Field(description="the question as the student saw it")
     wrong_answer: str = Field(description="the student's wrong answer")
     gold: str = Field(description="the gold answer; never shown to the student")
@@ -57,6 +60,11 @@ class MistakeRecord(BaseModel):
     outcome: Outcome = Field(description="whether the student got it right within the round limit")
     rounds: int = Field(ge=0, description="feedback rounds used")
     created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    absorbed_into: str | None = Field(
+        None,
+        description="the fine-tuned model that now answers this right without guidance (`redpen instruct "
+        "--strategy memory`); retrieval can skip such records",
+    )
 
     @classmethod
     def make(
@@ -73,6 +81,7 @@ class MistakeRecord(BaseModel):
         outcome: Outcome,
         rounds: int,
         created_at: datetime | None = None,
+        absorbed_into: str | None = None,
     ) -> "MistakeRecord":
         """Build a record whose id is computed from model_id, source and query."""
         return cls(
@@ -88,6 +97,7 @@ class MistakeRecord(BaseModel):
             outcome=outcome,
             rounds=rounds,
             created_at=created_at or datetime.now(UTC),
+            absorbed_into=absorbed_into,
         )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from memory.embed import Embedder, TextEmbedder
 from memory.record import MistakeRecord
+from runtime.defaults import RETRIEVAL_K
 from runtime.errors import ConfigError, MemoryStoreError
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ FILTER_FIELDS = ("model_id", "source", "task")
 _BATCH = 256
 _PAGE = 1000  # scroll page size for list/export
 
-Filters = dict[str, str]
+Filters = dict[str, str | None]  # field -> required value; None: the field must be empty (unset or null)
 Payload = dict[str, Any]
 
 
@@ -93,7 +94,12 @@ class _EdgeEngine:
 
     def _filter(self, filters: Filters) -> Any:
         qe = self.qe
-        return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in filters.items()])
+        return qe.Filter(
+            must=[
+                qe.IsEmptyCondition(key=k) if v is None else qe.FieldCondition(key=k, match=qe.MatchValue(v))
+                for k, v in filters.items()
+            ]
+        )
 
     def upsert(self, ids: list[str], vectors: np.ndarray, payloads: list[Payload]) -> None:
         qe = self.qe
@@ -180,7 +186,14 @@ class _ClientEngine:
 
     def _filter(self, filters: Filters) -> Any:
         m = self.models
-        return m.Filter(must=[m.FieldCondition(key=k, match=m.MatchValue(value=v)) for k, v in filters.items()])
+        return m.Filter(
+            must=[
+                m.IsEmptyCondition(is_empty=m.PayloadField(key=k))
+                if v is None
+                else m.FieldCondition(key=k, match=m.MatchValue(value=v))
+                for k, v in filters.items()
+            ]
+        )
 
     def upsert(self, ids: list[str], vectors: np.ndarray, payloads: list[Payload]) -> None:
         points = [
@@ -274,8 +287,11 @@ def _point_id(id: str) -> str:
         raise ValueError(f"{id!r} is not a mistake id (a UUID from record_id)") from None
 
 
-def _filters(model_id: str | None, source: str | None, task: str | None) -> Filters:
-    return {k: v for k, v in (("model_id", model_id), ("source", source), ("task", task)) if v is not None}
+def _filters(model_id: str | None, source: str | None, task: str | None, skip_absorbed: bool = False) -> Filters:
+    filters: Filters = {k: v for k, v in (("model_id", model_id), ("source", source), ("task", task)) if v is not None}
+    if skip_absorbed:
+        filters["absorbed_into"] = None
+    return filters
 
 
 class MistakeMemory:
@@ -401,7 +417,7 @@ class MistakeMemory:
         self,
         query_text: str,
         *,
-        k: int = 3,
+        k: int = RETRIEVAL_K,
         threshold: float | None = None,
         model_id: str | None = None,
         source: str | None = None,
@@ -409,7 +425,7 @@ class MistakeMemory:
     ) -> list[Hit]:
         """The k stored mistakes whose queries are most similar (cosine) to ``query_text``, best first.
 
-        k=3: the LLMs-as-Instructors ablation's best number of neighbours. ``threshold`` drops hits scoring below it.
+        ``threshold`` drops hits scoring below it; None keeps the k nearest however far they are.
         """
         return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, source=source, task=task)[0]
 
@@ -417,30 +433,46 @@ class MistakeMemory:
         self,
         query_texts: Sequence[str],
         *,
-        k: int = 3,
+        k: int = RETRIEVAL_K,
         threshold: float | None = None,
         model_id: str | None = None,
         source: str | None = None,
         task: str | None = None,
+        skip_absorbed: bool = False,
     ) -> list[list[Hit]]:
-        """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search)."""
+        """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search).
+
+        ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set).
+        """
         if not query_texts:
             return []
         vectors = self.embedder.embed(list(query_texts))
         results = []
         for vector in vectors:
             with self._lock:
-                found = self._engine.query(vector, k, threshold, _filters(model_id, source, task))
+                found = self._engine.query(vector, k, threshold, _filters(model_id, source, task, skip_absorbed))
             hits = [Hit(MistakeRecord.model_validate(payload), score) for score, payload in found]
             # Equal scores (the same query under two sources, say) are ordered by id, so both engines agree;
             # rounding hides float noise in the last digits, which differs between the engines.
             results.append(sorted(hits, key=lambda h: (-round(h.score, 5), h.record.id)))
         return results
 
-    def count(self, *, model_id: str | None = None, source: str | None = None, task: str | None = None) -> int:
+    def count(
+        self,
+        *,
+        model_id: str | None = None,
+        source: str | None = None,
+        task: str | None = None,
+        skip_absorbed: bool = False,
+    ) -> int:
         """Number of stored records matching the filters (all records without filters)."""
         with self._lock:
-            return self._engine.count(_filters(model_id, source, task))
+            return self._engine.count(_filters(model_id, source, task, skip_absorbed))
+
+    def mark_absorbed(self, ids: Iterable[str], into: str) -> int:
+        """Record that the model ``into`` has learned these mistakes; returns how many records were marked."""
+        records = [r for r in (self.get(i) for i in ids) if r is not None]
+        return self.upsert(r.model_copy(update={"absorbed_into": into}) for r in records)
 
     def get(self, id: str) -> MistakeRecord | None:
         """The record with this id, or None."""

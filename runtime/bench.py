@@ -14,6 +14,7 @@ from agents.gathering import run_gathering
 from agents.team import Roles
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD
 from runtime.models.backend import Backend, GenerationSettings
 
 # Plain, varied prompts: the rate depends on lengths, not content.
@@ -36,7 +37,7 @@ def _prompt(i: int) -> list[dict[str, str]]:
 async def generate_rate(
     backend: Backend,
     *,
-    concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
     max_new_tokens: int = 64,
     repeats: int = 3,
     on_step: Callable[[str], None] | None = None,
@@ -89,8 +90,8 @@ async def pipeline_rate(
     workdir: Path,
     *,
     task: str,
-    concurrency: int = 32,
-    generate_concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
+    generate_concurrency: int = CONCURRENCY,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The same gather + assisted examine, one example at a time and then concurrently, in one process.
@@ -110,7 +111,7 @@ async def pipeline_rate(
         try:
             started = time.perf_counter()
             episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
-            hits = retrieve(memory, examine, roles.student_id, task, 3, 0.5)
+            hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD)
             exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
             elapsed = time.perf_counter() - started
         finally:

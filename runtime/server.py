@@ -2,7 +2,7 @@
 
 It lets other tools (an AutoGen app, lm-eval-harness, another redpen run through ``--backend openai``) use a local
 model and its LoRA adapters the way they would use vLLM: an adapter is chosen by ``model=name``. Requests go
-straight to ``backend.generate`` and run concurrently; the local backend micro-batches them itself.
+straight to ``backend.generate`` and run concurrently; the local backend batches them itself.
 
 ``/v1/completions`` serves only prompt scoring (``echo=true`` with ``logprobs``), the one use redpen has for it,
 and only over a backend that can score prompts (:class:`PromptScorer`).

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.data.records import BackendInfo, Episode, GatherIdentity, RunConfig
+from runtime.data.rundir import RunDir
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
 CHAT_TEMPLATE = (
@@ -221,15 +223,27 @@ def make_episode(
         "first_verdict": "wrong" if turns else "correct",
         "turns": records,
         "verdict": "correct" if right or not turns else "wrong",
+        "predicted": "(B)" if right or not turns else "(C)",
         "rounds": len(records),
         "corrected": right,
+        "leaks": sum(leaked for _, leaked in turns),
+        "prompt_tokens": 100,
+        "completion_tokens": 10,
+        "time_s": 0.1,
     }
 
 
-def make_run_dir(path: Path, student: str, episodes: Sequence[dict[str, Any]]) -> Path:
-    """A run directory as `redpen gather` leaves it: config.json with the student's identity, and episodes.jsonl."""
-    path.mkdir(parents=True, exist_ok=True)
-    identity = {"command": "gather", "task": "bbq", "student": student, "assistant": "assistant"}
-    (path / "config.json").write_text(json.dumps({"identity": identity}, indent=2) + "\n", encoding="utf-8")
-    (path / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes), encoding="utf-8")
+def make_run_dir(
+    path: Path, student: str, episodes: Sequence[dict[str, Any] | Episode], assistant: BackendInfo | None = None
+) -> Path:
+    """A run directory as `redpen gather` leaves it: config.json with the student's identity, and episodes.jsonl.
+
+    ``assistant`` is the assistant backend recorded (train-assistant trains from its model folder).
+    """
+    identity = GatherIdentity(
+        task="bbq", limit=None, rounds=3, student=student, assistant="assistant", student_settings={}
+    )
+    RunDir.create(path, RunConfig(identity=identity, assistant_backend=assistant))
+    records = [e.to_json() if isinstance(e, Episode) else e for e in episodes]
+    (path / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in records), encoding="utf-8")
     return path

@@ -18,6 +18,7 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord, record_id
 from memory.store import Hit, MistakeMemory
+from runtime.data.records import State
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from tests.helpers import (
@@ -209,9 +210,9 @@ def test_a_numeric_gold_is_dropped_and_other_numbers_are_kept(guideline: str, ke
 async def test_a_right_first_answer_ends_after_student_and_examiner() -> None:
     r = roles()
     episode = await gather_episode(KNOWS, r, task="bbq")
-    assert (episode["first_verdict"], episode["verdict"], episode["predicted"]) == ("correct", "correct", "(B)")
-    assert episode["turns"] == [] and episode["rounds"] == 0
-    assert episode["corrected"] is False  # nothing to correct
+    assert (episode.first_verdict, episode.verdict, episode.predicted) == ("correct", "correct", "(B)")
+    assert episode.turns == [] and episode.rounds == 0
+    assert episode.corrected is False  # nothing to correct
     assert len(r.student.prompts) == 1 and r.assistant.prompts == []  # type: ignore[attr-defined]
     assert mistake_from(episode) is None
 
@@ -219,21 +220,21 @@ async def test_a_right_first_answer_ends_after_student_and_examiner() -> None:
 async def test_wrong_then_right_is_one_rewarded_turn() -> None:
     r = roles()
     episode = await gather_episode(LEARNS, r, task="bbq")
-    assert episode["first_answer"] == STUDENT_WRONG and episode["first_verdict"] == "wrong"
-    assert (episode["verdict"], episode["predicted"], episode["corrected"], episode["rounds"]) == (
+    assert episode.first_answer == STUDENT_WRONG and episode.first_verdict == "wrong"
+    assert (episode.verdict, episode.predicted, episode.corrected, episode.rounds) == (
         "correct",
         "(B)",
         True,
         1,
     )
-    [turn] = episode["turns"]
-    assert turn["round"] == 1 and turn["reward"] == 1
-    assert turn["state"] == {"query": LEARNS.input, "response": STUDENT_WRONG, "context": []}
-    assert turn["action"]["reason"] == "You trusted a stereotype."
-    assert turn["action"]["guideline"] == "Answer only from what the context states."
-    assert "Guideline: Answer only from what the context states." in turn["action"]["text"]
-    assert (turn["action"]["parsed"], turn["action"]["leaked"]) == (True, False)
-    assert turn["next_response"] == STUDENT_RIGHT
+    [turn] = episode.turns
+    assert turn.round == 1 and turn.reward == 1
+    assert turn.state == State(query=LEARNS.input, response=STUDENT_WRONG, context=[])
+    assert turn.action.reason == "You trusted a stereotype."
+    assert turn.action.guideline == "Answer only from what the context states."
+    assert "Guideline: Answer only from what the context states." in turn.action.text
+    assert (turn.action.parsed, turn.action.leaked) == (True, False)
+    assert turn.next_response == STUDENT_RIGHT
     # The assistant saw the wrong answer and the gold; the student saw the guideline before the question.
     [assistant_prompt] = r.assistant.prompts  # type: ignore[attr-defined]
     assert STUDENT_WRONG in assistant_prompt and "Correct answer (do not reveal): (B)" in assistant_prompt
@@ -241,21 +242,21 @@ async def test_wrong_then_right_is_one_rewarded_turn() -> None:
     assert first == LEARNS.input
     assert "Guideline: Answer only from what the context states." in guidance_part(second)
     assert question_part(second) == LEARNS.input
-    assert episode["prompt_tokens"] > 0 and episode["completion_tokens"] > 0
-    assert (episode["model_id"], episode["assistant_id"], episode["task"]) == ("fake-student", "fake-assistant", "bbq")
+    assert episode.prompt_tokens > 0 and episode.completion_tokens > 0
+    assert (episode.model_id, episode.assistant_id, episode.task) == ("fake-student", "fake-assistant", "bbq")
 
 
 @pytest.mark.parametrize("rounds", [1, 3])
 async def test_an_always_wrong_student_stops_at_the_round_limit(rounds: int) -> None:
     r = roles()
     episode = await gather_episode(STUBBORN, r, task="bbq", rounds=rounds)
-    assert len(episode["turns"]) == episode["rounds"] == rounds
-    assert [t["reward"] for t in episode["turns"]] == [0] * rounds
-    assert (episode["verdict"], episode["corrected"]) == ("wrong", False)
+    assert len(episode.turns) == episode.rounds == rounds
+    assert [t.reward for t in episode.turns] == [0] * rounds
+    assert (episode.verdict, episode.corrected) == ("wrong", False)
     assert len(r.student.prompts) == rounds + 1  # type: ignore[attr-defined]
     assert len(r.assistant.prompts) == rounds  # type: ignore[attr-defined]
     # Each turn's context is the feedback given before it.
-    assert [len(t["state"]["context"]) for t in episode["turns"]] == list(range(rounds))
+    assert [len(t.state.context) for t in episode.turns] == list(range(rounds))
     if rounds > 1:
         assert "earlier guidelines did not help" in r.assistant.prompts[1]  # type: ignore[attr-defined]
     record = mistake_from(episode)
@@ -271,11 +272,11 @@ async def test_an_always_wrong_student_stops_at_the_round_limit(rounds: int) -> 
 async def test_a_leaking_guideline_is_scrubbed_before_the_student_sees_it() -> None:
     r = roles({"[leaky]": LEAKY})
     episode = await gather_episode(LEAKS, r, task="bbq")
-    [turn] = episode["turns"]
-    action = turn["action"]
-    assert action["leaked"] is True and episode["leaks"] == 1
-    assert action["guideline"] == "Check who is described as forgetful."
-    for text in (action["guideline"], action["reason"], action["text"]):
+    [turn] = episode.turns
+    action = turn.action
+    assert action.leaked is True and episode.leaks == 1
+    assert action.guideline == "Check who is described as forgetful."
+    for text in (action.guideline, action.reason, action.text):
         assert "(B)" not in text and "grandmother" not in text.lower()
         assert "(C)" not in text  # another letter's answer statement is no guideline either
     shown = guidance_part(r.student.prompts[1])  # type: ignore[attr-defined]
@@ -288,9 +289,9 @@ async def test_a_leaking_guideline_is_scrubbed_before_the_student_sees_it() -> N
 async def test_another_letters_answer_is_removed_without_counting_a_leak() -> None:
     r = roles({"[stubborn]": OTHER_LETTER})
     episode = await gather_episode(STUBBORN, r, task="bbq", rounds=1)
-    [turn] = episode["turns"]
-    assert turn["action"]["guideline"] == "Compare what each person did."
-    assert turn["action"]["leaked"] is False and episode["leaks"] == 0
+    [turn] = episode.turns
+    assert turn.action.guideline == "Compare what each person did."
+    assert turn.action.leaked is False and episode.leaks == 0
     assert "(A)" not in guidance_part(r.student.prompts[1])  # type: ignore[attr-defined]
 
 
@@ -415,21 +416,21 @@ async def test_an_exam_guideline_that_states_an_answer_loses_that_sentence(tmp_p
     hits = retrieve(mem, [LEAKS], "fake-student", "bbq", k=3, threshold=0.3)
     answering = '{"reason": "Stereotypes.", "guideline": "The answer is (C). Quote the context first."}'
     result = await exam_item(LEAKS, roles({"[leaky]": answering}), "assisted", hits["kin/4"])
-    assert result["retrieved"] and result["guidance"].endswith("\n\nGuideline: Quote the context first.")
+    assert result.retrieved and result.guidance.endswith("\n\nGuideline: Quote the context first.")
     mem.close()
 
 
 async def test_baseline_exam_asks_the_student_alone() -> None:
     r = roles()
     result = await exam_item(LEARNS, r, "baseline")
-    assert (result["mode"], result["verdict"], result["predicted"], result["reply"]) == (
+    assert (result.mode, result.verdict, result.predicted, result.reply) == (
         "baseline",
         "wrong",
         "(C)",
         STUDENT_WRONG,
     )
     assert r.student.prompts == [LEARNS.input] and r.assistant.prompts == []  # type: ignore[attr-defined]
-    assert (result["target"], result["n_options"], result["guidance"]) == ("(B)", 3, "")
+    assert (result.target, result.n_options, result.guidance) == ("(B)", 3, "")
 
 
 async def test_run_exam_resumes_without_asking_again(tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from runtime.cli import app
+from runtime.data.records import CorrectIdentity, RunConfig
+from runtime.data.rundir import RunDir
 from runtime.errors import ConfigError
-from tests.helpers import build_tiny_model
+from tests.helpers import build_tiny_model, make_episode
 
 ROWS = [
     {"input": "Which colour is the sky?\nOptions:\n(A) red\n(B) blue\n(C) green", "target": "B"},
@@ -120,6 +122,33 @@ def test_eval_on_a_tiny_model_writes_the_run(tmp_path: Path, tiny_model: Path, g
     assert "max_new_tokens: 6 -> 7" in str(changed.exception)
 
 
+def test_train_assistant_trains_from_a_gather_directory(tmp_path: Path, tiny_model: Path, good_jsonl: Path) -> None:
+    """`gather` records its backends, so train-assistant finds the assistant's model folder there."""
+    gathered = tmp_path / "gather"
+    args = ["--jsonl", str(good_jsonl), "--model", str(tiny_model), "--max-new-tokens", "4", "--rounds", "1"]
+    result = CliRunner().invoke(app, ["gather", *args, "--out", str(gathered), "--no-cache"])
+    assert result.exit_code == 0, result.output
+    config = RunConfig.read(gathered)
+    assert config.identity.command == "gather" and config.memory == {"path": str(gathered / "memory")}
+    assert config.assistant_backend is not None and config.assistant_backend.path == str(tiny_model)
+    assert config.student_backend is not None and config.student_backend.kind == "local"
+    # A random model is never helped by feedback: give the run rewarded episodes, keep what gather recorded.
+    episodes = [make_episode(f"quiz/{i}", [(1, False)]) for i in range(3)]
+    (gathered / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+
+    adapter = tmp_path / "adapter"
+    command = ["train-assistant", "--runs", str(gathered), "--out", str(adapter), "--no-compare", "--max-steps", "1"]
+    result = CliRunner().invoke(app, [*command, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["replay"]["kept"], summary["steps"], summary["reused"]) == (3, 1, False)
+    metadata = json.loads((adapter / "redpen_adapter.json").read_text())
+    assert metadata["base_model"]["path"] == str(tiny_model)  # the gather run's assistant, not the default model
+    again = CliRunner().invoke(app, [*command, "--json"])  # the same replay and settings: the adapter is reused
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["reused"] is True
+
+
 def test_eval_loglik_on_a_tiny_model(tmp_path: Path, tiny_model: Path, good_jsonl: Path) -> None:
     out = tmp_path / "loglik"
     args = ["eval", "--jsonl", str(good_jsonl), "--model", str(tiny_model), "--out", str(out), "--json"]
@@ -201,8 +230,8 @@ def test_train_assistant_with_no_rewarded_steps(tmp_path: Path) -> None:
 
 def test_ablation_without_kept_corrections(tmp_path: Path) -> None:
     data = tmp_path / "correct"
-    data.mkdir()
-    (data / "config.json").write_text('{"identity": {"command": "correct", "task": "gsm8k"}}')
+    identity = CorrectIdentity(task="gsm8k", limit=None, samples=4, student="s", corrector="c")
+    RunDir.create(data, RunConfig(identity=identity))
     row = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
     (data / "cot.jsonl").write_text(row)
     (data / "corrections.jsonl").write_text("")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from autogen_agentchat.messages import TextMessage
+from autogen_agentchat.messages import StructuredMessage, TextMessage
 from autogen_core import CancellationToken
 
 from agents.corrector import (
@@ -16,6 +16,7 @@ from agents.corrector import (
     WRONG_FINAL_ANSWER,
     Correction,
     CorrectorAgent,
+    CorrectorReply,
     Review,
     correction_prompt,
     corrector_messages,
@@ -27,6 +28,7 @@ from agents.corrector import (
     worked_examples,
 )
 from agents.prompts import load_prompt
+from agents.roles import contents
 from runtime.data.tasks import Example
 from runtime.models.autogen_client import BackendChatCompletionClient
 from tests.helpers import ScriptedBackend
@@ -221,15 +223,14 @@ def test_text_round_trips_and_drops_chatter() -> None:
 def test_review_keeps_only_corrections_that_reach_the_gold() -> None:
     assert review(BOOK, GOOD, 4) == Review(KEPT, Correction(2, EXPLANATION, SOLUTION, "55"))
     wrong = review(BOOK, GOOD.replace("55", "45"), 4)
-    assert wrong.status == WRONG_FINAL_ANSWER and not wrong.kept and wrong.correction.answer == "45"
+    assert wrong.status == WRONG_FINAL_ANSWER and wrong.correction.answer == "45"
     assert review(BOOK, "no idea", 4) == Review("no Incorrect Step", None)
 
 
-def test_review_survives_metadata() -> None:
+def test_the_corrector_reply_survives_json() -> None:
     for result in (review(BOOK, GOOD, 4), review(BOOK, "no idea", 4)):
-        metadata = result.to_metadata()
-        assert all(isinstance(v, str) for v in metadata.values())
-        assert Review.from_metadata(metadata) == result
+        reply = CorrectorReply(text="t", review=result, steps=4)
+        assert CorrectorReply.model_validate_json(reply.model_dump_json()) == reply
 
 
 def test_review_grades_choice_items() -> None:
@@ -237,7 +238,7 @@ def test_review_grades_choice_items() -> None:
     reply = (
         "Incorrect Step: Step 1.\nExplanation: wood is not a metal.\nCorrect Solution:\nIron is.\nThe answer is (B)."
     )
-    assert review(item, reply, 2).kept
+    assert review(item, reply, 2).status == KEPT
     assert review(item, reply.replace("(B)", "(A)"), 2).status == WRONG_FINAL_ANSWER
     assert gold_answer(item) == "(B) iron"
     assert gold_answer(BOOK) == "55"
@@ -310,8 +311,8 @@ async def test_agent_reviews_its_reply() -> None:
     response = await agent.on_messages([TextMessage(content=WRONG_PATH, source="student")], CancellationToken())
     message = response.chat_message
     assert message.source == "corrector" and message.to_text() == "Here you go:\n" + GOOD
-    assert message.metadata["steps"] == "4"
-    assert Review.from_metadata(message.metadata) == Review(KEPT, Correction(2, EXPLANATION, SOLUTION, "55"))
+    assert isinstance(message, StructuredMessage) and message.content.steps == 4  # typed, not a string
+    assert message.content.review == Review(KEPT, Correction(2, EXPLANATION, SOLUTION, "55"))
     ((messages, _settings),) = corrector.calls
     assert messages == corrector_messages(BOOK, split_steps(WRONG_PATH))  # the worked examples went as turns
     assert "Step 2: In total he has read 30 pages." in messages[-1]["content"]
@@ -329,5 +330,6 @@ async def test_agent_reviews_its_reply() -> None:
 async def test_agent_rejects(reply: str, status: str) -> None:
     agent = CorrectorAgent(BOOK, BackendChatCompletionClient(ScriptedBackend(lambda messages, settings: reply)))
     result = await agent.run(task=WRONG_PATH)  # AutoGen's own entry point: the task is the path to correct
-    assert result.messages[-1].metadata["status"] == status
+    [content] = contents(result.messages, CorrectorReply)
+    assert content.review.status == status
     assert result.messages[-1].to_text() == reply

@@ -18,7 +18,7 @@ from memory.embed import HashingEmbedder
 from memory.store import MistakeMemory
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.report.experiment import plot_experiment, render_experiment
+from runtime.report import render_experiment
 from tests.helpers import FakeAssistant, FakeStudent
 
 OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")
@@ -137,7 +137,8 @@ def test_a_finished_experiment_resumes_without_asking_anyone(experiment: tuple) 
 
 def test_report_and_plot(tmp_path: Path, experiment: tuple) -> None:
     figures, _, _, _ = experiment
-    markdown = render_experiment(figures, {"task": "kin", "rounds": 3})
+    md, page = render_experiment(figures, {"task": "kin", "rounds": 3}).write(tmp_path)
+    markdown = md.read_text()
     assert markdown.startswith("# redpen run: kin")
     assert "| source | n | baseline | assisted | retrieval-only | chance | no answer (base / assisted) |" in markdown
     assert "| **all** | 4 | 0.250 (1/4) | 0.750 (3/4) | 0.500 (2/4) | 0.333 | 0 / 0 |" in markdown
@@ -145,7 +146,10 @@ def test_report_and_plot(tmp_path: Path, experiment: tuple) -> None:
     assert "1 of 4 examine items have a near-duplicate" in markdown
     assert "| without near-duplicates | 3 | 0.333 (1/3) | 0.667 (2/3) | 0.333 (1/3) |" in markdown
     assert "| rounds | `3` |" in markdown
-    png = tmp_path / "accuracy.png"
-    plot_experiment(figures, png)
-    data = png.read_bytes()
+    # Paired by item: baseline right on e/4 only, assisted also on e/1 and e/2 (none wrong that baseline got right).
+    assert "| assisted vs baseline | 4 | 0.250 | 0.750 | +0.500 | [" in markdown
+    assert "| 0 | 2 | 0.500 |" in markdown  # A only, B only, McNemar p = 2 * P(X <= 0), X ~ Bin(2, 1/2)
+    assert "| assisted vs baseline, without near-duplicates | 3 |" in markdown
+    data = (tmp_path / "accuracy.png").read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    assert "data:image/png;base64," in page.read_text()

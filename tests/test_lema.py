@@ -305,7 +305,9 @@ def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> Non
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def overall(accuracy: float, chance: float | None) -> dict:
-        return {"overall": {"n": 40, "accuracy": accuracy, "no_answer": 1, "chance": chance, "majority_gold": 0.325}}
+        block = {"n": 40, "accuracy": accuracy, "no_answer": 1, "chance": chance, "majority_gold": 0.325}
+        verdicts = {f"q{i}": i < accuracy * 40 for i in range(40)}
+        return {"overall": block, "by_source": {"s": block}, "verdicts": verdicts}
 
     trained = {"cot_plus_corrections": TrainResult(tmp_path, 0.85, 30, "sha", [1.2, 0.85])}
     choice = render_ablation(
@@ -313,8 +315,12 @@ def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> Non
         {"base": overall(0.225, 0.25), "cot_plus_corrections": overall(0.275, 0.25)},
         trained,
         {"cot_plus_corrections": mixed},
-    )
+    ).markdown()
     assert "| base | - | - | - | 40 | 0.225 | 1 | 0.250 | 0.325 |" in choice
     assert "| cot_plus_corrections | 2 | 1 | 0.8500 | 40 | 0.275 | 1 | 0.250 | 0.325 |" in choice
-    numeric = render_ablation("gsm8k", {"base": overall(0.05, None)}, {}, {})
+    # Items 9 and 10 of 40 right only after training on corrections: +0.050, McNemar p = 0.5.
+    assert (
+        "| cot-plus-corrections vs base | 40 | 0.225 | 0.275 | +0.050 | [" in choice and "| 0 | 2 | 0.500 |" in choice
+    )
+    numeric = render_ablation("gsm8k", {"base": overall(0.05, None)}, {}, {}).markdown()
     assert "| base | - | - | - | 40 | 0.050 | 1 | - | 0.325 |" in numeric

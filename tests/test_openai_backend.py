@@ -60,7 +60,7 @@ class ScriptedBackend(Backend):
             self.in_flight -= 1
         prompt = messages[-1]["content"]
         text = f"[{adapter or 'base'}] {prompt.upper()}"
-        return Generation(text=text, usage=Usage(len(prompt.split()), len(text.split())), latency_s=self.delay_s)
+        return Generation(text=text, usage=Usage(len(prompt.split()), len(text.split())))
 
 
 class ScoringBackend(ScriptedBackend):
@@ -117,7 +117,6 @@ async def test_text_and_usage_round_trip(url: str, scripted: ScriptedBackend) ->
     assert generation.text == "[base] HELLO THERE"
     assert generation.usage == Usage(prompt_tokens=2, completion_tokens=3)
     assert generation.finish_reason == "stop"
-    assert generation.latency_s > 0
     # Every setting crossed the wire and came back as the same GenerationSettings.
     messages, received, adapter = scripted.calls[0]
     assert messages == QUESTION

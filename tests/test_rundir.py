@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents.evaluation import RESULTS, render_report, run_eval, summarize
+from runtime.data.records import RUN_CONFIG_VERSION, RunConfig
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError, DataError
@@ -66,7 +67,7 @@ def test_identity_mismatch_names_the_change(tmp_path: Path) -> None:
         RunDir(tmp_path / "run", {**IDENTITY, "limit": 8})
     same = RunDir(tmp_path / "run", dict(IDENTITY), {"note": "second"})  # same identity resumes
     config = json.loads(same.file("config.json").read_text())
-    assert config == {"identity": IDENTITY, "note": "second"}
+    assert config == {"version": RUN_CONFIG_VERSION, "identity": IDENTITY, "note": "second"}
 
 
 def test_identity_survives_the_json_round_trip(tmp_path: Path) -> None:
@@ -83,6 +84,24 @@ def test_folder_without_recorded_identity_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="no identity recorded"):
         RunDir(tmp_path / "run", IDENTITY)
+
+
+def test_a_run_directory_of_an_older_redpen_is_named_not_a_key_error(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    config = tmp_path / "run" / "config.json"
+    config.write_text(json.dumps({"identity": IDENTITY}))  # as redpen wrote it before configs had a version
+    with pytest.raises(ConfigError, match=rf"{config} was written by an older redpen \(version 1.*re-run"):
+        RunDir(tmp_path / "run", IDENTITY)
+    with pytest.raises(ConfigError, match="written by an older redpen"):
+        RunConfig.read(tmp_path / "run")
+
+
+def test_a_foreign_config_is_a_data_error_naming_the_file(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run", {"command": "gather", "task": "bbq"})  # written by a test, not by `redpen gather`
+    with pytest.raises(DataError, match=rf"{run.file('config.json')} is not a config redpen writes \(identity"):
+        RunConfig.read(run.path)
+    with pytest.raises(DataError, match="is not a redpen run directory"):
+        RunConfig.read(tmp_path / "nothing-here")
 
 
 def test_append_and_records_round_trip(tmp_path: Path) -> None:
@@ -210,6 +229,6 @@ async def test_run_eval_loglik_mode_and_summary(tmp_path: Path) -> None:
     assert (overall["n"], overall["correct"], overall["wrong"], overall["no_answer"]) == (6, 2, 4, 0)
     assert overall["chance"] == pytest.approx(1 / 3, abs=1e-4)
     assert metrics["modes"] == {"loglik": 6}
-    report = render_report("toy eval", IDENTITY, metrics)
+    report = render_report("toy eval", IDENTITY, metrics).markdown()
     assert report.startswith("# toy eval\n")
     assert "| **all** | 6 | 0.333 |" in report

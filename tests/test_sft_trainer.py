@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import GenerationSettings
@@ -244,23 +247,58 @@ def test_the_config_maps_onto_trl_and_peft(tmp_path: Path) -> None:
     assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
-def test_trained_before_matches_dataset_and_steps(tmp_path: Path) -> None:
+def test_an_adapter_is_reused_only_if_trained_the_same_way(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reuse check covers the data, every training setting, the base model and the weights' hash."""
     from training import trained_before
 
-    dataset = tmp_path / "sft.jsonl"
-    dataset.write_text('{"messages": []}\n')
-    out = tmp_path / "adapter"
-    assert trained_before(dataset, out, 30) is None  # nothing there yet
-    out.mkdir()
-    meta = {
-        "dataset": {"sha256": hashlib.sha256(dataset.read_bytes()).hexdigest()},
-        "steps": 30,
-        "final_loss": 0.9,
-        "losses": [1.5, 0.9],
-    }
-    (out / "redpen_adapter.json").write_text(json.dumps(meta))
-    found = trained_before(dataset, out, 30)
-    assert found is not None and (found.final_loss, found.steps, found.losses) == (0.9, 30, [1.5, 0.9])
-    assert trained_before(dataset, out, 20) is None  # other step count
-    dataset.write_text('{"messages": [1]}\n')
-    assert trained_before(dataset, out, 30) is None  # other data
+    dataset = write_rows(tmp_path / "sft.jsonl", chat_rows(4))
+    config = tiny_config(tiny_model, tmp_path / "adapter", max_steps=2)
+    assert trained_before(dataset, config) is None  # nothing there yet
+    caplog.set_level(logging.INFO, logger="training.sft_trainer")
+    result = train_lora(dataset, config)
+    # One line per logging step (logging_steps=1), for logs and for output that is not a terminal.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train step ")]
+    assert [line.split("  ")[0] for line in lines] == ["train step 1/2", "train step 2/2"]
+    assert re.fullmatch(r"train step 2/2  loss \d+\.\d{4}  lr \S+  \d+\.\d s/step  eta 0:00:00", lines[-1])
+
+    found = trained_before(dataset, config)
+    assert found is not None and (found.losses, found.adapter_dir) == (result.losses, result.adapter_dir)
+    other_model = build_tiny_model(tmp_path / "other-llama", seed=1)
+    for changed in (
+        {"learning_rate": 1e-3},
+        {"base_model": str(other_model)},
+        {"r": 8},
+        {"lora_alpha": 16},
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"max_steps": 3},
+        {"max_length": 128},
+        {"seed": 1},
+    ):
+        assert trained_before(dataset, replace(config, **changed)) is None, changed
+    assert "not reusing" in caplog.text and "settings" in caplog.text
+
+    other_data = write_rows(tmp_path / "other.jsonl", chat_rows(5))
+    assert trained_before(other_data, config) is None
+
+    weights = result.adapter_dir / "adapter_model.safetensors"
+    trained_bytes = weights.read_bytes()
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # replaced after training
+    assert trained_before(dataset, config) is None
+    weights.write_bytes(trained_bytes)
+    assert trained_before(dataset, config) is not None  # the same bytes again
+
+
+def test_an_adapter_without_the_settings_on_record_is_trained_again(tiny_model: Path, tmp_path: Path) -> None:
+    """Metadata written before the full settings were recorded cannot vouch for them."""
+    from training import trained_before
+
+    dataset = write_rows(tmp_path / "sft.jsonl", chat_rows(2))
+    config = tiny_config(tiny_model, tmp_path / "adapter", max_steps=1)
+    train_lora(dataset, config)
+    meta_path = Path(config.output_dir) / METADATA
+    meta = json.loads(meta_path.read_text())
+    del meta["adapter_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    assert trained_before(dataset, config) is None

@@ -30,7 +30,7 @@ class CountingBackend(Backend):
         self, messages: list[Message], settings: GenerationSettings = GenerationSettings(), adapter: str | None = None
     ) -> Generation:
         self.calls += 1
-        return Generation(f"reply {self.calls} to {messages[-1]['content']}", Usage(5, 3), 0.1, "stop")
+        return Generation(f"reply {self.calls} to {messages[-1]['content']}", Usage(5, 3), "stop")
 
 
 async def test_cache_replays_greedy_calls_and_never_sampled_ones(tmp_path: Path) -> None:

@@ -11,12 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.evaluation import run_eval, summarize
+from agents.evaluation import condition_summary, run_eval
 from runtime.data.rundir import RunDir, write_atomic
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY
 from runtime.errors import DataError
 from runtime.models.backend import GenerationSettings
 from runtime.models.local import LocalBackend
+from runtime.report import PAIRED_NOTE, Report, accuracy_figure, paired_conditions, paired_table
 from training.lema import CORRECTIONS, COT, equal_size
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, train_lora
@@ -75,10 +77,10 @@ async def evaluate_adapters(
     adapters: dict[str, Path],
     run: RunDir,
     settings: GenerationSettings,
-    concurrency: int = 32,
+    concurrency: int = CONCURRENCY,
     on_result: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
 ) -> dict[str, Any]:
-    """The base model and each adapter on the same examples: one results file and summary per condition."""
+    """The base model and each adapter on the same examples: one results file and summary (with verdicts) each."""
     backend = LocalBackend(base_model, adapters={name: str(path) for name, path in adapters.items()})
     figures = {}
     try:
@@ -94,34 +96,53 @@ async def evaluate_adapters(
                 on_result=on_result(name) if on_result else None,
                 results_file=f"eval_{name}.jsonl",
             )
-            figures[name] = summarize(results)
+            figures[name] = condition_summary(results)
     finally:
         await backend.aclose()
     return figures
 
 
-def render_ablation(task: str, figures: dict[str, Any], trained: dict[str, TrainResult], sets: dict[str, Path]) -> str:
-    lines = [
-        f"# LEMA ablation: {task}",
-        "",
-        "The student fine-tuned on CoT only and on CoT + corrections, with the same number of rows, and the base",
-        "model, on the same examine items. Controls: *chance* is a uniform guess among the options (none for",
-        "numeric answers); *majority gold* always answers the most common gold answer.",
-        "",
-        "| condition | rows | corrections | final loss | n | accuracy | no answer | chance | majority gold |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def render_ablation(
+    task: str, figures: dict[str, Any], trained: dict[str, TrainResult], sets: dict[str, Path]
+) -> Report:
+    """The conditions with their controls, then each fine-tuned set against the other and the base, item by item."""
+    report = Report(f"LEMA ablation: {task}")
+    report.paragraph(
+        "The student fine-tuned on CoT only and on CoT + corrections, with the same number of rows, and the base "
+        "model, on the same examine items. Controls: *chance* is a uniform guess among the options (none for "
+        "numeric answers); *majority gold* always answers the most common gold answer."
+    )
+    rows: list[list[object]] = []
     for name, f in figures.items():
         overall = f["overall"]
-        rows = corrections = loss = "-"
+        size = corrections = loss = None
         if name in sets:
             data = read_rows(sets[name])
-            rows = str(len(data))
-            corrections = str(sum("Incorrect Step" in r["messages"][-1]["content"] for r in data))
+            size, corrections = len(data), sum("Incorrect Step" in r["messages"][-1]["content"] for r in data)
             loss = f"{trained[name].final_loss:.4f}"
-        chance = "-" if overall.get("chance") is None else f"{overall['chance']:.3f}"
-        lines.append(
-            f"| {name} | {rows} | {corrections} | {loss} | {overall['n']} | {overall['accuracy']:.3f} "
-            f"| {overall['no_answer']} | {chance} | {overall['majority_gold']:.3f} |"
+        rows.append(
+            [
+                name,
+                size,
+                corrections,
+                loss,
+                overall["n"],
+                overall["accuracy"],
+                overall["no_answer"],
+                overall["chance"],
+                overall["majority_gold"],
+            ]
         )
-    return "\n".join(lines) + "\n"
+    report.table(
+        ["condition", "rows", "corrections", "final loss", "n", "accuracy", "no answer", "chance", "majority gold"],
+        rows,
+    )
+    # CoT + corrections against CoT is the comparison the ablation is for; each against the base shows the gain.
+    pairs = [("cot_only", "cot_plus_corrections"), ("base", "cot_only"), ("base", "cot_plus_corrections")]
+    comparisons = [paired_conditions(figures, a, b) for a, b in pairs if a in figures and b in figures]
+    if comparisons:
+        report.heading("Paired differences")
+        report.paragraph(PAIRED_NOTE)
+        report.table(*paired_table(comparisons))
+    accuracy_figure(report, figures, list(figures), f"LEMA ablation: {task}")
+    return report

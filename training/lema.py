@@ -13,7 +13,8 @@ At the end the run directory holds two TRL ``messages`` datasets:
 - ``corrections.jsonl``: correction rows, user = the question, the wrong path as numbered steps and the
   instruction (no gold), assistant = the correction in the paper's format;
 
-with ``counts.json`` and ``report.md`` (counts, parse failures by reason, a few examples).
+with ``counts.json`` and the quality report, ``report.md`` and ``report.html`` (counts, parse failures by reason,
+a few examples).
 :func:`equal_size` cuts the two datasets to training sets of the same size for the ablation.
 """
 
@@ -39,28 +40,31 @@ from agents.corrector import (
     WRONG_FINAL_ANSWER,
     Correction,
     CorrectorAgent,
-    Review,
+    CorrectorReply,
     correction_prompt,
     format_steps,
     split_steps,
 )
+from agents.roles import contents
 from agents.student import student_messages
 from runtime.data.graders import grade
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
 from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
+from runtime.report import Report
 
 log = logging.getLogger(__name__)
 
 PROBLEMS = "problems.jsonl"  # one record per problem: its sampled paths, their grades and the corrections
 COT, CORRECTIONS = "cot.jsonl", "corrections.jsonl"  # the two TRL messages datasets
-COUNTS, REPORT = "counts.json", "report.md"
+COUNTS, REPORT = "counts.json", "report.md"  # the report also as report.html
 
 # 0.8: diverse paths that still mostly stay on topic. Sample j uses seed + j: distinct within a problem, and
 # reproducible, since the local backend gives every row its own seeded generator whatever it is batched with.
-SAMPLE_SETTINGS = GenerationSettings(max_new_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+SAMPLE_SETTINGS = GenerationSettings(max_new_tokens=REASONING_MAX_NEW_TOKENS, temperature=0.8, top_p=0.95, seed=0)
 # Greedy; 384: a GSM8K correction restates the steps from the wrong one on, rarely more than 250 tokens.
 CORRECTOR_SETTINGS = GenerationSettings(max_new_tokens=384)
 _EXAMPLES_IN_REPORT = 3
@@ -125,15 +129,13 @@ async def correct_path(example: Example, path: dict[str, Any], client: ChatCompl
     """Ask the corrector about one wrong path; the record keeps its raw reply and what became of it."""
     agent = CorrectorAgent(example, client)
     response = await agent.on_messages([TextMessage(content=path["text"], source="student")], CancellationToken())
-    message = response.chat_message
-    reply = message.to_text()
-    result = Review.from_metadata(message.metadata)
+    [reply] = contents([response.chat_message], CorrectorReply)
     return {
         "sample": path["sample"],
         "steps": split_steps(path["text"]),
-        "reply": reply,
-        "status": result.status,
-        "correction": dataclasses.asdict(result.correction) if result.correction else None,
+        "reply": reply.text,
+        "status": reply.review.status,
+        "correction": dataclasses.asdict(reply.review.correction) if reply.review.correction else None,
     }
 
 
@@ -143,8 +145,8 @@ async def run_correction(
     corrector: Backend,
     run: RunDir,
     *,
-    samples: int = 4,
-    concurrency: int = 32,
+    samples: int = SAMPLES,
+    concurrency: int = CONCURRENCY,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     student_settings: GenerationSettings = SAMPLE_SETTINGS,
     corrector_settings: GenerationSettings = CORRECTOR_SETTINGS,
@@ -193,7 +195,7 @@ async def run_correction(
     run.write_text(CORRECTIONS, _jsonl(fixes))
     counts = count(records, examples)
     run.write_json(COUNTS, counts)
-    run.write_text(REPORT, report(counts, records))
+    report(counts, records).write(run.path)
     log.info(
         "lema %d problems  %d paths  %d wrong  %d corrections kept  %d cot rows",
         counts["problems"],
@@ -263,59 +265,48 @@ def count(records: Sequence[dict[str, Any]], examples: Sequence[Example]) -> dic
     }
 
 
-def report(counts: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
-    """A short Markdown quality report: the counts, parse failures by reason, and a few examples."""
+def report(counts: dict[str, Any], records: Sequence[dict[str, Any]]) -> Report:
+    """A short quality report: the counts, parse failures by reason, and a few examples."""
     sampled, wrong = counts["paths_sampled"], counts["paths_wrong"] + counts["paths_no_answer"]
     models = records[0] if records else {"student": "-", "corrector": "-"}
-    lines = [
-        "# LEMA correction data",
-        "",
-        f"Student `{models['student']}`, corrector `{models['corrector']}`.",
-        "",
-        "| | count |",
-        "|---|---:|",
-        f"| problems | {counts['problems']} |",
-        f"| paths sampled | {sampled} |",
-        f"| correct paths | {counts['paths_correct']} ({_share(counts['paths_correct'], sampled)}) |",
-        f"| wrong paths (wrong answer / no answer) | {wrong} ({counts['paths_wrong']} / {counts['paths_no_answer']}) |",
-        f"| corrections requested (distinct wrong paths) | {counts['corrections_requested']} |",
-        f"| parse failures | {sum(counts['parse_failures'].values())} |",
-        f"| rejected: wrong final answer | {counts['rejected_wrong_answer']} |",
-        f"| kept | {counts['kept']} ({_share(counts['kept'], counts['corrections_requested'])}) |",
-        "",
+    out = Report("LEMA correction data")
+    out.paragraph(f"Student `{models['student']}`, corrector `{models['corrector']}`.")
+    out.table(
+        ["", "count"],
+        [
+            ["problems", counts["problems"]],
+            ["paths sampled", sampled],
+            ["correct paths", f"{counts['paths_correct']} ({_share(counts['paths_correct'], sampled)})"],
+            [
+                "wrong paths (wrong answer / no answer)",
+                f"{wrong} ({counts['paths_wrong']} / {counts['paths_no_answer']})",
+            ],
+            ["corrections requested (distinct wrong paths)", counts["corrections_requested"]],
+            ["parse failures", sum(counts["parse_failures"].values())],
+            ["rejected: wrong final answer", counts["rejected_wrong_answer"]],
+            ["kept", f"{counts['kept']} ({_share(counts['kept'], counts['corrections_requested'])})"],
+        ],
+    )
+    out.paragraph(
         f"Datasets: `{COT}` {counts['cot_rows']} rows ({counts['cot_gold_rows']} gold solutions, "
-        f"{counts['cot_student_rows']} student paths); `{CORRECTIONS}` {counts['correction_rows']} rows.",
-        "",
-    ]
+        f"{counts['cot_student_rows']} student paths); `{CORRECTIONS}` {counts['correction_rows']} rows."
+    )
     if counts["parse_failures"]:
-        lines += ["## Parse failures by reason", "", "| reason | count |", "|---|---:|"]
-        lines += [f"| {reason} | {n} |" for reason, n in counts["parse_failures"].items()]
-        lines.append("")
+        out.heading("Parse failures by reason")
+        out.table(["reason", "count"], [[reason, n] for reason, n in counts["parse_failures"].items()])
     fixes = [(r, c) for r in records for c in r["corrections"]]
     shown = [f for f in fixes if f[1]["status"] == KEPT][:_EXAMPLES_IN_REPORT]
     shown += [f for f in fixes if f[1]["status"] != KEPT][: _EXAMPLES_IN_REPORT - len(shown)]
     if shown:
-        lines += ["## Examples", ""]
+        out.heading("Examples")
     for i, (record, fix) in enumerate(shown, 1):
-        lines += [
-            f"### {i}. {fix['status']}: `{record['id']}` (gold {record['gold']})",
-            "",
-            f"**Question.** {_clip(record['question'])}",
-            "",
-            "**Wrong path.**",
-            "",
-            "```",
-            _clip(format_steps(fix["steps"])),
-            "```",
-            "",
-            "**Corrector's reply.**",
-            "",
-            "```",
-            _clip(fix["reply"]),
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
+        out.heading(f"{i}. {fix['status']}: `{record['id']}` (gold {record['gold']})", level=3)
+        out.paragraph(f"**Question.** {_clip(record['question'])}")
+        out.paragraph("**Wrong path.**")
+        out.code(_clip(format_steps(fix["steps"])))
+        out.paragraph("**Corrector's reply.**")
+        out.code(_clip(fix["reply"]))
+    return out
 
 
 def equal_size(

@@ -4,7 +4,8 @@ Each gathering turn is one MDP step (SALAM, part 2): state = (query, the student
 already given), action = the assistant's feedback, reward = 1 if the student's next answer was right. The steps
 that earned a reward without naming the gold answer are kept and exported as chat ``messages`` for TRL's
 ``SFTTrainer``; every step is also exported with a true/false ``label`` in TRL's KTO format. The prompt of each row
-is the one the gathering assistant was given, so the fine-tuned assistant is trained on what it will see.
+is built by the gathering assistant's own builder (``agents.prompts.gathering_messages``), so the fine-tuned
+assistant is trained on what it will see.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agents.gathering import EPISODES
-from agents.prompts import load_prompt
+from agents.prompts import gathering_messages
+from runtime.data.records import Episode, GatherIdentity, RunConfig, RunIdentity
 from runtime.data.rundir import read_jsonl, write_atomic
 from runtime.errors import ConfigError, DataError
+from runtime.models.backend import Message
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,6 @@ KTO_JSONL, KTO_PARQUET = "kto.jsonl", "kto.parquet"
 MANIFEST = "replay.json"
 
 Step = dict[str, Any]  # one turn, flattened with the facts of its episode (see ``steps_of``)
-Message = dict[str, str]
 
 
 def keep_rewarded(step: Step) -> bool:
@@ -47,35 +51,29 @@ def keep_rewarded(step: Step) -> bool:
     return step["reward"] == 1 and not step["leaked"]
 
 
-def steps_of(episode: dict[str, Any]) -> list[Step]:
+def steps_of(episode: Episode) -> list[Step]:
     """The turns of one episode as steps, each carrying what its prompt and its statistics need."""
     return [
         {
-            "id": f"{episode['id']}#{turn['round']}",
-            "task": episode["task"],
-            "source": episode["source"],
-            "gold": episode["gold"],
-            "query": turn["state"]["query"],
-            "response": turn["state"]["response"],
-            "context": list(turn["state"]["context"]),
-            "reason": turn["action"]["reason"],
-            "guideline": turn["action"]["guideline"],
-            "leaked": bool(turn["action"]["leaked"]),
-            "reward": int(turn["reward"]),
+            "id": f"{episode.id}#{turn.round}",
+            "task": episode.task,
+            "source": episode.source,
+            "gold": episode.gold,
+            "query": turn.state.query,
+            "response": turn.state.response,
+            "context": list(turn.state.context),
+            "reason": turn.action.reason,
+            "guideline": turn.action.guideline,
+            "leaked": turn.action.leaked,
+            "reward": turn.reward,
         }
-        for turn in episode["turns"]
+        for turn in episode.turns
     ]
 
 
 def assistant_prompt(step: Step) -> list[Message]:
-    """The system and user messages the gathering assistant got in this state (as ``agents.roles`` builds them)."""
-    previous = ""
-    if step["context"]:
-        previous = "\nYour earlier guidelines did not help yet:\n" + "\n".join(f"- {g}" for g in step["context"])
-    user = load_prompt("assistant_gather_user").format(
-        query=step["query"], response=step["response"], gold=step["gold"], previous=previous
-    )
-    return [{"role": "system", "content": load_prompt("assistant_gather")}, {"role": "user", "content": user}]
+    """The system and user messages the gathering assistant got in this state: the agents' own builder."""
+    return gathering_messages(step["query"], step["response"], step["gold"], step["context"])
 
 
 def feedback_reply(step: Step) -> Message:
@@ -103,13 +101,10 @@ def kto_row(step: Step) -> dict[str, Any]:
 
 def student_of(run_dir: Path) -> str:
     """The student model a run directory was gathered with, from its ``config.json`` identity."""
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise DataError(f"{run_dir} has no config.json: not a redpen run directory (give a `redpen gather/run` --out)")
-    try:
-        return json.loads(config.read_text(encoding="utf-8"))["identity"]["student"]
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{config}: no identity.student; was it written by `redpen gather` or `redpen run`?") from None
+    identity = RunConfig.read(run_dir).identity
+    if not isinstance(identity, GatherIdentity | RunIdentity):
+        raise DataError(f"{run_dir} holds a `redpen {identity.command}` run: give the --out of `redpen gather/run`")
+    return identity.student
 
 
 def read_steps(run_dirs: Sequence[Path], model_id: str | None = None) -> Iterator[Step]:
@@ -133,11 +128,15 @@ def read_steps(run_dirs: Sequence[Path], model_id: str | None = None) -> Iterato
         path = run_dir / EPISODES
         if not path.is_file():
             raise DataError(f"{path} does not exist: run `redpen gather` (or `redpen run`) into {run_dir} first")
-        for number, episode in enumerate(read_jsonl(path), 1):
+        for number, record in enumerate(read_jsonl(path), 1):
             try:
-                yield from steps_of(episode)
-            except (KeyError, TypeError) as exc:
-                raise DataError(f"{path}: episode {number} is not a gathering episode (bad or missing {exc})") from None
+                episode = Episode.model_validate(record)
+            except ValidationError as exc:
+                where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+                raise DataError(
+                    f"{path}: episode {number} is not a gathering episode (bad or missing {where})"
+                ) from None
+            yield from steps_of(episode)
 
 
 # ---- export ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.defaults import MAX_STEPS
 from runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,9 +62,7 @@ class LoraSFTConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Batches summed per step; raise it for a larger batch in the same memory."}
     )
-    # 30 steps of 4 rows: a few passes over the tens of rewarded rows a laptop gathering yields, in ~5 minutes on
-    # 2 CPU cores; more steps on so few rows learn them by heart. Raise both with more data or a GPU.
-    max_steps: int = field(default=30, metadata={"help": "Optimisation steps to run."})
+    max_steps: int = field(default=MAX_STEPS, metadata={"help": "Optimisation steps to run (see runtime.defaults)."})
     # 768: a gathering prompt (system, question, answer, earlier guidelines) plus its JSON reply fits with room to
     # spare (the smoke run's rows: 218-356 tokens).
     max_length: int = field(

@@ -23,12 +23,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.data.rundir import read_jsonl, write_atomic
 from runtime.errors import ConfigError, DataError
+from runtime.models.adapters import adapter_digest
 from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:
@@ -63,7 +64,10 @@ def to_prompt_completion(row: dict[str, list[Message]]) -> dict[str, list[Messag
 def read_messages(dataset: Path) -> list[dict[str, list[Message]]]:
     """The rows of a ``{"messages": [...]}`` JSONL file, each checked to end with an assistant reply."""
     if not dataset.is_file():
-        raise DataError(f"dataset {dataset} does not exist; export one with `redpen replay` first")
+        raise DataError(
+            f"dataset {dataset} does not exist; `redpen train-assistant` exports one from gathering runs, "
+            "`redpen correct` writes CoT and correction sets"
+        )
     rows = []
     for number, row in enumerate(read_jsonl(dataset), 1):
         messages = row.get("messages") if isinstance(row, dict) else None
@@ -121,16 +125,40 @@ def build_trainer(
     return trainer
 
 
-def trained_before(dataset: Path, output_dir: str | Path, max_steps: int) -> TrainResult | None:
-    """The adapter already in ``output_dir`` if it was trained on this very dataset for as many steps, else None."""
-    meta_path = Path(output_dir).expanduser() / METADATA
-    if not meta_path.exists():
+def trained_before(dataset: Path, config: LoraSFTConfig) -> TrainResult | None:
+    """The adapter already in ``config.output_dir`` if training again would make the same one, else None.
+
+    The same one: trained on these very bytes from the same base model with the same settings (every field of
+    ``config`` but ``output_dir``), and its weights still hash as they did after training (not replaced since).
+    """
+    folder = Path(config.output_dir).expanduser()
+    if not (folder / METADATA).is_file():
         return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
     digest = hashlib.sha256(dataset.read_bytes()).hexdigest()
-    if meta["dataset"]["sha256"] != digest or meta["steps"] != max_steps:
+    model_id, model_dir = config.base_model_dir()
+    wanted = {
+        "dataset": digest,
+        "base model": {"id": model_id, "path": str(model_dir)},
+        "settings": _settings(config.to_dict()),
+        "weights": adapter_digest(folder),
+    }
+    recorded = {
+        "dataset": meta["dataset"]["sha256"],
+        "base model": meta["base_model"],
+        "settings": _settings(meta.get("config", {})),  # absent from metadata older than this check
+        "weights": meta.get("adapter_sha256"),
+    }
+    changed = [name for name in wanted if wanted[name] != recorded[name]]
+    if changed:
+        log.info("not reusing the adapter in %s: its %s differ", folder, ", ".join(changed))
         return None
-    return TrainResult(meta_path.parent, meta["final_loss"], meta["steps"], digest, meta["losses"])
+    return TrainResult(folder, meta["final_loss"], meta["steps"], digest, meta["losses"])
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that shape an adapter: all of ``LoraSFTConfig`` but where it is saved."""
+    return {name: value for name, value in config.items() if name != "output_dir"}
 
 
 def train_lora(
@@ -162,6 +190,7 @@ def train_lora(
         adapter = work / "adapter"
         trainer.model.save_pretrained(adapter)
         metadata = {
+            "adapter_sha256": adapter_digest(adapter),  # trained_before reuses only these very weights
             "base_model": {"id": model_id, "path": str(model_dir)},
             "dataset": {"path": str(dataset), "sha256": digest, "rows": len(rows)},
             "steps": trainer.state.global_step,
@@ -237,14 +266,16 @@ def _progress(on_log: Callable[[dict[str, Any]], None] | None, losses: list[floa
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any], **kwargs: Any) -> None:
             if "loss" in logs:
                 losses.append(float(logs["loss"]))
-                rate = state.global_step / (time.perf_counter() - self.started)
+                per_step = (time.perf_counter() - self.started) / state.global_step
+                eta = timedelta(seconds=round(per_step * (state.max_steps - state.global_step)))
                 log.info(
-                    "train %d/%d  loss %.4f  lr %.2e  %.2f steps/s",
+                    "train step %d/%d  loss %.4f  lr %.2e  %.1f s/step  eta %s",
                     state.global_step,
                     state.max_steps,
                     logs["loss"],
                     logs["learning_rate"],
-                    rate,
+                    per_step,
+                    eta,
                 )
             if on_log is not None:
                 on_log({"step": state.global_step, "max_steps": state.max_steps, **logs})

@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.text import Text
 
-from runtime.cli import bench, evaluate, info, memory, salam, serve, training
+from runtime.cli import bench, evaluate, info, instruct, memory, salam, serve, training
 from runtime.cli.common import console
 from runtime.errors import RedpenError
 
@@ -34,6 +34,7 @@ app.command("train-assistant")(training.train_assistant)
 app.command()(training.correct)
 app.command("train-student")(training.train_student)
 app.command("ablate-corrections")(training.ablate_corrections)
+app.command()(instruct.instruct)
 memory_app.command("count")(memory.memory_count)
 memory_app.command("list")(memory.memory_list)
 memory_app.command("export")(memory.memory_export)
@@ -46,8 +47,43 @@ bench_app.command("pipeline")(bench.bench_pipeline)
 bench_app.command("memory")(bench.bench_memory)
 
 
+REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")
+# 5 MB, one old file kept: weeks of runs' INFO lines, small next to a model's cache.
+LOG_FILE_BYTES = 5 * 2**20
+
+
+def configure_logging() -> None:
+    """redpen's INFO lines and every library warning go to ``<cache>/redpen.log``; the terminal shows only redpen's
+    warnings, and its INFO lines too where stderr is not a terminal (so no progress bar is drawn), e.g. ``train step
+    10/30  loss 1.2345 ...``. ``REDPEN_LOG=INFO`` (or ``DEBUG``) sets what the terminal shows.
+
+    Python warnings (transformers' FutureWarnings and the like) are ones a user cannot act on: they are logged.
+    """
+    from logging.handlers import RotatingFileHandler
+
+    from runtime.models.default_model import cache_root
+
+    def ours(record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] in REDPEN_PACKAGES
+
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(os.environ.get("REDPEN_LOG", "WARNING" if sys.stderr.isatty() else "INFO").upper())
+    terminal.addFilter(ours)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    path = cache_root() / "redpen.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=1, encoding="utf-8")
+    file.addFilter(lambda record: ours(record) or record.levelno >= logging.WARNING)  # not each HTTP request
+    file.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(min(logging.INFO, terminal.level))
+    root.addHandler(terminal)
+    root.addHandler(file)
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("REDPEN_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         app()
     except RedpenError as exc:

@@ -21,11 +21,13 @@ from runtime.cli.common import (
     load_backend,
     load_examples,
     load_roles,
+    roles_config,
 )
+from runtime.defaults import CONCURRENCY
 
 
 def bench_generate(
-    concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = 32,
+    concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = CONCURRENCY,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
     repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
     backend: Backend = "local",
@@ -60,7 +62,7 @@ def bench_generate(
 def bench_pipeline(
     task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
     n: Annotated[int, typer.Option(help="gather items and examine items (each)")] = 16,
-    concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = 32,
+    concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = CONCURRENCY,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -75,7 +77,7 @@ def bench_pipeline(
 
     _, gather_set = load_examples(task, None, "choice", "gather", n, data_dir)
     _, examine_set = load_examples(task, None, "choice", "examine", n, data_dir)
-    roles = load_roles(config, backend, model, base_url, None, None, None, no_cache=True)
+    roles = load_roles(roles_config(config, backend=backend, model=model, base_url=base_url, response_cache=False))
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         result = asyncio.run(
             pipeline_rate(

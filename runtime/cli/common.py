@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from runtime.defaults import MAX_STEPS, STUDENT_MAX_NEW_TOKENS
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
@@ -52,7 +52,17 @@ MemoryUrl = Annotated[
 
 Concurrency = Annotated[int, typer.Option(help="conversations in flight at once")]
 
-StudentTokens = Annotated[int | None, typer.Option("--max-new-tokens", help="student reply length [default: 128]")]
+Rounds = Annotated[int, typer.Option(help="feedback rounds per gathered question")]
+
+K = Annotated[int, typer.Option(help="mistakes retrieved per examined question")]
+
+Threshold = Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")]
+
+StudentTokens = Annotated[
+    int | None, typer.Option("--max-new-tokens", help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]")
+]
+
+MaxSteps = Annotated[int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]")]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
 
@@ -61,17 +71,8 @@ SourceFilter = Annotated[str | None, typer.Option("--source", help="only this so
 TaskFilter = Annotated[str | None, typer.Option("--task", help="only this task, e.g. bbq")]
 
 
-def with_cache(backend: Any, no_cache: bool) -> Any:
-    """Greedy calls replay from the on-disk response cache unless --no-cache."""
-    if no_cache:
-        return backend
-    from runtime.models.cache import CachedBackend
-    from runtime.models.default_model import cache_root
-
-    return CachedBackend(backend, cache_root() / "responses.sqlite")
-
-
-def load_backend(kind: str, model: str | None, base_url: str | None, **extra: Any) -> Any:
+def load_backend(kind: str, model: str | None, base_url: str | None, *, no_cache: bool = True, **extra: Any) -> Any:
+    """One backend under a status line; greedy calls replay from the response cache unless ``no_cache``."""
     from runtime.errors import ConfigError
     from runtime.models.config import backend_config
     from runtime.models.factory import make_backend
@@ -80,7 +81,8 @@ def load_backend(kind: str, model: str | None, base_url: str | None, **extra: An
         raise ConfigError(f"unknown backend {kind!r}: choose --backend local or --backend openai")
     with console.status(f"loading the {kind} backend ..."):
         quiet_transformers()
-        return make_backend(backend_config(kind=kind, model=model, base_url=base_url, **extra))
+        config = backend_config(kind=kind, model=model, base_url=base_url, **extra)
+        return make_backend(config, response_cache=not no_cache)
 
 
 def progress_bar() -> Progress:
@@ -119,74 +121,35 @@ def load_examples(
     return task, load_task(task, split, resolve_data_dir(data_dir), limit)  # type: ignore[arg-type]
 
 
-def load_roles(
+def load_roles(config: Any) -> Any:
+    """The student and assistant backends of a ``RolesConfig`` (``agents.team``), under a status line."""
+    from agents.team import build_roles
+
+    with console.status("loading models ..."):
+        quiet_transformers()
+        return build_roles(config)
+
+
+def roles_config(
     config_file: Path | None,
+    *,
     backend: str,
     model: str | None,
     base_url: str | None,
-    assistant_backend: str | None,
-    assistant_model: str | None,
-    assistant_base_url: str | None,
-    max_new_tokens: int | None = None,
-    no_cache: bool = False,
-    assistant_adapter: str | None = None,
+    assistant_backend: str | None = None,
+    assistant_model: str | None = None,
+    assistant_base_url: str | None = None,
+    **settings: Any,
 ) -> Any:
-    """Student and assistant backends; one shared instance when both roles use the same settings.
+    """A ``RolesConfig`` from the shared role options (``Backend``, ``Model``, ``AssistantModel``...)."""
+    from agents.team import RolesConfig
 
-    ``assistant_adapter`` is a LoRA folder (local backend: loaded as "assistant") or a name the server serves.
-    """
-    import tomllib
-
-    from agents.team import STUDENT_SETTINGS, Roles
-    from runtime.errors import ConfigError
-    from runtime.models.config import backend_config
-    from runtime.models.factory import make_backend
-
-    tables: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            tables = tomllib.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{config_file}: cannot read the config ({exc})") from None
-        unknown = set(tables) - {"student", "assistant"}
-        if unknown:
-            raise ConfigError(f"{config_file}: unknown table(s) {sorted(unknown)}; expected [student] and [assistant]")
-    for kind in (backend, assistant_backend):
-        if kind is not None and kind not in ("local", "openai"):
-            raise ConfigError(f"unknown backend {kind!r}: choose local or openai")
-    student_cfg = backend_config(**{"kind": backend, "model": model, "base_url": base_url, **tables.get("student", {})})
-    assistant_values = {"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url}
-    if all(v is None for v in assistant_values.values()) and "assistant" not in tables:
-        assistant_cfg = student_cfg
-    else:
-        assistant_cfg = backend_config(
-            **{
-                "kind": assistant_backend or "local",
-                "model": assistant_model,
-                "base_url": assistant_base_url,
-                **tables.get("assistant", {}),
-            }
-        )
-    adapter_name = None
-    if assistant_adapter is not None:
-        folder = Path(assistant_adapter)
-        if assistant_cfg.kind == "local":
-            if not (folder / "adapter_config.json").exists():
-                raise ConfigError(f"--assistant-adapter: no LoRA adapter folder at {folder}")
-            shared = assistant_cfg == student_cfg
-            assistant_cfg = assistant_cfg.model_copy(
-                update={"adapters": {**assistant_cfg.adapters, "assistant": str(folder)}}
-            )
-            student_cfg = assistant_cfg if shared else student_cfg  # one model, the adapter chosen per request
-            adapter_name = "assistant"
-        else:
-            adapter_name = assistant_adapter  # served by name, e.g. vLLM --lora-modules NAME=PATH
-    with console.status("loading models ..."):
-        quiet_transformers()
-        student = with_cache(make_backend(student_cfg), no_cache)
-        assistant = student if assistant_cfg == student_cfg else with_cache(make_backend(assistant_cfg), no_cache)
-    settings = STUDENT_SETTINGS if max_new_tokens is None else replace(STUDENT_SETTINGS, max_new_tokens=max_new_tokens)
-    return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
+    return RolesConfig.load(
+        config_file,
+        student={"kind": backend, "model": model, "base_url": base_url},
+        assistant={"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url},
+        **settings,
+    )
 
 
 def open_store(location: dict[str, Any]) -> Any:
@@ -201,6 +164,8 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # redpen draws its own progress; per-tensor bars are noise
+    hf_logging.disable_default_handler()  # its warnings ("`past_key_values` is deprecated") go to redpen's log file
+    hf_logging.enable_propagation()
 
 
 def accuracy_table(metrics: dict[str, Any]) -> None:
@@ -227,25 +192,18 @@ def phase_bar(bar: Progress) -> Any:
     return update
 
 
-def train_bar(bar: Progress, max_steps: int) -> Any:
-    task_id = bar.add_task("fine-tuning", total=max_steps, info="")
+def train_bar(bar: Progress) -> Any:
+    """A trainer's ``on_log``: the bar appears with the first step (an adapter that is reused draws none)."""
+    ids: list[Any] = []
 
     def on_log(event: dict[str, Any]) -> None:
+        if not ids:
+            ids.append(bar.add_task("fine-tuning", total=event["max_steps"], info=""))
         if "loss" in event:
-            bar.update(task_id, info=f"loss {event['loss']:.4f}")
-        elif "step" in event:
-            bar.update(task_id, completed=event["step"])
+            bar.update(ids[0], info=f"loss {event['loss']:.4f}")
+        bar.update(ids[0], completed=event["step"])
 
     return on_log
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    from runtime.errors import DataError
-
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise DataError(f"{run_dir} is not a redpen run directory (no config.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def open_memory(memory: Path | None, memory_url: str | None) -> Any:

@@ -21,10 +21,11 @@ from runtime.cli.common import (
     console,
     load_backend,
     load_examples,
+    phase_bar,
     progress_bar,
     slug,
-    with_cache,
 )
+from runtime.defaults import CONCURRENCY, STUDENT_MAX_NEW_TOKENS
 
 
 def evaluate(
@@ -36,8 +37,8 @@ def evaluate(
     mc_mode: Annotated[
         str, typer.Option(help="multiple choice by generate (parse the reply) or loglik (most likely option)")
     ] = "generate",
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit")] = 128,
-    concurrency: Annotated[int, typer.Option(help="examples in flight at once")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="reply length limit")] = STUDENT_MAX_NEW_TOKENS,
+    concurrency: Annotated[int, typer.Option(help="examples in flight at once")] = CONCURRENCY,
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,
     no_cache: NoCache = False,
@@ -48,70 +49,39 @@ def evaluate(
     json_out: JsonOut = False,
 ) -> None:
     """Evaluate a model on a benchmark split; resumable, ends with an accuracy table."""
-    from agents.evaluation import render_report, run_eval, summarize
-    from runtime.data.rundir import RunDir
-    from runtime.errors import ConfigError
+    from agents.commands import evaluate as run_evaluation
     from runtime.models.backend import GenerationSettings
 
-    if mc_mode not in ("generate", "loglik"):
-        raise ConfigError(f"unknown --mc-mode {mc_mode!r}: choose generate or loglik")
     name, examples = load_examples(task, jsonl, answer_kind, split, limit, data_dir)
-    if not examples:
-        raise ConfigError(f"{name} has no examples in the {split} split")
     adapters = {"adapter": str(adapter)} if adapter else {}
-    model_backend = with_cache(load_backend(backend, model, base_url, adapters=adapters), no_cache)
-    if mc_mode == "loglik" and not model_backend.supports_option_scoring:
-        raise ConfigError(f"--mc-mode loglik needs token log-probs, which this {backend} backend does not expose")
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    identity = {
-        "command": "eval",
-        "task": name,
-        "split": split,
-        "limit": limit,
-        "mc_mode": mc_mode,
-        "model_id": model_backend.model_id,
-        "adapter": str(adapter) if adapter else None,
-        "max_new_tokens": max_new_tokens,
-    }
-    run = RunDir(
-        out or Path("runs") / slug(f"eval-{name}-{split}-{mc_mode}"),
-        identity,
-        {"backend": model_backend.describe(), "settings": settings.to_dict(), "n_examples": len(examples)},
-    )
-    done = len(run.done_ids("results.jsonl") & {e.id for e in examples})
+    model_backend = load_backend(backend, model, base_url, no_cache=no_cache, adapters=adapters)
+    answered = correct = 0
     started = time.perf_counter()
-    correct = 0
     with progress_bar() as bar:
-        progress_task = bar.add_task(f"eval {name}", total=len(examples), completed=done, info="")
 
-        def tick(record: dict[str, Any]) -> None:
-            nonlocal correct
-            correct += record["verdict"] == "correct"
-            finished = bar.tasks[0].completed + 1 - done
-            bar.update(
-                progress_task,
-                advance=1,
-                info=f"acc {correct / finished:.2f}  {finished / (time.perf_counter() - started):.2f} items/s",
-            )
+        def tick(record: dict[str, Any]) -> None:  # accuracy and rate of the items answered by this invocation
+            nonlocal answered, correct
+            answered, correct = answered + 1, correct + (record["verdict"] == "correct")
+            rate = answered / (time.perf_counter() - started)
+            bar.update(bar.task_ids[0], info=f"acc {correct / answered:.2f}  {rate:.2f} items/s")
 
-        results = asyncio.run(
-            run_eval(
+        outcome = asyncio.run(
+            run_evaluation(
                 examples,
                 model_backend,
-                run,
-                settings,
-                mode=mc_mode,
-                adapter="adapter" if adapter else None,
+                out or Path("runs") / slug(f"eval-{name}-{split}-{mc_mode}"),
+                task=name,
+                split=split,
+                limit=limit,
+                settings=GenerationSettings(max_new_tokens=max_new_tokens),
+                mc_mode=mc_mode,
+                adapter=str(adapter) if adapter else None,
                 concurrency=concurrency,
+                progress=phase_bar(bar),
                 on_result=tick,
             )
         )
-    metrics = summarize(results)
-    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
-    metrics["run_dir"] = str(run.path)
-    run.write_json("metrics.json", metrics)
-    run.write_text("report.md", render_report(f"redpen eval: {name} ({split})", identity, metrics))
-    accuracy_table(metrics)
-    console.print(f"run directory: {run.path}  (report.md, results.jsonl, metrics.json)")
+    accuracy_table(outcome.figures)
+    console.print(f"run directory: {outcome.run_dir}  (report.md, report.html, results.jsonl, metrics.json)")
     if json_out:
-        print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **metrics}))
+        print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **outcome.figures}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,20 +20,24 @@ from runtime.cli.common import (
     Config,
     DataDir,
     JsonOut,
+    K,
     MemoryPath,
     MemoryUrl,
     Model,
     NoCache,
+    Rounds,
     StudentTokens,
+    Threshold,
     accuracy_table,
     console,
     load_examples,
     load_roles,
-    open_store,
     phase_bar,
     progress_bar,
+    roles_config,
     slug,
 )
+from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
 
 def gather(
@@ -42,11 +45,11 @@ def gather(
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
     limit: Annotated[int | None, typer.Option(help="at most this many gather examples")] = None,
-    rounds: Annotated[int, typer.Option(help="feedback rounds per question")] = 3,
+    rounds: Rounds = ROUNDS,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/gather-<task>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = 32,
+    concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
     no_cache: NoCache = False,
     config: Config = None,
@@ -59,51 +62,42 @@ def gather(
     data_dir: DataDir = None,
 ) -> None:
     """Gather mistakes: student, examiner and assistant talk until the student is right; mistakes go to memory."""
-    from agents.experiment import counter, memory_location
-    from agents.gathering import run_gathering
-    from runtime.data.rundir import RunDir
+    from agents.commands import gather as run_gather
 
     name, examples = load_examples(task, jsonl, answer_kind, "gather", limit, data_dir)
     roles = load_roles(
-        config,
-        backend,
-        model,
-        base_url,
-        assistant_backend,
-        assistant_model,
-        assistant_base_url,
-        max_new_tokens,
-        no_cache,
-    )
-    path = out or Path("runs") / slug(f"gather-{name}")
-    location = memory_location(path, memory, memory_url)
-    identity = {
-        "command": "gather",
-        "task": name,
-        "limit": limit,
-        "rounds": rounds,
-        "student": roles.student_id,
-        "assistant": roles.assistant_id,
-        "student_settings": roles.student_settings.to_dict(),
-    }
-    run = RunDir(path, identity, {"memory": {k: str(v) for k, v in location.items()}})
-    store = open_store(location)
-    try:
-        with progress_bar() as bar:
-            tick = counter(phase_bar(bar), "gathering", len(examples))
-            episodes = asyncio.run(
-                run_gathering(
-                    examples, roles, store, run, task=name, rounds=rounds, concurrency=concurrency, on_episode=tick
-                )
-            )
-        wrong = sum(e["first_verdict"] != "correct" for e in episodes)
-        console.print(
-            f"episodes {len(episodes)}  first answer wrong {wrong}  corrected "
-            f"{sum(e['corrected'] for e in episodes)}  mistakes in memory "
-            f"{store.count(model_id=roles.student_id, task=name)}  -> {run.path}"
+        roles_config(
+            config,
+            backend=backend,
+            model=model,
+            base_url=base_url,
+            assistant_backend=assistant_backend,
+            assistant_model=assistant_model,
+            assistant_base_url=assistant_base_url,
+            student_max_new_tokens=max_new_tokens,
+            response_cache=not no_cache,
         )
-    finally:
-        store.close()
+    )
+    with progress_bar() as bar:
+        outcome = asyncio.run(
+            run_gather(
+                examples,
+                roles,
+                out or Path("runs") / slug(f"gather-{name}"),
+                task=name,
+                limit=limit,
+                rounds=rounds,
+                memory_path=memory,
+                memory_url=memory_url,
+                concurrency=concurrency,
+                progress=phase_bar(bar),
+            )
+        )
+    f = outcome.figures
+    console.print(
+        f"episodes {f['episodes']}  first answer wrong {f['first_answer_wrong']}  corrected {f['corrected']}  "
+        f"mistakes in memory {f['mistakes_stored']}  -> {outcome.run_dir}"
+    )
 
 
 def exam(
@@ -115,12 +109,12 @@ def exam(
     memory_task: Annotated[
         str | None, typer.Option(help="the task the mistakes were gathered under [default: --task]")
     ] = None,
-    k: Annotated[int, typer.Option(help="mistakes retrieved per question")] = 3,
-    threshold: Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")] = 0.5,
+    k: K = RETRIEVAL_K,
+    threshold: Threshold = RETRIEVAL_THRESHOLD,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/exam-<task>-<mode>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = 32,
+    concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
     no_cache: NoCache = False,
     config: Config = None,
@@ -137,73 +131,46 @@ def exam(
     json_out: JsonOut = False,
 ) -> None:
     """Examine without the gold: as a baseline, or with the assistant's guidance from retrieved mistakes."""
-    from agents.evaluation import render_report, summarize
-    from agents.examination import retrieve, run_exam
-    from agents.experiment import counter, memory_location
-    from runtime.data.rundir import RunDir
-    from runtime.errors import ConfigError
+    from agents.commands import examine
 
-    if mode not in ("baseline", "assisted"):
-        raise ConfigError(f"unknown --mode {mode!r}: choose baseline or assisted")
     name, examples = load_examples(task, jsonl, answer_kind, "examine", limit, data_dir)
     roles = load_roles(
-        config,
-        backend,
-        model,
-        base_url,
-        assistant_backend,
-        assistant_model,
-        assistant_base_url,
-        max_new_tokens,
-        no_cache,
-        assistant_adapter,
+        roles_config(
+            config,
+            backend=backend,
+            model=model,
+            base_url=base_url,
+            assistant_backend=assistant_backend,
+            assistant_model=assistant_model,
+            assistant_base_url=assistant_base_url,
+            student_max_new_tokens=max_new_tokens,
+            response_cache=not no_cache,
+            assistant_adapter=assistant_adapter,
+        )
     )
-    path = out or Path("runs") / slug(f"exam-{name}-{mode}")
-    identity = {
-        "command": "exam",
-        "mode": mode,
-        "task": name,
-        "limit": limit,
-        "student": roles.student_id,
-        "assistant": roles.assistant_id,
-        "k": k,
-        "threshold": threshold,
-        "assistant_adapter": assistant_adapter,
-        "student_settings": roles.student_settings.to_dict(),
-    }
-    run = RunDir(path, identity)
-    hits = None
-    if mode == "assisted":
-        if memory is None and memory_url is None:
-            raise ConfigError("--mode assisted needs the mistake memory: pass --memory FOLDER or --memory-url URL")
-        store = open_store(memory_location(path, memory, memory_url))
-        try:
-            hits = retrieve(store, examples, roles.student_id, memory_task or name, k, threshold)
-        finally:
-            store.close()
-    started = time.perf_counter()
     with progress_bar() as bar:
-        tick = counter(phase_bar(bar), f"{mode} exam", len(examples))
-        results = asyncio.run(
-            run_exam(
+        outcome = asyncio.run(
+            examine(
                 examples,
                 roles,
-                run,
-                "results.jsonl",
-                mode=mode,
-                hits=hits,  # type: ignore[arg-type]
+                out or Path("runs") / slug(f"exam-{name}-{mode}"),
+                mode=mode,  # type: ignore[arg-type]  # checked by examine
+                task=name,
+                limit=limit,
+                memory_path=memory,
+                memory_url=memory_url,
+                memory_task=memory_task,
+                k=k,
+                threshold=threshold,
+                assistant_adapter=assistant_adapter,
                 concurrency=concurrency,
-                on_result=tick,
+                progress=phase_bar(bar),
             )
         )
-    metrics = summarize(results)
-    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
-    run.write_json("metrics.json", metrics)
-    run.write_text("report.md", render_report(f"redpen exam: {name} ({mode})", identity, metrics))
-    accuracy_table(metrics)
-    console.print(f"run directory: {run.path}")
+    accuracy_table(outcome.figures)
+    console.print(f"run directory: {outcome.run_dir}")
     if json_out:
-        print(json.dumps({"task": name, "mode": mode, **metrics}))
+        print(json.dumps({"task": name, "mode": mode, **outcome.figures}))
 
 
 def run(
@@ -213,13 +180,13 @@ def run(
     answer_kind: Annotated[str, typer.Option(help="for JSONL data: choice, number or text")] = "choice",
     limit: Annotated[int | None, typer.Option(help="examine items (spread across sources)")] = None,
     gather_limit: Annotated[int | None, typer.Option(help="gather items (spread across sources)")] = None,
-    rounds: Annotated[int, typer.Option(help="feedback rounds per gathered question")] = 3,
-    k: Annotated[int, typer.Option(help="mistakes retrieved per examine question")] = 3,
-    threshold: Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")] = 0.5,
+    rounds: Rounds = ROUNDS,
+    k: K = RETRIEVAL_K,
+    threshold: Threshold = RETRIEVAL_THRESHOLD,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/run-<task>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = 32,
+    concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
     no_cache: NoCache = False,
     config: Config = None,
@@ -233,71 +200,48 @@ def run(
     json_out: JsonOut = False,
 ) -> None:
     """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
-    from agents.experiment import ExperimentSettings, memory_location, run_experiment
-    from runtime.data.rundir import RunDir
+    from agents.commands import experiment
+    from agents.experiment import ExperimentSettings
     from runtime.errors import ConfigError
-    from runtime.report.experiment import plot_experiment, render_experiment
 
     if task is not None and (gather_jsonl or examine_jsonl):
         raise ConfigError("give either --task or --gather-jsonl with --examine-jsonl, not both")
-    if task is None:
-        if gather_jsonl is None or examine_jsonl is None:
-            raise ConfigError("give --task NAME, or both --gather-jsonl FILE and --examine-jsonl FILE")
-        name, gather_set = load_examples(None, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
-        _, examine_set = load_examples(None, examine_jsonl, answer_kind, "examine", limit, data_dir)
-    else:
-        name, gather_set = load_examples(task, None, answer_kind, "gather", gather_limit, data_dir)
-        _, examine_set = load_examples(task, None, answer_kind, "examine", limit, data_dir)
-    if not gather_set or not examine_set:
-        raise ConfigError(f"{name}: the gather and examine sets must both have examples")
+    if task is None and (gather_jsonl is None or examine_jsonl is None):
+        raise ConfigError("give --task NAME, or both --gather-jsonl FILE and --examine-jsonl FILE")
+    name, gather_set = load_examples(task, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
+    _, examine_set = load_examples(task, examine_jsonl, answer_kind, "examine", limit, data_dir)
     roles = load_roles(
-        config,
-        backend,
-        model,
-        base_url,
-        assistant_backend,
-        assistant_model,
-        assistant_base_url,
-        max_new_tokens,
-        no_cache,
+        roles_config(
+            config,
+            backend=backend,
+            model=model,
+            base_url=base_url,
+            assistant_backend=assistant_backend,
+            assistant_model=assistant_model,
+            assistant_base_url=assistant_base_url,
+            student_max_new_tokens=max_new_tokens,
+            response_cache=not no_cache,
+        )
     )
     settings = ExperimentSettings(task=name, rounds=rounds, k=k, threshold=threshold, concurrency=concurrency)
-    path = out or Path("runs") / slug(f"run-{name}")
-    location = memory_location(path, memory, memory_url)
-    identity = {
-        "command": "run",
-        "task": name,
-        "limit": limit,
-        "gather_limit": gather_limit,
-        "rounds": rounds,
-        "k": k,
-        "threshold": threshold,
-        "student": roles.student_id,
-        "assistant": roles.assistant_id,
-        "student_settings": roles.student_settings.to_dict(),
-    }
-    run_dir = RunDir(
-        path,
-        identity,
-        {
-            "memory": {k_: str(v) for k_, v in location.items()},
-            "student_backend": roles.student.describe(),
-            "assistant_backend": roles.assistant.describe(),
-        },
-    )
-    store = open_store(location)
-    try:
-        with progress_bar() as bar:
-            figures = asyncio.run(
-                run_experiment(gather_set, examine_set, roles, store, run_dir, settings, progress=phase_bar(bar))
+    with progress_bar() as bar:
+        outcome = asyncio.run(
+            experiment(
+                gather_set,
+                examine_set,
+                roles,
+                out or Path("runs") / slug(f"run-{name}"),
+                settings,
+                limit=limit,
+                gather_limit=gather_limit,
+                memory_path=memory,
+                memory_url=memory_url,
+                progress=phase_bar(bar),
             )
-    finally:
-        store.close()
-    run_dir.write_json("figures.json", figures)
-    run_dir.write_text("report.md", render_experiment(figures, identity))
-    plot_experiment(figures, run_dir.file("accuracy.png"))
+        )
+    figures = outcome.figures
     _experiment_table(figures)
-    console.print(f"report: {run_dir.file('report.md')}  plot: {run_dir.file('accuracy.png')}")
+    console.print(f"report: {outcome.run_dir / 'report.md'}  {outcome.run_dir / 'report.html'}")
     if json_out:
         summary = {
             k_: figures[k_]
@@ -318,7 +262,7 @@ def run(
         summary["accuracy_without_near_duplicates"] = {
             c: figures["without_near_duplicates"][c]["overall"]["accuracy"] for c in figures["conditions"]
         }
-        summary["run_dir"] = str(run_dir.path)
+        summary["run_dir"] = str(outcome.run_dir)
         print(json.dumps(summary))
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from runtime.data.records import CONFIG, RUN_CONFIG_VERSION, RunConfig, read_config
 from runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,21 @@ class RunDir:
         self.path = path
         identity = json.loads(json.dumps(identity, default=str))  # compare as stored: tuples -> lists, Path -> str
         path.mkdir(parents=True, exist_ok=True)
-        config_path = path / "config.json"
+        config_path = path / CONFIG
         if config_path.exists():
-            previous = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
+            previous = read_config(config_path)["identity"]
             if previous != identity:
                 raise ConfigError(
                     f"{path} holds a run of a different command ({_diff(previous, identity)}); "
                     "use another --out, or delete the folder to start over"
                 )
-        write_atomic(config_path, json.dumps({"identity": identity, **(config or {})}, indent=2, default=str) + "\n")
+        record = {"version": RUN_CONFIG_VERSION, "identity": identity, **(config or {})}
+        write_atomic(config_path, json.dumps(record, indent=2, default=str) + "\n")
+
+    @classmethod
+    def create(cls, path: Path, config: RunConfig) -> RunDir:
+        """A command's run directory, its typed config written (or, on a re-run, checked against the one there)."""
+        return cls(path, config.identity.model_dump(mode="json"), config.info())
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -99,9 +106,7 @@ class RunDir:
         write_atomic(self.file(name), text)
 
 
-def _diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    if not old:
-        return "no identity recorded"
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
 

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 AnswerKind = Literal["choice", "number", "text"]
 Split = Literal["gather", "examine", "all"]
 
-FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "mmlu")
+FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "gsm_plus", "mmlu")
+# Evaluation only: GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on.
+EVAL_ONLY = frozenset({"gsm_plus"})
 # BBH tasks whose targets are integers; every other BBH task without "(X)" options is graded as text.
 BBH_NUMBER_TASKS = frozenset({"object_counting", "multistep_arithmetic_two"})
 
@@ -108,12 +110,15 @@ def load_task(name: str, split: Split, data_dir: Path, limit: int | None = None)
     family, _, sub = name.partition("/")
     if family not in FAMILIES or name.endswith("/") or (sub and family not in ("bbh", "bbq", "mmlu")):
         raise _unknown_task(name, task_names())
+    if family in EVAL_ONLY and split != "examine":
+        raise ConfigError(f"{name} is for evaluation only: use the examine split, never gather or train on it")
     data_dir = Path(data_dir)
     _require_data_dir(data_dir)
     loaders: dict[str, Callable[[str, Split, Path], list[list[Example]]]] = {
         "bbh": _load_bbh,
         "bbq": _load_bbq,
         "gsm8k": _load_gsm8k,
+        "gsm_plus": _load_gsm_plus,
         "mmlu": _load_mmlu,
         "arc": _load_arc,
         "arc_challenge": _load_arc,
@@ -256,6 +261,24 @@ def _load_gsm8k(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
             examples.append(
                 Example(f"gsm8k/{part}/{i}", "gsm8k", row["question"], target, "number", (), {"solution": solution})
             )
+    return [examples]
+
+
+def _load_gsm_plus(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    """GSM-Plus testmini rows graded as numbers. "critical thinking" rows (gold "None": the question cannot be
+    answered) are left out, since the number grader cannot credit a refusal; fraction golds (1/4) become decimals."""
+    path = data_dir / "gsm_plus" / "gsmplus_testmini_part.jsonl"
+    examples = []
+    for line_no, row in _read_jsonl(path):
+        answer = str(row["answer"]).strip()
+        if answer == "None":
+            continue
+        if re.fullmatch(r"-?\d+/\d+", answer):
+            numerator, denominator = answer.split("/")
+            answer = f"{int(numerator) / int(denominator):g}"
+        target = _number_target(answer, f"{path}:{line_no}")
+        metadata = {"perturbation_type": row["perturbation_type"], "solution": row.get("solution", "")}
+        examples.append(Example(f"gsm_plus/{line_no - 1}", "gsm_plus", row["question"], target, "number", (), metadata))
     return [examples]
 
 

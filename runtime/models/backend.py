@@ -1,8 +1,9 @@
 """The one narrow model interface every role talks through.
 
-Chat messages and generation settings go in; text, token usage and latency come out. Implementations accept
-many calls at once (``asyncio.gather``) and decide themselves how to serve them: the local backend
-micro-batches them into one ``generate``, the OpenAI backend keeps a bounded number of HTTP requests in flight.
+Chat messages and generation settings go in; text and token usage come out. Implementations accept many calls at
+once (``asyncio.gather``) and decide themselves how to serve them: the local backend decodes them together in one
+continuous batch (rows join and leave between decode steps), the OpenAI backend keeps a bounded number of HTTP
+requests in flight.
 """
 
 from __future__ import annotations
@@ -53,11 +54,10 @@ class Usage:
 
 @dataclass(frozen=True)
 class Generation:
-    """One reply: its text, what it cost, and how long the caller waited for it."""
+    """One reply: its text, what it cost, and why it ended."""
 
     text: str
     usage: Usage = field(default_factory=Usage)
-    latency_s: float = 0.0
     finish_reason: str = "stop"  # "stop" | "length"
 
 

@@ -1,8 +1,9 @@
 """A response cache on disk, so re-running a command replays the calls it already made instantly.
 
 Only greedy calls are cached: a sampled reply is meant to differ next time. The key covers everything that can
-change a greedy reply: the backend and model (folder, dtype or server), the adapter, the messages and the
-generation settings. SQLite makes each write atomic and lets several processes share the file.
+change a greedy reply: the backend and model (folder, dtype or server), the adapter (for the local backend the hash
+of its weights and config, so an adapter retrained in place is not answered from the old one's replies), the
+messages and the generation settings. SQLite makes each write atomic and lets several processes share the file.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class CachedBackend(Backend):
         if row is not None:
             self.hits += 1
             value = json.loads(row[0])
-            return Generation(value["text"], Usage(**value["usage"]), 0.0, value["finish_reason"])
+            return Generation(value["text"], Usage(**value["usage"]), value["finish_reason"])
         self.misses += 1
         generation = await self.inner.generate(messages, settings, adapter)
         value = {"text": generation.text, "usage": vars(generation.usage), "finish_reason": generation.finish_reason}

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runtime.defaults import LOCAL_MAX_BATCH
 from runtime.errors import ConfigError
 
 BackendKind = Literal["local", "openai"]
@@ -31,7 +32,7 @@ class BackendConfig(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters by name -> folder (local)")
     device: str = "auto"
     dtype: str = Field("auto", description="auto: bf16 on a GPU that has it, else fp32 (faster on CPU, batch-exact)")
-    max_batch_size: int = Field(32, ge=1, description="local: most rows decoded together")
+    max_batch_size: int = Field(LOCAL_MAX_BATCH, ge=1, description="local: most rows decoded together")
     batch_wait_ms: float = Field(5.0, ge=0, description="local: how long an idle backend waits for more requests")
     prefix_cache_mb: int = Field(1024, ge=0, description="local: memory for reusable prompt prefixes; 0 = off")
     max_concurrency: int = Field(16, ge=1, description="openai: most HTTP requests in flight")

@@ -9,7 +9,18 @@ from runtime.models.backend import Backend
 from runtime.models.config import BackendConfig
 
 
-def make_backend(config: BackendConfig) -> Backend:
+def make_backend(config: BackendConfig, *, response_cache: bool = False) -> Backend:
+    """The backend ``config`` describes; with ``response_cache``, greedy calls replay from the on-disk cache."""
+    backend = _make(config)
+    if not response_cache:
+        return backend
+    from runtime.models.cache import CachedBackend
+    from runtime.models.default_model import cache_root
+
+    return CachedBackend(backend, cache_root() / "responses.sqlite")
+
+
+def _make(config: BackendConfig) -> Backend:
     if config.kind == "local":
         from runtime.models.local import LocalBackend
 

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.defaults import LOCAL_MAX_BATCH
 from runtime.errors import BackendError, ConfigError
+from runtime.models.adapters import ADAPTER_CONFIG, adapter_digest
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
 from runtime.models.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 
-# 32 rows: a float32 decode step of the default model on 2 CPU cores (300-token cache) gives 29 tok/s at 1 row, 147 at
-# 16, 186 at 32, 198 at 48, 223 at 64; past 32 each step gets slower for little more, and a slower step lengthens
-# every episode's chain of dependent calls. 5 ms: requests issued in one event-loop tick meet in one admission.
-DEFAULT_MAX_BATCH = 32
+# 5 ms: requests issued in one event-loop tick meet in one admission.
 DEFAULT_BATCH_WAIT_MS = 5.0
 # Cached prefixes (system prompts, earlier turns) per adapter. 1 GiB holds ~23k tokens of the default model in
 # float32: the conversations of a few dozen concurrent episodes, and little next to the memory of a laptop.
@@ -42,7 +40,6 @@ class _Request:
     adapter: str | None
     future: asyncio.Future[Any]
     options: Sequence[str] = ()
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class LocalBackend(Backend):
@@ -57,7 +54,7 @@ class LocalBackend(Backend):
         adapters: dict[str, str | Path] | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch_size: int = DEFAULT_MAX_BATCH,
+        max_batch_size: int = LOCAL_MAX_BATCH,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
     ) -> None:
@@ -97,7 +94,8 @@ class LocalBackend(Backend):
         model_obj.eval()
         check_supported(model_obj)
         self.prefix_cache_tokens = prefix_cache_mb * 2**20 // kv_bytes_per_token(model_obj)
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # name -> folder
+        self.adapter_sha256: dict[str, str] = {}  # name -> adapter_digest, taken as it loaded
         for name, adapter_path in (adapters or {}).items():
             model_obj = self._attach_adapter(model_obj, name, Path(adapter_path))
         self.model = model_obj
@@ -113,19 +111,30 @@ class LocalBackend(Backend):
     def _attach_adapter(self, model: Any, name: str, path: Path) -> Any:
         from peft import PeftModel
 
-        if not (path / "adapter_config.json").exists():
-            raise ConfigError(f"adapter {name!r}: {path} has no adapter_config.json (not a peft LoRA folder)")
+        if not (path / ADAPTER_CONFIG).exists():
+            raise ConfigError(f"adapter {name!r}: {path} has no {ADAPTER_CONFIG} (not a peft LoRA folder)")
+        digest = adapter_digest(path)
         if isinstance(model, PeftModel):
+            if name in model.peft_config:  # loading into the old adapter would keep its rank and target modules
+                model.delete_adapter(name)
             model.load_adapter(str(path), adapter_name=name)
         else:
             model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         self.adapters[name] = str(path)
+        self.adapter_sha256[name] = digest
         return model
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Make a LoRA adapter selectable by ``adapter=name`` in later requests."""
+        """Make a LoRA adapter selectable by ``adapter=name`` in later requests.
+
+        A name already loaded is replaced, so an adapter retrained in place can be loaded again; call it between
+        requests, not while that adapter's replies are being decoded.
+        """
         self.model = self._attach_adapter(self.model, name, Path(path))
         self.model.eval()
+        batch = self._batches.get(name)
+        if batch is not None and batch.prefixes is not None:
+            batch.prefixes.clear()  # their keys and values came from the old weights
 
     def _check_adapter(self, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
@@ -220,10 +229,9 @@ class LocalBackend(Backend):
                     row.tag.future.set_exception(BackendError(f"local generation failed: {exc}"))
             self._batches.pop(adapter, None)
             return
-        now = time.perf_counter()
         for row in finished:
             if not row.tag.future.done():
-                row.tag.future.set_result(self._generation(row, now))
+                row.tag.future.set_result(self._generation(row))
 
     async def _run_forward_batches(self, requests: list[_Request]) -> None:
         """Scoring and prompt log-prob requests: one forward per (kind, adapter) group, no decoding."""
@@ -285,13 +293,13 @@ class LocalBackend(Backend):
             tag=request,
         )
 
-    def _generation(self, row: Row, now: float) -> Generation:
+    def _generation(self, row: Row) -> Generation:
         text, finish = self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.finish or "length"
         for stop in row.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
         usage = Usage(len(row.prompt_ids), len(row.tokens))
-        return Generation(text.strip(), usage, now - row.tag.enqueued, finish)
+        return Generation(text.strip(), usage, finish)
 
     def _score_batch(self, batch: Sequence[_Request]) -> list[list[float]]:
         import torch
@@ -350,7 +358,7 @@ class LocalBackend(Backend):
             "kind": self.kind,
             "model": str(self.path),
             "dtype": self.dtype,
-            "adapter": self.adapters.get(adapter) if adapter else None,
+            "adapter": self.adapter_sha256.get(adapter) if adapter else None,  # its content, not its folder
         }
 
     def clear_prefix_cache(self) -> None:
@@ -367,6 +375,7 @@ class LocalBackend(Backend):
             "device": self.device,
             "dtype": self.dtype,
             "adapters": dict(self.adapters),
+            "adapter_sha256": dict(self.adapter_sha256),
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.batch_wait_s * 1000,
             "prefix_cache_tokens": self.prefix_cache_tokens,

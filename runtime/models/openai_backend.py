@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import random
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -92,7 +91,6 @@ class OpenAIBackend(Backend):
             optional["seed"] = settings.seed
         if settings.stop:
             optional["stop"] = list(settings.stop)
-        start = time.perf_counter()
         response = await self._call(
             lambda: self._client.chat.completions.create(
                 model=model,
@@ -109,7 +107,6 @@ class OpenAIBackend(Backend):
         return Generation(
             text=choice.message.content or "",
             usage=usage,
-            latency_s=time.perf_counter() - start,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
         )
 

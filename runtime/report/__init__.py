@@ -1,0 +1,37 @@
+"""Reports: one renderer (Markdown + self-contained HTML with PNG plots) and the paired statistics it shows.
+
+A bottom layer: pure rendering and statistics over plain data; it imports nothing of the project but its errors.
+"""
+
+from runtime.report.document import PAIRED_NOTE, Report, fmt, fmt_p, paired_table
+from runtime.report.experiment import accuracy_figure, paired_conditions, render_comparison, render_experiment
+from runtime.report.stats import (
+    PRIOR_SHIFT_THRESHOLD,
+    PairedDiff,
+    answer_distribution,
+    flag_prior_shift,
+    mcnemar_exact,
+    pair_by_id,
+    paired_difference,
+    prior_shift,
+)
+
+__all__ = [
+    "PAIRED_NOTE",
+    "PRIOR_SHIFT_THRESHOLD",
+    "PairedDiff",
+    "Report",
+    "accuracy_figure",
+    "answer_distribution",
+    "flag_prior_shift",
+    "fmt",
+    "fmt_p",
+    "mcnemar_exact",
+    "pair_by_id",
+    "paired_difference",
+    "paired_conditions",
+    "paired_table",
+    "prior_shift",
+    "render_comparison",
+    "render_experiment",
+]

@@ -1,9 +1,19 @@
-"""The experiment report: Markdown tables with their controls, and a PNG plot of accuracy per source."""
+"""The experiment reports (``redpen run``, and train-assistant's general vs trained comparison).
+
+Each condition's summary carries its per-item verdicts (``verdicts``: item id -> right), so every two conditions
+measured on the same items are compared item by item: difference, paired bootstrap 95% CI, exact McNemar p.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from runtime.report.document import PAIRED_NOTE, Report, paired_table
+from runtime.report.stats import pair_by_id
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 CONDITIONS = ("baseline", "assisted", "retrieval_only")
 
@@ -12,151 +22,152 @@ def _cell(f: dict[str, Any]) -> str:
     return f"{f['accuracy']:.3f} ({f['correct']}/{f['n']})" if f["n"] else "-"
 
 
-def render_experiment(figures: dict[str, Any], config: dict[str, Any]) -> str:
+def paired_conditions(conditions: Mapping[str, Any], a: str, b: str) -> tuple[str, list[bool], list[bool]]:
+    """A :func:`paired_table` row, "b vs a": the two conditions' verdicts paired by item id."""
+    x, y = pair_by_id(conditions[a]["verdicts"], conditions[b]["verdicts"])
+    return f"{b.replace('_', '-')} vs {a.replace('_', '-')}", x, y
+
+
+def accuracy_figure(report: Report, conditions: Mapping[str, Any], names: Sequence[str], title: str) -> None:
+    """Grouped bars into ``accuracy.png``: accuracy per source (and all) under each named condition, chance dotted."""
+    sources = [*sorted(conditions[names[0]]["by_source"]), "all"]
+
+    def block(name: str, source: str) -> Any:
+        return conditions[name]["overall"] if source == "all" else conditions[name]["by_source"][source]
+
+    def draw(ax: Axes) -> None:
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(sources))]
+            ax.bar(xs, [block(name, s)["accuracy"] for s in sources], width, label=name.replace("_", "-"))
+        for j, source in enumerate(sources):
+            chance = block(names[0], source)["chance"]
+            if chance is not None:
+                ax.hlines(chance, j - 0.4, j + 0.4, colors="black", linestyles="dotted")
+        ax.set_xticks(range(len(sources)))
+        ax.set_xticklabels([s.split("/")[-1] for s in sources], rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
+    report.figure("accuracy.png", "Accuracy per source; dotted: chance.", draw, (max(6.0, 0.8 * len(sources) + 2), 4.2))
+
+
+def render_experiment(figures: dict[str, Any], config: dict[str, Any]) -> Report:
+    """``redpen run``'s report: the conditions with their controls, paired differences, gathering, cost, examples."""
     c = figures["conditions"]
+    w = figures["without_near_duplicates"]
     g = figures["gathering"]
-    lines = [
-        f"# redpen run: {figures['task']}",
-        "",
+    report = Report(f"redpen run: {figures['task']}")
+    report.paragraph(
         f"Student `{figures['student']}`, assistant `{figures['assistant']}`; {figures['n_gather']} gather items, "
-        f"{figures['n_examine']} examine items (the same items in every condition).",
-        "",
-        "## Accuracy on the examine split",
-        "",
+        f"{figures['n_examine']} examine items (the same items in every condition)."
+    )
+    report.heading("Accuracy on the examine split")
+    report.paragraph(
         "*retrieval-only* is a control with no model: the majority gold answer of the retrieved mistakes. "
         "*chance* answers uniformly among the options. When assisted accuracy does not beat retrieval-only, the "
-        "memory's answers, not the assistant's guidance, explain any gain.",
-        "",
-        "| source | n | baseline | assisted | retrieval-only | chance | no answer (base / assisted) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+        "memory's answers, not the assistant's guidance, explain any gain."
+    )
+    rows: list[list[object]] = []
     for source in [*sorted(c["baseline"]["by_source"]), "all"]:
         base, assisted, control = (
             c[cond]["overall"] if source == "all" else c[cond]["by_source"][source] for cond in CONDITIONS
         )
-        chance = f"{base['chance']:.3f}" if base["chance"] is not None else "-"
         name = "**all**" if source == "all" else source
-        lines.append(
-            f"| {name} | {base['n']} | {_cell(base)} | {_cell(assisted)} | {_cell(control)} | {chance} "
-            f"| {base['no_answer']} / {assisted['no_answer']} |"
-        )
-    w = figures["without_near_duplicates"]
-    lines += [
-        "",
-        "## Near-duplicates",
-        "",
-        f"{figures['near_duplicates']} of {figures['n_examine']} examine items have a near-duplicate among the "
-        f"gathered questions (embedding similarity >= {figures['near_duplicate_threshold']}).",
-        "",
-        "| items | n | baseline | assisted | retrieval-only |",
-        "|---|---:|---:|---:|---:|",
-        f"| all | {c['baseline']['overall']['n']} | " + " | ".join(_cell(c[k]["overall"]) for k in CONDITIONS) + " |",
-        f"| without near-duplicates | {w['baseline']['overall']['n']} | "
-        + " | ".join(_cell(w[k]["overall"]) for k in CONDITIONS)
-        + " |",
-        "",
-        "## Gathering",
-        "",
-        f"- episodes: {g['episodes']}; first answer wrong: {g['first_answer_wrong']}; corrected within the round "
-        f"limit: {g['corrected']}",
-        f"- feedback turns: {g['feedback_turns']}; rewarded (next answer right): {g['rewarded_turns']}",
-        f"- feedback sentences that named the gold and were removed: {g['leaks_removed']} turns; feedback not in the "
-        f"asked format: {g['unparsed_feedback']} turns",
-        f"- mistakes in memory for this student and task: {figures['mistakes_stored']}; retrieved per examine item: "
-        f"{figures['retrieved_per_item']}",
-        "",
-        "## Cost",
-        "",
-        "| phase | seconds | tokens |",
-        "|---|---:|---:|",
+        no_answer = f"{base['no_answer']} / {assisted['no_answer']}"
+        rows.append([name, base["n"], _cell(base), _cell(assisted), _cell(control), base["chance"], no_answer])
+    report.table(
+        ["source", "n", "baseline", "assisted", "retrieval-only", "chance", "no answer (base / assisted)"], rows
+    )
+    accuracy_figure(report, c, CONDITIONS, f"{figures['task']}: {figures['student']}")
+    report.heading("Paired differences")
+    report.paragraph(PAIRED_NOTE)
+    comparisons = [
+        paired_conditions(c, "baseline", "assisted"),
+        paired_conditions(c, "baseline", "retrieval_only"),
+        paired_conditions(c, "retrieval_only", "assisted"),
     ]
-    for phase in ("baseline", "gathering", "assisted"):
-        lines.append(f"| {phase} | {figures['time_s'][phase]} | {figures['tokens'][phase]} |")
-    lines += ["", "## Examples of retrieved guidance", ""]
-    for ex in figures["examples"]:
-        lines += [
-            f"### {ex['id']} ({ex['verdict']}, gold {ex['target']})",
-            "",
-            "Question:",
-            "",
-            *[f"    {line}" for line in ex["question"].splitlines()],
-            "",
-            "Guidance given:",
-            "",
-            *[f"    {line}" for line in ex["guidance"].splitlines()],
-            "",
-            f"Student's reply: `{' '.join(ex['reply'].split())[:300]}`",
-            "",
+    if figures["near_duplicates"] and w["baseline"]["overall"]["n"]:
+        name, a, b = paired_conditions(w, "baseline", "assisted")
+        comparisons.append((f"{name}, without near-duplicates", a, b))
+    report.table(*paired_table(comparisons))
+    report.heading("Near-duplicates")
+    report.paragraph(
+        f"{figures['near_duplicates']} of {figures['n_examine']} examine items have a near-duplicate among the "
+        f"gathered questions (embedding similarity >= {figures['near_duplicate_threshold']})."
+    )
+    report.table(
+        ["items", "n", "baseline", "assisted", "retrieval-only"],
+        [
+            ["all", c["baseline"]["overall"]["n"], *(_cell(c[k]["overall"]) for k in CONDITIONS)],
+            ["without near-duplicates", w["baseline"]["overall"]["n"], *(_cell(w[k]["overall"]) for k in CONDITIONS)],
+        ],
+    )
+    report.heading("Gathering")
+    report.bullets(
+        [
+            f"episodes: {g['episodes']}; first answer wrong: {g['first_answer_wrong']}; corrected within the round "
+            f"limit: {g['corrected']}",
+            f"feedback turns: {g['feedback_turns']}; rewarded (next answer right): {g['rewarded_turns']}",
+            f"feedback sentences that named the gold and were removed: {g['leaks_removed']} turns; feedback not in "
+            f"the asked format: {g['unparsed_feedback']} turns",
+            f"mistakes in memory for this student and task: {figures['mistakes_stored']}; retrieved per examine "
+            f"item: {figures['retrieved_per_item']}",
         ]
-    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in config.items()]
-    return "\n".join(lines) + "\n"
+    )
+    report.heading("Cost")
+    phases = ("baseline", "gathering", "assisted")
+    report.table(
+        ["phase", "seconds", "tokens"], [[p, f"{figures['time_s'][p]:.1f}", figures["tokens"][p]] for p in phases]
+    )
+    report.heading("Examples of retrieved guidance")
+    for ex in figures["examples"]:
+        report.heading(f"{ex['id']} ({ex['verdict']}, gold {ex['target']})", level=3)
+        report.paragraph("Question:")
+        report.code(ex["question"])
+        report.paragraph("Guidance given:")
+        report.code(ex["guidance"])
+        report.paragraph(f"Student's reply: `{' '.join(ex['reply'].split())[:300]}`")
+    report.heading("Settings")
+    report.table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items()])
+    return report
 
 
-def plot_experiment(figures: dict[str, Any], path: Path) -> None:
-    """Grouped bars: accuracy per source under each condition, chance as a tick per source."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    c = figures["conditions"]
-    sources = [*sorted(c["baseline"]["by_source"]), "all"]
-
-    def acc(cond: str, source: str) -> float:
-        return (c[cond]["overall"] if source == "all" else c[cond]["by_source"][source])["accuracy"]
-
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(sources) + 2), 4.2))
-    for i, cond in enumerate(CONDITIONS):
-        xs = [j + (i - 1) * width for j in range(len(sources))]
-        ax.bar(xs, [acc(cond, s) for s in sources], width, label=cond.replace("_", "-"))
-    chance = [(c["baseline"]["overall"] if s == "all" else c["baseline"]["by_source"][s])["chance"] for s in sources]
-    for j, value in enumerate(chance):
-        if value is not None:
-            ax.hlines(value, j - 1.5 * width, j + 1.5 * width, colors="black", linestyles="dotted")
-    ax.set_xticks(range(len(sources)))
-    ax.set_xticklabels([s.split("/")[-1] for s in sources], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{figures['task']}: {figures['student']} (dotted: chance)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def render_comparison(figures: dict[str, Any], training: dict[str, Any], replay: dict[str, Any]) -> str:
+def render_comparison(figures: dict[str, Any], training: dict[str, Any], replay: dict[str, Any]) -> Report:
     """General vs trained study assistant on the same examine items, memory and student."""
     c = figures["conditions"]
-    lines = [
-        f"# General vs trained study assistant: {figures['task']}",
-        "",
+    names = ("general", "trained", "retrieval_only")
+    report = Report(f"General vs trained study assistant: {figures['task']}")
+    report.paragraph(
         f"Student `{figures['student']}`; general assistant `{figures['general_assistant']}`, trained assistant "
-        f"`{figures['trained_assistant']}`; the same {figures['n_examine']} examine items and the same memory.",
-        "*retrieval-only* (no model: the majority gold of the retrieved mistakes) is the control.",
-        "",
-        "| source | n | general | trained | retrieval-only | chance |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+        f"`{figures['trained_assistant']}`; the same {figures['n_examine']} examine items and the same memory. "
+        "*retrieval-only* (no model: the majority gold of the retrieved mistakes) is the control."
+    )
+    rows: list[list[object]] = []
     for source in [*sorted(c["general"]["by_source"]), "all"]:
-        general, trained, control = (
-            c[k]["overall"] if source == "all" else c[k]["by_source"][source]
-            for k in ("general", "trained", "retrieval_only")
-        )
-        chance = f"{general['chance']:.3f}" if general["chance"] is not None else "-"
+        general, trained, control = (c[k]["overall"] if source == "all" else c[k]["by_source"][source] for k in names)
         name = "**all**" if source == "all" else source
-        lines.append(f"| {name} | {general['n']} | {_cell(general)} | {_cell(trained)} | {_cell(control)} | {chance} |")
+        rows.append([name, general["n"], _cell(general), _cell(trained), _cell(control), general["chance"]])
+    report.table(["source", "n", "general", "trained", "retrieval-only", "chance"], rows)
+    accuracy_figure(report, c, names, f"{figures['task']}: general vs trained assistant")
+    report.heading("Paired differences")
+    report.paragraph(PAIRED_NOTE)
+    report.table(
+        *paired_table([paired_conditions(c, "general", "trained"), paired_conditions(c, "retrieval_only", "trained")])
+    )
+    report.paragraph(
+        f"Answers that changed between the two assistants: {figures['changed_answers']} of {figures['n_examine']}."
+    )
     per_task = ", ".join(f"{t} {v['kept']}/{v['steps']}" for t, v in replay["by_task"].items())
-    lines += [
-        "",
-        f"Answers that changed between the two assistants: {figures['changed_answers']} of {figures['n_examine']}.",
-        "",
-        "## Training",
-        "",
-        f"- replay: {replay['steps']} feedback steps, {replay['kept']} rewarded and kept (per task: {per_task})",
-        f"- LoRA fine-tuning: {training['steps']} steps, final loss {training['final_loss']:.4f}, "
-        f"dataset sha256 `{training['dataset_hash'][:12]}`",
-        f"- adapter: `{training['adapter_dir']}`",
-    ]
-    return "\n".join(lines) + "\n"
+    report.heading("Training")
+    report.bullets(
+        [
+            f"replay: {replay['steps']} feedback steps, {replay['kept']} rewarded and kept (per task: {per_task})",
+            f"LoRA fine-tuning: {training['steps']} steps, final loss {training['final_loss']:.4f}, "
+            f"dataset sha256 `{training['dataset_hash'][:12]}`",
+            f"adapter: `{training['adapter_dir']}`",
+        ]
+    )
+    return report

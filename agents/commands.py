@@ -1,0 +1,280 @@
+"""The evaluation and SALAM commands as library calls: ``evaluate``, ``gather``, ``examine`` and ``experiment``.
+
+Each one creates its run directory with a typed, versioned ``config.json`` (so a later command can read back what
+ran, e.g. ``train-assistant`` the assistant's model folder), opens and closes the mistake memory, runs its phases
+(resuming what a killed run finished), and writes its figures and report. ``redpen <command>`` parses options
+and makes one of these calls; only the command line prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.evaluation import RESULTS, render_report, run_eval, summarize
+from agents.examination import Mode, retrieve, run_exam
+from agents.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
+from agents.gathering import run_gathering
+from agents.team import Roles
+from memory.store import MistakeMemory
+from runtime.data.records import (
+    BackendInfo,
+    EvalIdentity,
+    ExamIdentity,
+    GatherIdentity,
+    RunConfig,
+    RunIdentity,
+)
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
+from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.errors import ConfigError
+from runtime.models.backend import Backend, GenerationSettings
+from runtime.report import render_experiment
+
+METRICS, FIGURES = "metrics.json", "figures.json"
+OnRecord = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Where a command wrote its run, and its figures (``metrics.json`` or ``figures.json``, as written)."""
+
+    run_dir: Path
+    figures: dict[str, Any]
+    results: list[dict[str, Any]]  # the per-item records (results or episodes), in input order
+
+
+async def evaluate(
+    examples: Sequence[Example],
+    backend: Backend,
+    out: Path,
+    *,
+    task: str,
+    split: str,
+    limit: int | None,
+    settings: GenerationSettings,
+    mc_mode: str = "generate",
+    adapter: str | None = None,
+    concurrency: int = CONCURRENCY,
+    progress: Progress | None = None,
+    on_result: OnRecord | None = None,
+) -> Outcome:
+    """``redpen eval``: the model alone on ``examples``; ``adapter``: a LoRA folder the backend loaded as "adapter"."""
+    if mc_mode not in ("generate", "loglik"):
+        raise ConfigError(f"unknown --mc-mode {mc_mode!r}: choose generate or loglik")
+    if not examples:
+        raise ConfigError(f"{task} has no examples in the {split} split")
+    if mc_mode == "loglik" and not backend.supports_option_scoring:
+        raise ConfigError(f"--mc-mode loglik needs token log-probs, which this {backend.kind} backend does not expose")
+    identity = EvalIdentity(
+        task=task,
+        split=split,
+        limit=limit,
+        mc_mode=mc_mode,
+        model_id=backend.model_id,
+        adapter=adapter,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    config = RunConfig(
+        identity=identity,
+        student_backend=BackendInfo(**backend.describe()),
+        settings=settings.to_dict(),
+        n_examples=len(examples),
+    )
+    run = RunDir.create(out, config)
+    done = len(run.done_ids(RESULTS) & {e.id for e in examples})
+    tick = counter(progress, f"eval {task}", len(examples), done)
+    started = time.perf_counter()
+    results = await run_eval(
+        examples,
+        backend,
+        run,
+        settings,
+        mode=mc_mode,
+        adapter="adapter" if adapter else None,
+        concurrency=concurrency,
+        on_result=_both(tick, on_result),
+    )
+    metrics = summarize(results)
+    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
+    metrics["run_dir"] = str(run.path)
+    run.write_json(METRICS, metrics)
+    render_report(f"redpen eval: {task} ({split})", identity.model_dump(), metrics).write(run.path)
+    return Outcome(run.path, metrics, results)
+
+
+async def gather(
+    examples: Sequence[Example],
+    roles: Roles,
+    out: Path,
+    *,
+    task: str,
+    limit: int | None,
+    rounds: int = ROUNDS,
+    memory_path: Path | None = None,
+    memory_url: str | None = None,
+    concurrency: int = CONCURRENCY,
+    progress: Progress | None = None,
+) -> Outcome:
+    """``redpen gather``: gathering episodes into ``out``, their mistakes into the memory (default: ``out/memory``).
+
+    The figures are the episode counts and how many of this student's mistakes the memory now holds.
+    """
+    location = memory_location(out, memory_path, memory_url)
+    identity = GatherIdentity(
+        task=task,
+        limit=limit,
+        rounds=rounds,
+        student=roles.student_id,
+        assistant=roles.assistant_id,
+        student_settings=roles.student_settings.to_dict(),
+    )
+    run = RunDir.create(out, _salam_config(identity, roles, location))
+    store = MistakeMemory(**location)
+    try:
+        episodes = await run_gathering(
+            examples,
+            roles,
+            store,
+            run,
+            task=task,
+            rounds=rounds,
+            concurrency=concurrency,
+            on_episode=counter(progress, "gathering", len(examples)),
+        )
+        stored = store.count(model_id=roles.student_id, task=task)
+    finally:
+        store.close()
+    figures = {
+        "episodes": len(episodes),
+        "first_answer_wrong": sum(e["first_verdict"] != "correct" for e in episodes),
+        "corrected": sum(e["corrected"] for e in episodes),
+        "mistakes_stored": stored,
+    }
+    return Outcome(run.path, figures, episodes)
+
+
+async def examine(
+    examples: Sequence[Example],
+    roles: Roles,
+    out: Path,
+    *,
+    mode: Mode,
+    task: str,
+    limit: int | None,
+    memory_path: Path | None = None,
+    memory_url: str | None = None,
+    memory_task: str | None = None,
+    k: int = RETRIEVAL_K,
+    threshold: float = RETRIEVAL_THRESHOLD,
+    assistant_adapter: str | None = None,
+    concurrency: int = CONCURRENCY,
+    progress: Progress | None = None,
+) -> Outcome:
+    """``redpen exam``: without the gold, as a baseline or assisted by this student's mistakes on ``memory_task``."""
+    if mode not in ("baseline", "assisted"):
+        raise ConfigError(f"unknown --mode {mode!r}: choose baseline or assisted")
+    if mode == "assisted" and memory_path is None and memory_url is None:
+        raise ConfigError("--mode assisted needs the mistake memory: pass --memory FOLDER or --memory-url URL")
+    identity = ExamIdentity(
+        mode=mode,
+        task=task,
+        limit=limit,
+        student=roles.student_id,
+        assistant=roles.assistant_id,
+        k=k,
+        threshold=threshold,
+        assistant_adapter=assistant_adapter,
+        student_settings=roles.student_settings.to_dict(),
+    )
+    location = memory_location(out, memory_path, memory_url) if mode == "assisted" else None
+    run = RunDir.create(out, _salam_config(identity, roles, location))
+    hits = None
+    if location is not None:
+        store = MistakeMemory(**location)
+        try:
+            hits = retrieve(store, examples, roles.student_id, memory_task or task, k, threshold)
+        finally:
+            store.close()
+    started = time.perf_counter()
+    results = await run_exam(
+        examples,
+        roles,
+        run,
+        RESULTS,
+        mode=mode,
+        hits=hits,
+        concurrency=concurrency,
+        on_result=counter(progress, f"{mode} exam", len(examples)),
+    )
+    metrics = summarize(results)
+    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
+    run.write_json(METRICS, metrics)
+    render_report(f"redpen exam: {task} ({mode})", identity.model_dump(), metrics).write(run.path)
+    return Outcome(run.path, metrics, results)
+
+
+async def experiment(
+    gather_set: Sequence[Example],
+    examine_set: Sequence[Example],
+    roles: Roles,
+    out: Path,
+    settings: ExperimentSettings,
+    *,
+    limit: int | None,
+    gather_limit: int | None,
+    memory_path: Path | None = None,
+    memory_url: str | None = None,
+    progress: Progress | None = None,
+) -> Outcome:
+    """``redpen run``: every SALAM phase with its controls (``agents.experiment``), then the figures and report."""
+    if not gather_set or not examine_set:
+        raise ConfigError(f"{settings.task}: the gather and examine sets must both have examples")
+    if settings.threshold is None:
+        raise ConfigError("redpen run records its retrieval threshold: give one")
+    location = memory_location(out, memory_path, memory_url)
+    identity = RunIdentity(
+        task=settings.task,
+        limit=limit,
+        gather_limit=gather_limit,
+        rounds=settings.rounds,
+        k=settings.k,
+        threshold=settings.threshold,
+        student=roles.student_id,
+        assistant=roles.assistant_id,
+        student_settings=roles.student_settings.to_dict(),
+    )
+    run = RunDir.create(out, _salam_config(identity, roles, location))
+    store = MistakeMemory(**location)
+    try:
+        figures = await run_experiment(gather_set, examine_set, roles, store, run, settings, progress=progress)
+    finally:
+        store.close()
+    run.write_json(FIGURES, figures)
+    render_experiment(figures, identity.model_dump()).write(run.path)
+    return Outcome(run.path, figures, [])
+
+
+def _salam_config(
+    identity: GatherIdentity | ExamIdentity | RunIdentity, roles: Roles, location: dict[str, Any] | None
+) -> RunConfig:
+    """A SALAM command's config: its identity, both roles' backends, and where its memory is."""
+    return RunConfig(
+        identity=identity,
+        student_backend=BackendInfo(**roles.student.describe()),
+        assistant_backend=BackendInfo(**roles.assistant.describe()),
+        memory={k: str(v) for k, v in location.items()} if location is not None else None,
+    )
+
+
+def _both(first: OnRecord, second: OnRecord | None) -> OnRecord:
+    def call(record: dict[str, Any]) -> None:
+        first(record)
+        if second is not None:
+            second(record)
+
+    return call

@@ -1,0 +1,148 @@
+"""The instructor (LLMs-as-Instructors): analyses a student's errors and writes new training samples.
+
+Three ways to ask, as in the paper's Appendix C: ``le`` (one wrong case), ``lec`` (the wrong case with its nearest
+correct cases of the same source, for contrast) and ``augment`` (AugGPT: a random case, no error shown). The prompts
+are the appendix's, as package data; unlike the appendix they also show the gold answer, since an instructor that
+analyses an error needs to know what the right answer was (the paper's GPT-4-class instructor can work it out, a
+small local instructor cannot).
+
+Replies are parsed strictly into ``Sample`` rows; every rejected block is counted with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from string import ascii_uppercase
+from typing import Literal
+
+from agents.prompts import load_prompt
+from runtime.data.tasks import AnswerKind, Example
+from runtime.models.backend import Message
+
+Strategy = Literal["le", "lec", "augment"]
+
+# One numbered block per sample: "1. Question: ..." up to the next "N. Question:" or the end.
+_BLOCK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]\s*)?\**Question\**\s*:", re.IGNORECASE)
+_ANSWER = re.compile(r"\**Answer\**\s*:", re.IGNORECASE)
+# Options written inline or one per line: "A. text", "(A) text", "A) text".
+_OPTION = re.compile(r"(?:^|\s)\(?([A-E])[.)]\s+", re.MULTILINE)
+_LETTER = re.compile(r"^\s*\(?([A-E])\b[).]?")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated training sample: the question as the student will see it, and the reply to learn."""
+
+    question: str  # choice samples carry an "Options:" block of "(A) text" lines, as benchmark items do
+    target: str  # "(B)", "18", or text
+    response: str  # the reply trained on, ending "The answer is ..." like the student's own format
+
+
+@dataclass
+class Parsed:
+    samples: list[Sample] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)  # reason -> count
+
+
+def instructor_messages(
+    strategy: Strategy,
+    case: Example,
+    response: str,
+    n: int,
+    correct: Sequence[Example] = (),
+) -> list[Message]:
+    """The chat that asks for ``n`` samples about one case (``response``: the student's reply, empty for augment)."""
+    system = load_prompt("instructor_augment" if strategy == "augment" else f"instructor_le_{_prompt_kind(case)}")
+    shape = (
+        ", each with its options, the correct letter and a brief explanation" if case.answer_kind == "choice" else ""
+    )
+    values = {"question": case.input, "gold": case.target, "response": _clip(response), "n": n, "shape": shape}
+    if strategy == "lec":
+        values["correct"] = "\n\n".join(f"{i}. {c.input}" for i, c in enumerate(correct, 1)) or "(none)"
+    user = load_prompt(f"instructor_{strategy}_user").format(**values)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Parsed:
+    """Samples from an instructor reply; blocks without a question, answer or (for choice) options are rejected.
+
+    >>> r = parse_samples("1. Question: Who is older? A. Tom B. Ann C. Unknown Answer: C - nothing says so.", "choice")
+    >>> r.samples[0].question
+    'Who is older?\\nOptions:\\n(A) Tom\\n(B) Ann\\n(C) Unknown'
+    >>> r.samples[0].target, r.samples[0].response
+    ('(C)', 'nothing says so. The answer is (C).')
+    >>> parse_samples("1. Question: 2+3? Answer: 2+3=5. The answer is 5", "number").samples[0].target
+    '5'
+    >>> parse_samples("Here you go!", "number").rejected
+    Counter({'no question block': 1})
+    """
+    parsed = Parsed()
+    starts = [m.end() for m in _BLOCK.finditer(reply)]
+    if not starts:
+        parsed.rejected["no question block"] += 1
+        return parsed
+    ends = [m.start() for m in _BLOCK.finditer(reply)][1:] + [len(reply)]
+    for start, end in zip(starts, ends, strict=True):
+        block = reply[start:end].strip()
+        sample, reason = _sample(block, answer_kind, n_options)
+        if sample is None:
+            parsed.rejected[reason] += 1
+        else:
+            parsed.samples.append(sample)
+    return parsed
+
+
+def _sample(block: str, answer_kind: AnswerKind, n_options: int) -> tuple[Sample | None, str]:
+    parts = _ANSWER.split(block, maxsplit=1)
+    if len(parts) != 2:
+        return None, "no answer"
+    question, answer = parts[0].strip(), parts[1].strip()
+    if not question or not answer:
+        return None, "empty question or answer"
+    if answer_kind == "choice":
+        return _choice_sample(question, answer, n_options)
+    if answer_kind == "number":
+        numbers = _NUMBER.findall(answer.rpartition("answer is")[2] or answer)
+        if not numbers:
+            return None, "no number in the answer"
+        target = numbers[-1].replace(",", "").rstrip(".")
+        body = answer if "answer is" in answer.lower() else f"{answer}\nThe answer is {target}."
+        return Sample(question, target, body), ""
+    first_line = answer.splitlines()[0].strip()
+    return Sample(question, first_line, f"The answer is {first_line}."), ""
+
+
+def _choice_sample(question: str, answer: str, n_options: int) -> tuple[Sample | None, str]:
+    marks = list(_OPTION.finditer(question))
+    letters = [m.group(1) for m in marks]
+    if len(marks) < 2 or letters != list(ascii_uppercase[: len(marks)]):
+        return None, "no lettered options"
+    if n_options and len(marks) != n_options:
+        return None, f"not {n_options} options"
+    stem = question[: marks[0].start()].strip()
+    options = [
+        question[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(question))].strip()
+        for i, m in enumerate(marks)
+    ]
+    if not stem or not all(options) or len(set(options)) < len(options):
+        return None, "empty or repeated option"
+    letter = _LETTER.match(answer)
+    if letter is None or letter.group(1) not in letters:
+        return None, "answer is not one of the options"
+    target = f"({letter.group(1)})"
+    explanation = answer[letter.end() :].strip(" -:.\n")
+    body = f"{explanation}. The answer is {target}." if explanation else f"The answer is {target}."
+    text = stem + "\nOptions:\n" + "\n".join(f"({ascii_uppercase[i]}) {o}" for i, o in enumerate(options))
+    return Sample(text, target, body), ""
+
+
+def _prompt_kind(case: Example) -> str:
+    return "number" if case.answer_kind == "number" else "choice"
+
+
+def _clip(text: str, limit: int = 1200) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."

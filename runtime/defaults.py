@@ -1,0 +1,47 @@
+"""Every default that more than one module uses, each with why it has its value (and where it is a guess).
+
+A bottom layer: plain numbers, importable from anywhere. A module-local default (a prompt's clip length, a
+benchmark's repeat count) stays beside the code it tunes.
+"""
+
+# ---- retrieval ---------------------------------------------------------------------------------------------------
+
+# 3: as many past mistakes as SALAM's examination shows; not tuned on redpen's benchmarks.
+RETRIEVAL_K = 3
+# 0.5 cosine on MiniLM: a guess from reading retrieved pairs; below it a "similar" mistake is mostly another topic.
+RETRIEVAL_THRESHOLD = 0.5
+
+# ---- gathering ---------------------------------------------------------------------------------------------------
+
+# 3: the SALAM paper's limit on feedback rounds per question; later rounds rarely turn a wrong answer right.
+ROUNDS = 3
+
+# ---- generation --------------------------------------------------------------------------------------------------
+
+# 128: room for a short reason before "The answer is (X)"; past that the 135M default mostly repeats itself.
+STUDENT_MAX_NEW_TOKENS = 128
+# 160: a JSON reason + guideline fits; longer replies from a small model ramble and leak.
+ASSISTANT_MAX_NEW_TOKENS = 160
+# 256: room for a GSM8K chain of thought ending "The answer is N"; a guess, not measured on every task.
+REASONING_MAX_NEW_TOKENS = 256
+
+# ---- LEMA correction data ----------------------------------------------------------------------------------------
+
+# 4 reasoning paths per problem: a guess that trades distinct wrong paths to correct against sampling cost.
+SAMPLES = 4
+
+# ---- batching and concurrency ------------------------------------------------------------------------------------
+
+# 32 rows: a float32 decode step of the default model on 2 CPU cores (300-token cache) gives 29 tok/s at 1 row, 147
+# at 16, 186 at 32, 198 at 48, 223 at 64; past 32 each step gets slower for little more, and a slower step
+# lengthens every episode's chain of dependent calls.
+LOCAL_MAX_BATCH = 32
+# As many conversations in flight as the local backend decodes at once, so its batch stays full. For a server
+# backend it is a guess: vLLM takes far more, a rate-limited API fewer.
+CONCURRENCY = LOCAL_MAX_BATCH
+
+# ---- fine-tuning -------------------------------------------------------------------------------------------------
+
+# 30 steps of 4 rows: a few passes over the tens of rewarded rows a laptop gathering yields, in ~5 minutes on
+# 2 CPU cores; more steps on so few rows learn them by heart. Raise it with more data or a GPU.
+MAX_STEPS = 30

@@ -1,0 +1,243 @@
+"""The instructor loop: row supply, ledger, and the whole loop on a tiny random model, killed at every stage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import training.instruct.loop as loop_module
+from agents.instructor import parse_samples
+from memory.embed import HashingEmbedder
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example
+from runtime.models.local import LocalBackend
+from tests.helpers import build_tiny_model
+from training.instruct.benchmarks import Target
+from training.instruct.ledger import change
+from training.instruct.loop import InstructLoop, Plan
+from training.instruct.report import figures, render
+from training.instruct.settings import InstructSettings
+from training.instruct.supply import balanced, replay_rows
+
+
+def item(i: int, source: str = "toy/a", gold: str = "(A)") -> Example:
+    text = f"Q{i} who?\nOptions:\n(A) x{i}\n(B) y{i}\n(C) z{i}"
+    return Example(f"{source}/{i}", source, text, gold, "choice", (f"x{i}", f"y{i}", f"z{i}"))
+
+
+# ---- supply -----------------------------------------------------------------------------------------------------
+
+
+def test_error_replay_with_balance_follows_the_selection_golds() -> None:
+    # The model answers (C): its errors are all items whose gold is not (C), as in the BBQ runs.
+    selection = [item(i, gold="(ABC)"[1 + i % 3] and f"({'ABC'[i % 3]})") for i in range(30)]
+    verdicts = {e.id: "correct" if e.target == "(C)" else "wrong" for e in selection}
+    plain_errors, _ = replay_rows(
+        selection,
+        verdicts,
+        contrast=False,
+        balance=False,
+        k=3,
+        budget=100,
+        embedder=HashingEmbedder(),
+        rng=random.Random(0),
+    )
+    assert {r["target"] for r in plain_errors} == {"(A)", "(B)"}  # error-only rows never show (C): a prior shift
+    rows, counts = replay_rows(
+        selection,
+        verdicts,
+        contrast=True,
+        balance=True,
+        k=3,
+        budget=100,
+        embedder=HashingEmbedder(),
+        rng=random.Random(0),
+    )
+    golds = [r["target"] for r in rows]
+    assert counts["contrast_cases"] > 0 and "(C)" in golds
+    assert max(golds.count(g) for g in "(A) (B) (C)".split()) - min(golds.count(g) for g in "(A) (B) (C)".split()) <= 1
+
+
+def test_contrast_cases_come_from_the_same_source() -> None:
+    wrong = item(1, "toy/a", "(A)")
+    same, other = item(2, "toy/a", "(B)"), item(3, "toy/b", "(B)")
+    rows, _ = replay_rows(
+        [wrong, same, other],
+        {wrong.id: "wrong", same.id: "correct", other.id: "correct"},
+        contrast=True,
+        balance=False,
+        k=3,
+        budget=10,
+        embedder=HashingEmbedder(),
+        rng=random.Random(0),
+    )
+    assert {r["id"] for r in rows} == {wrong.id, same.id}
+
+
+def test_balanced_keeps_no_row_twice() -> None:
+    rows = [{"target": t, "i": i} for i, t in enumerate("AAAABBC")]
+    kept = balanced(rows, {"A": 1 / 3, "B": 1 / 3, "C": 1 / 3}, random.Random(1))
+    assert sorted(r["target"] for r in kept) == ["A", "B", "C"]
+    assert len({r["i"] for r in kept}) == len(kept)
+
+
+def test_instructor_replies_are_parsed_strictly() -> None:
+    reply = (
+        "1. Question: Who forgot? A. the old man B. the boy C. unknown Answer: C - the text does not say.\n"
+        "2. Question: Who is kind? A. Sam Answer: A\n"  # one option: rejected
+        "3. Question: Who won? A. Ann B. Bo C. Cy Answer: D\n"  # not an option: rejected
+    )
+    parsed = parse_samples(reply, "choice", 3)
+    assert [s.target for s in parsed.samples] == ["(C)"]
+    assert parsed.rejected == {"no lettered options": 1, "answer is not one of the options": 1}
+
+
+def test_learned_and_forgotten_pair_by_id() -> None:
+    c = change({"a": False, "b": True}, {"b": False, "a": True})
+    assert (c.learned, c.forgotten) == (1, 1)
+    with pytest.raises(ValueError):
+        change({"a": True}, {"b": True})
+
+
+# ---- the loop on a tiny random model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def make_loop(run_path: Path, tiny: Path) -> InstructLoop:
+    pool = [item(i, "toy/a", f"({'ABC'[i % 3]})") for i in range(40)]
+    plan = Plan([Target("toy", pool, [])], {"toy": [item(100 + i, "toy/a", "(B)") for i in range(6)]}, ["toy"])
+    settings = InstructSettings(
+        targets=["toy"],
+        strategies=["replay", "replay"],
+        baselines=["plain"],
+        select=8,
+        budget=6,
+        eval_limit=6,
+        max_new_tokens=8,
+        concurrency=4,
+    )
+    backends: dict[Path | None, LocalBackend] = {}
+
+    def backend_for(model: Path | None) -> LocalBackend:
+        if model not in backends:
+            backends[model] = LocalBackend(model or tiny)
+        return backends[model]
+
+    run = RunDir(run_path, {"command": "instruct-test"})
+    return InstructLoop(settings, plan, run, backend_for, None, HashingEmbedder(), tiny)
+
+
+async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: Path) -> None:
+    outcome = await make_loop(tmp_path / "run", tiny).run_all()
+    assert list(outcome["results"]) == ["base", "iter1", "plain1", "iter2", "plain2"]
+    assert outcome["supplies"]["plain1"]["rows"] == outcome["supplies"]["iter1"]["rows"]  # equal rows
+    selections = [json.loads((tmp_path / "run" / f"iter{i}" / "selection.json").read_text()) for i in (1, 2)]
+    assert not set(selections[0]) & set(selections[1])  # a fresh sample each iteration
+    lrs = [json.loads((tmp_path / "run" / f"iter{i}" / "adapter" / "redpen_adapter.json").read_text()) for i in (1, 2)]
+    assert lrs[1]["config"]["learning_rate"] == lrs[0]["config"]["learning_rate"] / 2
+    # iteration 2 trained on iteration 1's merged model
+    assert lrs[1]["base_model"]["path"].endswith(outcome_model(tmp_path / "run", "iter1"))
+    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], ["toy"])
+    md, html = render(
+        figs,
+        outcome["results"],
+        {"targets": ["toy"], "strategies": ["replay"], "baselines": ["plain"], "eval_split": "examine"},
+        tmp_path / "run",
+    )
+    text = md.read_text()
+    assert "iter2 vs base" in text and "McNemar p" in text and "forgotten rate" in text
+    assert "data:image/png;base64" in html.read_text()
+
+
+def outcome_model(run: Path, condition: str) -> str:
+    (folder,) = [p.name for p in (run / condition).iterdir() if p.name.startswith(f"{condition}-")]
+    return folder
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: raised inside a stage, after part of its work is on disk."""
+
+
+STAGES = ["collect", "supply", "train", "merge", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(make_loop(tmp_path_factory.mktemp("reference") / "run", tiny).run_all())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+async def test_a_kill_in_any_stage_resumes_to_the_same_results(
+    stage: str, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, Any]
+) -> None:
+    calls = {"train": 0}
+    real_train = loop_module.train_lora
+
+    def counting_train(*args: Any, **kwargs: Any) -> Any:
+        calls["train"] += 1
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_lora", counting_train)
+    with monkeypatch.context() as m:
+        _break(m, stage)
+        with pytest.raises(Killed):
+            await make_loop(tmp_path / "run", tiny).run_all()
+    resumed = await make_loop(tmp_path / "run", tiny).run_all()
+    verdicts = lambda o: {c: {b: [r["verdict"] for r in rs] for b, rs in v.items()} for c, v in o["results"].items()}  # noqa: E731
+    assert verdicts(resumed) == verdicts(reference)
+    assert calls["train"] == 4  # each of the 4 adapters trained once across the kill and the resume: none redone
+    assert resumed["supplies"]["iter1"]["rows"] == reference["supplies"]["iter1"]["rows"]
+
+
+def _break(m: pytest.MonkeyPatch, stage: str) -> None:
+    """Make ``stage`` of iteration 2 die halfway (after iteration 1 and part of iteration 2 are on disk)."""
+    if stage in ("collect", "evaluate"):
+        real = loop_module.run_eval
+
+        async def dying_eval(items: Any, *args: Any, results_file: str, **kwargs: Any) -> Any:
+            dies = results_file.startswith("iter2/") and (stage == "collect") == results_file.endswith("collect.jsonl")
+            if dies:
+                await real(items[:2], *args, results_file=results_file, **kwargs)  # two records reach the disk
+                raise Killed
+            return await real(items, *args, results_file=results_file, **kwargs)
+
+        m.setattr(loop_module, "run_eval", dying_eval)
+    elif stage == "supply":
+        real_rows = loop_module.supply.replay_rows
+        seen = {"n": 0}
+
+        def dying_rows(*args: Any, **kwargs: Any) -> Any:
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise Killed
+            return real_rows(*args, **kwargs)
+
+        m.setattr(loop_module.supply, "replay_rows", dying_rows)
+    elif stage == "train":
+        real_train = loop_module.train_lora
+
+        def dying_train(rows: Path, config: Any, **kwargs: Any) -> Any:
+            if "iter2" in config.output_dir:
+                raise Killed
+            return real_train(rows, config, **kwargs)
+
+        m.setattr(loop_module, "train_lora", dying_train)
+    else:
+        real_merge = loop_module.merge_adapter
+
+        def dying_merge(base: Path, adapter: Path, target: Path) -> Path:
+            if target.name.startswith("iter2-"):
+                raise Killed
+            return real_merge(base, adapter, target)
+
+        m.setattr(loop_module, "merge_adapter", dying_merge)

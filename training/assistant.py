@@ -1,0 +1,190 @@
+"""Train the study assistant on its own rewarded feedback (SALAM, part 2), then compare it with the general one.
+
+1. export the filtered replay of the gathering run directories (``training.replay``);
+2. fine-tune a LoRA adapter on it, from the runs' assistant model unless another base model is given; an adapter
+   already trained the same way is reused (``trained_before``);
+3. optionally examine the first run's examine items with the general and with the trained assistant: the same
+   student, memory and retrieved mistakes, so the two differ only by the adapter. The figures and the report go
+   to ``<out>-compare``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agents.experiment import ExperimentSettings, Progress, compare_assistants
+from agents.team import RolesConfig, build_roles
+from memory.store import MistakeMemory
+from runtime.data.paths import resolve_data_dir
+from runtime.data.records import BackendInfo, CompareIdentity, RunConfig, RunIdentity
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import load_task
+from runtime.defaults import CONCURRENCY
+from runtime.errors import ConfigError, DataError
+from runtime.models.config import BackendConfig
+from runtime.report import render_comparison
+from training.replay import SFT_JSONL, ReplayStats, export_replay
+from training.sft_config import LoraSFTConfig
+from training.sft_trainer import TrainResult, train_lora, trained_before
+
+log = logging.getLogger(__name__)
+
+FIGURES = "figures.json"
+
+
+@dataclass(frozen=True)
+class AssistantTraining:
+    """What ``train_assistant`` did: the replay it exported, the adapter, and the comparison if one was run."""
+
+    replay: ReplayStats
+    replay_dir: Path
+    trained: TrainResult
+    reused: bool  # the adapter in ``out`` was already trained this way, and kept
+    comparison: dict[str, Any] | None = None  # ``compare_assistants``' figures
+    compare_dir: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as one JSON object: replay counts, the adapter, and the accuracy of each assistant."""
+        summary: dict[str, Any] = {
+            "replay": self.replay.to_dict(),
+            "adapter_dir": str(self.trained.adapter_dir),
+            "steps": self.trained.steps,
+            "final_loss": self.trained.final_loss,
+            "reused": self.reused,
+        }
+        if self.comparison is not None:
+            conditions = self.comparison["conditions"]
+            summary["accuracy"] = {name: c["overall"]["accuracy"] for name, c in conditions.items()}
+            summary["changed_answers"] = self.comparison["changed_answers"]
+        return summary
+
+
+def train_assistant(
+    runs: Sequence[Path],
+    out: Path,
+    *,
+    max_steps: int | None = None,
+    base_model: str | None = None,
+    compare: bool = True,
+    limit: int | None = None,
+    concurrency: int = CONCURRENCY,
+    response_cache: bool = True,
+    data_dir: Path | None = None,
+    on_train_log: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
+) -> AssistantTraining:
+    """Replay ``runs``, train the adapter into ``out`` (the replay goes to ``<out>-replay``), then compare.
+
+    ``base_model`` defaults to the local model that played the assistant in ``runs[0]``. The comparison needs
+    ``runs[0]`` to be a ``redpen run`` directory (it reuses that run's examine split, memory and retrieval).
+    Call it outside an event loop: the comparison runs its own.
+    """
+    if not runs:
+        raise ConfigError("no run directories given: pass the --out folder of `redpen gather` or `redpen run`")
+    first = RunConfig.read(runs[0])
+    replay_dir = out.with_name(out.name + "-replay")
+    stats = export_replay(runs, replay_dir)
+    if base_model is None:
+        base_model = _local_model(first.assistant_backend)
+        if base_model is None:
+            raise ConfigError(f"{runs[0]}: its assistant was not a local model; pass --base-model FOLDER to train one")
+    steps = {"max_steps": max_steps} if max_steps is not None else {}
+    config = LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps)
+    dataset = replay_dir / SFT_JSONL
+    trained = trained_before(dataset, config)
+    reused = trained is not None
+    if trained is None:
+        trained = train_lora(dataset, config, on_log=on_train_log)
+    else:
+        log.info("reusing %s: already trained on this replay with these settings", out)
+    result = AssistantTraining(stats, replay_dir, trained, reused)
+    if not compare:
+        return result
+    compare_dir = RunDir.create(
+        out.with_name(out.name + "-compare"),
+        RunConfig(
+            identity=CompareIdentity(
+                run=str(runs[0]),
+                adapter=str(trained.adapter_dir),
+                dataset_hash=trained.dataset_hash,
+                limit=limit or _run_identity(first, runs[0]).limit,
+            )
+        ),
+    )
+    figures = asyncio.run(
+        _compare(
+            first, runs[0], base_model, trained, compare_dir, limit, concurrency, response_cache, data_dir, progress
+        )
+    )
+    compare_dir.write_json(FIGURES, figures)
+    training = {
+        "steps": trained.steps,
+        "final_loss": trained.final_loss,
+        "dataset_hash": trained.dataset_hash,
+        "adapter_dir": str(trained.adapter_dir),
+    }
+    render_comparison(figures, training, stats.to_dict()).write(compare_dir.path)
+    return replace(result, comparison=figures, compare_dir=compare_dir.path)
+
+
+async def _compare(
+    first: RunConfig,
+    run_dir: Path,
+    base_model: str,
+    trained: TrainResult,
+    compare_dir: RunDir,
+    limit: int | None,
+    concurrency: int,
+    response_cache: bool,
+    data_dir: Path | None,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The run's student and memory, assisted by the base model with and without the trained adapter."""
+    identity = _run_identity(first, run_dir)
+    if first.memory is None:
+        raise DataError(f"{run_dir}: no memory recorded in its config.json; re-run `redpen run` into a new --out")
+    student_model = _local_model(first.student_backend)
+    if student_model is None:
+        raise ConfigError(
+            f"{run_dir}: its student was not a local model, which the comparison needs; pass --no-compare"
+        )
+    student = BackendConfig(kind="local", model=student_model)
+    assistant = None if student.model == base_model else BackendConfig(kind="local", model=base_model)
+    examples = load_task(identity.task, "examine", resolve_data_dir(data_dir), limit or identity.limit)
+    roles = build_roles(
+        RolesConfig(
+            student=student,
+            assistant=assistant,
+            assistant_adapter=str(trained.adapter_dir),
+            student_max_new_tokens=identity.student_settings["max_new_tokens"],
+            response_cache=response_cache,
+        )
+    )
+    general = replace(roles, assistant_adapter=None)
+    settings = ExperimentSettings(
+        task=identity.task, k=identity.k, threshold=identity.threshold, concurrency=concurrency
+    )
+    store = MistakeMemory(**{k: Path(v) if k == "path" else v for k, v in first.memory.items()})
+    try:
+        return await compare_assistants(examples, general, roles, store, compare_dir, settings, progress=progress)
+    finally:
+        store.close()
+
+
+def _run_identity(config: RunConfig, run_dir: Path) -> RunIdentity:
+    if not isinstance(config.identity, RunIdentity):
+        raise ConfigError(
+            f"{run_dir} is not a `redpen run` directory; pass --no-compare, or compare with "
+            "`redpen exam --assistant-adapter`"
+        )
+    return config.identity
+
+
+def _local_model(info: BackendInfo | None) -> str | None:
+    """The model folder of a recorded backend, if it was a local one."""
+    return info.path if info is not None and info.kind == "local" else None

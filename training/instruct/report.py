@@ -1,0 +1,245 @@
+"""Figures and report of an instructor run: accuracy per condition with controls, paired CIs, learned/forgotten,
+answer distributions beside the gold, supply counts, time and tokens per stage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agents.evaluation import summarize
+from runtime.report import (
+    PAIRED_NOTE,
+    Report,
+    answer_distribution,
+    flag_prior_shift,
+    pair_by_id,
+    paired_table,
+    prior_shift,
+)
+from training.instruct.ledger import change, ledger_rows
+
+Results = dict[str, dict[str, list[dict[str, Any]]]]  # condition -> benchmark -> records
+
+
+def conditions_in_order(results: Results) -> list[str]:
+    """base, iter1, plain1, augment1, iter2, ... : each iteration beside its baselines."""
+
+    def key(name: str) -> tuple[int, int]:
+        digits = "".join(c for c in name if c.isdigit())
+        return (int(digits) if digits else 0, 0 if name.startswith("iter") or name == "base" else 1)
+
+    return sorted(results, key=key)
+
+
+def predecessor(condition: str) -> str:
+    """The condition a model was trained from: iteration i-1 of the same chain, the base for i = 1."""
+    name = condition.rstrip("0123456789")
+    i = int(condition[len(name) :])
+    return "base" if i == 1 else f"{name}{i - 1}"
+
+
+def figures(
+    results: Results, supplies: dict[str, Any], stages: dict[str, Any], in_domain: Sequence[str]
+) -> dict[str, Any]:
+    order = conditions_in_order(results)
+    benchmarks = list(results["base"])
+    out: dict[str, Any] = {"conditions": order, "benchmarks": benchmarks, "in_domain": list(in_domain)}
+    per: dict[str, dict[str, Any]] = {}
+    for b in benchmarks:
+        gold = answer_distribution([r["target"] for r in results["base"][b]])
+        rows: dict[str, Any] = {}
+        for c in order:
+            records = results[c][b]
+            pred = answer_distribution([r.get("predicted") for r in records])
+            entry = {
+                **summarize(records)["overall"],
+                "predicted": pred,
+                "prior_shift": prior_shift(pred, gold),
+                "prior_shift_flag": flag_prior_shift(pred, gold),
+            }
+            if c != "base":
+                entry["vs_previous"] = change(_verdicts(results[predecessor(c)][b]), _verdicts(records)).to_dict()
+            rows[c] = entry
+        per[b] = {"gold": gold, "conditions": rows}
+    out["by_benchmark"] = per
+    out["supplies"] = supplies
+    out["stages"] = stages
+    return out
+
+
+def ledger(results: Results) -> list[dict[str, Any]]:
+    by_benchmark: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for c, benches in results.items():
+        for b, records in benches.items():
+            by_benchmark.setdefault(b, {})[c] = {r["id"]: r for r in records}
+    return ledger_rows(by_benchmark, conditions_in_order(results))
+
+
+def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], folder: Path) -> tuple[Path, Path]:
+    order = figs["conditions"]
+    report = Report("redpen instruct: learning from errors into the weights")
+    report.paragraph(
+        f"Targets {', '.join(settings['targets'])}; strategies {', '.join(settings['strategies'])}; baselines "
+        f"{', '.join(settings['baselines']) or 'none'}; evaluation split *{settings['eval_split']}*. In-domain: "
+        f"{', '.join(figs['in_domain'])}; every other benchmark is out of domain."
+    )
+    report.heading("Accuracy with its controls (same items in every column)")
+    headers = ["benchmark", "n", *order, "chance", "majority gold"]
+    rows = []
+    for b in figs["benchmarks"]:
+        c = figs["by_benchmark"][b]["conditions"]
+        rows.append(
+            [
+                b,
+                c["base"]["n"],
+                *(c[k]["accuracy"] for k in order),
+                c["base"]["chance"] or "-",
+                c["base"]["majority_gold"],
+            ]
+        )
+    report.table(headers, rows)
+    report.figure(
+        "accuracy.png",
+        "Accuracy per iteration, per benchmark (dashed: majority-gold control).",
+        lambda ax: _plot_accuracy(ax, figs),
+    )
+
+    report.heading("Paired comparisons")
+    report.paragraph(PAIRED_NOTE)
+    pairs = [(c, "base") for c in order if c != "base"]
+    pairs += [(c, "iter" + c[len(c.rstrip("0123456789")) :]) for c in order if not c.startswith(("iter", "base"))]
+    for b in figs["benchmarks"]:
+        table_rows = []
+        for after, before in pairs:
+            a, z = pair_by_id(_verdicts(results[before][b]), _verdicts(results[after][b]))
+            table_rows.append((f"{after} vs {before}", a, z))
+        headers_p, body = paired_table(table_rows, "A", "B", first=f"{b}: B vs A")
+        report.table(headers_p, body)
+
+    report.heading("Learned and forgotten (vs the model each was trained from)")
+    report.paragraph(
+        "*learned*: items right now that were wrong before, over the benchmark's items; *forgotten*: the reverse "
+        "(the LLMs-as-Instructors paper's rates). The per-item ledger is `ledger.jsonl`."
+    )
+    lf_rows = []
+    for b in figs["benchmarks"]:
+        for c in order[1:]:
+            v = figs["by_benchmark"][b]["conditions"][c]["vs_previous"]
+            lf_rows.append(
+                [
+                    b,
+                    f"{c} vs {predecessor(c)}",
+                    v["n"],
+                    v["learned"],
+                    v["learned_rate"],
+                    v["forgotten"],
+                    v["forgotten_rate"],
+                ]
+            )
+    report.table(["benchmark", "change", "n", "learned", "learned rate", "forgotten", "forgotten rate"], lf_rows)
+    report.figure(
+        "learned_forgotten.png", "Learned (up) and forgotten (down) rates per condition.", lambda ax: _plot_lf(ax, figs)
+    )
+
+    report.heading("Answer distributions beside the gold")
+    report.paragraph(
+        "Predicted answers per condition; *shift* is the total variation distance from the gold distribution, "
+        "flagged (**!**) above 0.25. A fine-tune that learns an answer letter instead of the task shows up here."
+    )
+    dist_rows = []
+    for b in figs["benchmarks"]:
+        entry = figs["by_benchmark"][b]
+        dist_rows.append([b, "gold", _dist(entry["gold"]), "-"])
+        for c in order:
+            e = entry["conditions"][c]
+            dist_rows.append(
+                [b, c, _dist(e["predicted"]), f"{e['prior_shift']:.3f}{' !' if e['prior_shift_flag'] else ''}"]
+            )
+    report.table(["benchmark", "condition", "answers", "shift"], dist_rows)
+
+    report.heading("Training data supplied")
+    supply_rows = []
+    for c, s in figs["supplies"].items():
+        asked = s.get("asked", "-")
+        supply_rows.append(
+            [
+                c,
+                s.get("strategy", "-"),
+                s.get("wrong_cases", s.get("cases", "-")),
+                asked,
+                s.get("parsed", "-"),
+                s.get("exact_duplicates", "-"),
+                s.get("near_duplicates", "-"),
+                s.get("contaminated", "-"),
+                s["rows"],
+                _dist(s.get("gold_of_rows", {})),
+                s.get("overlap", {}).get("mean", "-"),
+            ]
+        )
+    report.table(
+        [
+            "condition",
+            "strategy",
+            "wrong cases",
+            "asked",
+            "parsed",
+            "exact dup",
+            "near dup",
+            "contaminated",
+            "rows",
+            "row golds",
+            "mean max ROUGE-L",
+        ],
+        supply_rows,
+    )
+    rejected = {c: s["rejected"] for c, s in figs["supplies"].items() if s.get("rejected")}
+    if rejected:
+        report.paragraph(
+            "Rejected instructor blocks by reason: " + "; ".join(f"{c}: {_dist(r)}" for c, r in rejected.items())
+        )
+
+    report.heading("Time and tokens per stage")
+    st = figs["stages"]
+    report.table(["stage", "seconds", "tokens"], [[k, v, st["tokens"].get(k, 0)] for k, v in st["seconds"].items()])
+    return report.write(folder)
+
+
+def _verdicts(records: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    return {r["id"]: r["verdict"] == "correct" for r in records}
+
+
+def _dist(d: dict[str, int]) -> str:
+    return " ".join(f"{k} {v}" for k, v in d.items()) or "-"
+
+
+def _plot_accuracy(ax: Any, figs: dict[str, Any]) -> None:
+    chains: dict[str, list[str]] = {}
+    for c in figs["conditions"][1:]:
+        chains.setdefault(c.rstrip("0123456789"), []).append(c)
+    for b in figs["benchmarks"]:
+        conds = figs["by_benchmark"][b]["conditions"]
+        for chain, members in chains.items():
+            xs = [0, *range(1, len(members) + 1)]
+            ys = [conds["base"]["accuracy"], *(conds[m]["accuracy"] for m in members)]
+            ax.plot(xs, ys, marker="o", label=f"{b} {chain}", linestyle="-" if chain == "iter" else ":")
+        ax.axhline(conds["base"]["majority_gold"], linestyle="--", linewidth=0.8, color="grey")
+    ax.set_xlabel("iteration (0 = base)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=6)
+
+
+def _plot_lf(ax: Any, figs: dict[str, Any]) -> None:
+    labels, learned, forgotten = [], [], []
+    for b in figs["benchmarks"]:
+        for c in figs["conditions"][1:]:
+            v = figs["by_benchmark"][b]["conditions"][c]["vs_previous"]
+            labels.append(f"{b[:14]}\n{c}")
+            learned.append(v["learned_rate"])
+            forgotten.append(-v["forgotten_rate"])
+    xs = range(len(labels))
+    ax.bar(xs, learned, color="tab:green", label="learned")
+    ax.bar(xs, forgotten, color="tab:red", label="forgotten")
+    ax.set_xticks(list(xs), labels, fontsize=5, rotation=90)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=7)

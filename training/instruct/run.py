@@ -1,0 +1,116 @@
+"""``redpen instruct`` as one library call: load the plan, run the loop, write the ledger, figures and report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memory.embed import Embedder
+from runtime.data.rundir import RunDir
+from runtime.models.backend import Backend
+from runtime.models.cache import CachedBackend
+from runtime.models.config import BackendConfig
+from runtime.models.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
+from runtime.models.factory import make_backend
+from runtime.models.local import LocalBackend
+from training.instruct.benchmarks import check_disjoint, default_ood, load_target, load_union
+from training.instruct.loop import InstructLoop, Plan, Progress
+from training.instruct.memory_rows import MemorySource
+from training.instruct.report import figures, ledger, render
+from training.instruct.settings import InstructSettings
+
+
+@dataclass(frozen=True)
+class InstructResult:
+    figures: dict[str, Any]
+    report_md: Path
+    report_html: Path
+
+
+def plan(settings: InstructSettings, data_dir: Path) -> Plan:
+    targets = [load_target(t, data_dir, settings.dev_fraction, settings.seed) for t in settings.targets]
+    benchmarks = {}
+    if settings.eval_split == "dev":
+        for t in targets:
+            benchmarks[f"{t.name} (dev)"] = t.dev[: settings.eval_limit]
+        return Plan(targets, benchmarks, list(benchmarks))
+    ood = settings.ood if settings.ood is not None else default_ood(settings.targets, data_dir)
+    check_disjoint(settings.targets, ood)
+    for name in [*settings.targets, *ood]:
+        benchmarks[name] = load_union(name, "examine", data_dir, settings.eval_limit)
+    return Plan(targets, benchmarks, list(settings.targets))
+
+
+def run_instruct(
+    settings: InstructSettings,
+    data_dir: Path,
+    out: Path,
+    *,
+    base_model: Path | None = None,
+    instructor: BackendConfig | None = None,
+    no_cache: bool = False,
+    progress: Progress | None = None,
+    on_train_log: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+) -> InstructResult:
+    """Run (or resume) the instructor loop in ``out``; the student is ``base_model`` or the embedded default."""
+    the_plan = plan(settings, data_dir)
+    run = RunDir(
+        out,
+        {
+            "command": "instruct",
+            **settings.to_dict(),
+            "base_model": str(base_model) if base_model else None,
+            "instructor": instructor.to_dict() if instructor else None,
+        },
+    )
+    cache = cache_root() / "responses.sqlite"
+    loaded: dict[Path | None, Backend] = {}
+
+    def backend_for(model: Path | None) -> Backend:
+        if model not in loaded:
+            local: Backend = LocalBackend(model if model is not None else base_model)
+            loaded[model] = local if no_cache else CachedBackend(local, cache)
+        return loaded[model]
+
+    needs_instructor = any(s in ("le", "lec") for s in settings.strategies) or "augment" in settings.baselines
+    instructor_backend = None
+    if needs_instructor:
+        instructor_backend = backend_for(None) if instructor is None else make_backend(instructor)
+        if instructor is not None and not no_cache:
+            instructor_backend = CachedBackend(instructor_backend, cache)
+    memory = None
+    if settings.memory is not None:
+        student_id = base_model.name if base_model is not None else DEFAULT_MODEL_NAME
+        memory = MemorySource(Path(settings.memory), student_id)
+    loop = InstructLoop(
+        settings,
+        the_plan,
+        run,
+        backend_for,
+        instructor_backend,
+        Embedder(),
+        base_model or default_model_dir(),
+        progress=progress,
+        on_train_log=on_train_log,
+        memory=memory,
+    )
+
+    async def go() -> dict[str, Any]:
+        try:
+            return await loop.run_all()
+        finally:
+            for b in {id(b): b for b in [*loaded.values(), instructor_backend] if b is not None}.values():
+                await b.aclose()
+
+    outcome = asyncio.run(go())
+    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain)
+    run.write_text(
+        "ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome["results"]))
+    )
+    run.write_json("figures.json", figs)
+    md, html = render(figs, outcome["results"], settings.to_dict(), run.path)
+    return InstructResult(figs, md, html)

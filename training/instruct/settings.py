@@ -1,0 +1,86 @@
+"""Settings of an instructor loop run (``redpen instruct``): what to target, how to supply data, how hard to train."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import ConfigError
+
+STRATEGIES = ("replay", "le", "lec", "memory")
+BASELINES = ("plain", "augment")
+
+
+@dataclass
+class InstructSettings:
+    targets: list[str] = field(metadata={"help": "Target tasks; 'bbq/Age+SES' is the union of those categories."})
+    strategies: list[str] = field(
+        default_factory=lambda: ["replay"], metadata={"help": "One strategy per iteration: replay, le, lec, memory."}
+    )
+    baselines: list[str] = field(default_factory=list, metadata={"help": "plain and/or augment, at equal rows."})
+    ood: list[str] | None = field(
+        default=None, metadata={"help": "Out-of-domain benchmarks; None = the pairs of the targets, and BBH."}
+    )
+    # 300 per target: the selection is answered by the current model every iteration (~1 min per 100 BBQ items on
+    # 2 cores with the default model); enough wrong cases for a few hundred rows at its ~0.3 accuracy.
+    select: int = field(default=300, metadata={"help": "Selection size per target per iteration (train part)."})
+    # The paper caps a dataset at 3,000 samples per iteration on GPUs; 400 rows train in ~6 min on 2 cores.
+    budget: int = field(default=400, metadata={"help": "Most training rows per target per iteration."})
+    # 110 items: 10 per BBQ category; a paired CI at n=110 is about +-8 points, so read small gains with care.
+    eval_limit: int = field(default=110, metadata={"help": "Evaluation items per benchmark (spread over sources)."})
+    eval_split: str = field(
+        default="examine", metadata={"help": "examine (report) or dev (held-out train rows: choose settings here)."}
+    )
+    # k=3: the paper's ablation (its Figure 6) found 3 nearest correct cases best for LEC.
+    k: int = field(default=3, metadata={"help": "Nearest correct cases of the same source per wrong case."})
+    contrast: bool = field(
+        default=True, metadata={"help": "replay: add each wrong case's k nearest correct cases as rows."}
+    )
+    balance: bool = field(
+        default=True, metadata={"help": "replay: match the rows' gold answers to the selection's distribution."}
+    )
+    # 0.10 of each target's train part is never selected nor trained on: the dev split for choosing settings.
+    dev_fraction: float = field(default=0.1, metadata={"help": "Share of each train part held out as dev."})
+    # 0.7: a guess; far above the paper's mean max ROUGE-L of 0.30, so only near-copies of evaluation items go.
+    contamination: float = field(default=0.7, metadata={"help": "Drop samples with ROUGE-L above this."})
+    # 0.95 cosine: paraphrases with a word or two changed, not merely questions on the same topic.
+    near_duplicate: float = field(default=0.95, metadata={"help": "Drop samples this similar to a kept one."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over each iteration's rows (sets max_steps)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Iteration 1's learning rate."})
+    # 0.5: the paper found a falling rate across iterations better; halving is a guess at how fast.
+    lr_decay: float = field(default=0.5, metadata={"help": "Each iteration's rate is the previous one's times this."})
+    max_cases: int = field(default=64, metadata={"help": "le/lec/augment: most wrong cases sent to the instructor."})
+    seed: int = field(default=0, metadata={"help": "Seed of the selections and the random baseline rows."})
+    concurrency: int = field(default=32, metadata={"help": "Items in flight at once."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Student reply length at evaluation."})
+    instructor_tokens: int = field(default=512, metadata={"help": "Instructor reply length."})
+    memory: str | None = field(default=None, metadata={"help": "strategy memory: the mistake memory folder."})
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ConfigError("--target is empty: name at least one task, e.g. --target bbq")
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(f"unknown --strategy {s!r}: choose from {', '.join(STRATEGIES)}")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ConfigError(f"unknown --baselines {b!r}: choose from {', '.join(BASELINES)}")
+        if "memory" in self.strategies and self.memory is None:
+            raise ConfigError("--strategy memory needs --memory PATH (a mistake memory from `redpen gather/run`)")
+        if self.eval_split not in ("examine", "dev"):
+            raise ConfigError(f"unknown --eval-split {self.eval_split!r}: choose examine or dev")
+        for name in ("select", "budget", "eval_limit", "k", "max_cases", "concurrency", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.dev_fraction < 1:
+            raise ConfigError(f"--dev-fraction must be in (0, 1), got {self.dev_fraction}")
+        if self.epochs <= 0 or self.learning_rate <= 0 or not 0 < self.lr_decay <= 1:
+            raise ConfigError("--epochs and --learning-rate must be > 0 and --lr-decay in (0, 1]")
+
+    def lr(self, iteration: int) -> float:
+        """The learning rate of iteration ``iteration`` (1-based)."""
+        return self.learning_rate * self.lr_decay ** (iteration - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,141 @@
+"""Data supply for one iteration: training rows from the current model's results on the selection.
+
+- ``replay``: the wrong cases themselves with their gold (GSM8K's worked solution, the gold option otherwise), with
+  two remedies for the answer-prior shift that error-only rows cause (a model that answers (C) most of the time is
+  wrong mostly on items whose gold is not (C), so error rows teach "not (C)"): ``contrast`` adds each wrong case's k
+  nearest correct cases of the same source, and ``balance`` draws the rows so their golds follow the selection's
+  gold distribution.
+- ``plain``: random rows of the selection with their gold (the fine-tuning baseline).
+- ``le`` / ``lec`` / ``augment``: samples written by the instructor (agents/instructor.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agents.student import student_messages
+from memory.embed import TextEmbedder
+from runtime.data.tasks import Example
+from training.lema import gold_solution
+
+Row = dict[str, Any]
+
+
+def gold_reply(example: Example) -> str:
+    """The reply a row trains on: the worked solution when the task has one, else the gold in the student's format.
+
+    >>> gold_reply(Example("q/1", "bbq/Age", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")))
+    'The answer is (B).'
+    """
+    return gold_solution(example) or f"The answer is {example.target}."
+
+
+def training_row(example: Example, reply: str, origin: str) -> Row:
+    """A chat row in the student's own prompt format; ``origin`` says where the row came from (kept for reports)."""
+    return {
+        "messages": [*student_messages(example), {"role": "assistant", "content": reply}],
+        "id": example.id,
+        "source": example.source,
+        "target": example.target,
+        "origin": origin,
+    }
+
+
+def nearest_correct(
+    wrong: Sequence[Example], correct: Sequence[Example], embedder: TextEmbedder, k: int
+) -> dict[str, list[Example]]:
+    """Each wrong case's k most similar correct cases from the same source (question embeddings), as in LEC."""
+    by_source: dict[str, list[Example]] = defaultdict(list)
+    for c in correct:
+        by_source[c.source].append(c)
+    vectors = {}
+    for source, cases in by_source.items():
+        vectors[source] = embedder.embed([c.input for c in cases])
+    result: dict[str, list[Example]] = {}
+    wrong_vectors = embedder.embed([w.input for w in wrong]) if wrong else np.zeros((0, 1))
+    for w, v in zip(wrong, wrong_vectors, strict=True):
+        pool = by_source.get(w.source, [])
+        if not pool:
+            result[w.id] = []
+            continue
+        order = np.argsort(-(vectors[w.source] @ v))[:k]
+        result[w.id] = [pool[j] for j in order]
+    return result
+
+
+def balanced(rows: Sequence[Row], gold_share: dict[str, float], rng: random.Random) -> list[Row]:
+    """The largest subset of ``rows`` whose gold answers follow ``gold_share``, drawn at random, without repeats.
+
+    >>> rows = [{"target": t} for t in "AAAAAAB"]
+    >>> sorted(r["target"] for r in balanced(rows, {"A": 0.5, "B": 0.5}, random.Random(0)))
+    ['A', 'B']
+    """
+    by_gold: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        by_gold[r["target"]].append(r)
+    shares = {g: s for g, s in gold_share.items() if s > 0}
+    n = min((len(by_gold.get(g, [])) / s for g, s in shares.items()), default=0.0)
+    kept: list[Row] = []
+    for g, s in shares.items():
+        pool = list(by_gold.get(g, []))
+        rng.shuffle(pool)
+        kept += pool[: int(math.floor(n * s + 1e-9))]
+    rng.shuffle(kept)
+    return kept
+
+
+def replay_rows(
+    selection: Sequence[Example],
+    verdicts: dict[str, str],
+    *,
+    contrast: bool,
+    balance: bool,
+    k: int,
+    budget: int,
+    embedder: TextEmbedder,
+    rng: random.Random,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Rows from the wrong cases (and their contrast sets), with the counts behind them."""
+    wrong = [e for e in selection if verdicts[e.id] != "correct"]
+    correct = [e for e in selection if verdicts[e.id] == "correct"]
+    rows = [training_row(e, gold_reply(e), "wrong") for e in wrong]
+    contrast_ids: set[str] = set()
+    if contrast and correct:
+        for neighbours in nearest_correct(wrong, correct, embedder, k).values():
+            contrast_ids.update(c.id for c in neighbours)
+        rows += [training_row(e, gold_reply(e), "contrast") for e in correct if e.id in contrast_ids]
+    before_balance = len(rows)
+    if balance:
+        gold = Counter(e.target for e in selection)
+        rows = balanced(rows, {g: c / len(selection) for g, c in gold.items()}, rng)
+    else:
+        rng.shuffle(rows)
+    rows = rows[:budget]
+    counts = {
+        "wrong_cases": len(wrong),
+        "contrast_cases": len(contrast_ids),
+        "rows_before_balance": before_balance,
+        "rows": len(rows),
+    }
+    return rows, counts
+
+
+def plain_rows(selection: Sequence[Example], n: int, rng: random.Random) -> list[Row]:
+    """``n`` random rows of the selection with their gold, whatever the model answered."""
+    chosen = rng.sample(list(selection), min(n, len(selection)))
+    return [training_row(e, gold_reply(e), "random") for e in chosen]
+
+
+def samples_per_case(budget: int, cases: int) -> int:
+    """The paper's rule: ceil(budget / #wrong cases) + 1 samples asked per case (some will be dropped).
+
+    >>> samples_per_case(400, 150), samples_per_case(400, 1000)
+    (4, 2)
+    """
+    return math.ceil(budget / max(cases, 1)) + 1

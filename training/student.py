@@ -1,0 +1,145 @@
+"""The student's side of LEMA as library calls: gather correction data, fine-tune the student, run the ablation.
+
+``correct`` writes a run directory of CoT and correction datasets (``training.lema``); ``train_student`` fine-tunes
+a LoRA adapter on one of them; ``ablate_corrections`` trains on CoT only and on CoT + corrections at equal size and
+evaluates both and the base model on the same examine items (``training.ablation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agents.experiment import Progress, counter
+from agents.team import Roles
+from runtime.data.paths import resolve_data_dir
+from runtime.data.records import AblateIdentity, BackendInfo, CorrectIdentity, RunConfig
+from runtime.data.rundir import RunDir
+from runtime.data.tasks import Example, load_task
+from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
+from runtime.errors import ConfigError, DataError
+from runtime.models.backend import GenerationSettings
+from training.ablation import SETS, evaluate_adapters, render_ablation, train_sets, training_sets
+from training.lema import COT, run_correction
+from training.sft_config import LoraSFTConfig
+from training.sft_trainer import TrainResult, train_lora
+
+OnLog = Callable[[dict[str, Any]], None]
+FIGURES = "figures.json"
+
+
+@dataclass(frozen=True)
+class Corrected:
+    run_dir: Path
+    counts: dict[str, Any]  # training.lema.count's figures
+
+
+@dataclass(frozen=True)
+class Ablation:
+    run_dir: Path
+    figures: dict[str, Any]  # condition (base and each training set) -> its summary
+    trained: dict[str, TrainResult]
+
+
+async def correct(
+    examples: Sequence[Example],
+    roles: Roles,
+    out: Path,
+    *,
+    task: str,
+    limit: int | None,
+    samples: int = SAMPLES,
+    concurrency: int = CONCURRENCY,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Corrected:
+    """``redpen correct``: the student samples reasoning paths, the assistant role corrects the wrong ones."""
+    identity = CorrectIdentity(
+        task=task, limit=limit, samples=samples, student=roles.student_id, corrector=roles.assistant_id
+    )
+    config = RunConfig(
+        identity=identity,
+        student_backend=BackendInfo(**roles.student.describe()),
+        corrector_backend=BackendInfo(**roles.assistant.describe()),
+    )
+    run = RunDir.create(out, config)
+    counts = await run_correction(
+        examples,
+        roles.student,
+        roles.assistant,
+        run,
+        samples=samples,
+        concurrency=concurrency,
+        on_progress=on_progress,
+    )
+    return Corrected(run.path, counts)
+
+
+def train_student(
+    data: Path,
+    out: Path,
+    *,
+    mode: Literal["cot", "cot+corrections"] = "cot+corrections",
+    rows: int | None = None,
+    max_steps: int | None = None,
+    base_model: str | None = None,
+    on_log: OnLog | None = None,
+) -> TrainResult:
+    """A LoRA student on a ``correct`` run's CoT rows, or on CoT + corrections cut to the same size (``<out>-data``)."""
+    if mode not in ("cot", "cot+corrections"):
+        raise ConfigError(f"unknown --mode {mode!r}: choose cot or cot+corrections")
+    dataset = data / COT if mode == "cot" else training_sets(data, out.with_name(out.name + "-data"), rows)[SETS[1]]
+    steps = {"max_steps": max_steps} if max_steps is not None else {}
+    return train_lora(dataset, LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps), on_log=on_log)
+
+
+async def ablate_corrections(
+    data: Path,
+    out: Path | None = None,
+    *,
+    rows: int | None = None,
+    limit: int | None = None,
+    max_steps: int | None = None,
+    max_new_tokens: int = REASONING_MAX_NEW_TOKENS,
+    base_model: str | None = None,
+    concurrency: int = CONCURRENCY,
+    data_dir: Path | None = None,
+    on_train_log: Callable[[str], OnLog] | None = None,
+    progress: Progress | None = None,
+) -> Ablation:
+    """``redpen ablate-corrections``: both training sets, their adapters, and the three conditions evaluated.
+
+    The examine items are the ``correct`` run's task's examine split; the folder defaults to ``<data>-ablation``.
+    """
+    identity = RunConfig.read(data).identity
+    if not isinstance(identity, CorrectIdentity):
+        raise DataError(f"{data} holds a `redpen {identity.command}` run: give the --out of `redpen correct`")
+    folder = out or data.with_name(data.name + "-ablation")
+    sets = training_sets(data, folder, rows)
+    trained = train_sets(sets, folder, base_model, max_steps, on_log=on_train_log)
+    examples = load_task(identity.task, "examine", resolve_data_dir(data_dir), limit)
+    run = RunDir.create(
+        folder,
+        RunConfig(
+            identity=AblateIdentity(
+                data=str(data), rows=rows, limit=limit, hashes={k: v.dataset_hash for k, v in trained.items()}
+            )
+        ),
+    )
+
+    def on_result(name: str) -> Callable[[dict[str, Any]], None]:
+        return counter(progress, f"eval {name}", len(examples))
+
+    figures = await evaluate_adapters(
+        examples,
+        base_model,
+        {name: result.adapter_dir for name, result in trained.items()},
+        run,
+        GenerationSettings(max_new_tokens=max_new_tokens),
+        concurrency,
+        on_result=on_result,
+    )
+    run.write_json(FIGURES, figures)
+    render_ablation(identity.task, figures, trained, sets).write(run.path)
+    return Ablation(run.path, figures, trained)
