@@ -172,6 +172,7 @@ async def examine(
     k: int = RETRIEVAL_K,
     threshold: float = RETRIEVAL_THRESHOLD,
     assistant_adapter: str | None = None,
+    skip_absorbed: bool = False,
     concurrency: int = CONCURRENCY,
     progress: Progress | None = None,
 ) -> Outcome:
@@ -190,6 +191,7 @@ async def examine(
         threshold=threshold,
         assistant_adapter=assistant_adapter,
         student_settings=roles.student_settings.to_dict(),
+        skip_absorbed=skip_absorbed,
     )
     location = memory_location(out, memory_path, memory_url) if mode == "assisted" else None
     run = RunDir.create(out, _salam_config(identity, roles, location))
@@ -197,7 +199,7 @@ async def examine(
     if location is not None:
         store = MistakeMemory(**location)
         try:
-            hits = retrieve(store, examples, roles.student_id, memory_task or task, k, threshold)
+            hits = retrieve(store, examples, roles.student_id, memory_task or task, k, threshold, skip_absorbed)
         finally:
             store.close()
     started = time.perf_counter()

@@ -127,6 +127,9 @@ def exam(
     assistant_adapter: Annotated[
         str | None, typer.Option(help="trained assistant: LoRA folder (local) or served adapter name (openai)")
     ] = None,
+    skip_absorbed: Annotated[
+        bool, typer.Option(help="retrieve only mistakes the student has not absorbed (`instruct --strategy memory`)")
+    ] = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -163,6 +166,7 @@ def exam(
                 k=k,
                 threshold=threshold,
                 assistant_adapter=assistant_adapter,
+                skip_absorbed=skip_absorbed,
                 concurrency=concurrency,
                 progress=phase_bar(bar),
             )

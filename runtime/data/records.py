@@ -174,6 +174,7 @@ class ExamIdentity(_Identity):
     threshold: float
     assistant_adapter: str | None
     student_settings: dict[str, Any]
+    skip_absorbed: bool = False  # retrieval leaves out mistakes a fine-tuned student has absorbed
 
 
 class RunIdentity(_Identity):

@@ -428,9 +428,13 @@ class InstructLoop:
         if self.progress is not None:
             self.progress(phase, 0, total)
 
+        step = max(1, total // 10)  # ten log lines a stage: visible in the log file, and when piped
+
         def tick(_: dict[str, Any]) -> None:
             nonlocal done
             done += 1
+            if done % step == 0 or done == total:
+                log.info("%s %d/%d", phase, done, total)
             if self.progress is not None:
                 self.progress(phase, done, total)
 
