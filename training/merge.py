@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-
-def adapter_digest(adapter_dir: Path) -> str:
-    """sha256 of the adapter's weights and config: what the adapter *is*, wherever its folder lives."""
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update((adapter_dir / name).read_bytes())
-    return digest.hexdigest()
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -34,19 +36,14 @@ def rouge_l(a: str, b: str) -> float:
     >>> rouge_l("the cat sat", "dogs bark loudly")
     0.0
     """
+    return float(_scorer().score(a, b)["rougeL"].fmeasure)
+
+
+@cache
+def _scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    return float(_scorer(rouge_scorer).score(a, b)["rougeL"].fmeasure)
-
-
-_SCORER = None
-
-
-def _scorer(module: object) -> object:
-    global _SCORER
-    if _SCORER is None:
-        _SCORER = module.RougeScorer(["rougeL"], use_stemmer=True)  # type: ignore[attr-defined]
-    return _SCORER
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def overlaps(

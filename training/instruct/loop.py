@@ -32,13 +32,14 @@ from memory.record import MistakeRecord
 from runtime.data.rundir import RunDir, complete_pending, read_jsonl
 from runtime.data.tasks import Example, parse_options
 from runtime.errors import ConfigError
+from runtime.models.adapters import adapter_digest
 from runtime.models.backend import Backend, GenerationSettings
 from training.instruct import supply
 from training.instruct.benchmarks import Target
 from training.instruct.contamination import distinct, overlaps
 from training.instruct.memory_rows import MemorySource, as_example, guided_reply
 from training.instruct.settings import InstructSettings
-from training.merge import adapter_digest, merge_adapter
+from training.merge import merge_adapter
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import train_lora
 
