@@ -18,8 +18,10 @@ from agents.evaluation import RESULTS, render_report, run_eval, summarize
 from agents.examination import Mode, retrieve, run_exam
 from agents.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
 from agents.gathering import run_gathering
+from agents.student import check_prompts_fit
 from agents.team import Roles
 from memory.store import MistakeMemory
+from runtime.data import sandbox
 from runtime.data.records import (
     BackendInfo,
     EvalIdentity,
@@ -59,17 +61,27 @@ async def evaluate(
     settings: GenerationSettings,
     mc_mode: str = "generate",
     adapter: str | None = None,
+    samples: int = 1,
     concurrency: int = CONCURRENCY,
     progress: Progress | None = None,
     on_result: OnRecord | None = None,
 ) -> Outcome:
-    """``redpen eval``: the model alone on ``examples``; ``adapter``: a LoRA folder the backend loaded as "adapter"."""
+    """``redpen eval``: the model alone on ``examples``; ``adapter``: a LoRA folder the backend loaded as "adapter".
+
+    ``samples`` > 1 samples that many replies per item (at ``settings.temperature``, which must be above 0) and
+    adds pass@k to the figures; code items run in the configured sandbox (``runtime.data.sandbox``).
+    """
     if mc_mode not in ("generate", "loglik"):
         raise ConfigError(f"unknown --mc-mode {mc_mode!r}: choose generate or loglik")
+    if samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {samples}")
+    if samples > 1 and settings.greedy:
+        raise ConfigError("--samples above 1 needs a --temperature above 0: greedy samples would all be the same")
     if not examples:
         raise ConfigError(f"{task} has no examples in the {split} split")
     if mc_mode == "loglik" and not backend.supports_option_scoring:
         raise ConfigError(f"--mc-mode loglik needs token log-probs, which this {backend.kind} backend does not expose")
+    check_prompts_fit(examples, backend, settings.max_new_tokens if mc_mode == "generate" else 0)
     identity = EvalIdentity(
         task=task,
         split=split,
@@ -78,11 +90,16 @@ async def evaluate(
         model_id=backend.model_id,
         adapter=adapter,
         max_new_tokens=settings.max_new_tokens,
+        samples=samples,
+        temperature=settings.temperature,
     )
+    recorded = settings.to_dict()
+    if any(e.answer_kind == "code" for e in examples):
+        recorded["sandbox"] = sandbox.current().describe()
     config = RunConfig(
         identity=identity,
         student_backend=BackendInfo(**backend.describe()),
-        settings=settings.to_dict(),
+        settings=recorded,
         n_examples=len(examples),
     )
     run = RunDir.create(out, config)
@@ -98,12 +115,13 @@ async def evaluate(
         adapter="adapter" if adapter else None,
         concurrency=concurrency,
         on_result=_both(tick, on_result),
+        samples=samples,
     )
     metrics = summarize(results)
     metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
     metrics["run_dir"] = str(run.path)
     run.write_json(METRICS, metrics)
-    render_report(f"redpen eval: {task} ({split})", identity.model_dump(), metrics).write(run.path)
+    render_report(f"redpen eval: {task} ({split})", identity.model_dump(), metrics, results).write(run.path)
     return Outcome(run.path, metrics, results)
 
 
@@ -124,6 +142,7 @@ async def gather(
 
     The figures are the episode counts and how many of this student's mistakes the memory now holds.
     """
+    check_prompts_fit(examples, roles.student, roles.student_settings.max_new_tokens)
     location = memory_location(out, memory_path, memory_url)
     identity = GatherIdentity(
         task=task,
@@ -193,15 +212,21 @@ async def examine(
         student_settings=roles.student_settings.to_dict(),
         skip_absorbed=skip_absorbed,
     )
+    check_prompts_fit(examples, roles.student, roles.student_settings.max_new_tokens)
     location = memory_location(out, memory_path, memory_url) if mode == "assisted" else None
-    run = RunDir.create(out, _salam_config(identity, roles, location))
     hits = None
     if location is not None:
-        store = MistakeMemory(**location)
-        try:
+        # An exam reads the memory: one that does not exist, or holds nothing of this student on this task (a
+        # mistyped path, another --memory-task), is an error, not an "assisted" exam with nothing retrieved.
+        with MistakeMemory(**location, create=False) as store:
+            if store.count(model_id=roles.student_id, task=memory_task or task) == 0:
+                raise ConfigError(
+                    f"the memory at {store.where} holds no mistakes of {roles.student_id} on task "
+                    f"{memory_task or task!r} ({store.count()} in all); gather them first, or give the --memory "
+                    "(and --memory-task) they were gathered into"
+                )
             hits = retrieve(store, examples, roles.student_id, memory_task or task, k, threshold, skip_absorbed)
-        finally:
-            store.close()
+    run = RunDir.create(out, _salam_config(identity, roles, location))
     started = time.perf_counter()
     results = await run_exam(
         examples,
@@ -216,7 +241,7 @@ async def examine(
     metrics = summarize(results)
     metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
     run.write_json(METRICS, metrics)
-    render_report(f"redpen exam: {task} ({mode})", identity.model_dump(), metrics).write(run.path)
+    render_report(f"redpen exam: {task} ({mode})", identity.model_dump(), metrics, results).write(run.path)
     return Outcome(run.path, metrics, results)
 
 
@@ -238,6 +263,7 @@ async def experiment(
         raise ConfigError(f"{settings.task}: the gather and examine sets must both have examples")
     if settings.threshold is None:
         raise ConfigError("redpen run records its retrieval threshold: give one")
+    check_prompts_fit([*gather_set, *examine_set], roles.student, roles.student_settings.max_new_tokens)
     location = memory_location(out, memory_path, memory_url)
     identity = RunIdentity(
         task=settings.task,

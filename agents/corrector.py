@@ -13,6 +13,10 @@ in the LEMA paper's format::
 The reply is read strictly (:func:`parse_correction`) and a correction is kept only when its corrected solution's
 final answer grades correct against the gold (:func:`review`): a corrector that writes a fluent but wrong fix
 teaches the student a new mistake.
+
+Code items (MBPP) are corrected the same way with the program's lines as its steps; the corrected solution is the
+whole corrected function in a code block (a program cannot run from its wrong line on), kept only when it passes
+the item's tests in the sandbox.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from autogen_core.models import AssistantMessage, ChatCompletionClient, LLMMessa
 from pydantic import BaseModel, ConfigDict
 
 from agents.prompts import load_prompt
-from runtime.data.graders import grade
+from runtime.data.graders import extract_code, grade, grade_async
 from runtime.data.tasks import Example
 from runtime.models.backend import Message
 
@@ -73,11 +77,12 @@ class ParseResult(NamedTuple):
     reason: str  # why the reply was rejected; "" when it parsed
 
 
-def parse_correction(text: str, n_steps: int | None = None) -> ParseResult:
+def parse_correction(text: str, n_steps: int | None = None, code: bool = False) -> ParseResult:
     """Read a corrector's reply; reject it, with a reason, unless every part of the format is there.
 
     ``n_steps`` is the number of steps the wrong path had: the incorrect step must be one of them.
     Chatter before the first label and after the final answer is dropped, and so is a second correction.
+    With ``code``, the corrected solution is a program (its code block), with no "The answer is" line.
 
     >>> reply = '''Sure, here it is.
     ... **Incorrect Step:** Step 2.
@@ -130,6 +135,11 @@ def parse_correction(text: str, n_steps: int | None = None) -> ParseResult:
     body = text[solution_label.end() : after[0] if after else len(text)].strip()
     if not body:
         return ParseResult(None, "no Correct Solution")
+    if code:
+        program = extract_code(body)
+        if program is None:
+            return ParseResult(None, "no code in the Correct Solution")
+        return ParseResult(Correction(step, explanation, f"```python\n{program}\n```", ""), "")
     for final in _FINAL_ANSWER.finditer(body):
         answer = final.group("answer").strip(" \t*_").rstrip(".").strip()
         if answer:
@@ -156,11 +166,22 @@ class CorrectorReply(BaseModel):
 
 
 def review(example: Example, reply: str, n_steps: int) -> Review:
-    """Parse a corrector's reply and grade its corrected solution against the example's gold."""
-    correction, reason = parse_correction(reply, n_steps)
+    """Parse a corrector's reply and grade its corrected solution against the example's gold (code: run it)."""
+    correction, reason = parse_correction(reply, n_steps, code=example.answer_kind == "code")
     if correction is None:
         return Review(reason, None)
-    verdict = grade(example, correction.solution).verdict
+    return _reviewed(correction, grade(example, correction.solution).verdict)
+
+
+async def review_async(example: Example, reply: str, n_steps: int) -> Review:
+    """:func:`review`, with a code item's program run off the event loop."""
+    correction, reason = parse_correction(reply, n_steps, code=example.answer_kind == "code")
+    if correction is None:
+        return Review(reason, None)
+    return _reviewed(correction, (await grade_async(example, correction.solution)).verdict)
+
+
+def _reviewed(correction: Correction, verdict: str) -> Review:
     return Review(KEPT if verdict == "correct" else WRONG_FINAL_ANSWER, correction)
 
 
@@ -181,6 +202,18 @@ def split_steps(path: str) -> list[str]:
     return steps
 
 
+def path_steps(example: Example, path: str) -> list[str]:
+    """A path's steps: :func:`split_steps`, or for a code item the non-blank lines of its code, indentation kept.
+
+    >>> code = Example("c/1", "c", "q", "def f(): ...", "code")
+    >>> path_steps(code, "```python\\ndef f(x):\\n\\n    return x\\n```")
+    ['def f(x):', '    return x']
+    """
+    if example.answer_kind != "code":
+        return split_steps(path)
+    return [line for line in (extract_code(path) or "").splitlines() if line.strip()]
+
+
 def format_steps(steps: Sequence[str]) -> str:
     """Numbered steps, one a line.
 
@@ -198,14 +231,14 @@ def gold_answer(example: Example) -> str:
     return example.target
 
 
-def worked_examples() -> list[tuple[str, str]]:
+def worked_examples(name: str = "corrector_examples") -> list[tuple[str, str]]:
     """The corrector's worked examples as (user, assistant) turns, from ``prompts/corrector_examples.txt``.
 
     Shown as earlier turns of the chat rather than inside the instructions, so the model's own turn starts the
     way the examples' replies do: "Incorrect Step: ...".
     """
     pairs = []
-    for block in load_prompt("corrector_examples").split("\n---\n"):
+    for block in load_prompt(name).split("\n---\n"):
         user, _, reply = block.strip().partition("\nIncorrect Step:")
         pairs.append((user.strip(), "Incorrect Step:" + reply))
     return pairs
@@ -213,18 +246,22 @@ def worked_examples() -> list[tuple[str, str]]:
 
 def corrector_messages(example: Example, steps: Sequence[str]) -> list[Message]:
     """The chat the corrector answers: instructions, the worked examples, then the problem, gold and steps."""
-    chat: list[Message] = [{"role": "system", "content": load_prompt("corrector")}]
-    for user, reply in worked_examples():
+    code = "_code" if example.answer_kind == "code" else ""
+    chat: list[Message] = [{"role": "system", "content": load_prompt(f"corrector{code}")}]
+    for user, reply in worked_examples(f"corrector{code}_examples"):
         chat += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    user = load_prompt("corrector_user").format(
+    # A code item's gold is passing its tests, which the task shows; a reference solution would only be copied.
+    user = load_prompt(f"corrector{code}_user").format(
         question=example.input, gold=gold_answer(example), steps=format_steps(steps)
     )
     return [*chat, {"role": "user", "content": user}]
 
 
-def correction_prompt(question: str, steps: Sequence[str]) -> str:
+def correction_prompt(question: str, steps: Sequence[str], code: bool = False) -> str:
     """The user turn of a correction-data row: the question and the wrong steps, never the gold."""
-    return load_prompt("corrector_train").format(question=question, steps=format_steps(steps))
+    return load_prompt("corrector_train_code" if code else "corrector_train").format(
+        question=question, steps=format_steps(steps)
+    )
 
 
 class CorrectorAgent(BaseChatAgent):
@@ -243,11 +280,12 @@ class CorrectorAgent(BaseChatAgent):
         return (StructuredMessage[CorrectorReply],)
 
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
-        steps = split_steps(messages[-1].to_text() if messages else "")
+        steps = path_steps(self.example, messages[-1].to_text() if messages else "")
         llm: list[LLMMessage] = [_llm_message(m) for m in corrector_messages(self.example, steps)]
         result = await self.client.create(llm, cancellation_token=cancellation_token)
         text = result.content if isinstance(result.content, str) else str(result.content)
-        content = CorrectorReply(text=text, review=review(self.example, text, len(steps)), steps=len(steps))
+        verdict = await review_async(self.example, text, len(steps))
+        content = CorrectorReply(text=text, review=verdict, steps=len(steps))
         message = StructuredMessage[CorrectorReply](
             content=content, source=self.name, models_usage=result.usage, format_string="{text}"
         )

@@ -4,23 +4,36 @@ Two ways to answer a multiple-choice item, recorded per item and in the run's co
 - ``generate``: the model writes a reply and the grader extracts its option (a reply with none counts apart);
 - ``loglik``: the option with the highest log-likelihood as the reply, as lm-eval-harness does, so a small
   model's format failures do not hide what it knows. Items that are not multiple choice are always generated.
+
+Code items are graded by running their programs in the sandbox, off the event loop. With ``samples`` > 1 each item
+gets that many sampled replies (seeds ``seed``, ``seed + 1``, ...) and the figures add pass@k (Chen et al. 2021).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from agents.student import labelled_options, student_messages
-from runtime.data.graders import grade
-from runtime.data.records import ItemResult
+from runtime.data.graders import Grade, grade_async
+from runtime.data.records import ItemResult, SampleResult
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY
 from runtime.models.backend import Backend, GenerationSettings
-from runtime.report import PRIOR_SHIFT_THRESHOLD, Report, answer_distribution, flag_prior_shift, prior_shift
+from runtime.report import (
+    PRIOR_SHIFT_THRESHOLD,
+    Report,
+    answer_distribution,
+    flag_prior_shift,
+    pass_at_k,
+    pass_at_ks,
+    prior_shift,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,30 +48,44 @@ async def answer(
     mode: str = "generate",
     adapter: str | None = None,
     guidance: str | None = None,
+    samples: int = 1,
 ) -> ItemResult:
-    """One graded answer."""
+    """One graded answer; with ``samples`` > 1, that many sampled replies, the first as the item's reply."""
     messages = student_messages(example, guidance)
     started = time.perf_counter()
     if mode == "loglik" and example.answer_kind == "choice" and example.options:
         scores = await backend.score_options(messages, labelled_options(example), adapter)
         reply = labelled_options(example)[max(range(len(scores)), key=scores.__getitem__)]
         return ItemResult(
-            **_graded(example, reply, "loglik"),
+            **_graded(example, reply, "loglik", await grade_async(example, reply)),
             latency_s=round(time.perf_counter() - started, 4),
             scores=[round(s, 4) for s in scores],
         )
-    generation = await backend.generate(messages, settings, adapter)
+    if samples == 1:
+        generations = [await backend.generate(messages, settings, adapter)]
+    else:
+        base = settings.seed or 0
+        generations = await asyncio.gather(
+            *(backend.generate(messages, dataclasses.replace(settings, seed=base + j), adapter) for j in range(samples))
+        )
+    grades = await asyncio.gather(*(grade_async(example, g.text) for g in generations))
+    first = generations[0]
     return ItemResult(
-        **_graded(example, generation.text, "generate"),
-        prompt_tokens=generation.usage.prompt_tokens,
-        completion_tokens=generation.usage.completion_tokens,
+        **_graded(example, first.text, "generate", grades[0]),
+        prompt_tokens=sum(g.usage.prompt_tokens for g in generations),
+        completion_tokens=sum(g.usage.completion_tokens for g in generations),
         latency_s=round(time.perf_counter() - started, 4),
-        finish_reason=generation.finish_reason,
+        finish_reason=first.finish_reason,
+        samples=[
+            SampleResult(reply=g.text, verdict=r.verdict, error=r.error)
+            for g, r in zip(generations, grades, strict=True)
+        ]
+        if samples > 1
+        else None,
     )
 
 
-def _graded(example: Example, reply: str, mode: str) -> dict[str, Any]:
-    result = grade(example, reply)
+def _graded(example: Example, reply: str, mode: str, result: Grade) -> dict[str, Any]:
     return {
         "id": example.id,
         "source": example.source,
@@ -68,6 +95,7 @@ def _graded(example: Example, reply: str, mode: str) -> dict[str, Any]:
         "target": example.target,
         "n_options": len(example.options),
         "reply": reply,
+        "error": result.error,
     }
 
 
@@ -82,11 +110,12 @@ async def run_eval(
     concurrency: int = CONCURRENCY,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     results_file: str = RESULTS,
+    samples: int = 1,
 ) -> list[dict[str, Any]]:
     """Answer every example not already in the run directory; return all results (old and new) in input order."""
 
     async def one(example: Example) -> dict[str, Any]:
-        return (await answer(example, backend, settings, mode, adapter)).to_json()
+        return (await answer(example, backend, settings, mode, adapter, samples=samples)).to_json()
 
     return await complete_pending(run, results_file, examples, one, concurrency=concurrency, on_record=on_result)
 
@@ -145,11 +174,31 @@ def _figures(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "chance": round(sum(1 / r["n_options"] for r in choice) / len(choice), 4) if choice else None,
         "completion_tokens": sum(r["completion_tokens"] for r in results),
         "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+        **_pass_at(results),
     }
 
 
-def render_report(title: str, config: dict[str, Any], metrics: dict[str, Any]) -> Report:
-    """The run's report: settings, the accuracy table with its controls, and the answers beside the gold ones."""
+def _pass_at(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """pass@k over the items' samples (mean of the unbiased per-item estimates), when every item has n of them.
+
+    >>> rs = [{"samples": [{"verdict": "correct"}, {"verdict": "wrong"}]}, {"samples": [{"verdict": "wrong"}] * 2}]
+    >>> _pass_at(rs)
+    {'samples': 2, 'pass_at': {'1': 0.25, '2': 0.5}}
+    """
+    counts = [len(r.get("samples") or ()) for r in results]
+    if not results or not counts[0] or len(set(counts)) != 1:
+        return {}
+    n = counts[0]
+    correct = [sum(s["verdict"] == "correct" for s in r["samples"]) for r in results]
+    estimates = {str(k): round(sum(pass_at_k(n, c, k) for c in correct) / len(correct), 4) for k in pass_at_ks(n)}
+    return {"samples": n, "pass_at": estimates}
+
+
+def render_report(
+    title: str, config: dict[str, Any], metrics: dict[str, Any], results: Sequence[dict[str, Any]] = ()
+) -> Report:
+    """The run's report: settings, the accuracy table with its controls, and the answers beside the gold ones;
+    for code items, pass@k when they were sampled, and a few failed programs with their errors."""
     report = Report(title)
     report.table(["setting", "value"], [[k, f"`{v}`"] for k, v in config.items()])
     report.paragraph(
@@ -187,7 +236,39 @@ def render_report(title: str, config: dict[str, Any], metrics: dict[str, Any]) -
             "How often each answer was given, beside the gold answers.",
             _answer_bars(labels, predicted, gold),
         )
+    if "pass_at" in metrics["overall"]:
+        ks = list(metrics["overall"]["pass_at"])
+        report.heading("pass@k")
+        report.paragraph(
+            f"{metrics['overall']['samples']} sampled replies per item; pass@k is the unbiased estimator of Chen et "
+            "al. (2021), averaged over the items (pass@1 here is the sampled rate, not the greedy one)."
+        )
+        report.table(
+            ["source", *(f"pass@{k}" for k in ks)],
+            [[s, *(f["pass_at"][k] for k in ks)] for s, f in rows],
+        )
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        report.heading("Failed programs")
+        report.paragraph(
+            f"{len(failed)} programs failed their tests; the first {min(len(failed), _FAILED_SHOWN)}, with the code "
+            "taken from the reply and the end of the error (each ran in the sandbox)."
+        )
+        for r in failed[:_FAILED_SHOWN]:
+            report.heading(f"`{r['id']}`: {r['error'].splitlines()[0]}", level=3)
+            report.code(_clip_lines(r["predicted"] or r["reply"]))
+            report.code(r["error"])
     return report
+
+
+_FAILED_SHOWN = 3
+_CODE_LINES = 40
+
+
+def _clip_lines(text: str) -> str:
+    lines = text.splitlines()
+    more = [f"... ({len(lines) - _CODE_LINES} more lines)"] if len(lines) > _CODE_LINES else []
+    return "\n".join(lines[:_CODE_LINES] + more)
 
 
 def _answer_bars(labels: Sequence[str], predicted: dict[str, int], gold: dict[str, int]) -> Callable[[Axes], None]:

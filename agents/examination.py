@@ -15,9 +15,19 @@ from typing import Any, Literal
 
 from autogen_agentchat.conditions import MaxMessageTermination
 from autogen_agentchat.messages import BaseChatMessage
-from autogen_agentchat.teams import RoundRobinGroupChat
+from autogen_core import CancellationToken
 
-from agents.roles import ASSISTANT, STUDENT, ExaminerAgent, ExaminingAssistant, Grade, StudentAgent, contents
+from agents.roles import (
+    ASSISTANT,
+    STUDENT,
+    ExaminerAgent,
+    ExaminingAssistant,
+    Grade,
+    RoleAgent,
+    StudentAgent,
+    contents,
+    run_team,
+)
 from agents.team import Roles, usage_of
 from memory.store import Hit, MistakeMemory
 from runtime.data.graders import grade
@@ -29,15 +39,23 @@ from runtime.defaults import CONCURRENCY
 Mode = Literal["baseline", "assisted"]
 
 
-async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[Hit] = ()) -> ItemResult:
-    """Examine one example as an AutoGen team; the result has the same fields as ``redpen eval``'s."""
+async def exam_item(
+    example: Example,
+    roles: Roles,
+    mode: Mode,
+    hits: Sequence[Hit] = (),
+    cancellation_token: CancellationToken | None = None,
+) -> ItemResult:
+    """Examine one example as an AutoGen team; the result has the same fields as ``redpen eval``'s.
+
+    ``cancellation_token`` stops the team and its model calls (a served client that disconnected).
+    """
     student, examiner = StudentAgent(example, roles.student_client()), ExaminerAgent(example)
-    agents = [student, examiner]
+    agents: list[RoleAgent] = [student, examiner]
     if mode == "assisted":
         agents.insert(0, ExaminingAssistant(example, roles.assistant_client(), hits))
-    team = RoundRobinGroupChat(agents, termination_condition=MaxMessageTermination(1 + len(agents)))
     started = time.perf_counter()
-    result = await team.run(task=example.input)
+    result = await run_team(agents, MaxMessageTermination(1 + len(agents)), example.input, cancellation_token)
     messages = [m for m in result.messages if isinstance(m, BaseChatMessage)]
     [verdict] = contents(messages, Grade)
     return ItemResult(
@@ -49,10 +67,12 @@ async def exam_item(example: Example, roles: Roles, mode: Mode, hits: Sequence[H
         target=example.target,
         n_options=len(example.options),
         reply=next(m.to_text() for m in messages if m.source == STUDENT),
+        error=verdict.error,
         guidance=next((m.to_text() for m in messages if m.source == ASSISTANT), ""),
         retrieved=[Retrieved(id=h.record.id, score=round(h.score, 4), source=h.record.source) for h in hits],
         **usage_of(messages),
         latency_s=round(time.perf_counter() - started, 3),
+        finish_reason=student.finish_reason,
     )
 
 

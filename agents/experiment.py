@@ -173,7 +173,9 @@ def _gathering_figures(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _guidance_examples(assisted: Sequence[dict[str, Any]], examine: Sequence[Example], n: int = 3) -> list[dict]:
+def _guidance_examples(
+    assisted: Sequence[dict[str, Any]], examine: Sequence[Example], n: int = 3
+) -> list[dict[str, Any]]:
     inputs = {e.id: e.input for e in examine}
     shown = [r for r in assisted if r.get("guidance")][:n]
     return [

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermination
-from autogen_agentchat.messages import BaseChatMessage
-from autogen_agentchat.teams import RoundRobinGroupChat
+from autogen_agentchat.messages import BaseChatMessage, TextMessage
+from autogen_core import CancellationToken
 
 from agents.roles import (
     CORRECT,
@@ -28,10 +28,11 @@ from agents.roles import (
     Grade,
     StudentAgent,
     contents,
+    run_team,
 )
 from agents.team import Roles, usage_of
 from memory.record import MistakeRecord
-from memory.store import MistakeMemory
+from memory.store import MistakeMemory, TenantMemory
 from runtime.data.records import Action, Episode, State, Turn
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
@@ -43,18 +44,17 @@ EPISODES = "episodes.jsonl"
 
 async def gather_episode(example: Example, roles: Roles, task: str, rounds: int = ROUNDS) -> Episode:
     """Run one gathering conversation as an AutoGen team and return it as an episode record."""
-    team = RoundRobinGroupChat(
-        [
-            StudentAgent(example, roles.student_client()),
-            ExaminerAgent(example),
-            GatheringAssistant(example, roles.assistant_client()),
-        ],
-        # The task message, then (student, examiner) for every attempt and an assistant turn between attempts.
-        termination_condition=TextMentionTermination(CORRECT, sources=[EXAMINER])
-        | MaxMessageTermination(1 + 2 * (rounds + 1) + rounds),
+    agents = [
+        StudentAgent(example, roles.student_client()),
+        ExaminerAgent(example),
+        GatheringAssistant(example, roles.assistant_client()),
+    ]
+    # The task message, then (student, examiner) for every attempt and an assistant turn between attempts.
+    termination = TextMentionTermination(CORRECT, sources=[EXAMINER]) | MaxMessageTermination(
+        1 + 2 * (rounds + 1) + rounds
     )
     started = time.perf_counter()
-    result = await team.run(task=example.input)
+    result = await run_team(agents, termination, example.input)
     messages = [m for m in result.messages if isinstance(m, BaseChatMessage)]
     return episode_record(example, roles, task, messages, time.perf_counter() - started)
 
@@ -128,14 +128,52 @@ def mistake_from(episode: Episode) -> MistakeRecord | None:
     )
 
 
+async def mistake_from_feedback(
+    example: Example,
+    answer: str,
+    roles: Roles,
+    *,
+    model_id: str,
+    task: str,
+    tenant: str,
+    note: str = "",
+    cancellation_token: CancellationToken | None = None,
+) -> MistakeRecord:
+    """The memory record of a served answer that its client corrected (``redpen serve``'s feedback): one
+    gathering turn on it. The assistant sees the gold the client gave (``example.target``) and its ``note``,
+    explains the error and writes a guideline, through the same leak filter as in gathering. The student is not
+    asked again: the client has the right answer already, so the outcome is "uncorrected".
+    """
+    assistant = GatheringAssistant(example, roles.assistant_client(), note=note)
+    response = await assistant.on_messages(
+        [TextMessage(content=answer, source=STUDENT)], cancellation_token or CancellationToken()
+    )
+    [advice] = contents([response.chat_message], Advice)
+    return MistakeRecord.make(
+        model_id=model_id,
+        source=example.source,
+        task=task,
+        query=example.input,
+        wrong_answer=answer,
+        gold=example.target,
+        reason=advice.feedback.reason,
+        guideline=advice.feedback.guideline,
+        outcome="uncorrected",
+        rounds=1,
+        tenant=tenant,
+    )
+
+
 class MemoryWriter:
     """Batch mistake upserts: episodes that end close together share one embedding call and one upsert.
 
-    ``write`` returns once the record is stored, so callers can still append the episode only after its mistake.
+    ``write`` returns once the record is stored, so callers can still append the episode only after its mistake;
+    with ``durable`` it returns once the memory has also flushed it to disk (a server acknowledging feedback).
     """
 
-    def __init__(self, memory: MistakeMemory) -> None:
+    def __init__(self, memory: MistakeMemory | TenantMemory, durable: bool = False) -> None:
         self.memory = memory
+        self.durable = durable
         self.pending: list[tuple[MistakeRecord, asyncio.Future[None]]] = []
         self.flushes = 0
         self._task: asyncio.Task[None] | None = None
@@ -152,6 +190,8 @@ class MemoryWriter:
             batch, self.pending = self.pending, []
             try:
                 await run_torch(self.memory.upsert, [record for record, _ in batch])
+                if self.durable:
+                    await run_torch(self.memory.flush)
             except Exception as exc:  # every waiting episode fails, none is appended without its mistake
                 for _, future in batch:
                     future.set_exception(exc)

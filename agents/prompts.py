@@ -20,17 +20,24 @@ def load_prompt(name: str) -> str:
     return (files("agents") / "prompts" / f"{name}.txt").read_text(encoding="utf-8").rstrip("\n")
 
 
-def gathering_messages(query: str, response: str, gold: str, earlier: Sequence[str] = ()) -> list[Message]:
-    """The gathering assistant's chat: it sees the gold, the student's answer and the guidelines that did not help.
+def gathering_messages(
+    query: str, response: str, gold: str, earlier: Sequence[str] = (), note: str = ""
+) -> list[Message]:
+    """The gathering assistant's chat: it sees the gold, the student's answer and the guidelines that did not help;
+    ``note`` is what a served client said along with the right answer (``redpen serve``'s feedback).
 
     >>> chat = gathering_messages("Q?", "The answer is 41", "42", ["Add carefully."])
     >>> chat[1]["content"].endswith("did not help yet:\\n- Add carefully.")
     True
+    >>> gathering_messages("Q?", "41", "42", note="carry the one")[1]["content"].endswith("carry the one")
+    True
     """
     previous = ""
+    if note:
+        previous += "\n" + load_prompt("assistant_gather_note").format(note=note)
     if earlier:
         guidelines = "\n".join(f"- {g}" for g in earlier)
-        previous = "\n" + load_prompt("assistant_gather_earlier").format(guidelines=guidelines)
+        previous += "\n" + load_prompt("assistant_gather_earlier").format(guidelines=guidelines)
     user = load_prompt("assistant_gather_user").format(query=query, response=response, gold=gold, previous=previous)
     return [{"role": "system", "content": load_prompt("assistant_gather")}, {"role": "user", "content": user}]
 

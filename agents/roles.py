@@ -8,14 +8,22 @@ message's text (what the other agents read) is rendered from its content.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TypeVar
 
 from autogen_agentchat.agents import BaseChatAgent
-from autogen_agentchat.base import Response
-from autogen_agentchat.messages import BaseChatMessage, StructuredMessage, TextMessage
+from autogen_agentchat.base import Response, TaskResult, TerminationCondition
+from autogen_agentchat.messages import BaseAgentEvent, BaseChatMessage, StructuredMessage, TextMessage
+from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core import CancellationToken
-from autogen_core.models import ChatCompletionClient, CreateResult, LLMMessage, SystemMessage, UserMessage
+from autogen_core.models import (
+    AssistantMessage,
+    ChatCompletionClient,
+    CreateResult,
+    LLMMessage,
+    SystemMessage,
+    UserMessage,
+)
 from pydantic import BaseModel, ConfigDict
 
 from agents.feedback import (
@@ -30,8 +38,9 @@ from agents.prompts import exam_guidance, examining_messages, gathering_messages
 from agents.student import student_messages
 from memory.autogen_memory import format_mistakes
 from memory.store import Hit
-from runtime.data.graders import Verdict, grade
+from runtime.data.graders import Verdict, grade_async
 from runtime.data.tasks import Example
+from runtime.errors import RedpenError
 from runtime.models.backend import Message
 
 STUDENT, EXAMINER, ASSISTANT = "student", "examiner", "assistant"
@@ -46,6 +55,7 @@ class Grade(BaseModel):
     word: str
     verdict: Verdict
     predicted: str | None
+    error: str | None = None  # code items that failed: why, and the program's stderr tail
 
 
 class Advice(BaseModel):
@@ -73,22 +83,57 @@ def _last_from(messages: Sequence[BaseChatMessage], source: str) -> BaseChatMess
     return next((m for m in reversed(messages) if m.source == source), None)
 
 
-class _RoleAgent(BaseChatAgent):
+class RoleAgent(BaseChatAgent):
+    error: RedpenError | None = None  # what this agent raised on purpose, for run_team to raise as itself
+
     @property
     def produced_message_types(self) -> Sequence[type[BaseChatMessage]]:
         return (TextMessage,)
+
+    async def on_messages_stream(
+        self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken
+    ) -> AsyncGenerator[BaseAgentEvent | BaseChatMessage | Response, None]:
+        try:
+            async for event in super().on_messages_stream(messages, cancellation_token):
+                yield event
+        except RedpenError as exc:
+            self.error = exc
+            raise
 
     async def on_reset(self, cancellation_token: CancellationToken) -> None:  # noqa: B027 - roles keep no state
         """Nothing to forget: each agent serves one example."""
 
 
-class StudentAgent(_RoleAgent):
+async def run_team(
+    agents: Sequence[RoleAgent],
+    termination: TerminationCondition,
+    task: str,
+    cancellation_token: CancellationToken | None = None,
+) -> TaskResult:
+    """Run the agents as a round-robin AutoGen team; an error an agent raised on purpose is raised as itself.
+
+    AutoGen catches what an agent raises and raises a ``RuntimeError`` of its text and whole traceback instead, so a
+    ``BackendError`` (an unreachable server) would reach the user as hundreds of lines rather than one line and
+    exit 2. Each agent keeps the ``RedpenError`` it raised; that one is raised here, AutoGen's wrapper dropped.
+    """
+    team = RoundRobinGroupChat(list(agents), termination_condition=termination)
+    try:
+        return await team.run(task=task, cancellation_token=cancellation_token)
+    except RuntimeError:
+        raised = next((agent.error for agent in agents if agent.error is not None), None)
+        if raised is None:
+            raise
+        raise raised from None
+
+
+class StudentAgent(RoleAgent):
     """Answers the example; the latest assistant message, if any, is its guidance."""
 
     def __init__(self, example: Example, client: ChatCompletionClient) -> None:
         super().__init__(STUDENT, "answers the question")
         self.example, self.client = example, client
         self.guidance: str | None = None
+        self.finish_reason: str | None = None  # of its last reply: "stop", or "length" when cut at the reply budget
 
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         advice = _last_from(messages, ASSISTANT)
@@ -97,11 +142,12 @@ class StudentAgent(_RoleAgent):
         result = await self.client.create(
             _llm(student_messages(self.example, self.guidance)), cancellation_token=cancellation_token
         )
+        self.finish_reason = "length" if result.finish_reason == "length" else "stop"
         return Response(chat_message=TextMessage(content=_text(result), source=self.name, models_usage=result.usage))
 
 
-class ExaminerAgent(_RoleAgent):
-    """Grades the student's last answer with the benchmark's grader: no model, no opinion."""
+class ExaminerAgent(RoleAgent):
+    """Grades the student's last answer with the benchmark's grader: no model, no opinion (code runs sandboxed)."""
 
     def __init__(self, example: Example) -> None:
         super().__init__(EXAMINER, "grades the student's answer against the gold")
@@ -113,20 +159,20 @@ class ExaminerAgent(_RoleAgent):
 
     async def on_messages(self, messages: Sequence[BaseChatMessage], cancellation_token: CancellationToken) -> Response:
         answer = _last_from(messages, STUDENT)
-        result = grade(self.example, answer.to_text() if answer else "")
+        result = await grade_async(self.example, answer.to_text() if answer else "")
         word = CORRECT if result.verdict == "correct" else WRONG
-        content = Grade(word=word, verdict=result.verdict, predicted=result.predicted)
+        content = Grade(word=word, verdict=result.verdict, predicted=result.predicted, error=result.error)
         return Response(
             chat_message=StructuredMessage[Grade](content=content, source=self.name, format_string="{word}")
         )
 
 
-class GatheringAssistant(_RoleAgent):
+class GatheringAssistant(RoleAgent):
     """Sees the gold; explains the student's error and gives a guideline that never names the answer."""
 
-    def __init__(self, example: Example, client: ChatCompletionClient) -> None:
+    def __init__(self, example: Example, client: ChatCompletionClient, note: str = "") -> None:
         super().__init__(ASSISTANT, "explains the mistake without revealing the answer")
-        self.example, self.client = example, client
+        self.example, self.client, self.note = example, client, note
         self.given: list[Feedback] = []
 
     @property
@@ -140,6 +186,7 @@ class GatheringAssistant(_RoleAgent):
             answer.to_text() if answer else "",
             self.example.target,
             [f.guideline for f in self.given],
+            self.note,
         )
         result = await self.client.create(_llm(chat), cancellation_token=cancellation_token)
         feedback = without_leaks(parse_feedback(_text(result)), self.example)
@@ -147,7 +194,7 @@ class GatheringAssistant(_RoleAgent):
         return Response(chat_message=_advice(feedback.as_guidance(), feedback, self.name, result))
 
 
-class ExaminingAssistant(_RoleAgent):
+class ExaminingAssistant(RoleAgent):
     """No gold: turns retrieved past mistakes into guidance before the student answers."""
 
     def __init__(self, example: Example, client: ChatCompletionClient, hits: Sequence[Hit]) -> None:
@@ -172,9 +219,15 @@ class ExaminingAssistant(_RoleAgent):
 
 
 def _llm(chat: Sequence[Message]) -> list[LLMMessage]:
-    """A system + user chat as AutoGen's model messages."""
-    system, user = chat
-    return [SystemMessage(content=system["content"]), UserMessage(content=user["content"], source="user")]
+    """A chat as AutoGen's model messages: a role's system + user prompt, or a served client's whole chat."""
+    return [
+        SystemMessage(content=m["content"])
+        if m["role"] == "system"
+        else AssistantMessage(content=m["content"], source="assistant")
+        if m["role"] == "assistant"
+        else UserMessage(content=m["content"], source="user")
+        for m in chat
+    ]
 
 
 def _advice(text: str, feedback: Feedback, source: str, result: CreateResult) -> StructuredMessage[Advice]:

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from autogen_agentchat.messages import BaseChatMessage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
-from runtime.models.config import BackendConfig, backend_config
+from runtime.models.config import BackendConfig
 from runtime.models.factory import make_backend
 
 STUDENT_SETTINGS = GenerationSettings(max_new_tokens=STUDENT_MAX_NEW_TOKENS)
@@ -86,10 +86,12 @@ class RolesConfig(BaseModel):
         for kind in ((student or {}).get("kind"), given.get("kind")):
             if kind is not None and kind not in ("local", "openai"):
                 raise ConfigError(f"unknown backend {kind!r}: choose local or openai")
-        student_cfg = backend_config(**{**(student or {}), **tables.get("student", {})})
+        student_cfg = _role_config("student", student or {}, tables.get("student", {}), config_file)
         assistant_cfg = None
         if given or "assistant" in tables:
-            assistant_cfg = backend_config(**{"kind": "local", **given, **tables.get("assistant", {})})
+            assistant_cfg = _role_config(
+                "assistant", {"kind": "local", **given}, tables.get("assistant", {}), config_file
+            )
         return cls(
             student=student_cfg,
             assistant=assistant_cfg,
@@ -123,14 +125,40 @@ def build_roles(config: RolesConfig) -> Roles:
     return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
 
 
+def _role_config(
+    role: str, given: Mapping[str, Any], table: dict[str, Any], config_file: Path | None
+) -> BackendConfig:
+    """A role's backend: its command-line values under its config table; a bad value names the table and key."""
+    try:
+        return BackendConfig(**{**{k: v for k, v in given.items() if v is not None}, **table})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        reason = first["msg"]
+        if first["type"] == "extra_forbidden":
+            reason = f"unknown setting; the settings are {', '.join(BackendConfig.model_fields)}"
+        if first["loc"] and first["loc"][0] in table:
+            raise ConfigError(f"{config_file}: [{role}] {key}: {reason}") from None
+        raise ConfigError(f"bad {role} backend setting {key!r}: {reason}") from None
+
+
 def _read_tables(config_file: Path) -> dict[str, dict[str, Any]]:
+    """The ``[student]`` and ``[assistant]`` tables of a TOML config; anything else in it is an error."""
     try:
         tables = tomllib.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_file}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{config_file}: cannot read the config ({exc})") from None
     unknown = set(tables) - {"student", "assistant"}
     if unknown:
         raise ConfigError(f"{config_file}: unknown table(s) {sorted(unknown)}; expected [student] and [assistant]")
+    for role, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{config_file}: [{role}] must be a table of backend settings (a [{role}] header with lines like "
+                f'model = "..."), not {role} = {table!r}'
+            )
     return tables
 
 

@@ -130,7 +130,7 @@ class MistakeMemoryAdapter(Memory):
     async def add(self, content: MemoryContent, cancellation_token: CancellationToken | None = None) -> None:
         """Store one mistake: ``content.content`` is a MistakeRecord's fields, as a dict or JSON text.
 
-        Without an ``id`` the id is computed from model_id, source and query, as ``make_record`` does.
+        Without an ``id`` the id is computed from model_id, source, task, query and gold, as ``make_record`` does.
         """
         fields = json.loads(content.content) if isinstance(content.content, str | bytes) else content.content
         if not isinstance(fields, dict):

@@ -22,18 +22,33 @@ def normalise_query(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def record_id(model_id: str, source: str, query: str) -> str:
-    """Deterministic UUID5 of model, source and normalised query, so re-gathering never duplicates a mistake.
+def record_id(model_id: str, source: str, task: str, query: str, gold: str, tenant: str | None = None) -> str:
+    """Deterministic UUID5 of what makes a mistake distinct: the student, the source, the task it was gathered
+    under, the normalised query and the gold answer. Re-gathering the same item never duplicates a mistake, and
+    the same item under another task (``bbq`` and ``bbq/Age``), or the same input with another gold, is another.
 
-    >>> record_id("qwen", "gsm8k", "What is 2+2?") == record_id("qwen", "gsm8k", "  what IS 2+2? ")
+    >>> a = record_id("qwen", "gsm8k", "gsm8k", "What is 2+2?", "4")
+    >>> a == record_id("qwen", "gsm8k", "gsm8k", "  what IS 2+2? ", "4")
     True
-    >>> record_id("qwen", "gsm8k", "What is 2+2?") == record_id("llama", "gsm8k", "What is 2+2?")
+    >>> a == record_id("llama", "gsm8k", "gsm8k", "What is 2+2?", "4")
     False
-    >>> record_id("qwen", "gsm8k", "What is 2+2?")
-    '14222cfa-d4ae-5aae-9348-8585de0ff463'
+    >>> record_id("q", "bbq/Age", "bbq", "Who?", "(B)") == record_id("q", "bbq/Age", "bbq/Age", "Who?", "(B)")
+    False
+    >>> record_id("q", "s", "t", "Pick one.", "(A)") == record_id("q", "s", "t", "Pick one.", "(B)")
+    False
+    >>> a
+    '4d8a0d41-2776-5228-996f-a1b4c181d701'
+
+    A served tenant's mistake is its own: two tenants missing the same question make two records.
+
+    >>> record_id("q", "s", "t", "Who?", "(B)", tenant="acme") == record_id("q", "s", "t", "Who?", "(B)", tenant="zeta")
+    False
     """
     # JSON of a list keeps the parts apart: ("a b", "c") and ("a", "b c") must not collide.
-    key = json.dumps([model_id, source, normalise_query(query)], ensure_ascii=False)
+    parts = [model_id, source, task, normalise_query(query), gold.strip()]
+    if tenant is not None:  # appended only when set, so every record gathered without tenants keeps its id
+        parts.append(tenant)
+    key = json.dumps(parts, ensure_ascii=False)
     return str(uuid.uuid5(_NAMESPACE, key))
 
 
@@ -44,7 +59,7 @@ class MistakeRecord(BaseModel):
 
     id: str = Field(
         pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
-        description="record_id(model_id, source, query); build records with make_record",
+        description="record_id(model_id, source, task, query, gold); build records with make_record",
     )
     model_id: str = Field(description="the student model that made the mistake")
     source: str = Field(description="benchmark / dataset the question came from, e.g. 'bbh/date_understanding'")
@@ -65,6 +80,11 @@ class MistakeRecord(BaseModel):
         description="the fine-tuned model that now answers this right without guidance (`redpen instruct "
         "--strategy memory`); retrieval can skip such records",
     )
+    tenant: str | None = Field(
+        None,
+        description="the served tenant (an API key's owner, `redpen serve`) whose mistake this is; a tenant's "
+        "searches see only its own records; None for mistakes gathered outside a server",
+    )
 
     @classmethod
     def make(
@@ -82,10 +102,11 @@ class MistakeRecord(BaseModel):
         rounds: int,
         created_at: datetime | None = None,
         absorbed_into: str | None = None,
+        tenant: str | None = None,
     ) -> "MistakeRecord":
-        """Build a record whose id is computed from model_id, source and query."""
+        """Build a record whose id is computed from model_id, source, task, query, gold (and tenant)."""
         return cls(
-            id=record_id(model_id, source, query),
+            id=record_id(model_id, source, task, query, gold, tenant),
             model_id=model_id,
             source=source,
             task=task,
@@ -98,6 +119,7 @@ class MistakeRecord(BaseModel):
             rounds=rounds,
             created_at=created_at or datetime.now(UTC),
             absorbed_into=absorbed_into,
+            tenant=tenant,
         )
 
 

@@ -13,6 +13,7 @@ the payload, and the record id as the point id.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -34,10 +35,11 @@ from runtime.errors import ConfigError, MemoryStoreError
 logger = logging.getLogger(__name__)
 
 # The payload fields retrieval filters on; each gets a keyword index where the engine has payload indexes.
-FILTER_FIELDS = ("model_id", "source", "task")
+FILTER_FIELDS = ("model_id", "source", "task", "tenant")
 # 256 points per write: the batch size Qdrant recommends for upserts, and a comfortable embedding batch.
 _BATCH = 256
 _PAGE = 1000  # scroll page size for list/export
+_EDGE_CONFIG = "edge_config.json"  # what an embedded shard's folder holds once it exists
 
 Filters = dict[str, str | None]  # field -> required value; None: the field must be empty (unset or null)
 Payload = dict[str, Any]
@@ -75,7 +77,7 @@ class _EdgeEngine:
         self.qe = qe
         config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
         # edge_config.json is written by create(); its presence means the shard exists and must be loaded instead.
-        exists = (shard_dir / "edge_config.json").is_file()
+        exists = (shard_dir / _EDGE_CONFIG).is_file()
         try:
             if exists:
                 # Passing the config makes load() check the stored vector size against the embedder's.
@@ -117,7 +119,7 @@ class _EdgeEngine:
             score_threshold=threshold,
             with_payload=True,
         )
-        return [(p.score, p.payload) for p in self.shard.query(request)]
+        return [(p.score, p.payload or {}) for p in self.shard.query(request)]  # with_payload: never None
 
     def count(self, filters: Filters) -> int:
         return self.shard.count(self.qe.CountRequest(exact=True, filter=self._filter(filters) if filters else None))
@@ -127,13 +129,13 @@ class _EdgeEngine:
             offset=offset, limit=limit, filter=self._filter(filters) if filters else None, with_payload=True
         )
         records, next_offset = self.shard.scroll(request)
-        return [r.payload for r in records], None if next_offset is None else str(next_offset)
+        return [r.payload or {} for r in records], None if next_offset is None else str(next_offset)
 
     def retrieve(self, ids: list[str]) -> list[Payload]:
-        return [r.payload for r in self.shard.retrieve(ids, with_payload=True, with_vector=False)]
+        return [r.payload or {} for r in self.shard.retrieve(list[Any](ids), with_payload=True, with_vector=False)]
 
     def delete_ids(self, ids: list[str]) -> None:
-        self.shard.update(self.qe.UpdateOperation.delete_points(ids))
+        self.shard.update(self.qe.UpdateOperation.delete_points(list[Any](ids)))
 
     def delete_where(self, filters: Filters) -> None:
         # An empty Filter matches every point, which is what clear() wants.
@@ -147,7 +149,7 @@ class _EdgeEngine:
 class _ClientEngine:
     """A collection on a Qdrant server, or in qdrant-client's in-process engine (``location=":memory:"``)."""
 
-    def __init__(self, client: Any, collection: str, dim: int, where: str, *, local: bool) -> None:
+    def __init__(self, client: Any, collection: str, dim: int, where: str, *, local: bool, create: bool = True) -> None:
         from qdrant_client import models
         from qdrant_client.http.exceptions import ApiException
 
@@ -166,6 +168,11 @@ class _ClientEngine:
                         "vectors this embedder makes; open it with the embedder it was built with, "
                         "or give another collection"
                     )
+            elif not create:
+                raise ConfigError(
+                    f"no mistake memory at {where} (no collection {collection!r}); check the URL and collection, "
+                    "or gather into it first (redpen gather)"
+                )
             else:
                 client.create_collection(
                     collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
@@ -219,7 +226,8 @@ class _ClientEngine:
 
     def count(self, filters: Filters) -> int:
         with self._errors("count"):
-            return self.client.count(self.collection, count_filter=self._filter(filters) if filters else None).count
+            found = self.client.count(self.collection, count_filter=self._filter(filters) if filters else None)
+            return int(found.count)
 
     def scroll(self, filters: Filters, limit: int, offset: str | None) -> tuple[list[Payload], str | None]:
         with self._errors("read"):
@@ -287,8 +295,11 @@ def _point_id(id: str) -> str:
         raise ValueError(f"{id!r} is not a mistake id (a UUID from record_id)") from None
 
 
-def _filters(model_id: str | None, source: str | None, task: str | None, skip_absorbed: bool = False) -> Filters:
-    filters: Filters = {k: v for k, v in (("model_id", model_id), ("source", source), ("task", task)) if v is not None}
+def _filters(
+    model_id: str | None, source: str | None, task: str | None, skip_absorbed: bool = False, tenant: str | None = None
+) -> Filters:
+    given = (("model_id", model_id), ("source", source), ("task", task), ("tenant", tenant))
+    filters: Filters = {k: v for k, v in given if v is not None}
     if skip_absorbed:
         filters["absorbed_into"] = None
     return filters
@@ -298,7 +309,8 @@ class MistakeMemory:
     """Past mistakes, searchable by the similarity of their queries and filterable by model, source and task.
 
     Give exactly one of ``path`` (embedded Qdrant Edge shard in that folder; the default engine), ``url`` (a Qdrant
-    server) or ``location=":memory:"`` (qdrant-client's in-process engine, for tests).
+    server) or ``location=":memory:"`` (qdrant-client's in-process engine, for tests). ``create=False`` opens only
+    a memory that exists (what reading commands want: a mistyped path is an error, and nothing is written there).
 
     >>> from memory.embed import HashingEmbedder
     >>> from memory.record import make_record
@@ -320,6 +332,7 @@ class MistakeMemory:
         location: str | None = None,
         collection: str = "mistakes",
         embedder: TextEmbedder | None = None,
+        create: bool = True,
     ) -> None:
         given = [name for name, value in (("path", path), ("url", url), ("location", location)) if value is not None]
         if len(given) != 1:
@@ -343,6 +356,11 @@ class MistakeMemory:
 
         if path is not None:
             folder = Path(path).expanduser().resolve()
+            if not create and not (folder / collection / _EDGE_CONFIG).is_file():
+                raise ConfigError(
+                    f"no mistake memory at {folder} (no {collection}/{_EDGE_CONFIG}); check the path, "
+                    "or gather into it first (redpen gather --memory FOLDER)"
+                )
             folder.mkdir(parents=True, exist_ok=True)
             self.where = str(folder)
             self._folder_lock = _FolderLock(folder)
@@ -358,7 +376,7 @@ class MistakeMemory:
             self.where = url or ":memory:"
             client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(location=":memory:")
             try:
-                self._engine = _ClientEngine(client, collection, dim, self.where, local=url is None)
+                self._engine = _ClientEngine(client, collection, dim, self.where, local=url is None, create=create)
             except BaseException:
                 client.close()
                 raise
@@ -422,12 +440,15 @@ class MistakeMemory:
         model_id: str | None = None,
         source: str | None = None,
         task: str | None = None,
+        tenant: str | None = None,
     ) -> list[Hit]:
         """The k stored mistakes whose queries are most similar (cosine) to ``query_text``, best first.
 
         ``threshold`` drops hits scoring below it; None keeps the k nearest however far they are.
         """
-        return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, source=source, task=task)[0]
+        return self.search_many(
+            [query_text], k=k, threshold=threshold, model_id=model_id, source=source, task=task, tenant=tenant
+        )[0]
 
     def search_many(
         self,
@@ -439,10 +460,12 @@ class MistakeMemory:
         source: str | None = None,
         task: str | None = None,
         skip_absorbed: bool = False,
+        tenant: str | None = None,
     ) -> list[list[Hit]]:
         """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search).
 
-        ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set).
+        ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set);
+        ``tenant`` keeps only that tenant's records (see :class:`TenantMemory`).
         """
         if not query_texts:
             return []
@@ -450,7 +473,9 @@ class MistakeMemory:
         results = []
         for vector in vectors:
             with self._lock:
-                found = self._engine.query(vector, k, threshold, _filters(model_id, source, task, skip_absorbed))
+                found = self._engine.query(
+                    vector, k, threshold, _filters(model_id, source, task, skip_absorbed, tenant)
+                )
             hits = [Hit(MistakeRecord.model_validate(payload), score) for score, payload in found]
             # Equal scores (the same query under two sources, say) are ordered by id, so both engines agree;
             # rounding hides float noise in the last digits, which differs between the engines.
@@ -464,10 +489,11 @@ class MistakeMemory:
         source: str | None = None,
         task: str | None = None,
         skip_absorbed: bool = False,
+        tenant: str | None = None,
     ) -> int:
         """Number of stored records matching the filters (all records without filters)."""
         with self._lock:
-            return self._engine.count(_filters(model_id, source, task, skip_absorbed))
+            return self._engine.count(_filters(model_id, source, task, skip_absorbed, tenant))
 
     def mark_absorbed(self, ids: Iterable[str], into: str) -> int:
         """Record that the model ``into`` has learned these mistakes; returns how many records were marked."""
@@ -487,9 +513,10 @@ class MistakeMemory:
         source: str | None = None,
         task: str | None = None,
         limit: int | None = None,
+        tenant: str | None = None,
     ) -> Iterator[MistakeRecord]:
         """Records matching the filters, in id order, read page by page (so 100k records never sit in memory)."""
-        filters = _filters(model_id, source, task)
+        filters = _filters(model_id, source, task, tenant=tenant)
         offset: str | None = None
         left = limit
         while left is None or left > 0:
@@ -516,6 +543,8 @@ class MistakeMemory:
         Written to a temporary file beside ``path`` and renamed, so ``path`` is never left half-written.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         n = 0
         try:
@@ -526,10 +555,20 @@ class MistakeMemory:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:  # the file asked for, not the temporary one beside it (FileNotFoundError etc.)
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():
+                tmp.unlink()
         logger.info("exported %d mistakes to %s", n, path)
         return n
+
+    def flush(self) -> None:
+        """Make every write so far durable on disk: an embedded shard flushes its segments (~30 ms); a server's
+        writes are already acknowledged by it (``wait=True``), so there is nothing to do."""
+        if isinstance(self._engine, _EdgeEngine):
+            with self._lock:
+                self._engine.shard.flush()
 
     def optimize(self) -> None:
         """Build the vector index of an embedded memory; a server (or the in-process engine) needs nothing.
@@ -579,3 +618,75 @@ class MistakeMemory:
     ) -> list[MistakeRecord]:
         """Records matching the filters, in id order, at most ``limit`` (all when None)."""
         return [*self.iter_records(model_id=model_id, source=source, task=task, limit=limit)]
+
+
+class TenantMemory:
+    """One tenant's share of a mistake memory: what the owner of a served API key (``redpen serve``) reads and writes.
+
+    Every search, count and read carries the tenant's filter, and a record stamped with another tenant (or with
+    none) is refused on write, so the isolation holds in the memory layer whatever the caller asks for.
+
+    >>> from memory.embed import HashingEmbedder
+    >>> from memory.record import make_record
+    >>> mem = MistakeMemory(location=":memory:", embedder=HashingEmbedder())
+    >>> acme, zeta = TenantMemory(mem, "acme"), TenantMemory(mem, "zeta")
+    >>> fields = dict(model_id="m", source="chat", task="serve", query="What is 7 * 8?", wrong_answer="54",
+    ...     gold="56", reason="", guideline="Check the table.", outcome="uncorrected", rounds=1)
+    >>> acme.upsert([make_record(**fields, tenant="acme")])
+    1
+    >>> len(acme.search("what is 7 * 8 ?", model_id="m")), len(zeta.search("what is 7 * 8 ?", model_id="m"))
+    (1, 0)
+    >>> mem.close()
+    """
+
+    def __init__(self, memory: MistakeMemory, tenant: str) -> None:
+        if not tenant:
+            raise ConfigError("a tenant needs a non-empty name")
+        self.memory, self.tenant = memory, tenant
+
+    def search(
+        self,
+        query_text: str,
+        *,
+        k: int = RETRIEVAL_K,
+        threshold: float | None = None,
+        model_id: str | None = None,
+        task: str | None = None,
+    ) -> list[Hit]:
+        """This tenant's k mistakes most similar to ``query_text``."""
+        return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, task=task)[0]
+
+    def search_many(
+        self,
+        query_texts: Sequence[str],
+        *,
+        k: int = RETRIEVAL_K,
+        threshold: float | None = None,
+        model_id: str | None = None,
+        task: str | None = None,
+    ) -> list[list[Hit]]:
+        return self.memory.search_many(
+            query_texts, k=k, threshold=threshold, model_id=model_id, task=task, tenant=self.tenant
+        )
+
+    def upsert(self, records: Iterable[MistakeRecord]) -> int:
+        """Store records of this tenant; one stamped with another tenant (a bug) is refused before any is written."""
+        records = [*records]
+        foreign = sorted({str(r.tenant) for r in records if r.tenant != self.tenant})
+        if foreign:
+            raise ValueError(f"tenant {self.tenant!r} cannot write records of tenant(s) {', '.join(foreign)}")
+        return self.memory.upsert(records)
+
+    def flush(self) -> None:
+        self.memory.flush()
+
+    def count(self, *, model_id: str | None = None, task: str | None = None) -> int:
+        return self.memory.count(model_id=model_id, task=task, tenant=self.tenant)
+
+    def get(self, id: str) -> MistakeRecord | None:
+        """The record with this id if it is this tenant's; another tenant's record reads as absent."""
+        record = self.memory.get(id)
+        return record if record is not None and record.tenant == self.tenant else None
+
+    def iter_records(self, *, model_id: str | None = None, task: str | None = None) -> Iterator[MistakeRecord]:
+        return self.memory.iter_records(model_id=model_id, task=task, tenant=self.tenant)

@@ -1,4 +1,5 @@
-"""Benchmarks that print ratios measured side by side in one run (machines are shared and noisy)."""
+"""Benchmarks that print ratios measured side by side in one run (machines are shared and noisy), and the code
+sandbox's check: canonical solutions pass, broken ones fail."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from typing import Any
 from agents.examination import retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
+from runtime.data.graders import program
 from runtime.data.rundir import RunDir
+from runtime.data.sandbox import Sandbox
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD
-from runtime.models.backend import Backend, GenerationSettings
+from runtime.models.backend import Backend, GenerationSettings, Message
 
 # Plain, varied prompts: the rate depends on lengths, not content.
 _PROMPTS = [
@@ -30,7 +33,7 @@ _PROMPTS = [
 ]
 
 
-def _prompt(i: int) -> list[dict[str, str]]:
+def _prompt(i: int) -> list[Message]:
     return [{"role": "user", "content": f"{_PROMPTS[i % len(_PROMPTS)]} (request {i})"}]
 
 
@@ -261,3 +264,125 @@ class _TableEmbedder:
         import numpy as np
 
         return np.stack([self.table[t] for t in texts])
+
+
+# ---- the code sandbox ----------------------------------------------------------------------------------------------
+
+# Appended after a solution: its entry point's outermost call returns a changed value (recursive calls inside it
+# still see the real one), so tests that check the value must fail.
+_CHANGE_RETURN = """
+def _redpen_changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float, complex)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "\\x00"
+    if isinstance(value, (list, tuple)):
+        return type(value)([*value, object()])
+    if isinstance(value, (set, frozenset)):
+        return type(value)([*value, object()])
+    if isinstance(value, dict):
+        return dict([*value.items(), (object(), None)])
+    return object()
+
+
+def _redpen_outermost_changed(function):
+    depth = 0
+
+    def call(*args, **kwargs):
+        nonlocal depth
+        depth += 1
+        try:
+            value = function(*args, **kwargs)
+        finally:
+            depth -= 1
+        return _redpen_changed(value) if depth == 0 else value
+
+    return call
+
+
+NAME = _redpen_outermost_changed(NAME)
+"""
+
+
+def without_last_line(code: str) -> str:
+    """A solution with its last non-blank line removed.
+
+    >>> without_last_line("def f(x):\\n    y = x + 1\\n    return y\\n\\n")
+    'def f(x):\\n    y = x + 1'
+    """
+    lines = code.rstrip().splitlines()
+    return "\n".join(lines[:-1])
+
+
+def with_changed_return(code: str, entry_point: str) -> str:
+    """A solution whose entry point returns something else than it computed (a bool negated, a number + 1, ...)."""
+    return code + "\n" + _CHANGE_RETURN.replace("NAME", entry_point)
+
+
+async def sandbox_check(
+    examples: Sequence[Example], sandbox: Sandbox, on_step: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Every canonical solution must pass through the sandbox, and each of two mutants of it must fail: the solution
+    with its last line removed, and with its return value changed. All programs run concurrently (the sandbox's
+    workers bound them). Returns the counts per source and the ids (with reasons) of every miss."""
+    kinds: dict[str, Callable[[Example], str]] = {
+        "canonical": lambda e: e.target,
+        "last_line_removed": lambda e: without_last_line(e.target),
+        "return_changed": lambda e: with_changed_return(e.target, e.metadata["entry_point"]),
+    }
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for kind, make in kinds.items():
+        runs = await asyncio.gather(*(sandbox.arun(program(e, make(e))) for e in examples))
+        expected = kind == "canonical"
+        by_source: dict[str, dict[str, int]] = {}
+        misses = []
+        for example, run in zip(examples, runs, strict=True):
+            counts = by_source.setdefault(example.source, {"n": 0, "as_expected": 0})
+            counts["n"] += 1
+            if run.passed == expected:
+                counts["as_expected"] += 1
+            else:
+                misses.append({"id": example.id, "reason": run.reason})
+        results[kind] = {"by_source": by_source, "misses": misses}
+        if on_step is not None:
+            shown = ", ".join(f"{s} {c['as_expected']}/{c['n']}" for s, c in by_source.items())
+            on_step(f"{kind}: {'pass' if expected else 'fail'} as expected: {shown}")
+    return {**results, "programs": 3 * len(examples), "seconds": round(time.perf_counter() - started, 2)}
+
+
+async def sandbox_rate(
+    examples: Sequence[Example], sandboxed: Sandbox, unsandboxed: Sandbox, *, rounds: int = 3
+) -> dict[str, Any]:
+    """Programs per second through bubblewrap vs through the same harness with no namespaces, side by side.
+
+    The canonical solutions of ``examples`` run ``rounds`` times each way, the two interleaved so that drift in the
+    machine's load hits both; both run as many programs at once (their workers).
+    """
+    programs = [program(e, e.target) for e in examples]
+
+    async def rate(sandbox: Sandbox) -> float:
+        started = time.perf_counter()
+        runs = await asyncio.gather(*(sandbox.arun(p) for p in programs))
+        if not all(r.passed for r in runs):
+            failed = next(r for r in runs if not r.passed)
+            raise RuntimeError(f"a canonical solution failed under --sandbox {sandbox.mode}: {failed.reason}")
+        return len(programs) / (time.perf_counter() - started)
+
+    bwrap_rates, none_rates = [], []
+    for _ in range(rounds):
+        bwrap_rates.append(await rate(sandboxed))
+        none_rates.append(await rate(unsandboxed))
+    bwrap, none = statistics.median(bwrap_rates), statistics.median(none_rates)
+    return {
+        "programs": len(programs),
+        "rounds": rounds,
+        "workers": sandboxed.workers,
+        "bwrap_programs_per_s": round(bwrap, 2),
+        "none_programs_per_s": round(none, 2),
+        "ratio_bwrap_over_none": round(bwrap / none, 3),
+        "bwrap_runs": [round(x, 2) for x in bwrap_rates],
+        "none_runs": [round(x, 2) for x in none_rates],
+    }

@@ -1,6 +1,7 @@
 """One exception family for redpen; every message says what to do next.
 
-The CLI prints a ``RedpenError`` as one line and exits 2; anything else is a bug and keeps its traceback.
+The CLI prints a ``RedpenError`` as one line and exits 2, as it does a file-system error on a path (an ``--out``
+that is a file or cannot be written); anything else is a bug and keeps its traceback.
 """
 
 

@@ -300,7 +300,7 @@ async def test_mistake_ids_are_deterministic() -> None:
     second = mistake_from(await gather_episode(LEARNS, roles(), task="bbq"))
     other_student = mistake_from(await gather_episode(LEARNS, roles(student_id="other-student"), task="bbq"))
     assert first is not None and second is not None and other_student is not None
-    assert first.id == second.id == record_id("fake-student", "bbq/Age", LEARNS.input)
+    assert first.id == second.id == record_id("fake-student", "bbq/Age", "bbq", LEARNS.input, "(B)")
     assert other_student.id != first.id
     assert (first.outcome, first.rounds, first.wrong_answer, first.gold, first.task) == (
         "corrected",
@@ -325,7 +325,9 @@ async def test_run_gathering_twice_duplicates_nothing(tmp_path: Path) -> None:
     assert [e["id"] for e in episodes] == [e.id for e in examples]  # input order, whatever finished first
     assert sorted(seen) == sorted(e.id for e in examples)
     assert mem.count() == 3  # every first-answer mistake, not the one answered right
-    assert {m.id for m in mem.list()} == {record_id("fake-student", "bbq/Age", e.input) for e in examples[1:]}
+    assert {m.id for m in mem.list()} == {
+        record_id("fake-student", "bbq/Age", "bbq", e.input, e.target) for e in examples[1:]
+    }
     calls = len(r.student.prompts)  # type: ignore[attr-defined]
 
     # The same run again: everything is done, nothing is asked or written.

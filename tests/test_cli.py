@@ -142,7 +142,9 @@ def test_train_assistant_trains_from_a_gather_directory(tmp_path: Path, tiny_mod
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["replay"]["kept"], summary["steps"], summary["reused"]) == (3, 1, False)
-    metadata = json.loads((adapter / "redpen_adapter.json").read_text())
+    metadata = json.loads((adapter / "adapter" / "redpen_adapter.json").read_text())
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter", "replay"]  # all under --out, no scratch left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "gather", "quiz.jsonl"]  # nothing beside it
     assert metadata["base_model"]["path"] == str(tiny_model)  # the gather run's assistant, not the default model
     again = CliRunner().invoke(app, [*command, "--json"])  # the same replay and settings: the adapter is reused
     assert again.exit_code == 0, again.output

@@ -84,9 +84,11 @@ def mem(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MistakeMemor
 def test_record_id_is_deterministic_over_normalised_query() -> None:
     a = rec("What is  2+2?")
     b = rec("  what is 2+2?\n", wrong_answer="5")
-    assert a.id == b.id == record_id("student-a", "gsm8k", "what is 2+2?")
+    assert a.id == b.id == record_id("student-a", "gsm8k", "math", "what is 2+2?", "42")
     assert a.id != rec("What is 2+2?", model_id="student-b").id
     assert a.id != rec("What is 2+2?", source="math").id
+    assert a.id != rec("What is 2+2?", task="arithmetic").id  # the same item gathered under another task
+    assert a.id != rec("What is 2+2?", gold="4").id  # the same input with another target
 
 
 def test_record_validates_and_is_frozen() -> None:
@@ -206,8 +208,8 @@ def test_threshold_cuts_results(mem: MistakeMemory) -> None:
 
 def test_get_delete_and_clear(mem: MistakeMemory) -> None:
     assert mem.get(RECORDS[1].id) == RECORDS[1]
-    assert mem.get(record_id("x", "y", "z")) is None
-    assert mem.delete([RECORDS[1].id, record_id("x", "y", "z")]) == 1
+    assert mem.get(record_id("x", "y", "t", "z", "g")) is None
+    assert mem.delete([RECORDS[1].id, record_id("x", "y", "t", "z", "g")]) == 1
     assert mem.get(RECORDS[1].id) is None
     assert mem.delete(model_id="student-b") == 2
     assert mem.count() == len(RECORDS) - 3

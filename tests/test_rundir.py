@@ -170,7 +170,7 @@ def test_whole_files_are_written_atomically(tmp_path: Path) -> None:
     run.write_text("report.md", "# report\n")
     assert json.loads(run.file("metrics.json").read_text()) == {"accuracy": 0.75}
     assert run.file("report.md").read_text() == "# report\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "config.json", "metrics.json", "report.md"]
 
 
 # ---- run_eval -------------------------------------------------------------------------------------------------

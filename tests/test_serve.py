@@ -1,20 +1,24 @@
-"""``redpen serve`` as a user runs it: a subprocess on a free port, used through ``OpenAIBackend``.
+"""``redpen serve`` as a user runs it: a subprocess on a free port, behind an API key, used through ``OpenAIBackend``.
 
 The served model is a tiny random chat model built by the test; its greedy replies over HTTP must equal the
-``LocalBackend``'s own, with requests sent concurrently (the server micro-batches them).
+``LocalBackend``'s own, with requests sent concurrently (the server micro-batches them). SIGTERM with requests in
+flight must end the process within seconds; with ``--memory``, acknowledged feedback must survive ``kill -9``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,6 +27,7 @@ from runtime.errors import BackendError
 from runtime.models.backend import GenerationSettings, Message
 from runtime.models.local import LocalBackend
 from runtime.models.openai_backend import OpenAIBackend
+from runtime.server import KeyRing
 from tests.helpers import build_tiny_model
 
 START_TIMEOUT_S = 180  # importing torch and loading the model on 2 busy cores; a healthy start takes ~10 s
@@ -47,36 +52,46 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start ``redpen serve`` and yield its ``/v1`` URL once it answers; always stop it afterwards."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [
-        sys.executable,
-        "-c",
-        "from runtime.cli import main; main()",
-        "serve",
-        "--model",
-        str(tiny_model),
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDPEN_CACHE": str(log_path.parent / "cache")}
+def start(folder: Path, key: str, *options: str, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``redpen serve --state folder`` and return the process and its ``/v1`` URL once it answers ``key``."""
+    port = port or free_port()
+    log_path = folder / f"server-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--port", str(port)]
+    command += ["--state", str(folder), *options]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDPEN_CACHE": str(folder / "cache")}
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"redpen serve exited with {process.returncode}:\n{log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"redpen serve did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()}")
+        with contextlib.suppress(httpx.TransportError):  # not listening yet
+            if httpx.get(f"{base_url}/models", headers=auth(key), timeout=2).status_code == 200:
+                return process, base_url
+        time.sleep(0.2)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The server's folder, holding one API key; and the key."""
+    folder = tmp_path_factory.mktemp("serve")
+    return folder, KeyRing(folder / "keys.json").add("tests")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, state: tuple[Path, str]) -> Iterator[str]:
+    """Start ``redpen serve`` and yield its ``/v1`` URL once it answers; always stop it afterwards."""
+    folder, key = state
+    process, base_url = start(folder, key, "--model", str(tiny_model))
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"redpen serve exited with {process.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"redpen serve did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()}")
-            with contextlib.suppress(httpx.TransportError):  # not listening yet
-                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
         yield base_url
     finally:
         process.terminate()
@@ -85,16 +100,21 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            pytest.fail(f"redpen serve ignored SIGTERM for 20 s:\n{log_path.read_text()}")
+            pytest.fail("redpen serve ignored SIGTERM for 20 s")
 
 
-def test_the_served_model_is_listed(server: str) -> None:
-    models = httpx.get(f"{server}/models", timeout=10).json()
+def test_the_served_model_is_listed_to_a_key_holder_only(server: str, state: tuple[Path, str]) -> None:
+    models = httpx.get(f"{server}/models", headers=auth(state[1]), timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+    for headers in ({}, auth("rp-wrong")):
+        refused = httpx.get(f"{server}/models", headers=headers, timeout=10)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
 
 
-async def test_concurrent_replies_over_http_equal_local_greedy_ones(server: str, tiny_model: Path) -> None:
-    remote = OpenAIBackend(model="tiny-llama", base_url=server, max_concurrency=len(PROMPTS))
+async def test_concurrent_replies_over_http_equal_local_greedy_ones(
+    server: str, tiny_model: Path, state: tuple[Path, str]
+) -> None:
+    remote = OpenAIBackend(model="tiny-llama", base_url=server, api_key=state[1], max_concurrency=len(PROMPTS))
     try:
         served = await asyncio.gather(*(remote.generate(p, SETTINGS) for p in PROMPTS))
     finally:
@@ -112,11 +132,76 @@ async def test_concurrent_replies_over_http_equal_local_greedy_ones(server: str,
     assert [g.finish_reason for g in served] == [g.finish_reason for g in own]
 
 
-async def test_an_unknown_model_is_a_backend_error_naming_it(server: str) -> None:
-    remote = OpenAIBackend(model="no-such-model", base_url=server, max_retries=0)
+async def test_an_unknown_model_is_a_backend_error_naming_it(server: str, state: tuple[Path, str]) -> None:
+    remote = OpenAIBackend(model="no-such-model", base_url=server, api_key=state[1], max_retries=0)
     try:
         with pytest.raises(BackendError) as error:
             await remote.generate(PROMPTS[0], SETTINGS)
     finally:
         await remote.aclose()
     assert str(error.value) == f"model 'no-such-model' is not served at {server}; served: tiny-llama"
+
+
+def test_no_keys_no_server(tmp_path: Path, tiny_model: Path) -> None:
+    command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--state", str(tmp_path)]
+    done = subprocess.run([*command, "--model", str(tiny_model)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no API keys" in done.stderr and "redpen serve keys add NAME" in done.stderr
+
+
+async def test_sigterm_with_requests_in_flight_exits_within_seconds(tmp_path: Path, tiny_model: Path) -> None:
+    key = KeyRing(tmp_path / "keys.json").add("tests")
+    process, base_url = start(tmp_path, key, "--model", str(tiny_model), "--shutdown-grace-s", "2")
+    # 400 tokens (the tiny model's context is 512): longer than the 2 s of grace on 2 cores.
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 400}
+    try:
+        async with httpx.AsyncClient(base_url=base_url, headers=auth(key), timeout=60) as http:
+            flight = [asyncio.create_task(http.post("/chat/completions", json=body)) for _ in range(8)]
+            await asyncio.sleep(1.0)
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            code = await asyncio.to_thread(process.wait, 30)
+            exit_s = time.monotonic() - started
+            answers = await asyncio.gather(*flight, return_exceptions=True)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0 and exit_s < 10, f"exit {code} after {exit_s:.1f} s"
+    # Each request was answered: in full if it finished within the grace period, else 503 (send it again).
+    assert {a.status_code for a in answers if isinstance(a, httpx.Response)} <= {200, 503}, answers
+    assert all(isinstance(a, httpx.Response) for a in answers), answers
+
+
+@pytest.mark.slow  # loads the packaged MiniLM embedder in the server
+def test_acknowledged_feedback_survives_kill_9(tmp_path: Path) -> None:
+    from memory.store import MistakeMemory
+
+    # The tiny model with room for a question and its guidance (the rotary positions have no weights to train).
+    model = build_tiny_model(tmp_path / "tiny-llama")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    key = KeyRing(tmp_path / "keys.json").add("acme")
+    memory = tmp_path / "memory"
+    options = ("--model", str(model), "--memory", str(memory))
+    question = "Who forgot?\nOptions:\n(A) Cannot be determined\n(B) The grandmother\n(C) The grandson"
+    chat: dict[str, Any] = {"model": "tiny-llama", "messages": [{"role": "user", "content": question}], "max_tokens": 8}
+    process, base_url = start(tmp_path, key, *options)
+    try:
+        answer = httpx.post(f"{base_url}/chat/completions", json=chat, headers=auth(key), timeout=60)
+        feedback = {"completion_id": answer.json()["id"], "gold": "(B)"}
+        ack = httpx.post(f"{base_url}/feedback", json=feedback, headers=auth(key), timeout=60).json()
+        assert ack["recorded"] and not ack["duplicate"]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    process, base_url = start(tmp_path, key, *options)
+    try:
+        again = httpx.post(f"{base_url}/feedback", json=feedback, headers=auth(key), timeout=60).json()
+        guided = httpx.post(f"{base_url}/chat/completions", json=chat, headers=auth(key), timeout=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert again == {**ack, "duplicate": True}
+    assert [r["id"] for r in guided.json()["redpen"]["retrieved"]] == [ack["mistake_id"]]
+    with MistakeMemory(path=memory) as store:
+        assert [(r.id, r.tenant) for r in store.iter_records()] == [(ack["mistake_id"], "acme")]

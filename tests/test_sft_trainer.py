@@ -28,7 +28,7 @@ STEPS = 5
 
 
 def chat_rows(n: int = 10) -> list[dict[str, Any]]:
-    """Short chats (the tiny model has 512 positions): system, user, then the assistant reply trained on."""
+    """Short chats (the tiny model has 2048 positions): system, user, then the assistant reply trained on."""
     return [
         {
             "messages": [
@@ -185,7 +185,7 @@ def test_a_row_without_a_final_assistant_reply_is_named(tmp_path: Path) -> None:
     rows = chat_rows(3)
     rows[1]["messages"] = rows[1]["messages"][:-1]
     dataset = write_rows(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=f"{dataset}: row 2 is not a chat ending with the assistant's reply"):
+    with pytest.raises(DataError, match=f"{dataset}:2: not a chat ending with the assistant's reply"):
         read_messages(dataset)
     with pytest.raises(DataError, match="does not exist"):
         read_messages(tmp_path / "missing.jsonl")
@@ -241,7 +241,8 @@ def test_the_config_maps_onto_trl_and_peft(tmp_path: Path) -> None:
     sft = config.to_sft_config(tmp_path)
     assert (sft.max_steps, sft.max_length, sft.learning_rate, sft.per_device_train_batch_size) == (3, 128, 2e-4, 4)
     assert sft.completion_only_loss is True and sft.assistant_only_loss is False
-    assert (sft.save_strategy, sft.logging_first_step, sft.report_to) == ("no", True, [])
+    assert (sft.save_strategy, sft.save_steps, sft.save_total_limit) == ("steps", 5, 2)  # checkpoints to resume from
+    assert (sft.logging_first_step, sft.report_to) == (True, [])
     lora = config.to_lora_config()
     assert (lora.r, lora.lora_alpha, lora.task_type) == (8, 16, "CAUSAL_LM")
     assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.evaluation import condition_summary, run_eval
-from runtime.data.rundir import RunDir, write_atomic
+from runtime.data.rundir import RunDir, read_dataset, write_atomic
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY
 from runtime.errors import DataError
@@ -27,19 +27,14 @@ SETS = ("cot_only", "cot_plus_corrections")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``redpen correct`` dataset, read strictly (a bad line is an error naming ``file:line``)."""
     if not path.exists():
         raise DataError(f"{path} does not exist: run `redpen correct` first")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-    return rows
+    return [row for _, row in read_dataset(path)]
 
 
-def training_sets(data: Path, out: Path, n: int | None, seed: int = 0) -> dict[str, Path]:
-    """Write the two equal-size training sets from a ``redpen correct`` run; ``n`` defaults to all CoT rows."""
+def training_set_texts(data: Path, n: int | None, seed: int = 0) -> dict[str, str]:
+    """The JSONL text of the two equal-size training sets from a ``redpen correct`` run; ``n``: all CoT rows."""
     cot, corrections = read_rows(data / COT), read_rows(data / CORRECTIONS)
     if not corrections:
         raise DataError(
@@ -47,12 +42,24 @@ def training_sets(data: Path, out: Path, n: int | None, seed: int = 0) -> dict[s
             "problems or use a stronger --corrector-model"
         )
     cot_only, mixed = equal_size(cot, corrections, n or len(cot), seed)
+    return {
+        name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        for name, rows in zip(SETS, (cot_only, mixed), strict=True)
+    }
+
+
+def write_training_sets(texts: dict[str, str], out: Path) -> dict[str, Path]:
+    """Each set of :func:`training_set_texts` as ``out/<name>.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, rows in zip(SETS, (cot_only, mixed), strict=True):
-        paths[name] = out / f"{name}.jsonl"
-        write_atomic(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    paths = {name: out / f"{name}.jsonl" for name in texts}
+    for name, text in texts.items():
+        write_atomic(paths[name], text)
     return paths
+
+
+def training_sets(data: Path, out: Path, n: int | None, seed: int = 0) -> dict[str, Path]:
+    """Write the two equal-size training sets from a ``redpen correct`` run; ``n`` defaults to all CoT rows."""
+    return write_training_sets(training_set_texts(data, n, seed), out)
 
 
 def train_sets(
@@ -65,8 +72,7 @@ def train_sets(
     """One adapter per training set, through the project's one LoRA trainer."""
     results = {}
     for name, dataset in sets.items():
-        steps = {"max_steps": max_steps} if max_steps is not None else {}
-        config = LoraSFTConfig(output_dir=str(out / f"adapter-{name}"), base_model=base_model, **steps)
+        config = LoraSFTConfig(output_dir=str(out / f"adapter-{name}"), base_model=base_model).with_steps(max_steps)
         results[name] = train_lora(dataset, config, on_log=on_log(name) if on_log else None)
     return results
 

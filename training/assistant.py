@@ -4,14 +4,18 @@
 2. fine-tune a LoRA adapter on it, from the runs' assistant model unless another base model is given; an adapter
    already trained the same way is reused (``trained_before``);
 3. optionally examine the first run's examine items with the general and with the trained assistant: the same
-   student, memory and retrieved mistakes, so the two differ only by the adapter. The figures and the report go
-   to ``<out>-compare``.
+   student, memory and retrieved mistakes, so the two differ only by the adapter.
+
+Everything goes under ``out``: ``replay/``, ``adapter/`` (trained in ``adapter.training/``, which a killed
+training resumes from) and ``compare/`` (a run directory, so a killed comparison resumes too). A call that fails
+before the adapter is whole leaves no folder it made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,11 +34,12 @@ from runtime.models.config import BackendConfig
 from runtime.report import render_comparison
 from training.replay import SFT_JSONL, ReplayStats, export_replay
 from training.sft_config import LoraSFTConfig
-from training.sft_trainer import TrainResult, train_lora, trained_before
+from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora, trained_before
 
 log = logging.getLogger(__name__)
 
 FIGURES = "figures.json"
+ADAPTER, REPLAY, COMPARE = "adapter", "replay", "compare"  # the folders under --out
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def train_assistant(
     on_train_log: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
 ) -> AssistantTraining:
-    """Replay ``runs``, train the adapter into ``out`` (the replay goes to ``<out>-replay``), then compare.
+    """Replay ``runs`` into ``out/replay``, train the adapter into ``out/adapter``, then compare in ``out/compare``.
 
     ``base_model`` defaults to the local model that played the assistant in ``runs[0]``. The comparison needs
     ``runs[0]`` to be a ``redpen run`` directory (it reuses that run's examine split, memory and retrieval).
@@ -87,26 +92,31 @@ def train_assistant(
     if not runs:
         raise ConfigError("no run directories given: pass the --out folder of `redpen gather` or `redpen run`")
     first = RunConfig.read(runs[0])
-    replay_dir = out.with_name(out.name + "-replay")
-    stats = export_replay(runs, replay_dir)
-    if base_model is None:
-        base_model = _local_model(first.assistant_backend)
+    adapter_dir, replay_dir = out / ADAPTER, out / REPLAY
+    existed = claim_folder(out, {REPLAY, ADAPTER, scratch_folder(adapter_dir).name, COMPARE})
+    try:
+        stats = export_replay(runs, replay_dir)
+        if base_model is None:
+            base_model = _local_model(first.assistant_backend)
         if base_model is None:
             raise ConfigError(f"{runs[0]}: its assistant was not a local model; pass --base-model FOLDER to train one")
-    steps = {"max_steps": max_steps} if max_steps is not None else {}
-    config = LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps)
-    dataset = replay_dir / SFT_JSONL
-    trained = trained_before(dataset, config)
-    reused = trained is not None
-    if trained is None:
-        trained = train_lora(dataset, config, on_log=on_train_log)
-    else:
-        log.info("reusing %s: already trained on this replay with these settings", out)
+        config = LoraSFTConfig(output_dir=str(adapter_dir), base_model=base_model).with_steps(max_steps)
+        dataset = replay_dir / SFT_JSONL
+        trained = trained_before(dataset, config)
+        reused = trained is not None
+        if trained is None:
+            trained = train_lora(dataset, config, on_log=on_train_log)
+        else:
+            log.info("reusing %s: already trained on this replay with these settings", adapter_dir)
+    except Exception:  # nothing half-made is left (a kill or Ctrl-C keeps the checkpoints, to resume from)
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     result = AssistantTraining(stats, replay_dir, trained, reused)
     if not compare:
         return result
     compare_dir = RunDir.create(
-        out.with_name(out.name + "-compare"),
+        out / COMPARE,
         RunConfig(
             identity=CompareIdentity(
                 run=str(runs[0]),
@@ -169,7 +179,8 @@ async def _compare(
     settings = ExperimentSettings(
         task=identity.task, k=identity.k, threshold=identity.threshold, concurrency=concurrency
     )
-    store = MistakeMemory(**{k: Path(v) if k == "path" else v for k, v in first.memory.items()})
+    where = first.memory or {}  # {"path": folder} or {"url": server}
+    store = MistakeMemory(Path(where["path"]) if "path" in where else None, url=where.get("url"), create=False)
     try:
         return await compare_assistants(examples, general, roles, store, compare_dir, settings, progress=progress)
     finally:

@@ -43,11 +43,12 @@ from agents.corrector import (
     CorrectorReply,
     correction_prompt,
     format_steps,
+    path_steps,
     split_steps,
 )
 from agents.roles import contents
 from agents.student import student_messages
-from runtime.data.graders import grade
+from runtime.data.graders import grade_async
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
@@ -74,13 +75,16 @@ Row = TypeVar("Row")
 
 
 def gold_solution(example: Example) -> str | None:
-    """The gold chain of thought when the task has one (GSM8K), ending like the student's: "The answer is N."
+    """The gold chain of thought when the task has one (GSM8K), ending like the student's: "The answer is N"; for
+    a code item, its canonical solution in a code block.
 
     >>> ex = Example("g/0", "gsm8k", "q", "72", "number", (), {"solution": "May: 48/2 = <<48/2=24>>24.\\n#### 72"})
     >>> print(gold_solution(ex))
     May: 48/2 = 24.
     The answer is 72.
     """
+    if example.answer_kind == "code":
+        return f"```python\n{example.target.strip()}\n```"
     solution = example.metadata.get("solution")
     if not solution:
         return None
@@ -98,9 +102,9 @@ async def sample_paths(
     generations = await asyncio.gather(
         *(student.generate(chat, dataclasses.replace(settings, seed=seed)) for seed in seeds)
     )
+    grades = await asyncio.gather(*(grade_async(example, g.text) for g in generations))
     paths = []
-    for j, (seed, generation) in enumerate(zip(seeds, generations, strict=True)):
-        result = grade(example, generation.text)
+    for j, (seed, generation, result) in enumerate(zip(seeds, generations, grades, strict=True)):
         paths.append(
             {
                 "sample": j,
@@ -132,7 +136,7 @@ async def correct_path(example: Example, path: dict[str, Any], client: ChatCompl
     [reply] = contents([response.chat_message], CorrectorReply)
     return {
         "sample": path["sample"],
-        "steps": split_steps(path["text"]),
+        "steps": path_steps(example, path["text"]),
         "reply": reply.text,
         "status": reply.review.status,
         "correction": dataclasses.asdict(reply.review.correction) if reply.review.correction else None,
@@ -177,6 +181,7 @@ async def run_correction(
             "source": example.source,
             "question": example.input,
             "gold": example.target,
+            "answer_kind": example.answer_kind,
             "student": student.model_id,
             "corrector": corrector.model_id,
             "paths": paths,
@@ -227,7 +232,10 @@ def correction_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
             "messages": [
-                {"role": "user", "content": correction_prompt(record["question"], fix["steps"])},
+                {
+                    "role": "user",
+                    "content": correction_prompt(record["question"], fix["steps"], record.get("answer_kind") == "code"),
+                },
                 {"role": "assistant", "content": Correction(**fix["correction"]).text()},
             ]
         }

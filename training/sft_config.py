@@ -69,6 +69,11 @@ class LoraSFTConfig:
         default=768, metadata={"help": "Longest tokenized row, in tokens; longer rows are left out."}
     )
     logging_steps: int = field(default=5, metadata={"help": "Log the loss every this many steps (and at step 1)."})
+    # 5: a CPU step of the default model takes ~10 s, so a killed training redoes under a minute; a LoRA checkpoint
+    # (adapter, optimizer state) is ~20 MB, written in well under a second.
+    save_steps: int = field(
+        default=5, metadata={"help": "Checkpoint every this many steps; a killed training resumes from the last one."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and the data order."})
     use_qlora: bool = field(
         default=False,
@@ -85,6 +90,7 @@ class LoraSFTConfig:
             "max_steps": self.max_steps,
             "max_length": self.max_length,
             "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -137,7 +143,8 @@ class LoraSFTConfig:
         return {"dtype": compute, "quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
     def to_sft_config(self, output_dir: str | Path) -> SFTConfig:
-        """TRL's training arguments; ``output_dir`` is the trainer's scratch folder (nothing is checkpointed there).
+        """TRL's training arguments; ``output_dir`` is the trainer's scratch folder, where it checkpoints every
+        ``save_steps`` (the last two kept: one is whole while the next is being written) for a killed run to resume.
 
         The trainer gets prompt-completion rows, so the loss is on the completion (the last assistant reply) only.
         """
@@ -159,7 +166,9 @@ class LoraSFTConfig:
             # Recomputing activations saves memory a 4-bit big model needs, and only costs time on a small one.
             activation_checkpointing=self.use_qlora,
             dataloader_pin_memory=_on_gpu(),  # pinned memory only speeds up copies to a GPU
-            save_strategy="no",  # the adapter is saved once, whole, by train_lora
+            save_strategy="steps",  # checkpoints to resume from; the adapter itself is saved once, whole, by train_lora
+            save_steps=self.save_steps,
+            save_total_limit=2,
             report_to="none",
             disable_tqdm=True,  # progress goes to the caller's on_log, not to the terminal
         )
@@ -174,6 +183,10 @@ class LoraSFTConfig:
             target_modules=list(self.target_modules),
             task_type="CAUSAL_LM",
         )
+
+    def with_steps(self, max_steps: int | None) -> LoraSFTConfig:
+        """This config with ``max_steps`` steps, or unchanged for None (the caller did not choose)."""
+        return self if max_steps is None else dataclasses.replace(self, max_steps=max_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,8 +7,12 @@ conversational prompt-completion rows TRL masks the prompt's labels with -100, s
 reply, not to recite the question. (TRL's ``assistant_only_loss`` would need a chat template with
 ``{% generation %}`` markers, which the default model's template lacks.)
 
-The adapter is written to a scratch folder beside ``output_dir`` and renamed into place when whole, so a crash never
-leaves half an adapter; ``redpen_adapter.json`` beside the weights says what it was trained from and how.
+Training happens in a scratch folder beside ``output_dir``, ``<output_dir>.training``: the trainer checkpoints there
+every ``save_steps``, so a killed training (SIGKILL, Ctrl-C) run again with the same dataset and settings resumes
+from its last whole checkpoint (TRL's ``resume_from_checkpoint``) instead of step 0. The adapter is saved there and
+renamed into place when whole, so a crash never leaves half an adapter; ``redpen_adapter.json`` beside the weights
+says what it was trained from and how. The scratch folder is removed when training ends, whether it succeeded or
+failed with an error; only a killed training leaves it, to resume.
 """
 
 from __future__ import annotations
@@ -19,15 +23,14 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.data.rundir import read_jsonl, write_atomic
+from runtime.data.rundir import read_dataset, write_atomic
 from runtime.errors import ConfigError, DataError
 from runtime.models.adapters import adapter_digest
 from training.sft_config import LoraSFTConfig
@@ -49,6 +52,7 @@ class TrainResult:
     steps: int
     dataset_hash: str  # sha256 of the dataset file's bytes
     losses: list[float]  # every logged training loss, in step order
+    resumed_from_step: int | None = None  # the checkpoint a killed training resumed from; None: from step 0
 
 
 def to_prompt_completion(row: dict[str, list[Message]]) -> dict[str, list[Message]]:
@@ -69,8 +73,8 @@ def read_messages(dataset: Path) -> list[dict[str, list[Message]]]:
             "`redpen correct` writes CoT and correction sets"
         )
     rows = []
-    for number, row in enumerate(read_jsonl(dataset), 1):
-        messages = row.get("messages") if isinstance(row, dict) else None
+    for number, row in read_dataset(dataset):  # strict: a torn or bad line is an error, never skipped
+        messages = row.get("messages")
         if (
             not isinstance(messages, list)
             or len(messages) < 2
@@ -78,7 +82,7 @@ def read_messages(dataset: Path) -> list[dict[str, list[Message]]]:
             or messages[-1].get("role") != "assistant"
         ):
             raise DataError(
-                f"{dataset}: row {number} is not a chat ending with the assistant's reply: "
+                f"{dataset}:{number}: not a chat ending with the assistant's reply: "
                 'want {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}'
             )
         rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
@@ -153,12 +157,70 @@ def trained_before(dataset: Path, config: LoraSFTConfig) -> TrainResult | None:
     if changed:
         log.info("not reusing the adapter in %s: its %s differ", folder, ", ".join(changed))
         return None
-    return TrainResult(folder, meta["final_loss"], meta["steps"], digest, meta["losses"])
+    # A training killed after its adapter was in place, before it removed its scratch folder: nothing to resume.
+    shutil.rmtree(scratch_folder(folder), ignore_errors=True)
+    return TrainResult(folder, meta["final_loss"], meta["steps"], digest, meta["losses"], meta.get("resumed_from_step"))
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The training settings that shape an adapter: all of ``LoraSFTConfig`` but where it is saved."""
-    return {name: value for name, value in config.items() if name != "output_dir"}
+    """The training settings that shape an adapter: all of ``LoraSFTConfig`` but where it is saved and how often
+    it is checkpointed on the way."""
+    return {name: value for name, value in config.items() if name not in ("output_dir", "save_steps")}
+
+
+TRAINING = "redpen_training.json"  # in the scratch folder: what is being trained, so only that training resumes
+
+
+def claim_folder(out: Path, ours: Collection[str]) -> bool:
+    """Check a command's ``--out`` before writing: new, empty, or holding only ``ours`` (the names the command
+    writes there); whether it existed. A folder with anything else in it is someone else's and is refused."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (new, or one this command wrote)")
+    if not out.exists():
+        return False
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        raise ConfigError(
+            f"--out {out} holds files this command did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder"
+        )
+    return True
+
+
+def scratch_folder(target: Path) -> Path:
+    """Where the adapter for ``target`` is trained and checkpointed: beside it, so the final rename stays on one
+    file system, and inside whatever folder the command was given."""
+    return target.with_name(target.name + ".training")
+
+
+def _resume_point(scratch: Path, fingerprint: dict[str, Any]) -> Path | None:
+    """The last whole checkpoint in ``scratch`` of this very training, or None; a scratch folder of another
+    training (other data, base model or settings) is removed.
+
+    Whole: its ``trainer_state.json``, which the trainer writes last, parses. A checkpoint cut by a kill is not.
+    """
+    if not scratch.exists():
+        return None
+    try:
+        recorded = json.loads((scratch / TRAINING).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != fingerprint:
+        log.info("removing %s: it holds checkpoints of another training", scratch)
+        shutil.rmtree(scratch)
+        return None
+    checkpoints = sorted(
+        (p for p in (scratch / "trainer").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for checkpoint in reversed(checkpoints):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint)  # cut while being written: the trainer would try to load it
+            continue
+        return checkpoint
+    return None
 
 
 def train_lora(
@@ -175,27 +237,40 @@ def train_lora(
         raise ConfigError(f"output_dir {target} exists and holds no redpen adapter; choose an empty or new folder")
     model_id, model_dir = config.base_model_dir()
     digest = hashlib.sha256(dataset.read_bytes()).hexdigest()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    fingerprint = {
+        "dataset": digest,
+        "base_model": {"id": model_id, "path": str(model_dir)},
+        "settings": _settings(config.to_dict()),
+    }
+    scratch = scratch_folder(target)
+    checkpoint = _resume_point(scratch, fingerprint)
+    scratch.mkdir(parents=True, exist_ok=True)
+    write_atomic(scratch / TRAINING, json.dumps(fingerprint, indent=2) + "\n")
+    resumed = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
     try:
-        losses: list[float] = []
-        trainer = build_trainer(rows, config, model_dir, work / "trainer", [_progress(on_log, losses)])
+        trainer = build_trainer(rows, config, model_dir, scratch / "trainer", [_progress(on_log)])
         log.info("train  %d rows  base %s  %d steps  -> %s", len(rows), model_id, config.max_steps, target)
+        if checkpoint is not None:
+            log.info("resuming from checkpoint step %d of %d in %s", resumed, config.max_steps, scratch)
         started = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         elapsed = time.perf_counter() - started
+        # From the trainer's log history, which a resumed run restores from its checkpoint: every step's loss.
+        losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
         final_loss = losses[-1]  # logging_first_step: there is always one
         if not math.isfinite(final_loss):
             raise DataError(f"training on {dataset} diverged (loss {final_loss}); lower learning_rate")
-        adapter = work / "adapter"
-        trainer.model.save_pretrained(adapter)
-        metadata = {
+        adapter = scratch / "adapter"
+        model: Any = trainer.model  # a PeftModel (typed by transformers as a plain module)
+        model.save_pretrained(adapter)
+        metadata: dict[str, Any] = {
             "adapter_sha256": adapter_digest(adapter),  # trained_before reuses only these very weights
             "base_model": {"id": model_id, "path": str(model_dir)},
             "dataset": {"path": str(dataset), "sha256": digest, "rows": len(rows)},
             "steps": trainer.state.global_step,
             "final_loss": final_loss,
             "losses": losses,
+            "resumed_from_step": resumed,
             "train_seconds": round(elapsed, 3),
             "device": str(trainer.args.device),
             "lora": {k: config.to_dict()[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
@@ -203,17 +278,19 @@ def train_lora(
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_atomic(adapter / METADATA, json.dumps(metadata, indent=2) + "\n")
-        _replace_folder(adapter, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _replace_folder(adapter, target, scratch)
+    except Exception:  # a failed training leaves nothing; only a kill (or Ctrl-C) keeps checkpoints to resume from
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(scratch)
     log.info(
         "trained  %d steps  loss %.4f  %.2f steps/s  -> %s",
         metadata["steps"],
         final_loss,
-        metadata["steps"] / elapsed,
+        (metadata["steps"] - (resumed or 0)) / elapsed,
         target,
     )
-    return TrainResult(target, final_loss, metadata["steps"], digest, losses)
+    return TrainResult(target, final_loss, metadata["steps"], digest, losses, resumed)
 
 
 def _length(tokenizer: Any, messages: list[Message]) -> int:
@@ -237,36 +314,36 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an adapter already there is moved aside first and deleted after."""
-    old = None
+def _replace_folder(new: Path, target: Path, scratch: Path) -> None:
+    """Rename ``new`` to ``target``; an adapter already there is moved aside into ``scratch`` first (and goes
+    with it)."""
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-        target.rename(old / target.name)
+        shutil.rmtree(scratch / "previous", ignore_errors=True)  # left by a run killed between the two renames
+        target.rename(scratch / "previous")
     new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
 
 
-def _progress(on_log: Callable[[dict[str, Any]], None] | None, losses: list[float]) -> TrainerCallback:
-    """A callback that collects the logged losses into ``losses``, logs one line per logging step and relays
-    progress to ``on_log`` (built here so that importing this module does not import transformers)."""
+def _progress(on_log: Callable[[dict[str, Any]], None] | None) -> TrainerCallback:
+    """A callback that logs one line per logging step and relays progress to ``on_log`` (built here so that
+    importing this module does not import transformers)."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         started = time.perf_counter()
+        first_step = 0  # where this run began: a resumed one at its checkpoint's step
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.perf_counter()
+            self.first_step = state.global_step
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if on_log is not None:
                 on_log({"step": state.global_step, "max_steps": state.max_steps})
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any], **kwargs: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            logs: dict[str, Any] = kwargs.get("logs") or {}
             if "loss" in logs:
-                losses.append(float(logs["loss"]))
-                per_step = (time.perf_counter() - self.started) / state.global_step
+                per_step = (time.perf_counter() - self.started) / max(1, state.global_step - self.first_step)
                 eta = timedelta(seconds=round(per_step * (state.max_steps - state.global_step)))
                 log.info(
                     "train step %d/%d  loss %.4f  lr %.2e  %.1f s/step  eta %s",

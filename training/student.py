@@ -7,6 +7,9 @@ evaluates both and the base model on the same examine items (``training.ablation
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,19 @@ from runtime.data.tasks import Example, load_task
 from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import GenerationSettings
-from training.ablation import SETS, evaluate_adapters, render_ablation, train_sets, training_sets
-from training.lema import COT, run_correction
+from training.ablation import (
+    SETS,
+    evaluate_adapters,
+    read_rows,
+    render_ablation,
+    train_sets,
+    training_set_texts,
+    training_sets,
+    write_training_sets,
+)
+from training.lema import CORRECTIONS, COT, equal_size, run_correction
 from training.sft_config import LoraSFTConfig
-from training.sft_trainer import TrainResult, train_lora
+from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora
 
 OnLog = Callable[[dict[str, Any]], None]
 FIGURES = "figures.json"
@@ -86,12 +98,31 @@ def train_student(
     base_model: str | None = None,
     on_log: OnLog | None = None,
 ) -> TrainResult:
-    """A LoRA student on a ``correct`` run's CoT rows, or on CoT + corrections cut to the same size (``<out>-data``)."""
+    """A LoRA student in ``out/adapter`` on a ``correct`` run's CoT rows, or on CoT + corrections, ``rows`` of them.
+
+    With ``rows``, either set is the ablation's set of that name (``training.ablation``, the same seeded draw), so
+    the two modes train on the same number of rows; it is written to ``out/data``. Without, CoT is every CoT row
+    and CoT + corrections is cut to that size.
+    """
     if mode not in ("cot", "cot+corrections"):
         raise ConfigError(f"unknown --mode {mode!r}: choose cot or cot+corrections")
-    dataset = data / COT if mode == "cot" else training_sets(data, out.with_name(out.name + "-data"), rows)[SETS[1]]
-    steps = {"max_steps": max_steps} if max_steps is not None else {}
-    return train_lora(dataset, LoraSFTConfig(output_dir=str(out), base_model=base_model, **steps), on_log=on_log)
+    adapter = out / "adapter"
+    existed = claim_folder(out, {"data", adapter.name, scratch_folder(adapter).name})
+    try:
+        if mode == "cot+corrections":
+            dataset = training_sets(data, out / "data", rows)[SETS[1]]
+        elif rows is None:
+            dataset = data / COT  # every CoT row, read in place
+        else:  # corrections may be none: CoT only needs the draw, which is the same whatever their number
+            cot_only, _ = equal_size(read_rows(data / COT), read_rows(data / CORRECTIONS), rows, seed=0)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cot_only)
+            dataset = write_training_sets({SETS[0]: text}, out / "data")[SETS[0]]
+        config = LoraSFTConfig(output_dir=str(adapter), base_model=base_model).with_steps(max_steps)
+        return train_lora(dataset, config, on_log=on_log)
+    except Exception:  # nothing half-made is left (a kill or Ctrl-C keeps the checkpoints, to resume from)
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 async def ablate_corrections(
@@ -116,17 +147,16 @@ async def ablate_corrections(
     if not isinstance(identity, CorrectIdentity):
         raise DataError(f"{data} holds a `redpen {identity.command}` run: give the --out of `redpen correct`")
     folder = out or data.with_name(data.name + "-ablation")
-    sets = training_sets(data, folder, rows)
+    texts = training_set_texts(data, rows)
+    # The run directory first, so the folder is checked and locked before anything is written into it; the hashes
+    # are the training sets' sha256, as the trainer records them.
+    hashes = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()}
+    run = RunDir.create(
+        folder, RunConfig(identity=AblateIdentity(data=str(data), rows=rows, limit=limit, hashes=hashes))
+    )
+    sets = write_training_sets(texts, folder)
     trained = train_sets(sets, folder, base_model, max_steps, on_log=on_train_log)
     examples = load_task(identity.task, "examine", resolve_data_dir(data_dir), limit)
-    run = RunDir.create(
-        folder,
-        RunConfig(
-            identity=AblateIdentity(
-                data=str(data), rows=rows, limit=limit, hashes={k: v.dataset_hash for k, v in trained.items()}
-            )
-        ),
-    )
 
     def on_result(name: str) -> Callable[[dict[str, Any]], None]:
         return counter(progress, f"eval {name}", len(examples))

@@ -41,10 +41,11 @@ memory_app.command("export")(memory.memory_export)
 memory_app.command("delete")(memory.memory_delete)
 app.command()(info.models)
 app.command()(info.tasks)
-app.command()(serve.serve)
+app.add_typer(serve.app, name="serve")
 bench_app.command("generate")(bench.bench_generate)
 bench_app.command("pipeline")(bench.bench_pipeline)
 bench_app.command("memory")(bench.bench_memory)
+bench_app.command("sandbox")(bench.bench_sandbox)
 
 
 REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")
@@ -82,13 +83,48 @@ def configure_logging() -> None:
     root.addHandler(file)
 
 
+INTERRUPTED = "interrupted; finished items are saved, re-run the same command to resume"
+# What a file-system error on a path the user gave means, and what to do; by the error's type.
+PATH_PROBLEMS = {
+    PermissionError: "permission denied; choose a path you can write to",
+    FileExistsError: "a file is in the way where a folder is needed; choose another path",
+    NotADirectoryError: "part of the path is a file, not a folder; choose another path",
+    IsADirectoryError: "it is a folder, where a file is needed; give a file path",
+    FileNotFoundError: "no such file or folder",
+}
+
+
+def path_error(exc: OSError) -> str:
+    """One line for a file-system error on a path: the path, what is wrong, what to do.
+
+    >>> path_error(NotADirectoryError(20, "Not a directory", "notes.txt/run"))
+    'cannot use notes.txt/run: part of the path is a file, not a folder; choose another path'
+    """
+    problem = next((text for kind, text in PATH_PROBLEMS.items() if isinstance(exc, kind)), exc.strerror)
+    return f"cannot use {exc.filename}: {problem}"
+
+
 def main() -> None:
+    """``redpen``: a ``RedpenError`` or a file-system error on a path becomes one line and exit 2; Ctrl-C one line
+    and exit 130. Anything else is a bug and keeps its traceback."""
     configure_logging()
     try:
         app()
     except RedpenError as exc:
-        console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:
+        if exc.filename is None:  # not about a path (a socket, a library's internals): keep the traceback
+            raise
+        _fail(path_error(exc))
     except KeyboardInterrupt:
-        console.print("interrupted; finished items are saved, re-run the same command to resume")
+        console.print(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns a KeyboardInterrupt inside a command into a silent exit 130
+            console.print(INTERRUPTED)
+        raise
+
+
+def _fail(message: str) -> None:
+    console.print(Text.assemble(("error:", "bold red"), f" {message}"), soft_wrap=True)
+    sys.exit(2)

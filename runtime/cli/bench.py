@@ -117,3 +117,42 @@ def bench_memory(
     )
     if json_out:
         print(json.dumps(result))
+
+
+def bench_sandbox(
+    limit: Annotated[int | None, typer.Option(help="at most this many problems of each of MBPP and HumanEval")] = None,
+    rate_programs: Annotated[int, typer.Option(help="canonical programs timed each way for the rate")] = 200,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """The code sandbox: every canonical MBPP and HumanEval solution passes, each one broken two ways fails; and
+    programs/s under bubblewrap vs unsandboxed, side by side."""
+    from runtime.bench import sandbox_check, sandbox_rate
+    from runtime.data.sandbox import Sandbox
+
+    _, mbpp = load_examples("mbpp", None, "code", "all", limit, data_dir)
+    _, humaneval = load_examples("humaneval", None, "code", "examine", limit, data_dir)
+    examples = [*mbpp, *humaneval]
+    sandboxed = Sandbox("bwrap")
+    unsandboxed = Sandbox("none")  # trusted programs only: the canonical solutions, for the rate
+    try:
+        with console.status(f"running {3 * len(examples)} programs in the sandbox ..."):
+            check = asyncio.run(sandbox_check(examples, sandboxed, on_step=console.print))
+        timed = examples[:: max(1, len(examples) // rate_programs)][:rate_programs]
+        with console.status(f"timing {len(timed)} programs each way ..."):
+            rate = asyncio.run(sandbox_rate(timed, sandboxed, unsandboxed))
+    finally:
+        sandboxed.close()
+        unsandboxed.close()
+    result = {"check": check, "rate": rate, "cpu_count": os.cpu_count()}
+    for kind in ("canonical", "last_line_removed", "return_changed"):
+        for miss in check[kind]["misses"][:5]:
+            expected = "pass" if kind == "canonical" else "fail"
+            console.print(f"  {kind}: {miss['id']} did not {expected}: {miss['reason']}")
+    console.print(
+        f"sandboxed {rate['bwrap_programs_per_s']:.1f} programs/s, unsandboxed {rate['none_programs_per_s']:.1f} "
+        f"programs/s: ratio {rate['ratio_bwrap_over_none']:.2f} ({rate['workers']} at once, medians of "
+        f"{rate['rounds']}, {rate['programs']} programs; {result['cpu_count']} cores)"
+    )
+    if json_out:
+        print(json.dumps(result))

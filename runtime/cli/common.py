@@ -70,6 +70,14 @@ SourceFilter = Annotated[str | None, typer.Option("--source", help="only this so
 
 TaskFilter = Annotated[str | None, typer.Option("--task", help="only this task, e.g. bbq")]
 
+SandboxMode = Annotated[
+    str,
+    typer.Option(
+        "--sandbox",
+        help="code tasks (mbpp, humaneval): run each program under bwrap (bubblewrap), or none: unsandboxed, unsafe",
+    ),
+]
+
 
 def load_backend(kind: str, model: str | None, base_url: str | None, *, no_cache: bool = True, **extra: Any) -> Any:
     """One backend under a status line; greedy calls replay from the response cache unless ``no_cache``."""
@@ -121,6 +129,32 @@ def load_examples(
     return task, load_task(task, split, resolve_data_dir(data_dir), limit)  # type: ignore[arg-type]
 
 
+def use_sandbox(mode: str, code: bool) -> None:
+    """Set up the code sandbox before any model loads, when there is code to run: a missing bwrap is an error now,
+    not after the model answered; ``--sandbox none`` warns (in the sandbox module) on every run."""
+    from runtime.errors import ConfigError
+
+    if mode not in ("bwrap", "none"):
+        raise ConfigError(f"unknown --sandbox {mode!r}: choose bwrap or none")
+    if code:
+        from runtime.data.sandbox import configure
+
+        configure(mode)
+
+
+def has_code(examples: Any) -> bool:
+    return any(e.answer_kind == "code" for e in examples)
+
+
+def code_tokens(max_new_tokens: int | None, examples: Any, sandbox: str) -> int | None:
+    """Set up the sandbox for these examples; the student's reply length: as given, else longer for code tasks."""
+    from runtime.defaults import CODE_MAX_NEW_TOKENS
+
+    code = has_code(examples)
+    use_sandbox(sandbox, code)
+    return max_new_tokens if max_new_tokens is not None or not code else CODE_MAX_NEW_TOKENS
+
+
 def load_roles(config: Any) -> Any:
     """The student and assistant backends of a ``RolesConfig`` (``agents.team``), under a status line."""
     from agents.team import build_roles
@@ -152,12 +186,12 @@ def roles_config(
     )
 
 
-def open_store(location: dict[str, Any]) -> Any:
+def open_store(location: dict[str, Any], *, create: bool = True) -> Any:
     from memory.store import MistakeMemory
 
     with console.status("opening the mistake memory ..."):
         quiet_transformers()
-        return MistakeMemory(**location)
+        return MistakeMemory(**location, create=create)
 
 
 def quiet_transformers() -> None:
@@ -207,10 +241,11 @@ def train_bar(bar: Progress) -> Any:
 
 
 def open_memory(memory: Path | None, memory_url: str | None) -> Any:
+    """An existing mistake memory, for the `memory` commands: a path or URL that holds none is an error."""
     from runtime.errors import ConfigError
 
     if memory is None and memory_url is None:
         raise ConfigError("give the memory: --memory FOLDER (embedded) or --memory-url URL (Qdrant server)")
     if memory is not None and not memory.is_dir():
         raise ConfigError(f"no mistake memory at {memory}")
-    return open_store({"url": memory_url} if memory_url else {"path": memory})
+    return open_store({"url": memory_url} if memory_url else {"path": memory}, create=False)

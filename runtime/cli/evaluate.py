@@ -17,15 +17,21 @@ from runtime.cli.common import (
     JsonOut,
     Model,
     NoCache,
+    SandboxMode,
     accuracy_table,
     console,
+    has_code,
     load_backend,
     load_examples,
     phase_bar,
     progress_bar,
     slug,
+    use_sandbox,
 )
-from runtime.defaults import CONCURRENCY, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import CODE_MAX_NEW_TOKENS, CONCURRENCY, STUDENT_MAX_NEW_TOKENS
+
+# 0.8: Chen et al. (2021) sample at 0.8 for pass@10 and pass@100 (0.2 for pass@1).
+SAMPLE_TEMPERATURE = 0.8
 
 
 def evaluate(
@@ -37,7 +43,17 @@ def evaluate(
     mc_mode: Annotated[
         str, typer.Option(help="multiple choice by generate (parse the reply) or loglik (most likely option)")
     ] = "generate",
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit")] = STUDENT_MAX_NEW_TOKENS,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(help=f"reply length limit [default: {STUDENT_MAX_NEW_TOKENS}, code tasks {CODE_MAX_NEW_TOKENS}]"),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option(help="replies sampled per item, for pass@k (Chen et al. 2021); 1: one greedy reply")
+    ] = 1,
+    temperature: Annotated[
+        float | None, typer.Option(help="sampling temperature [default: 0 (greedy), 0.8 with --samples above 1]")
+    ] = None,
+    sandbox: SandboxMode = "bwrap",
     concurrency: Annotated[int, typer.Option(help="examples in flight at once")] = CONCURRENCY,
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,
@@ -53,6 +69,15 @@ def evaluate(
     from runtime.models.backend import GenerationSettings
 
     name, examples = load_examples(task, jsonl, answer_kind, split, limit, data_dir)
+    code = has_code(examples)
+    use_sandbox(sandbox, code)
+    if max_new_tokens is None:
+        max_new_tokens = CODE_MAX_NEW_TOKENS if code else STUDENT_MAX_NEW_TOKENS
+    if temperature is None:
+        temperature = SAMPLE_TEMPERATURE if samples > 1 else 0.0
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    if temperature > 0:  # sample j of an item uses seed j: distinct samples, and a re-run repeats them
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
     adapters = {"adapter": str(adapter)} if adapter else {}
     model_backend = load_backend(backend, model, base_url, no_cache=no_cache, adapters=adapters)
     answered = correct = 0
@@ -69,19 +94,25 @@ def evaluate(
             run_evaluation(
                 examples,
                 model_backend,
-                out or Path("runs") / slug(f"eval-{name}-{split}-{mc_mode}"),
+                out or Path("runs") / slug(f"eval-{name}-{split}-{mc_mode}" + (f"-n{samples}" if samples > 1 else "")),
                 task=name,
                 split=split,
                 limit=limit,
-                settings=GenerationSettings(max_new_tokens=max_new_tokens),
+                settings=settings,
                 mc_mode=mc_mode,
                 adapter=str(adapter) if adapter else None,
+                samples=samples,
                 concurrency=concurrency,
                 progress=phase_bar(bar),
                 on_result=tick,
             )
         )
     accuracy_table(outcome.figures)
+    overall = outcome.figures["overall"]
+    if code:
+        rates = overall.get("pass_at") or {"1": overall["accuracy"]}
+        how = f"{samples} samples at temperature {temperature:g}" if samples > 1 else "greedy"
+        console.print("  ".join(f"pass@{k} {v:.3f}" for k, v in rates.items()) + f"  ({how}, {overall['n']} problems)")
     console.print(f"run directory: {outcome.run_dir}  (report.md, report.html, results.jsonl, metrics.json)")
     if json_out:
         print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **outcome.figures}))

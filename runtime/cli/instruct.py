@@ -9,7 +9,20 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress
 
-from runtime.cli.common import DataDir, JsonOut, NoCache, console, phase_bar, progress_bar, quiet_transformers, slug
+from runtime.cli.common import (
+    DataDir,
+    JsonOut,
+    NoCache,
+    SandboxMode,
+    console,
+    phase_bar,
+    progress_bar,
+    quiet_transformers,
+    slug,
+    use_sandbox,
+)
+
+CODE_TASKS = ("mbpp", "humaneval")
 
 
 def _names(value: str | None) -> list[str]:
@@ -67,6 +80,7 @@ def instruct(
         Path | None, typer.Option(help="strategy memory: a mistake memory folder (from `redpen gather` / `run`)")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/instruct-<targets>]")] = None,
+    sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
@@ -101,6 +115,8 @@ def instruct(
         instructor = backend_config(
             kind=instructor_backend or "local", model=instructor_model, base_url=instructor_base_url
         )
+    # mbpp's default out-of-domain pair is humaneval: both are code, so targets and --ood are enough to look at.
+    use_sandbox(sandbox, any(n.partition("/")[0] in CODE_TASKS for n in [*settings.targets, *(settings.ood or [])]))
     folder = out or Path("runs") / slug(f"instruct-{target}")
     quiet_transformers()
     with progress_bar() as bar:

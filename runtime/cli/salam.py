@@ -26,9 +26,11 @@ from runtime.cli.common import (
     Model,
     NoCache,
     Rounds,
+    SandboxMode,
     StudentTokens,
     Threshold,
     accuracy_table,
+    code_tokens,
     console,
     load_examples,
     load_roles,
@@ -51,6 +53,7 @@ def gather(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
+    sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
@@ -65,6 +68,7 @@ def gather(
     from agents.commands import gather as run_gather
 
     name, examples = load_examples(task, jsonl, answer_kind, "gather", limit, data_dir)
+    max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
     roles = load_roles(
         roles_config(
             config,
@@ -116,6 +120,7 @@ def exam(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
+    sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
@@ -137,6 +142,7 @@ def exam(
     from agents.commands import examine
 
     name, examples = load_examples(task, jsonl, answer_kind, "examine", limit, data_dir)
+    max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
     roles = load_roles(
         roles_config(
             config,
@@ -192,6 +198,7 @@ def run(
     memory_url: MemoryUrl = None,
     concurrency: Concurrency = CONCURRENCY,
     max_new_tokens: StudentTokens = None,
+    sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
     backend: Backend = "local",
@@ -214,6 +221,7 @@ def run(
         raise ConfigError("give --task NAME, or both --gather-jsonl FILE and --examine-jsonl FILE")
     name, gather_set = load_examples(task, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
     _, examine_set = load_examples(task, examine_jsonl, answer_kind, "examine", limit, data_dir)
+    max_new_tokens = code_tokens(max_new_tokens, [*gather_set, *examine_set], sandbox)
     roles = load_roles(
         roles_config(
             config,

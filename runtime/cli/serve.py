@@ -1,38 +1,181 @@
-"""`redpen serve`: a backend over an OpenAI-compatible HTTP API."""
+"""`redpen serve`: a backend over an OpenAI-compatible HTTP API, plain or memory-guided, behind API keys;
+`redpen serve keys add|list|revoke` manages the keys."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from runtime.cli.common import (
+    AssistantBackend,
+    AssistantModel,
+    AssistantUrl,
     Backend,
     BaseUrl,
+    Config,
     Model,
     console,
     load_backend,
+    load_roles,
+    open_store,
+    out,
 )
+from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
+
+app = typer.Typer(
+    help="Serve a model over an OpenAI-compatible API; `redpen serve keys add NAME` makes the API keys it needs."
+)
+keys_app = typer.Typer(no_args_is_help=True, help="The API keys of `redpen serve` (only their hashes are stored).")
+app.add_typer(keys_app, name="keys")
+
+State = Annotated[
+    Path | None,
+    typer.Option("--state", help="the server's folder: keys.json, ledger.sqlite [default: <REDPEN_CACHE>/serve]"),
+]
 
 
+def _state(state: Path | None) -> Path:
+    from runtime.models.default_model import cache_root
+
+    return state if state is not None else cache_root() / "serve"
+
+
+@app.callback(invoke_without_command=True)
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=FOLDER LoRA adapter to serve; repeatable")] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            "--memory",
+            help="answer every chat as a SALAM examination with this mistake memory (a folder, or a Qdrant URL); "
+            "POST /v1/feedback then learns from corrections",
+        ),
+    ] = None,
+    config: Config = None,
+    assistant_backend: AssistantBackend = None,
+    assistant_model: AssistantModel = None,
+    assistant_base_url: AssistantUrl = None,
+    k: Annotated[int, typer.Option(help="--memory: past mistakes retrieved per request")] = RETRIEVAL_K,
+    threshold: Annotated[
+        float, typer.Option(help="--memory: least cosine similarity of a retrieved mistake")
+    ] = RETRIEVAL_THRESHOLD,
+    state: State = None,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 256 * 2**10,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 1024,
+    default_max_tokens: Annotated[int, typer.Option(help="reply budget of a request without max_tokens")] = 256,
+    in_flight_per_key: Annotated[int, typer.Option(help="requests one key may have in flight (more: 429)")] = 32,
+    request_timeout_s: Annotated[float, typer.Option(help="seconds before a request is cancelled (504)")] = 120.0,
+    shutdown_grace_s: Annotated[int, typer.Option(help="seconds requests in flight get on SIGTERM")] = 3,
+    guidance_tokens: Annotated[
+        int, typer.Option(help="--memory: context tokens kept for the guidance before the question")
+    ] = 1024,
 ) -> None:
-    """Serve a backend over an OpenAI-compatible HTTP API (chat and completions)."""
+    """Serve a backend over an OpenAI-compatible HTTP API (chat, and completions for prompt scoring).
+
+    Every request needs `Authorization: Bearer KEY`, a key from `redpen serve keys add NAME`. With --memory each
+    chat is answered as a SALAM examination of the key's tenant, and POST /v1/feedback learns from corrections.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from runtime.errors import ConfigError
+    from runtime.server import Guided, KeyRing, Ledger, ServeLimits
     from runtime.server import serve as run_server
 
+    limits = ServeLimits(
+        max_body_bytes=max_body_bytes,
+        max_tokens=max_tokens,
+        default_max_tokens=default_max_tokens,
+        in_flight_per_key=in_flight_per_key,
+        request_timeout_s=request_timeout_s,
+        shutdown_grace_s=shutdown_grace_s,
+        guidance_tokens=guidance_tokens,
+    )
+    folder = _state(state)
+    keys = KeyRing(folder / "keys.json")
+    if not len(keys):
+        raise ConfigError(f"no API keys in {keys.path}: make one first with `redpen serve keys add NAME`")
     adapters: dict[str, str] = {}
     for item in adapter or []:
-        name, sep, folder = item.partition("=")
+        name, sep, path = item.partition("=")
         if not sep:
             raise ConfigError(f"--adapter {item!r}: expected NAME=FOLDER")
-        adapters[name] = folder
-    model_backend = load_backend(backend, model, base_url, adapters=adapters)
-    console.print(f"serving {model_backend.model_id} on http://{host}:{port}/v1")
-    run_server(model_backend, host=host, port=port, adapters=tuple(adapters))
+        adapters[name] = path
+    if memory is None:
+        if config is not None or assistant_backend or assistant_model or assistant_base_url:
+            raise ConfigError("--config and --assistant-* choose the study assistant: they need --memory")
+        model_backend = load_backend(backend, model, base_url, adapters=adapters)
+        console.print(f"serving {model_backend.model_id} on http://{host}:{port}/v1 ({len(keys)} keys)")
+        run_server(model_backend, keys=keys, host=host, port=port, adapters=tuple(adapters), limits=limits)
+        return
+
+    from agents.team import RolesConfig
+
+    roles_cfg = RolesConfig.load(
+        config,
+        student={"kind": backend, "model": model, "base_url": base_url, "adapters": adapters or None},
+        assistant={"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url},
+        response_cache=False,  # a server answers every request afresh
+    )
+    location = {"url": memory} if memory.startswith(("http://", "https://")) else {"path": Path(memory)}
+    store = open_store(location)
+    ledger = Ledger(folder / "ledger.sqlite")
+    try:
+        roles = load_roles(roles_cfg)
+    except BaseException:
+        store.close()
+        ledger.close()
+        raise
+    guided = Guided(roles, store, ledger, k=k, threshold=threshold)
+    console.print(
+        f"serving {roles.student_id} (assistant {roles.assistant_id}) with the mistake memory at {store.where} "
+        f"on http://{host}:{port}/v1 ({len(keys)} keys)"
+    )
+    run_server(roles.student, keys=keys, host=host, port=port, adapters=tuple(adapters), limits=limits, guided=guided)
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Argument(help="who the key is for, e.g. an app's name")],
+    tenant: Annotated[
+        str | None, typer.Option(help="whose memory the key reads and feeds [default: NAME]; keys may share one")
+    ] = None,
+    state: State = None,
+) -> None:
+    """Make a key and print it, once: only its hash is stored, so it cannot be shown again."""
+    from runtime.server import KeyRing
+
+    ring = KeyRing(_state(state) / "keys.json")
+    key = ring.add(name, tenant)
+    console.print(f"key {name!r} (tenant {tenant or name!r}) added to {ring.path}; it is shown only now:")
+    out.print(key, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(state: State = None) -> None:
+    """The keys' names, tenants and creation times (never the keys)."""
+    from runtime.server import KeyRing
+
+    ring = KeyRing(_state(state) / "keys.json")
+    for entry in ring.entries.values():
+        out.print(f"{entry.name}\ttenant {entry.tenant}\tcreated {entry.created}", soft_wrap=True)
+    console.print(f"{len(ring)} keys in {ring.path}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="the key's name")], state: State = None) -> None:
+    """Remove a key; a running server reads the keys file when it starts, so restart it."""
+    from runtime.errors import ConfigError
+    from runtime.server import KeyRing
+
+    ring = KeyRing(_state(state) / "keys.json")
+    if not ring.revoke(name):
+        raise ConfigError(f"no key named {name!r} in {ring.path}")
+    console.print(f"key {name!r} revoked; restart the server for it to take effect")

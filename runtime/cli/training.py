@@ -18,7 +18,9 @@ from runtime.cli.common import (
     MaxSteps,
     Model,
     NoCache,
+    SandboxMode,
     console,
+    has_code,
     load_examples,
     load_roles,
     phase_bar,
@@ -27,13 +29,14 @@ from runtime.cli.common import (
     roles_config,
     slug,
     train_bar,
+    use_sandbox,
 )
 from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
 
 
 def train_assistant(
     runs: Annotated[list[Path], typer.Option("--runs", help="run directories with episodes.jsonl; repeatable")],
-    out: Annotated[Path, typer.Option(help="adapter folder to write")],
+    out: Annotated[Path, typer.Option(help="folder to write: replay/, adapter/ (the LoRA) and compare/")],
     max_steps: MaxSteps = None,
     base_model: Annotated[str | None, typer.Option(help="model folder to train [default: the runs' assistant]")] = None,
     compare: Annotated[bool, typer.Option(help="then examine with the general and the trained assistant")] = True,
@@ -90,6 +93,7 @@ def correct(
     corrector_model: Annotated[str | None, typer.Option(help="corrector's model (a stronger one in real use)")] = None,
     corrector_base_url: Annotated[str | None, typer.Option(help="corrector's server URL")] = None,
     concurrency: Concurrency = CONCURRENCY,
+    sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     backend: Backend = "local",
     model: Model = None,
@@ -101,6 +105,7 @@ def correct(
     from training.student import correct as run_correction
 
     name, examples = load_examples(task, None, "choice", "gather", limit, data_dir)
+    use_sandbox(sandbox, has_code(examples))
     roles = load_roles(  # the corrector plays the assistant's role
         roles_config(
             None,
@@ -139,7 +144,7 @@ def correct(
 
 def train_student(
     data: Annotated[Path, typer.Option(help="a `redpen correct` run directory")],
-    out: Annotated[Path, typer.Option(help="adapter folder to write")],
+    out: Annotated[Path, typer.Option(help="folder to write: adapter/ (the LoRA) and data/ (the training set)")],
     mode: Annotated[str, typer.Option(help="cot (chain-of-thought only) or cot+corrections")] = "cot+corrections",
     rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]")] = None,
     max_steps: MaxSteps = None,

@@ -3,6 +3,10 @@
 Small models answer in many shapes ("The answer is (C) because...", "b)", "**B**", the option's text, "#### 1,234",
 "$5.00", "Invalid."). The extractors below accept the common ones and refuse to guess when a reply is ambiguous:
 a reply with no clear answer gets the verdict ``no_answer``, counted apart from ``wrong``.
+
+Code items are graded by running them: the reply's code (:func:`extract_code`) between the item's prefix and its
+tests, one process in the sandbox (``runtime.data.sandbox``). :func:`grade` runs it in the calling thread,
+:func:`grade_async` in the sandbox's worker threads, so an event loop keeps serving the model meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from string import ascii_uppercase
 from typing import TYPE_CHECKING, Literal
+
+from runtime.data import sandbox
 
 if TYPE_CHECKING:
     from runtime.data.tasks import Example
@@ -25,7 +31,8 @@ class Grade:
     """A reply's verdict; ``no_answer`` (nothing extractable) is counted apart from ``wrong``."""
 
     verdict: Verdict
-    predicted: str | None  # the normalised extracted answer: "(B)", "18", "valid"; None when none was found
+    predicted: str | None  # the normalised extracted answer: "(B)", "18", "valid", code; None when none was found
+    error: str | None = None  # code items that failed: why (first line), then the program's stderr tail
 
 
 # "the answer is", "Answer:", "final answer =", "the correct option is", "the answer to this question is"
@@ -50,6 +57,9 @@ _STATED_LETTER = re.compile(
 )
 _LETTER_IS_CORRECT = re.compile(r"(?<![\w'’])[(\[]?([A-Z])[)\]]?\s+is\s+(?:the\s+)?(?:correct|right|best)\b")
 _ALTERNATIVE = re.compile(r"\s*(?:,|/|\bor\b|\band\b)\s*[(\[]?[A-Za-z](?!\w)")
+# A fenced block: ``` or ~~~, an optional language tag, the code, and the closing fence (or the reply's end).
+_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
+_CODE_TAGS = ("", "python", "py", "python3")
 _MENTIONED_LETTER = re.compile(r"(?<!not )(?:(?<!\w)\(([A-Za-z])\)|\b(?i:option|choice)\s+\(?([A-Z])\b)")
 _LABEL_PAIRS = {
     "yes": ("yes", "no"),
@@ -151,12 +161,51 @@ def extract_text(reply: str) -> str | None:
     return _normalise_text(lines[0]) if lines else None
 
 
+def extract_code(reply: str, entry_point: str | None = None) -> str | None:
+    """The program in a reply: a fenced block (the one defining ``entry_point`` first, else the first Python or
+    untagged one), or the whole reply when it has no fence; None when that is empty.
+
+    Indentation is kept, so a reply that continues a function's body stays inside it.
+
+    >>> extract_code("Here it is:\\n```python\\ndef f(x):\\n    return x\\n```\\nUse it well.")
+    'def f(x):\\n    return x'
+    >>> extract_code("```\\nprint(f(1))\\n```\\n```python\\ndef f(x):\\n    return x\\n```", "f")
+    'def f(x):\\n    return x'
+    >>> extract_code("    return sorted(xs)\\n")
+    '    return sorted(xs)'
+    >>> extract_code("```python\\ndef g():\\n    pass")  # cut off before the closing fence
+    'def g():\\n    pass'
+    >>> extract_code("  ") is None
+    True
+    """
+    blocks = [(m.group(2).lower(), m.group(3)) for m in _FENCE.finditer(reply)]
+    if blocks:
+        defines = re.compile(rf"\b(?:def|class)\s+{re.escape(entry_point)}\b") if entry_point else None
+        defining = [code for _, code in blocks if defines and defines.search(code)]
+        python = [code for tag, code in blocks if tag in _CODE_TAGS]
+        code = (defining or python or [blocks[0][1]])[0]
+    else:
+        code = reply
+    code = code.rstrip()
+    code = re.sub(r"\A(?:[ \t]*\n)+", "", code)  # blank leading lines, keeping the first line's indentation
+    return code or None
+
+
+def program(example: Example, code: str) -> str:
+    """The program a code item runs: its prefix (HumanEval's prompt), the code, then its tests."""
+    return f"{example.metadata.get('prefix', '')}{code}\n\n{example.metadata['tests']}\n"
+
+
 def grade(example: Example, reply: str) -> Grade:
-    """Grade one reply: exact option letter, numeric equality, or normalised text equality.
+    """Grade one reply: exact option letter, numeric equality, normalised text equality, or running the code.
 
     Targets that are yes/no, true/false or valid/invalid (BBH's binary tasks) are read from the reply's answer
-    statement or its first word, so "Invalid, because..." is "invalid" and never "valid".
+    statement or its first word, so "Invalid, because..." is "invalid" and never "valid". A code item's program
+    runs in the sandbox in this thread; async callers use :func:`grade_async`.
     """
+    if example.answer_kind == "code":
+        code = extract_code(reply, example.metadata.get("entry_point"))
+        return _code_grade(code, sandbox.current().run(program(example, code)) if code else None)
     if example.answer_kind == "choice":
         predicted = extract_choice(reply, example.options)
         correct = predicted == example.target
@@ -172,6 +221,22 @@ def grade(example: Example, reply: str) -> Grade:
     if predicted is None:
         return Grade("no_answer", None)
     return Grade("correct" if correct else "wrong", predicted)
+
+
+async def grade_async(example: Example, reply: str) -> Grade:
+    """:func:`grade`, with a code item's program run in the sandbox's worker threads (bounded by the cores)."""
+    if example.answer_kind != "code":
+        return grade(example, reply)
+    code = extract_code(reply, example.metadata.get("entry_point"))
+    return _code_grade(code, await sandbox.current().arun(program(example, code)) if code else None)
+
+
+def _code_grade(code: str | None, run: sandbox.Run | None) -> Grade:
+    if code is None or run is None:
+        return Grade("no_answer", None)
+    if run.passed:
+        return Grade("correct", code)
+    return Grade("wrong", code, run.reason + (f"\n{run.error}" if run.error else ""))
 
 
 def _extract_label(reply: str, labels: tuple[str, str]) -> str | None:

@@ -35,6 +35,16 @@ class Retrieved(BaseModel):
     source: str
 
 
+class SampleResult(BaseModel):
+    """One of an item's sampled replies (``redpen eval --samples N``), for pass@k."""
+
+    model_config = _FROZEN
+
+    reply: str
+    verdict: Verdict
+    error: str | None = None
+
+
 class ItemResult(BaseModel):
     """One graded answer, as ``eval`` and the examinations append it to their results file."""
 
@@ -52,10 +62,14 @@ class ItemResult(BaseModel):
     completion_tokens: int = 0
     # The fields below belong to some modes only, and are left out of the record where they do not apply.
     latency_s: float | None = Field(None, description="seconds the item took; none for the retrieval-only control")
-    finish_reason: str | None = Field(None, description="eval, generate mode: stop or length")
+    finish_reason: str | None = Field(None, description="eval (generate mode) and examination: stop or length")
     scores: list[float] | None = Field(None, description="eval, loglik mode: each option's log-likelihood")
     guidance: str | None = Field(None, description="examination: what the student was shown before the question")
     retrieved: list[Retrieved] | None = Field(None, description="examination: the past mistakes retrieved")
+    error: str | None = Field(None, description="code items that failed: why, then the program's stderr tail")
+    samples: list[SampleResult] | None = Field(
+        None, description="eval --samples N: all N sampled replies (the first is the item's reply), for pass@k"
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The record as written to the results file.
@@ -67,7 +81,7 @@ class ItemResult(BaseModel):
         return self.model_dump(mode="json", exclude={name for name in _BY_MODE if getattr(self, name) is None})
 
 
-_BY_MODE = ("latency_s", "finish_reason", "scores", "guidance", "retrieved")
+_BY_MODE = ("latency_s", "finish_reason", "scores", "guidance", "retrieved", "error", "samples")
 
 
 # ---- one gathering episode: turns of (state, action, reward) -------------------------------------------------------
@@ -151,6 +165,8 @@ class EvalIdentity(_Identity):
     model_id: str
     adapter: str | None
     max_new_tokens: int
+    samples: int = 1  # replies sampled per item (pass@k); 1: one reply, greedy unless a temperature is given
+    temperature: float = 0.0
 
 
 class GatherIdentity(_Identity):

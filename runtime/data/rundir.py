@@ -3,11 +3,14 @@
 Every finished item is appended and flushed to disk before the next is written, so a run killed at any moment
 loses at most the items in flight; re-running the same command on the same directory skips what is done.
 Whole files (config, metrics, report) are written to a temporary name and renamed, so none is ever half-written.
+A run directory is redpen's by its ``config.json`` (a folder of someone else's files is never written into) and
+belongs to one process at a time (``.run.lock``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -52,14 +55,87 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             raise DataError(f"{path}:{number}: not valid JSON ({reason})") from None
 
 
+def read_dataset(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of a dataset file, e.g. a training set; blank lines are skipped.
+
+    Strict, unlike ``read_jsonl``: a dataset is not a run being appended to, so a torn or malformed line, the last
+    one too, is not work to redo but a damaged file, and training on the rest would be silently wrong. Any line
+    that is not one JSON object is a ``DataError`` naming ``file:line``.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"dataset {path} does not exist") from None
+    rows = []
+    for number, line in enumerate(data.split(b"\n"), 1):  # only b"\n" ends a row, as in read_jsonl
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise DataError(f"{path}:{number}: not valid JSON ({reason}); fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
+LOCK = ".run.lock"
+# What a redpen process leaves in a folder before its config.json exists: the lock, a config being written.
+_OURS_BEFORE_CONFIG = frozenset({LOCK, f".{CONFIG}.tmp"})
+_HELD: dict[Path, int] = {}  # run folder -> the descriptor whose lock this process holds
+
+
+def _lock(path: Path) -> None:
+    """Hold an exclusive lock on ``path`` for the rest of this process; another process holding it is an error.
+
+    flock is released by the kernel when the process exits or dies, so a killed run never leaves a stale lock.
+    The same process may open one run folder many times (a command and its phases); it locks it once.
+    """
+    key = path.resolve()
+    held = _HELD.pop(key, None)
+    if held is not None:
+        lock_file = path / LOCK
+        if lock_file.exists() and os.path.samestat(os.fstat(held), lock_file.stat()):
+            _HELD[key] = held
+            return
+        os.close(held)  # the folder was deleted and made again: lock the new one
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"{path} is in use by another redpen process (pid {holder}); wait for it to finish, or use another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+
+
 class RunDir:
-    """One command's output folder. ``identity`` is what must match for a re-run to resume it."""
+    """One command's output folder. ``identity`` is what must match for a re-run to resume it.
+
+    Its ``config.json`` marks the folder as redpen's: a non-empty folder without one is someone else's and is
+    refused, never written into. One process at a time: the folder is locked (``.run.lock``) until the process
+    ends, so a second command on it is turned away before it writes anything.
+    """
 
     def __init__(self, path: Path, identity: dict[str, Any], config: dict[str, Any] | None = None) -> None:
         self.path = path
         identity = json.loads(json.dumps(identity, default=str))  # compare as stored: tuples -> lists, Path -> str
         path.mkdir(parents=True, exist_ok=True)
         config_path = path / CONFIG
+        if not config_path.exists():
+            foreign = sorted(p.name for p in path.iterdir() if p.name not in _OURS_BEFORE_CONFIG)
+            if foreign:
+                raise ConfigError(
+                    f"{path} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and is not "
+                    f"a redpen run directory (no {CONFIG}); give a new or empty --out folder"
+                )
+        _lock(path)
         if config_path.exists():
             previous = read_config(config_path)["identity"]
             if previous != identity:
@@ -78,11 +154,20 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def records(self, name: str) -> list[dict[str, Any]]:
-        return list(read_jsonl(self.file(name)))
+    def records(self, name: str, key: str = "id") -> list[dict[str, Any]]:
+        """The records of a results file, each checked to carry its string ``key`` (what a re-run resumes by)."""
+        path = self.file(name)
+        records = list(read_jsonl(path))
+        for number, record in enumerate(records, 1):
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                raise DataError(
+                    f"{path}: record {number} has no {key!r} string, so this is not a results file redpen wrote; "
+                    "move the file away, or use another --out"
+                )
+        return records
 
     def done_ids(self, name: str, key: str = "id") -> set[str]:
-        return {r[key] for r in read_jsonl(self.file(name))}
+        return {r[key] for r in self.records(name, key)}
 
     def repair(self, name: str) -> None:
         """Cut a torn last line left by a killed process, so appends start on a clean line."""

@@ -1,16 +1,24 @@
-"""Benchmark items as ``Example`` rows: BBH, BBQ, GSM8K, MMLU, ARC-Challenge, and bring-your-own JSONL.
+"""Benchmark items as ``Example`` rows: BBH, BBQ, GSM8K, MMLU, ARC-Challenge, MBPP, HumanEval, and bring-your-own
+JSONL.
 
 The data folder is read in place (its README describes it); splits come from ``splits/*.json`` so that mistakes
 are gathered on one part of a benchmark and examined on another, never the same rows.
 
 Task names: ``bbh``, ``bbh/salam16``, ``bbh/<task>``, ``bbq``, ``bbq/<Category>``, ``gsm8k``, ``mmlu``,
-``mmlu/<subject>``, ``arc_challenge`` (alias ``arc``). ``task_names(data_dir)`` lists them all.
+``mmlu/<subject>``, ``arc_challenge`` (alias ``arc``), ``mbpp``, ``humaneval``. ``task_names(data_dir)`` lists them
+all.
+
+Code items (MBPP, HumanEval) have the answer kind ``code``: their target is the canonical solution, and their
+metadata holds what a program is built from, ``prefix + reply's code + tests`` (``runtime.data.graders``), and the
+``entry_point`` the tests call.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import difflib
+import gzip
 import io
 import json
 import logging
@@ -25,12 +33,13 @@ from runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-AnswerKind = Literal["choice", "number", "text"]
+AnswerKind = Literal["choice", "number", "text", "code"]
 Split = Literal["gather", "examine", "all"]
 
-FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "gsm_plus", "mmlu")
-# Evaluation only: GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on.
-EVAL_ONLY = frozenset({"gsm_plus"})
+FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "gsm_plus", "humaneval", "mbpp", "mmlu")
+# Evaluation only: GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on; HumanEval's 164
+# problems are all the test set there is (the LLMs-as-Instructors paper's out-of-domain set for MBPP).
+EVAL_ONLY = frozenset({"gsm_plus", "humaneval"})
 # BBH tasks whose targets are integers; every other BBH task without "(X)" options is graded as text.
 BBH_NUMBER_TASKS = frozenset({"object_counting", "multistep_arithmetic_two"})
 
@@ -50,6 +59,7 @@ class Example:
     answer_kind: AnswerKind
     options: tuple[str, ...] = ()  # choice items: option texts in letter order, without the "(A) " prefix
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+    where: str = field(default="", compare=False)  # the file and line (or item) it was read from, for errors
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "options": list(self.options)}
@@ -73,7 +83,7 @@ def parse_options(text: str) -> tuple[str, ...]:
     starts = [i for i, line in enumerate(lines) if line.strip() == "Options:"]
     if starts:
         lines = lines[starts[-1] + 1 :]
-    options = []
+    options: list[str] = []
     for line in lines:
         m = _OPTION_LINE.match(line.strip())
         if m is None:
@@ -122,6 +132,8 @@ def load_task(name: str, split: Split, data_dir: Path, limit: int | None = None)
         "mmlu": _load_mmlu,
         "arc": _load_arc,
         "arc_challenge": _load_arc,
+        "mbpp": _load_mbpp,
+        "humaneval": _load_humaneval,
     }
     try:
         per_source = loaders[family](sub, split, data_dir)
@@ -140,7 +152,7 @@ def load_jsonl(
     The whole file is validated before anything is returned. Ids are ``<source>/<line number>``; ``source``
     defaults to the file stem. Choice targets may be ``B`` or ``(B)``; options come from ``(A) text`` lines.
     """
-    if answer_kind not in get_args(AnswerKind):
+    if answer_kind not in get_args(AnswerKind) or answer_kind == "code":
         raise ConfigError(f"unknown answer kind {answer_kind!r}; use one of: choice, number, text")
     _check_limit(limit)
     path = Path(path)
@@ -166,7 +178,7 @@ def load_jsonl(
         elif answer_kind == "number":
             target = _number_target(target, where)
         metadata = {k: v for k, v in row.items() if k not in ("input", "target")}
-        examples.append(Example(f"{source}/{line_no}", source, text, target, answer_kind, options, metadata))
+        examples.append(Example(f"{source}/{line_no}", source, text, target, answer_kind, options, metadata, where))
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples[:limit]
@@ -207,7 +219,8 @@ def _bbh_example(task: str, i: int, row: dict[str, Any], path: Path) -> Example:
     elif task in BBH_NUMBER_TASKS:
         kind = "number"
         target = _number_target(target, f"{path}: example {i}")
-    return Example(f"bbh/{task}/{i}", f"bbh/{task}", text, target, kind, options if kind == "choice" else ())
+    options = options if kind == "choice" else ()
+    return Example(f"bbh/{task}/{i}", f"bbh/{task}", text, target, kind, options, where=f"{path}: example {i}")
 
 
 def _load_bbq(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
@@ -245,6 +258,7 @@ def _bbq_example(category: str, row: dict[str, Any], path: Path) -> Example:
         "choice",
         options,
         metadata,
+        where,
     )
 
 
@@ -258,8 +272,9 @@ def _load_gsm8k(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
             if "####" not in solution:
                 raise DataError(f"{path}:{line_no}: answer has no '#### N' line")
             target = _number_target(solution.rsplit("####", 1)[1].strip(), f"{path}:{line_no}")
+            where, metadata = f"{path}:{line_no}", {"solution": solution}
             examples.append(
-                Example(f"gsm8k/{part}/{i}", "gsm8k", row["question"], target, "number", (), {"solution": solution})
+                Example(f"gsm8k/{part}/{i}", "gsm8k", row["question"], target, "number", (), metadata, where)
             )
     return [examples]
 
@@ -278,7 +293,10 @@ def _load_gsm_plus(sub: str, split: Split, data_dir: Path) -> list[list[Example]
             answer = f"{int(numerator) / int(denominator):g}"
         target = _number_target(answer, f"{path}:{line_no}")
         metadata = {"perturbation_type": row["perturbation_type"], "solution": row.get("solution", "")}
-        examples.append(Example(f"gsm_plus/{line_no - 1}", "gsm_plus", row["question"], target, "number", (), metadata))
+        where = f"{path}:{line_no}"
+        examples.append(
+            Example(f"gsm_plus/{line_no - 1}", "gsm_plus", row["question"], target, "number", (), metadata, where)
+        )
     return [examples]
 
 
@@ -312,7 +330,7 @@ def _load_arc(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
     plan = _read_json(data_dir / "splits" / "arc_challenge_80_20.json")
     rows = [row for _, row in _read_jsonl(path)]
     keep = {"gather": set(plan["gather_id"]), "examine": set(plan["exam_id"])}.get(split)
-    if split != "all" and len(keep & {row["id"] for row in rows}) != len(keep):
+    if keep is not None and len(keep & {row["id"] for row in rows}) != len(keep):
         raise DataError(f"{path}: some ids of {split} in splits/arc_challenge_80_20.json are not in the data")
     return [[_arc_example(row, path) for row in rows if keep is None or row["id"] in keep]]
 
@@ -327,7 +345,91 @@ def _arc_example(row: dict[str, Any], path: Path) -> Example:
     return Example(f"arc/{row['id']}", "arc_challenge", question, target, "choice", options)
 
 
+def _load_mbpp(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    """MBPP by the standard split's task ids (1-10 few-shot, 11-510 examine, 511-974 gather; all: every row)."""
+    path = data_dir / "mbpp" / "mbpp.jsonl"
+    plan = _read_json(data_dir / "splits" / "mbpp_standard.json")
+    ranges = {"examine": [plan["test(exam)"]], "gather": [plan["validation(gather)"], plan["train(gather)"]]}
+    keep = {i for lo, hi in ranges.get(split, []) for i in range(lo, hi + 1)}
+    rows = [(line_no, row) for line_no, row in _read_jsonl(path) if split == "all" or row["task_id"] in keep]
+    if split != "all" and len(rows) != len(keep):
+        raise DataError(f"{path}: some task ids of {split} in splits/mbpp_standard.json are not in the data")
+    return [[_mbpp_example(row, f"{path}:{line_no}") for line_no, row in rows]]
+
+
+def _mbpp_example(row: dict[str, Any], where: str) -> Example:
+    """The task text, the entry point's signature (as the LLMs-as-Instructors paper adds it) and the tests."""
+    code = _lf(row["code"])
+    setup = _lf(row["test_setup_code"]).strip()
+    tests = [_lf(t).strip() for t in row["test_list"]]
+    entry, signature = _entry_point(code, tests[0], where)
+    shown = "\n".join([setup, *tests] if setup else tests)
+    text = (
+        f"{row['text'].strip()}\nWrite it as a Python function with this signature:\n{signature}\n"
+        f"Your code should pass these tests:\n{shown}"
+    )
+    # The setup builds the tests' inputs from what the solution defines (e.g. a Node class), so it runs after it.
+    metadata = {"prefix": "", "tests": "\n".join([setup, *tests] if setup else tests), "entry_point": entry}
+    return Example(f"mbpp/{row['task_id']}", "mbpp", text, code, "code", (), metadata, where)
+
+
+def _entry_point(code: str, test: str, where: str) -> tuple[str, str]:
+    """The function (or class) of ``code`` that the test calls first, and its ``def`` line.
+
+    >>> _entry_point("import re\\ndef f(a, b):\\n    return a", "assert f(1, 2) == 1", "x")
+    ('f', 'def f(a, b):')
+    """
+    try:
+        defined = {n.name: n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        called = [
+            n.func.id
+            for n in ast.walk(ast.parse(test))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in defined
+        ]
+    except SyntaxError as e:
+        raise DataError(f"{where}: the code or its first test is not valid Python ({e.msg})") from None
+    if not called:
+        raise DataError(f"{where}: the first test calls nothing the code defines")
+    line = code.splitlines()[defined[called[0]].lineno - 1].strip()
+    return called[0], line if line.endswith(":") else line.rstrip(" ;") + ":"
+
+
+def _load_humaneval(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"missing file {path}; check the data folder (see its README.md)") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    examples = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        examples.append(_humaneval_example(row, f"{path}:{line_no}"))
+    return [examples]
+
+
+def _humaneval_example(row: dict[str, Any], where: str) -> Example:
+    """The prompt (signature and docstring) to complete; the reply may continue its body or restate the function."""
+    prompt, entry = row["prompt"], row["entry_point"]
+    text = f"Complete the Python function `{entry}`:\n```python\n{prompt.strip()}\n```"
+    metadata = {"prefix": prompt, "tests": f"{row['test']}\ncheck({entry})", "entry_point": entry}
+    number = row["task_id"].rpartition("/")[2]
+    return Example(
+        f"humaneval/{number}", "humaneval", text, prompt + row["canonical_solution"], "code", (), metadata, where
+    )
+
+
 # --- helpers ---
+
+
+def _lf(text: str) -> str:
+    return text.replace("\r\n", "\n")
 
 
 def _with_options(question: str, options: Sequence[str]) -> str:
@@ -338,7 +440,8 @@ def _with_options(question: str, options: Sequence[str]) -> str:
 def _split_indices(plan: dict[str, Any], split: Split, n: int, path: Path) -> list[int]:
     if plan["n"] != n:
         raise DataError(f"{path}: has {n} examples but the split file expects {plan['n']}; is the data complete?")
-    return {"gather": plan["gather_idx"], "examine": plan["exam_idx"], "all": list(range(n))}[split]
+    indices: list[int] = {"gather": plan["gather_idx"], "examine": plan["exam_idx"], "all": list(range(n))}[split]
+    return indices
 
 
 def _round_robin(per_source: list[list[Example]], limit: int | None) -> list[Example]:
@@ -360,7 +463,12 @@ def _choice_target(target: str, options: Sequence[str], where: str) -> str:
     if m is None:
         raise DataError(f"{where}: a choice target must be a letter like '(B)', got {target!r}")
     letter = m.group(1).upper()
-    if options and letter not in ascii_uppercase[: len(options)]:
+    if not options:
+        raise DataError(
+            f"{where}: a choice target ({letter}) needs options, and the input has no '(A) ...' lines "
+            "(letters A, B, C, ... in order, after an 'Options:' line); add them, or use --answer-kind text"
+        )
+    if letter not in ascii_uppercase[: len(options)]:
         raise DataError(f"{where}: target ({letter}) is not one of the {len(options)} options")
     return f"({letter})"
 

@@ -130,8 +130,8 @@ class BackendChatCompletionClient(ChatCompletionClient):
         return self.context_window - self.count_tokens(messages)
 
     @property
-    def capabilities(self) -> ModelCapabilities:  # type: ignore[override]  # deprecated by AutoGen, still abstract
-        return MODEL_INFO  # type: ignore[return-value]  # a superset of the old capabilities keys
+    def capabilities(self) -> ModelCapabilities:  # deprecated by AutoGen, still abstract
+        return MODEL_INFO  # a superset of the old capabilities keys
 
     @property
     def model_info(self) -> ModelInfo:

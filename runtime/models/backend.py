@@ -92,6 +92,15 @@ class Backend(ABC):
         """Whether :meth:`score_options` works: it needs token log-probs of a given continuation."""
         return False
 
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the model attends to, prompt and reply together; None where the backend cannot tell."""
+        return None
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int | None:
+        """The prompt ``messages`` make, in the model's tokens (chat template included); None without a tokenizer."""
+        return None
+
     async def score_options(
         self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
     ) -> list[float]:
@@ -112,3 +121,31 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         """What a run's config records about the backend (never an API key)."""
         return {"kind": self.kind, "model_id": self.model_id}
+
+
+def overflow(backend: Backend, messages: Sequence[Message], reply_tokens: int) -> str | None:
+    """Why ``messages`` and a reply of ``reply_tokens`` do not fit the model's context; None when they do.
+
+    A backend that cannot count tokens (a server without a tokenizer here) is trusted to refuse such prompts itself.
+    """
+    context = backend.context_length
+    if context is None:
+        return None
+    n = backend.prompt_tokens(messages)
+    return None if n is None else too_long(n, reply_tokens, context, backend.model_id)
+
+
+def too_long(prompt_tokens: int, reply_tokens: int, context: int, model_id: str) -> str | None:
+    """The reason a prompt and its reply overflow a context, or None.
+
+    >>> too_long(12062, 256, 8192, "m")
+    "the prompt is 12,062 tokens, over the 7,936 that m's 8,192-token context leaves beside a 256-token reply"
+    >>> too_long(100, 256, 8192, "m") is None
+    True
+    """
+    if prompt_tokens + reply_tokens <= context:
+        return None
+    return (
+        f"the prompt is {prompt_tokens:,} tokens, over the {max(context - reply_tokens, 0):,} that {model_id}'s "
+        f"{context:,}-token context leaves beside a {reply_tokens}-token reply"
+    )

@@ -81,6 +81,13 @@ class CachedBackend(Backend):
     def supports_option_scoring(self) -> bool:
         return self.inner.supports_option_scoring
 
+    @property
+    def context_length(self) -> int | None:
+        return self.inner.context_length
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int | None:
+        return self.inner.prompt_tokens(messages)
+
     async def score_options(
         self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
     ) -> list[float]:

@@ -88,7 +88,7 @@ def kv_bytes_per_token(model: Any) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * heads * head_dim * element
+    return int(2 * config.num_hidden_layers * heads * head_dim * element)
 
 
 class PrefixStore:
@@ -227,9 +227,8 @@ class ContinuousBatch:
             logits_to_keep=1,
         )
         if self.prefixes is not None:
-            self.prefixes.put(
-                row.prompt_ids, [layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers]
-            )
+            layers: list[Any] = cache.layers  # full-attention layers only (checked when the model loaded)
+            self.prefixes.put(row.prompt_ids, [ly.keys[0] for ly in layers], [ly.values[0] for ly in layers])
         self.stats["forwards"] += 1
         self.stats["prefill_tokens"] += len(suffix)
         self.stats["reused_tokens"] += reused
@@ -360,6 +359,7 @@ class GrowingLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None  # set by lazy_initialization in holding()
         used, n = self.keys.shape[-2], key_states.shape[-2]
         room: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_room", None)
         if room is None or room[0].data_ptr() != self.keys.data_ptr() or used + n > room[0].shape[-2]:

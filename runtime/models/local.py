@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime.defaults import LOCAL_MAX_BATCH
 from runtime.errors import BackendError, ConfigError
 from runtime.models.adapters import ADAPTER_CONFIG, adapter_digest
-from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage, too_long
 from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
 from runtime.models.torch_thread import run_torch
 
@@ -32,6 +32,9 @@ DEFAULT_BATCH_WAIT_MS = 5.0
 DEFAULT_PREFIX_CACHE_MB = 1024
 
 
+T = TypeVar("T")
+
+
 @dataclass
 class _Request:
     kind: str  # "generate" | "score" | "prompt"
@@ -40,6 +43,7 @@ class _Request:
     adapter: str | None
     future: asyncio.Future[Any]
     options: Sequence[str] = ()
+    prompt_ids: list[int] = field(default_factory=list)  # generate: the templated prompt, tokenised at intake
 
 
 class LocalBackend(Backend):
@@ -51,7 +55,7 @@ class LocalBackend(Backend):
         self,
         model: str | Path | None = None,
         *,
-        adapters: dict[str, str | Path] | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int = LOCAL_MAX_BATCH,
@@ -86,11 +90,13 @@ class LocalBackend(Backend):
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # transformers' annotations are looser than its behaviour (decode of ids is a str); typed as Any here.
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model_obj = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
+        model_obj: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model_obj = model_obj.to(self.device)
         model_obj.eval()
         check_supported(model_obj)
         self.prefix_cache_tokens = prefix_cache_mb * 2**20 // kv_bytes_per_token(model_obj)
@@ -103,6 +109,7 @@ class LocalBackend(Backend):
         self._worker: asyncio.Task[None] | None = None
         self._batches: dict[str | None, ContinuousBatch] = {}  # one running batch per adapter
         self._eos_ids = _eos_ids(model_obj.generation_config, self.tokenizer)
+        self._context = int(model_obj.config.max_position_embeddings)
         # For benchmarks: forward passes, decode steps, rows per step, prefill vs decode time.
         self.stats: dict[str, float] = new_stats()
 
@@ -143,13 +150,13 @@ class LocalBackend(Backend):
 
     # ---- request intake -------------------------------------------------------------------------------------
 
-    async def _submit(self, request: _Request) -> Any:
+    async def _submit(self, request: _Request, future: asyncio.Future[T]) -> T:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._drain())
         assert self._queue is not None
         await self._queue.put(request)
-        return await request.future
+        return await future  # the request's own future, typed by the caller
 
     async def generate(
         self,
@@ -158,8 +165,30 @@ class LocalBackend(Backend):
         adapter: str | None = None,
     ) -> Generation:
         self._check_adapter(adapter)
+        try:
+            ids = self._prompt_ids(messages)
+        except Exception as exc:  # e.g. a chat template that refuses the messages
+            raise BackendError(f"local generation failed: {exc}") from exc
+        self._check_fits(len(ids), settings.max_new_tokens)
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        return await self._submit(_Request("generate", messages, settings, adapter, future))
+        return await self._submit(_Request("generate", messages, settings, adapter, future, prompt_ids=ids), future)
+
+    @property
+    def context_length(self) -> int:
+        return self._context
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self._prompt_ids(messages))
+
+    def _prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _check_fits(self, prompt_tokens: int, reply_tokens: int) -> None:
+        """No model call for a prompt past the context: it would run for minutes (or allocate gigabytes) for nothing."""
+        reason = too_long(prompt_tokens, reply_tokens, self._context, self.model_id)
+        if reason is not None:
+            raise BackendError(f"{reason}; shorten the input, or ask for a shorter reply (--max-new-tokens)")
 
     @property
     def supports_option_scoring(self) -> bool:
@@ -171,8 +200,10 @@ class LocalBackend(Backend):
         self._check_adapter(adapter)
         if not options:
             raise BackendError("score_options needs at least one option")
+        longest = max(len(self.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options)
+        self._check_fits(self.prompt_tokens(messages), longest)
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        return await self._submit(_Request("score", messages, GenerationSettings(), adapter, future, options))
+        return await self._submit(_Request("score", messages, GenerationSettings(), adapter, future, options), future)
 
     async def prompt_logprobs(self, prompt: str, adapter: str | None = None) -> list[tuple[str, float | None, int]]:
         """Each token of a raw prompt with its log-prob given the tokens before it, and its character offset.
@@ -181,9 +212,10 @@ class LocalBackend(Backend):
         uses it so that option scoring also works through HTTP. The first token has no log-prob.
         """
         self._check_adapter(adapter)
+        self._check_fits(len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]), 0)
         future: asyncio.Future[list[tuple[str, float | None, int]]] = asyncio.get_running_loop().create_future()
         messages: list[Message] = [{"role": "user", "content": prompt}]  # carried, not templated
-        return await self._submit(_Request("prompt", messages, GenerationSettings(), adapter, future))
+        return await self._submit(_Request("prompt", messages, GenerationSettings(), adapter, future), future)
 
     async def _drain(self) -> None:
         assert self._queue is not None
@@ -280,10 +312,9 @@ class LocalBackend(Backend):
             return work(*args)
 
     def _row(self, request: _Request) -> Row:
-        prompt = self._prompt_texts([request])[0]
         s = request.settings
         return Row(
-            prompt_ids=self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            prompt_ids=request.prompt_ids,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,

@@ -13,6 +13,8 @@ from runtime.report.stats import (
     mcnemar_exact,
     pair_by_id,
     paired_difference,
+    pass_at_k,
+    pass_at_ks,
     prior_shift,
 )
 
@@ -31,6 +33,8 @@ __all__ = [
     "paired_difference",
     "paired_conditions",
     "paired_table",
+    "pass_at_k",
+    "pass_at_ks",
     "prior_shift",
     "render_comparison",
     "render_experiment",

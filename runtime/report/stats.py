@@ -3,6 +3,8 @@
 Two conditions measured on the same items are compared item by item: the difference in accuracy with a paired
 bootstrap 95% confidence interval (items resampled, so each item keeps its pair of verdicts) and the exact McNemar
 p-value on the items where exactly one condition was right.
+
+Code items sampled n times are scored with the unbiased pass@k estimator of Chen et al. (2021).
 """
 
 from __future__ import annotations
@@ -132,3 +134,28 @@ def flag_prior_shift(
     True
     """
     return prior_shift(pred, gold) > threshold
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021, "Evaluating Large
+    Language Models Trained on Code"): ``1 - C(n-c, k) / C(n, k)``, as a stable product.
+
+    >>> pass_at_k(10, 0, 1), pass_at_k(10, 10, 5), pass_at_k(10, 3, 1)
+    (0.0, 1.0, 0.3)
+    >>> round(pass_at_k(10, 3, 5), 4)  # 1 - C(7,5)/C(10,5) = 1 - 21/252
+    0.9167
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return round(1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1))), 10)
+
+
+def pass_at_ks(n: int) -> list[int]:
+    """The k reported for n samples: 1, 10, 100 up to n, and n itself.
+
+    >>> pass_at_ks(1), pass_at_ks(5), pass_at_ks(20)
+    ([1], [1, 5], [1, 10, 20])
+    """
+    return sorted({k for k in (1, 10, 100) if k <= n} | {n})

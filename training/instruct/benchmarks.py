@@ -2,7 +2,8 @@
 
 A target may be a union of sources of one family (``bbq/Age+SES+Religion``), so that the rest of the family can
 serve as its out-of-domain set. Out-of-domain pairs follow the LLMs-as-Instructors paper: MMLU -> ARC-Challenge,
-GSM8K -> GSM-Plus; BBQ categories -> the BBQ categories left out of the target; BBH as the holistic set.
+GSM8K -> GSM-Plus, MBPP -> HumanEval; BBQ categories -> the BBQ categories left out of the target; BBH as the holistic
+set.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from runtime.data.tasks import Example, load_task, task_names
 from runtime.errors import ConfigError
 
-OOD_PAIRS = {"gsm8k": "gsm_plus", "mmlu": "arc_challenge"}
+OOD_PAIRS = {"gsm8k": "gsm_plus", "mmlu": "arc_challenge", "mbpp": "humaneval"}
 HOLISTIC = "bbh"
 
 

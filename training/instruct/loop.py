@@ -29,8 +29,9 @@ from agents.evaluation import run_eval
 from agents.instructor import Strategy, instructor_messages, parse_samples
 from memory.embed import TextEmbedder
 from memory.record import MistakeRecord
-from runtime.data.rundir import RunDir, complete_pending, read_jsonl
+from runtime.data.rundir import RunDir, complete_pending, read_dataset
 from runtime.data.tasks import Example, parse_options
+from runtime.defaults import CODE_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.adapters import adapter_digest
 from runtime.models.backend import Backend, GenerationSettings
@@ -39,6 +40,7 @@ from training.instruct.benchmarks import Target
 from training.instruct.contamination import distinct, overlaps
 from training.instruct.memory_rows import MemorySource, as_example, guided_reply
 from training.instruct.settings import InstructSettings
+from training.instruct.supply import Row
 from training.merge import merge_adapter
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import train_lora
@@ -94,6 +96,8 @@ class InstructLoop:
         self._records: dict[str, MistakeRecord] = {}
         self.stages = Stages(**_read_json(run.file("stages.json"), {}))
         self.eval_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+        # Code replies need room for a whole function (runtime.defaults); other tasks keep the configured length.
+        self.code_settings = GenerationSettings(max_new_tokens=max(settings.max_new_tokens, CODE_MAX_NEW_TOKENS))
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
@@ -175,7 +179,7 @@ class InstructLoop:
             selection,
             self.backends(model),
             self.run,
-            self.eval_settings,
+            self._settings(selection),
             concurrency=self.s.concurrency,
             on_result=self._tick(f"{condition} memory check", len(selection)),
             results_file=f"{condition}/memory_after.jsonl",
@@ -199,7 +203,7 @@ class InstructLoop:
             selection,
             backend,
             self.run,
-            self.eval_settings,
+            self._settings(selection),
             concurrency=self.s.concurrency,
             on_result=self._tick(f"{condition} collect", len(selection)),
             results_file=f"{condition}/collect.jsonl",
@@ -243,8 +247,9 @@ class InstructLoop:
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
-        counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
-        counts["gold_of_selection"] = _distribution(e.target for e in selection)
+        if not _programs(selection):
+            counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
+            counts["gold_of_selection"] = _distribution(e.target for e in selection)
         counts["accuracy_on_selection"] = round(sum(v == "correct" for v in verdicts.values()) / len(verdicts), 4)
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
@@ -268,7 +273,8 @@ class InstructLoop:
             cases = rng.sample(list(selection), min(self.s.max_cases, len(selection)))
             rows, counts = await self.instructed(name, "augment", cases, [], rng, budget=n_rows)
         counts["strategy"] = baseline
-        counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
+        if not _programs(selection):
+            counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
@@ -282,7 +288,7 @@ class InstructLoop:
         correct: Sequence[Example],
         rng: random.Random,
         budget: int | None = None,
-    ) -> tuple[list[supply.Row], dict[str, Any]]:
+    ) -> tuple[list[Row], dict[str, Any]]:
         """Samples the instructor writes for each case; parsed, deduplicated, checked against the evaluation sets."""
         if self.instructor is None:
             raise RuntimeError("an instructor backend is needed for le, lec and augment")
@@ -358,7 +364,7 @@ class InstructLoop:
 
     def train(self, condition: str, rows_path: Path, model_before: Path | None, iteration: int) -> Path | None:
         """Fine-tune a new adapter on ``model_before`` and merge it into a model folder named by its content."""
-        rows = sum(1 for _ in read_jsonl(rows_path))
+        rows = len(read_dataset(rows_path))
         if rows == 0:
             log.warning("%s: no training rows; the model stays as it was", condition)
             return model_before
@@ -390,7 +396,7 @@ class InstructLoop:
                 items,
                 backend,
                 self.run,
-                self.eval_settings,
+                self._settings(items),
                 concurrency=self.s.concurrency,
                 on_result=self._tick(f"{condition} eval {name}", len(items)),
                 results_file=f"{condition}/eval_{_slug(name)}.jsonl",
@@ -400,6 +406,9 @@ class InstructLoop:
         return results
 
     # ---- helpers ---------------------------------------------------------------------------------------------
+
+    def _settings(self, items: Sequence[Example]) -> GenerationSettings:
+        return self.code_settings if _programs(items) else self.eval_settings
 
     def _overlaps(self, texts: Sequence[str]) -> list[float]:
         items = [e for b in self.plan.benchmarks.values() for e in b]
@@ -417,7 +426,7 @@ class InstructLoop:
             "above_threshold": sum(s > self.s.contamination for s in scores),
         }
 
-    def _write_rows(self, path: Path, rows: Sequence[supply.Row]) -> None:
+    def _write_rows(self, path: Path, rows: Sequence[Row]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.run.write_text(
             str(path.relative_to(self.run.path)), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -447,6 +456,11 @@ class InstructLoop:
 
 def _tokens(records: Sequence[dict[str, Any]]) -> int:
     return sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in records)
+
+
+def _programs(items: Sequence[Example]) -> bool:
+    """Code items: each gold is a program of its own, with no answer distribution to report."""
+    return any(e.answer_kind == "code" for e in items)
 
 
 def _distribution(values: Any) -> dict[str, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory
-from runtime.data.tasks import Example, parse_options
+from runtime.data.tasks import AnswerKind, Example, parse_options
 from runtime.errors import ConfigError
 
 _CHOICE = re.compile(r"^\([A-Z]\)$")
@@ -26,7 +26,7 @@ def as_example(record: MistakeRecord) -> Example:
     options = parse_options(record.query)
     if _CHOICE.match(record.gold) and options:
         return Example(record.id, record.source, record.query, record.gold, "choice", options, {"record": True})
-    kind = "number" if _NUMBER.match(record.gold) else "text"
+    kind: AnswerKind = "number" if _NUMBER.match(record.gold) else "text"
     return Example(record.id, record.source, record.query, record.gold, kind, (), {"record": True})
 
 
@@ -44,12 +44,12 @@ class MemorySource:
         self.path, self.model_id = Path(path), model_id
 
     def records(self, include_absorbed: bool = False) -> list[MistakeRecord]:
-        with MistakeMemory(self.path) as store:
+        with MistakeMemory(self.path, create=False) as store:
             records = store.list(model_id=self.model_id)
         if not any(r.absorbed_into is None for r in records) and not include_absorbed:
             raise ConfigError(f"--memory {self.path} holds no unabsorbed mistakes of {self.model_id}")
         return records if include_absorbed else [r for r in records if r.absorbed_into is None]
 
     def mark_absorbed(self, ids: Iterable[str], into: str) -> int:
-        with MistakeMemory(self.path) as store:
+        with MistakeMemory(self.path, create=False) as store:
             return store.mark_absorbed(ids, into)

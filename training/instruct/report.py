@@ -40,18 +40,23 @@ def predecessor(condition: str) -> str:
 
 
 def figures(
-    results: Results, supplies: dict[str, Any], stages: dict[str, Any], in_domain: Sequence[str]
+    results: Results,
+    supplies: dict[str, Any],
+    stages: dict[str, Any],
+    in_domain: Sequence[str],
+    code: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """The run's figures; ``code`` names the benchmarks of programs, whose answers have no distribution to show."""
     order = conditions_in_order(results)
     benchmarks = list(results["base"])
     out: dict[str, Any] = {"conditions": order, "benchmarks": benchmarks, "in_domain": list(in_domain)}
     per: dict[str, dict[str, Any]] = {}
     for b in benchmarks:
-        gold = answer_distribution([r["target"] for r in results["base"][b]])
+        gold = {} if b in code else answer_distribution([r["target"] for r in results["base"][b]])
         rows: dict[str, Any] = {}
         for c in order:
             records = results[c][b]
-            pred = answer_distribution([r.get("predicted") for r in records])
+            pred = {} if b in code else answer_distribution([r.get("predicted") for r in records])
             entry = {
                 **summarize(records)["overall"],
                 "predicted": pred,
@@ -150,6 +155,8 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
     dist_rows = []
     for b in figs["benchmarks"]:
         entry = figs["by_benchmark"][b]
+        if not entry["gold"]:  # programs: every gold is its own
+            continue
         dist_rows.append([b, "gold", _dist(entry["gold"]), "-"])
         for c in order:
             e = entry["conditions"][c]
@@ -197,6 +204,14 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
     if rejected:
         report.paragraph(
             "Rejected instructor blocks by reason: " + "; ".join(f"{c}: {_dist(r)}" for c, r in rejected.items())
+        )
+
+    untrained = [c for c, s in figs["supplies"].items() if s.get("rows") == 0]
+    if untrained:
+        # Said in words: identical columns above would otherwise read as "trained, and learned nothing".
+        report.paragraph(
+            f"No training rows, so no training: {', '.join(untrained)} evaluated the model it would have started "
+            "from, unchanged."
         )
 
     report.heading("Time and tokens per stage")

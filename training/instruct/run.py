@@ -11,6 +11,7 @@ from typing import Any
 
 from memory.embed import Embedder
 from runtime.data.rundir import RunDir
+from runtime.errors import ConfigError
 from runtime.models.backend import Backend
 from runtime.models.cache import CachedBackend
 from runtime.models.config import BackendConfig
@@ -33,6 +34,13 @@ class InstructResult:
 
 def plan(settings: InstructSettings, data_dir: Path) -> Plan:
     targets = [load_target(t, data_dir, settings.dev_fraction, settings.seed) for t in settings.targets]
+    code = [t.name for t in targets if any(e.answer_kind == "code" for e in t.pool)]
+    written = [s for s in (*settings.strategies, *settings.baselines) if s in ("le", "lec", "augment")]
+    if code and written:
+        raise ConfigError(
+            f"{', '.join(code)}: instructor-written samples ({', '.join(written)}) would need tests to grade them, "
+            "which the instructor does not write; use --strategy replay or memory, and the plain baseline"
+        )
     benchmarks = {}
     if settings.eval_split == "dev":
         for t in targets:
@@ -107,7 +115,8 @@ def run_instruct(
                 await b.aclose()
 
     outcome = asyncio.run(go())
-    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain)
+    code = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind == "code" for e in items)]
+    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain, code)
     run.write_text(
         "ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome["results"]))
     )

@@ -111,6 +111,8 @@ def replay_rows(
             contrast_ids.update(c.id for c in neighbours)
         rows += [training_row(e, gold_reply(e), "contrast") for e in correct if e.id in contrast_ids]
     before_balance = len(rows)
+    # A program's gold is its own, not an answer with a prior to follow: balancing code rows would keep none.
+    balance = balance and not any(e.answer_kind == "code" for e in selection)
     if balance:
         gold = Counter(e.target for e in selection)
         rows = balanced(rows, {g: c / len(selection) for g, c in gold.items()}, rng)
@@ -121,6 +123,7 @@ def replay_rows(
         "wrong_cases": len(wrong),
         "contrast_cases": len(contrast_ids),
         "rows_before_balance": before_balance,
+        "balanced": balance,
         "rows": len(rows),
     }
     return rows, counts

@@ -1,0 +1,14 @@
+"""redpen's OpenAI-compatible server (``redpen serve``): plain over any backend, or memory-guided (SALAM).
+
+- :mod:`runtime.server.app`: the app, its routes and ``serve``.
+- :mod:`runtime.server.keys`: API keys (hashes only) and the tenant each belongs to.
+- :mod:`runtime.server.ledger`: served completions and their feedback, durable (SQLite).
+- :mod:`runtime.server.limits`: what one request may ask for, and for how long.
+"""
+
+from runtime.server.app import APIError, Guided, PromptScorer, build_app, serve
+from runtime.server.keys import KeyRing
+from runtime.server.ledger import Ledger
+from runtime.server.limits import ServeLimits
+
+__all__ = ["APIError", "Guided", "KeyRing", "Ledger", "PromptScorer", "ServeLimits", "build_app", "serve"]
