@@ -251,7 +251,7 @@ class Sandbox:
             return f"CPU time limit ({self.limits.cpu_s} s)"
         if signum is not None:
             return f"killed by signal {signal.Signals(signum).name}" if signum in _SIGNALS else f"signal {signum}"
-        last = error.strip().splitlines()[-1] if error.strip() else ""
+        last = _last_said(error)
         if returncode == 0:
             return "ended with output after the marker" if marker_seen else "exited before the tests finished"
         if last.startswith("bwrap:"):
@@ -339,6 +339,19 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _last_said(error: str) -> str:
+    """The error's last line that says something: the exception, not a traceback header or a frame.
+
+    Processes a program forked write to the same stderr, so their tracebacks interleave and the very last line
+    may be another process's "Traceback (most recent call last):".
+    """
+    lines = error.strip().splitlines()
+    for line in reversed(lines):
+        if line.strip() and not line.startswith((" ", "\t", "Traceback (most recent call last)", "During handling")):
+            return line
+    return lines[-1] if lines else ""
 
 
 def _tail(data: bytes) -> str:
