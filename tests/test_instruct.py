@@ -62,6 +62,26 @@ def test_error_replay_with_balance_follows_the_selection_golds() -> None:
     assert max(golds.count(g) for g in "(A) (B) (C)".split()) - min(golds.count(g) for g in "(A) (B) (C)".split()) <= 1
 
 
+def test_balance_leaves_number_rows_alone_in_a_mixed_selection() -> None:
+    # gsm8k + mmlu in one selection: every number gold is its own, so balancing numbers would keep almost none.
+    choices = [item(i, "mc/a", f"({'AB'[i % 2]})") for i in range(20)]
+    numbers = [Example(f"num/{i}", "num", f"What is {i} + 1?", str(i + 1), "number") for i in range(20)]
+    verdicts = {e.id: "wrong" for e in [*choices, *numbers]} | {e.id: "correct" for e in numbers[:5]}
+    rows, counts = replay_rows(
+        [*choices, *numbers],
+        verdicts,
+        contrast=False,
+        balance=True,
+        k=3,
+        budget=100,
+        embedder=HashingEmbedder(),
+        rng=random.Random(0),
+    )
+    assert counts["balanced"]
+    assert sum(r["source"] == "num" for r in rows) == 15  # every wrong number item
+    assert sorted(r["target"] for r in rows if r["source"] == "mc/a") == ["(A)"] * 10 + ["(B)"] * 10
+
+
 def test_contrast_cases_come_from_the_same_source() -> None:
     wrong = item(1, "toy/a", "(A)")
     same, other = item(2, "toy/a", "(B)"), item(3, "toy/b", "(B)")

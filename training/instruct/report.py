@@ -44,19 +44,20 @@ def figures(
     supplies: dict[str, Any],
     stages: dict[str, Any],
     in_domain: Sequence[str],
-    code: Sequence[str] = (),
+    open_answers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The run's figures; ``code`` names the benchmarks of programs, whose answers have no distribution to show."""
+    """The run's figures; ``open_answers`` names the benchmarks that are not multiple choice (programs, numbers,
+    text): their golds are nearly all distinct, so there is no answer prior to shift and no distribution to show."""
     order = conditions_in_order(results)
     benchmarks = list(results["base"])
     out: dict[str, Any] = {"conditions": order, "benchmarks": benchmarks, "in_domain": list(in_domain)}
     per: dict[str, dict[str, Any]] = {}
     for b in benchmarks:
-        gold = {} if b in code else answer_distribution([r["target"] for r in results["base"][b]])
+        gold = {} if b in open_answers else answer_distribution([r["target"] for r in results["base"][b]])
         rows: dict[str, Any] = {}
         for c in order:
             records = results[c][b]
-            pred = {} if b in code else answer_distribution([r.get("predicted") for r in records])
+            pred = {} if b in open_answers else answer_distribution([r.get("predicted") for r in records])
             entry = {
                 **summarize(records)["overall"],
                 "predicted": pred,
@@ -155,7 +156,7 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
     dist_rows = []
     for b in figs["benchmarks"]:
         entry = figs["by_benchmark"][b]
-        if not entry["gold"]:  # programs: every gold is its own
+        if not entry["gold"]:  # not multiple choice: every gold is its own
             continue
         dist_rows.append([b, "gold", _dist(entry["gold"]), "-"])
         for c in order:

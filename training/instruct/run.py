@@ -115,8 +115,8 @@ def run_instruct(
                 await b.aclose()
 
     outcome = asyncio.run(go())
-    code = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind == "code" for e in items)]
-    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain, code)
+    open_answers = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind != "choice" for e in items)]
+    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain, open_answers)
     run.write_text(
         "ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome["results"]))
     )

@@ -111,11 +111,21 @@ def replay_rows(
             contrast_ids.update(c.id for c in neighbours)
         rows += [training_row(e, gold_reply(e), "contrast") for e in correct if e.id in contrast_ids]
     before_balance = len(rows)
-    # A program's gold is its own, not an answer with a prior to follow: balancing code rows would keep none.
-    balance = balance and not any(e.answer_kind == "code" for e in selection)
+    # Only options have a prior to follow: a number's, a text's or a program's gold is nearly always its own, and
+    # balancing those rows would keep almost none. So only the multiple-choice rows are balanced, against the
+    # multiple-choice part of the selection; the others pass through.
+    choice = [e for e in selection if e.answer_kind == "choice"]
+    balance = balance and bool(choice)
     if balance:
-        gold = Counter(e.target for e in selection)
-        rows = balanced(rows, {g: c / len(selection) for g, c in gold.items()}, rng)
+        kinds = {e.id: e.answer_kind for e in selection}
+        gold = Counter(e.target for e in choice)
+        others = [r for r in rows if kinds[r["id"]] != "choice"]
+        rows = balanced(
+            [r for r in rows if kinds[r["id"]] == "choice"], {g: c / len(choice) for g, c in gold.items()}, rng
+        )  # already shuffled
+        if others:
+            rows += others
+            rng.shuffle(rows)
     else:
         rng.shuffle(rows)
     rows = rows[:budget]
