@@ -125,9 +125,7 @@ def build_roles(config: RolesConfig) -> Roles:
     return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
 
 
-def _role_config(
-    role: str, given: Mapping[str, Any], table: dict[str, Any], config_file: Path | None
-) -> BackendConfig:
+def _role_config(role: str, given: Mapping[str, Any], table: dict[str, Any], config_file: Path | None) -> BackendConfig:
     """A role's backend: its command-line values under its config table; a bad value names the table and key."""
     try:
         return BackendConfig(**{**{k: v for k, v in given.items() if v is not None}, **table})

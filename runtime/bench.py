@@ -86,6 +86,73 @@ async def generate_rate(
     }
 
 
+async def _pipeline_pass(
+    roles: Roles,
+    gather: Sequence[Example],
+    examine: Sequence[Example],
+    workdir: Path,
+    *,
+    task: str,
+    width: int,
+    on_step: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """One gather + assisted examine from an empty memory with ``width`` conversations in flight; the result holds
+    the answers (to compare passes) and the longest chain of dependent model calls in each phase."""
+    from memory.store import MistakeMemory
+
+    name = workdir.name
+    for backend in {id(roles.student): roles.student, id(roles.assistant): roles.assistant}.values():
+        if hasattr(backend, "clear_prefix_cache"):  # neither pass may start from the other's prompts
+            backend.clear_prefix_cache()
+    stats_before = dict(getattr(roles.student, "stats", {}))
+    run = RunDir(workdir, {"bench": name})
+    memory = MistakeMemory(path=workdir / "memory")
+    try:
+        started = time.perf_counter()
+        episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
+        hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD)
+        exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
+        elapsed = time.perf_counter() - started
+    finally:
+        memory.close()
+    tokens = sum(r["completion_tokens"] for r in [*episodes, *exams])
+    result = {
+        "items": len(episodes) + len(exams),
+        "seconds": round(elapsed, 2),
+        "items_per_s": round((len(episodes) + len(exams)) / elapsed, 4),
+        "completion_tokens": tokens,
+        "tok_s": round(tokens / elapsed, 2),
+        "answers": [e["first_answer"] for e in episodes] + [r["reply"] for r in exams],
+        # A gathering episode is the first answer, then (feedback, answer) per round; an assisted exam item is the
+        # assistant's guidance (when something was retrieved), then the answer. Examining waits for all gathering.
+        "longest_chain": {
+            "gather": max((1 + 2 * e["rounds"] for e in episodes), default=0),
+            "examine": max((1 + bool(r.get("guidance")) for r in exams), default=0),
+        },
+    }
+    stats = getattr(roles.student, "stats", None)
+    if stats is not None:  # the local backend's profile: how full the batches were and where time went
+        delta = {k: stats[k] - stats_before.get(k, 0) for k in stats}
+        model_s, prefills = delta["prefill_s"] + delta["decode_s"], delta["forwards"] - delta["decode_steps"]
+        result["profile"] = {
+            "decode_steps": int(delta["decode_steps"]),
+            "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
+            "prefills": int(prefills),  # one row each
+            "mean_rows_per_admission": round(delta["prefill_rows"] / max(delta["admissions"], 1), 2),
+            "prefill_tokens": int(delta["prefill_tokens"]),
+            "reused_prefix_tokens": int(delta["reused_tokens"]),
+            "prefill_share_of_model_time": round(delta["prefill_s"] / max(model_s, 1e-9), 3),
+            "merge_share_of_model_time": round(delta["merge_s"] / max(model_s, 1e-9), 3),
+            "share_of_time_in_model": round(model_s / elapsed, 3),
+        }
+    if on_step is not None:
+        on_step(
+            f"{name}: {result['items']} items in {result['seconds']} s, {result['items_per_s']} items/s, "
+            f"{result['tok_s']} tok/s"
+        )
+    return result
+
+
 async def pipeline_rate(
     roles: Roles,
     gather: Sequence[Example],
@@ -102,57 +169,12 @@ async def pipeline_rate(
     Each pass starts from an empty memory. Also measures the backend's batched ``generate`` rate in the same
     process, so the pipeline's token rate can be given as a fraction of the ceiling.
     """
-    from memory.store import MistakeMemory
-
-    async def one_pass(name: str, width: int) -> dict[str, Any]:
-        for backend in {id(roles.student): roles.student, id(roles.assistant): roles.assistant}.values():
-            if hasattr(backend, "clear_prefix_cache"):  # neither pass may start from the other's prompts
-                backend.clear_prefix_cache()
-        stats_before = dict(getattr(roles.student, "stats", {}))
-        run = RunDir(workdir / name, {"bench": name})
-        memory = MistakeMemory(path=workdir / name / "memory")
-        try:
-            started = time.perf_counter()
-            episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
-            hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD)
-            exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
-            elapsed = time.perf_counter() - started
-        finally:
-            memory.close()
-        tokens = sum(r["completion_tokens"] for r in [*episodes, *exams])
-        answers = [e["first_answer"] for e in episodes] + [r["reply"] for r in exams]
-        result = {
-            "items": len(episodes) + len(exams),
-            "seconds": round(elapsed, 2),
-            "items_per_s": round((len(episodes) + len(exams)) / elapsed, 4),
-            "completion_tokens": tokens,
-            "tok_s": round(tokens / elapsed, 2),
-            "answers": answers,
-        }
-        stats = getattr(roles.student, "stats", None)
-        if stats is not None:  # the local backend's profile: how full the batches were and where time went
-            delta = {k: stats[k] - stats_before.get(k, 0) for k in stats}
-            model_s, prefills = delta["prefill_s"] + delta["decode_s"], delta["forwards"] - delta["decode_steps"]
-            result["profile"] = {
-                "decode_steps": int(delta["decode_steps"]),
-                "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
-                "prefills": int(prefills),  # one row each
-                "mean_rows_per_admission": round(delta["prefill_rows"] / max(delta["admissions"], 1), 2),
-                "prefill_tokens": int(delta["prefill_tokens"]),
-                "reused_prefix_tokens": int(delta["reused_tokens"]),
-                "prefill_share_of_model_time": round(delta["prefill_s"] / max(model_s, 1e-9), 3),
-                "merge_share_of_model_time": round(delta["merge_s"] / max(model_s, 1e-9), 3),
-                "share_of_time_in_model": round(model_s / elapsed, 3),
-            }
-        if on_step is not None:
-            on_step(
-                f"{name}: {result['items']} items in {result['seconds']} s, {result['items_per_s']} items/s, "
-                f"{result['tok_s']} tok/s"
-            )
-        return result
-
-    serial = await one_pass("one-at-a-time", 1)
-    concurrent = await one_pass("concurrent", concurrency)
+    serial = await _pipeline_pass(
+        roles, gather, examine, workdir / "one-at-a-time", task=task, width=1, on_step=on_step
+    )
+    concurrent = await _pipeline_pass(
+        roles, gather, examine, workdir / "concurrent", task=task, width=concurrency, on_step=on_step
+    )
     ceiling = await generate_rate(roles.student, concurrency=generate_concurrency, repeats=1, on_step=on_step)
     same = sum(a == b for a, b in zip(serial.pop("answers"), concurrent.pop("answers"), strict=True))
     return {
@@ -166,6 +188,38 @@ async def pipeline_rate(
         "pipeline_fraction_of_generate": round(concurrent["tok_s"] / ceiling["batched_tok_s"], 3),
         "identical_answers": same,
         "answers_compared": serial["items"],
+    }
+
+
+async def latency_rate(
+    roles: Roles,
+    gather: Sequence[Example],
+    examine: Sequence[Example],
+    workdir: Path,
+    *,
+    task: str,
+    latency_s: float,
+    concurrency: int,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Gather + assisted examine against an endpoint that answers every request after ``latency_s``, against the
+    dependency bound: no client can finish sooner than its longest chain of dependent calls times the latency, so
+    ``items / (chain * latency)`` is the rate of a client with no overhead of its own."""
+    result = await _pipeline_pass(
+        roles, gather, examine, workdir / "simulated", task=task, width=concurrency, on_step=on_step
+    )
+    result.pop("answers")
+    chain = result["longest_chain"]["gather"] + result["longest_chain"]["examine"]
+    bound = result["items"] / (chain * latency_s)
+    return {
+        "n_gather": len(gather),
+        "n_examine": len(examine),
+        "concurrency": concurrency,
+        "latency_s": latency_s,
+        "simulated": result,
+        "dependency_chain_calls": chain,
+        "dependency_bound_items_per_s": round(bound, 3),
+        "share_of_bound": round(result["items_per_s"] / bound, 3),
     }
 
 

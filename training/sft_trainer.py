@@ -115,7 +115,7 @@ def build_trainer(
         )
     if not fits:
         raise DataError(f"every row is longer than max_length={config.max_length} tokens; raise max_length")
-    with _no_progress_bars():  # loading weights and TRL's tokenizing datasets.map draw bars on the terminal
+    with no_progress_bars():  # loading weights and TRL's tokenizing datasets.map draw bars on the terminal
         model = AutoModelForCausalLM.from_pretrained(model_dir, **config.model_init_kwargs())
         trainer = SFTTrainer(
             model=model,
@@ -298,7 +298,8 @@ def _length(tokenizer: Any, messages: list[Message]) -> int:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
+    """Silence the progress bars that loading weights and datasets.map draw (library code draws none)."""
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 

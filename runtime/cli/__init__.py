@@ -46,6 +46,7 @@ bench_app.command("generate")(bench.bench_generate)
 bench_app.command("pipeline")(bench.bench_pipeline)
 bench_app.command("memory")(bench.bench_memory)
 bench_app.command("sandbox")(bench.bench_sandbox)
+bench_app.command("train")(bench.bench_train)
 
 
 REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")

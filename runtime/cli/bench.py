@@ -156,3 +156,54 @@ def bench_sandbox(
     )
     if json_out:
         print(json.dumps(result))
+
+
+def bench_train(
+    # 16 rows, 4 steps of 4 (one pass), 2 repeats: a step of the default model is ~10 s on 2 free cores, so the six
+    # trainings take ~5 minutes.
+    rows: Annotated[int, typer.Option(help="BBQ gather rows trained on (gold replies)")] = 16,
+    steps: Annotated[int, typer.Option(help="optimisation steps per training")] = 4,
+    repeats: Annotated[int, typer.Option(help="repeats of each side, interleaved; medians are reported")] = 2,
+    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    data_dir: DataDir = None,
+    json_out: JsonOut = False,
+) -> None:
+    """redpen's LoRA trainer vs a bare TRL SFTTrainer script, and padded vs padding-free batches: tokens/s and
+    final loss on the same rows and settings, side by side in one run."""
+    import tempfile
+
+    from rich.table import Table
+
+    from runtime.bench_train import bench_rows, train_rate
+    from runtime.data.paths import resolve_data_dir
+    from training.sft_config import LoraSFTConfig
+
+    train_rows = bench_rows(resolve_data_dir(data_dir), rows)
+    config = LoraSFTConfig(base_model=base_model, max_steps=steps)
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("training ..."):
+        result = train_rate(train_rows, config, Path(tmp), repeats=repeats, on_step=console.print)
+    result["cpu_count"] = os.cpu_count()
+    table = Table(
+        title=f"{result['rows']} rows, {steps} steps of {result['batch_size']}, medians of {repeats}, "
+        f"{result['cpu_count']} cores"
+    )
+    for column in ("side", "train s", "total s", "tokens", "tok/s", "final loss"):
+        table.add_column(column, justify="left" if column == "side" else "right")
+    for side in ("redpen", "bare_trl", "bare_trl_padding_free"):
+        figures = result[side]
+        table.add_row(
+            side,
+            f"{figures['train_s']:.1f}",
+            f"{figures['total_s']:.1f}",
+            str(figures["tokens"]),
+            f"{figures['tok_s']:.1f}",
+            f"{figures['final_loss']:.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"redpen / bare time: train {result['redpen_over_bare_train_s']:.2f}x, total (load to saved) "
+        f"{result['redpen_over_bare_total_s']:.2f}x; padding-free / padded tok/s "
+        f"{result['padding_free_over_padded_tok_s']:.2f}x"
+    )
+    if json_out:
+        print(json.dumps(result))
