@@ -15,15 +15,19 @@ from runtime.errors import RedpenError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: everything loads from packages and local folders
 
+# Help texts say "[default: ...]" and "[student]": plain text, not rich markup (which would drop them).
 app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
     help="redpen: make language models learn from their own mistakes.",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Measure speed, printed as ratios from one run.")
+bench_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Measure speed, printed as ratios from one run."
+)
 app.add_typer(bench_app, name="bench")
-memory_app = typer.Typer(no_args_is_help=True, help="Inspect and manage a mistake memory.")
+memory_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and manage a mistake memory.")
 app.add_typer(memory_app, name="memory")
 
 app.command("eval")(evaluate.evaluate)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -25,9 +25,12 @@ from runtime.cli.common import (
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
 
 app = typer.Typer(
-    help="Serve a model over an OpenAI-compatible API; `redpen serve keys add NAME` makes the API keys it needs."
+    rich_markup_mode=None,
+    help="Serve a model over an OpenAI-compatible API; `redpen serve keys add NAME` makes the API keys it needs.",
 )
-keys_app = typer.Typer(no_args_is_help=True, help="The API keys of `redpen serve` (only their hashes are stored).")
+keys_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="The API keys of `redpen serve` (only their hashes are stored)."
+)
 app.add_typer(keys_app, name="keys")
 
 State = Annotated[
@@ -114,7 +117,7 @@ def serve(
         model_backend = load_backend(backend, model, base_url, adapters=adapters)
         console.print(f"serving {model_backend.model_id} on http://{host}:{port}/v1 ({len(keys)} keys)")
         run_server(model_backend, keys=keys, host=host, port=port, adapters=tuple(adapters), limits=limits)
-        return
+        _exit_now()
 
     from agents.team import RolesConfig
 
@@ -139,6 +142,22 @@ def serve(
         f"on http://{host}:{port}/v1 ({len(keys)} keys)"
     )
     run_server(roles.student, keys=keys, host=host, port=port, adapters=tuple(adapters), limits=limits, guided=guided)
+    _exit_now()
+
+
+def _exit_now() -> NoReturn:
+    """End the process once ``serve`` has returned: the memory, the ledger and the backends are closed by then, so
+    nothing is left to save. A normal exit would first join the torch thread, which may still be in a model step of a
+    request answered 503 (not interruptible; seconds on busy cores), then collect the models: 7-20 s measured on 2
+    busy cores instead of the 3 s grace."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @keys_app.command("add")

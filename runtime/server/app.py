@@ -180,6 +180,7 @@ def build_app(
     created = int(time.time())
     in_flight: dict[str, int] = {}
     feedback_locks: dict[str, asyncio.Lock] = {}
+    feedback_users: dict[str, int] = {}  # requests holding or awaiting a completion's lock
     writers: dict[str, MemoryWriter] = {}
 
     @app.exception_handler(APIError)
@@ -335,6 +336,7 @@ def build_app(
         if completion is None:  # another tenant's completion reads as absent, so its ids reveal nothing
             raise APIError(404, f"no completion {request.completion_id!r} was served to this key's tenant")
         lock = feedback_locks.setdefault(completion.id, asyncio.Lock())
+        feedback_users[completion.id] = feedback_users.get(completion.id, 0) + 1
         try:
             async with lock:  # the same completion twice at once: the second waits, then finds the first
                 stored = await asyncio.to_thread(ledger.feedback, completion.id)
@@ -346,8 +348,11 @@ def build_app(
                 entry = Feedback(completion.id, caller.tenant, not gold, gold or None, request.note, mistake_id)
                 return _ack(await asyncio.to_thread(ledger.add_feedback, entry), duplicate=False)
         finally:
-            if not lock.locked():
-                feedback_locks.pop(completion.id, None)
+            # Dropped only when no request awaits it: a woken waiter has not re-acquired yet when the holder
+            # releases, and a third request must not get a fresh lock and run beside it.
+            feedback_users[completion.id] -= 1
+            if not feedback_users[completion.id]:
+                del feedback_users[completion.id], feedback_locks[completion.id]
 
     async def learn(completion: Completion, gold: str, note: str, token: CancellationToken) -> str | None:
         """The mistake of a corrected answer, in the tenant's memory and on disk; its id, or None if it was right."""
