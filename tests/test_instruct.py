@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,14 @@ from agents.instructor import parse_samples
 from memory.embed import HashingEmbedder
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.models.local import LocalBackend
 from tests.helpers import build_tiny_model
 from training.instruct.benchmarks import Target
 from training.instruct.ledger import change
 from training.instruct.loop import InstructLoop, Plan
 from training.instruct.report import figures, render
+from training.instruct.run import ModelPool
 from training.instruct.settings import InstructSettings
-from training.instruct.supply import balanced, replay_rows
+from training.instruct.supply import RowStyle, balanced, plain_rows, replay_rows
 
 
 def item(i: int, source: str = "toy/a", gold: str = "(A)") -> Example:
@@ -105,6 +106,40 @@ def test_balanced_keeps_no_row_twice() -> None:
     assert len({r["i"] for r in kept}) == len(kept)
 
 
+def test_shuffled_rows_keep_the_gold_content_and_spread_the_letters() -> None:
+    # Error rows of a model that answers (C): every gold is (A) or (B). Shuffled, the letters spread over all three
+    # while each row's gold letter still names the gold option's text.
+    selection = [item(i, gold=f"({'AB'[i % 2]})") for i in range(60)]
+    verdicts = {e.id: "wrong" for e in selection}
+    style = RowStyle(name_option=True, shuffle_options=True)
+    rows, _ = replay_rows(
+        selection,
+        verdicts,
+        contrast=False,
+        balance=False,
+        k=3,
+        budget=100,
+        embedder=HashingEmbedder(),
+        rng=random.Random(0),
+        style=style,
+    )
+    by_id = {e.id: e for e in selection}
+    for row in rows:
+        question, reply = row["messages"][-2]["content"], row["messages"][-1]["content"]
+        gold_text = by_id[row["id"]].options["ABC".index(by_id[row["id"]].target[1])]
+        assert f"{row['target']} {gold_text}" in question  # the relettered gold is the same option
+        assert reply == f"{gold_text}. The answer is {row['target']}."
+    letters = Counter(r["target"] for r in rows)
+    assert set(letters) == {"(A)", "(B)", "(C)"} and min(letters.values()) >= 10
+
+
+def test_plain_rows_take_the_same_style() -> None:
+    rows = plain_rows([item(i) for i in range(5)], 5, random.Random(0), RowStyle(name_option=True))
+    assert [r["messages"][-1]["content"] for r in rows] == [
+        f"x{r['id'].rsplit('/', 1)[1]}. The answer is (A)." for r in rows
+    ]
+
+
 def test_instructor_replies_are_parsed_strictly() -> None:
     reply = (
         "1. Question: Who forgot? A. the old man B. the boy C. unknown Answer: C - the text does not say.\n"
@@ -144,19 +179,15 @@ def make_loop(run_path: Path, tiny: Path) -> InstructLoop:
         max_new_tokens=8,
         concurrency=4,
     )
-    backends: dict[Path | None, LocalBackend] = {}
-
-    def backend_for(model: Path | None) -> LocalBackend:
-        if model not in backends:
-            backends[model] = LocalBackend(model or tiny)
-        return backends[model]
-
     run = RunDir(run_path, {"command": "instruct-test"})
-    return InstructLoop(settings, plan, run, backend_for, None, HashingEmbedder(), tiny)
+    return InstructLoop(settings, plan, run, ModelPool(tiny, None), None, HashingEmbedder(), tiny)
 
 
 async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: Path) -> None:
-    outcome = await make_loop(tmp_path / "run", tiny).run_all()
+    loop = make_loop(tmp_path / "run", tiny)
+    outcome = await loop.run_all()
+    # A model per condition, but only the base and the chain's last model stay loaded: the rest were released.
+    assert isinstance(loop.backends, ModelPool) and len(loop.backends.loaded) == 2 and None in loop.backends.loaded
     assert list(outcome["results"]) == ["base", "iter1", "plain1", "iter2", "plain2"]
     assert outcome["supplies"]["plain1"]["rows"] == outcome["supplies"]["iter1"]["rows"]  # equal rows
     selections = [json.loads((tmp_path / "run" / f"iter{i}" / "selection.json").read_text()) for i in (1, 2)]

@@ -64,6 +64,12 @@ def instruct(
     k: Annotated[int, typer.Option(help="nearest correct cases per wrong case (lec; replay contrast)")] = 3,
     contrast: Annotated[bool, typer.Option(help="replay: add the k nearest correct cases as rows")] = True,
     balance: Annotated[bool, typer.Option(help="replay: rows' golds follow the selection's distribution")] = True,
+    name_option: Annotated[
+        bool, typer.Option(help="multiple-choice rows: the reply names the option's text before its letter")
+    ] = False,
+    shuffle_options: Annotated[
+        bool, typer.Option(help="multiple-choice rows: options in a random order, the gold relettered")
+    ] = False,
     epochs: Annotated[float, typer.Option(help="passes over each iteration's rows")] = 1.0,
     learning_rate: Annotated[float, typer.Option(help="iteration 1's learning rate")] = 2e-4,
     lr_decay: Annotated[float, typer.Option(help="each iteration's rate = the previous one's x this")] = 0.5,
@@ -102,6 +108,8 @@ def instruct(
         k=k,
         contrast=contrast,
         balance=balance,
+        name_option=name_option,
+        shuffle_options=shuffle_options,
         epochs=epochs,
         learning_rate=learning_rate,
         lr_decay=lr_decay,

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from string import ascii_uppercase
 from typing import Any, Literal, get_args
@@ -92,6 +92,26 @@ def parse_options(text: str) -> tuple[str, ...]:
             return ()
         options.append(m.group(2).strip())
     return tuple(options)
+
+
+def reorder_options(example: Example, order: Sequence[int]) -> Example:
+    """The choice item with its options in ``order`` (indices into the old ones) and its gold relettered to match.
+
+    >>> e = reorder_options(Example("q/1", "s", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")), [1, 0])
+    >>> e.input, e.target, e.options
+    ('Who?\\nOptions:\\n(A) y\\n(B) x', '(A)', ('y', 'x'))
+    """
+    lines = example.input.split("\n")
+    start = max((i for i, line in enumerate(lines) if line.strip() == "Options:"), default=-1) + 1
+    at = [i for i in range(start, len(lines)) if _OPTION_LINE.match(lines[i].strip())]
+    if len(at) != len(example.options) or sorted(order) != list(range(len(at))):
+        raise ValueError(f"{example.id}: {len(at)} option lines, {len(example.options)} options, order {order}")
+    options = tuple(example.options[j] for j in order)
+    for letter, i, text in zip(ascii_uppercase, at, options, strict=False):
+        lines[i] = f"({letter}) {text}"
+    gold = ascii_uppercase.index(example.target.strip("()"))
+    target = f"({ascii_uppercase[list(order).index(gold)]})"
+    return replace(example, input="\n".join(lines), target=target, options=options)
 
 
 def task_names(data_dir: Path | None = None) -> list[str]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agents.evaluation import run_eval
 from agents.instructor import Strategy, instructor_messages, parse_samples
@@ -48,8 +48,15 @@ from training.sft_trainer import train_lora
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-# A backend for a model folder (None: the embedded default); the caller decides caching and closes nothing.
-ModelBackends = Callable[[Path | None], Backend]
+
+
+class ModelBackends(Protocol):
+    """A backend for a model folder (None: the base model), loaded on first use; ``release`` drops one the loop
+    needs no more: each holds a model and up to its prefix-cache budget, and a run trains a model per condition."""
+
+    def __call__(self, model: Path | None) -> Backend: ...
+
+    async def release(self, model: Path | None) -> None: ...
 
 
 @dataclass
@@ -96,6 +103,7 @@ class InstructLoop:
         self._records: dict[str, MistakeRecord] = {}
         self.stages = Stages(**_read_json(run.file("stages.json"), {}))
         self.eval_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+        self.style = supply.RowStyle(settings.name_option, settings.shuffle_options)
         # Code replies need room for a whole function (runtime.defaults); other tasks keep the configured length.
         self.code_settings = GenerationSettings(max_new_tokens=max(settings.max_new_tokens, CODE_MAX_NEW_TOKENS))
 
@@ -115,6 +123,8 @@ class InstructLoop:
             selection = self.memory_selection(i) if strategy == "memory" else targets_selection
             model_before = models[previous["iter"]]
             verdicts = await self.collect(condition, selection, model_before)
+            if model_before is not None:  # the chain's previous model has answered its last question
+                await self.backends.release(model_before)
             rows, counts = await self.supply(condition, strategy, selection, verdicts, i)
             counts["strategy"] = strategy
             supplies[condition] = counts
@@ -130,6 +140,8 @@ class InstructLoop:
                 supplies[name] = base_counts
                 models[name] = self.train(name, base_rows, models[previous[baseline]], i)
                 results[name] = await self.evaluate(name, models[name])
+                if models[name] is not None:  # a baseline's model is only trained from, never asked again
+                    await self.backends.release(models[name])
                 previous[baseline] = name
         return {
             "results": results,
@@ -232,6 +244,7 @@ class InstructLoop:
                 budget=self.s.budget * len(self.plan.targets),
                 embedder=self.embedder,
                 rng=rng,
+                style=self.style,
             )
         elif strategy == "memory":
             wrong = [e for e in selection if verdicts[e.id] != "correct"]
@@ -267,7 +280,7 @@ class InstructLoop:
             return rows_path, saved
         rng = random.Random(f"{self.s.seed}/{iteration}/{baseline}")
         if baseline == "plain":
-            rows = supply.plain_rows(selection, n_rows, rng)
+            rows = supply.plain_rows(selection, n_rows, rng, self.style)
             counts: dict[str, Any] = {"rows": len(rows)}
         else:
             cases = rng.sample(list(selection), min(self.s.max_cases, len(selection)))

@@ -53,6 +53,29 @@ def plan(settings: InstructSettings, data_dir: Path) -> Plan:
     return Plan(targets, benchmarks, list(settings.targets))
 
 
+class ModelPool:
+    """Local backends by model folder (None: the base), each behind the response cache unless it is off."""
+
+    def __init__(self, base_model: Path | None, cache: Path | None) -> None:
+        self.base_model, self.cache = base_model, cache
+        self.loaded: dict[Path | None, Backend] = {}
+
+    def __call__(self, model: Path | None) -> Backend:
+        if model not in self.loaded:
+            local: Backend = LocalBackend(model if model is not None else self.base_model)
+            self.loaded[model] = local if self.cache is None else CachedBackend(local, self.cache)
+        return self.loaded[model]
+
+    async def release(self, model: Path | None) -> None:
+        backend = self.loaded.pop(model, None)
+        if backend is not None:
+            await backend.aclose()
+
+    async def aclose(self) -> None:
+        for model in list(self.loaded):
+            await self.release(model)
+
+
 def run_instruct(
     settings: InstructSettings,
     data_dir: Path,
@@ -76,18 +99,12 @@ def run_instruct(
         },
     )
     cache = cache_root() / "responses.sqlite"
-    loaded: dict[Path | None, Backend] = {}
-
-    def backend_for(model: Path | None) -> Backend:
-        if model not in loaded:
-            local: Backend = LocalBackend(model if model is not None else base_model)
-            loaded[model] = local if no_cache else CachedBackend(local, cache)
-        return loaded[model]
+    pool = ModelPool(base_model, None if no_cache else cache)
 
     needs_instructor = any(s in ("le", "lec") for s in settings.strategies) or "augment" in settings.baselines
     instructor_backend = None
     if needs_instructor:
-        instructor_backend = backend_for(None) if instructor is None else make_backend(instructor)
+        instructor_backend = pool(None) if instructor is None else make_backend(instructor)
         if instructor is not None and not no_cache:
             instructor_backend = CachedBackend(instructor_backend, cache)
     memory = None
@@ -98,7 +115,7 @@ def run_instruct(
         settings,
         the_plan,
         run,
-        backend_for,
+        pool,
         instructor_backend,
         Embedder(),
         base_model or default_model_dir(),
@@ -111,8 +128,9 @@ def run_instruct(
         try:
             return await loop.run_all()
         finally:
-            for b in {id(b): b for b in [*loaded.values(), instructor_backend] if b is not None}.values():
-                await b.aclose()
+            await pool.aclose()
+            if instructor_backend is not None and instructor is not None:
+                await instructor_backend.aclose()
 
     outcome = asyncio.run(go())
     open_answers = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind != "choice" for e in items)]

@@ -40,6 +40,12 @@ class InstructSettings:
     balance: bool = field(
         default=True, metadata={"help": "replay: match the rows' gold answers to the selection's distribution."}
     )
+    name_option: bool = field(
+        default=False, metadata={"help": "Multiple-choice rows: the reply names the option's text before its letter."}
+    )
+    shuffle_options: bool = field(
+        default=False, metadata={"help": "Multiple-choice rows: options in a random order, the gold relettered."}
+    )
     # 0.10 of each target's train part is never selected nor trained on: the dev split for choosing settings.
     dev_fraction: float = field(default=0.1, metadata={"help": "Share of each train part held out as dev."})
     # 0.7: a guess; far above the paper's mean max ROUGE-L of 0.30, so only near-copies of evaluation items go.

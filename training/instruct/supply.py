@@ -15,25 +15,57 @@ import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agents.student import student_messages
 from memory.embed import TextEmbedder
-from runtime.data.tasks import Example
+from runtime.data.tasks import Example, reorder_options
 from training.lema import gold_solution
 
 Row = dict[str, Any]
 
 
-def gold_reply(example: Example) -> str:
-    """The reply a row trains on: the worked solution when the task has one, else the gold in the student's format.
+def gold_reply(example: Example, name_option: bool = False) -> str:
+    """The reply a row trains on: the worked solution when the task has one, else the gold in the student's format;
+    with ``name_option`` a choice reply names the option's text before its letter.
 
-    >>> gold_reply(Example("q/1", "bbq/Age", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")))
-    'The answer is (B).'
+    >>> e = Example("q/1", "bbq/Age", "Who?\\nOptions:\\n(A) x\\n(B) Unknown", "(B)", "choice", ("x", "Unknown"))
+    >>> gold_reply(e), gold_reply(e, name_option=True)
+    ('The answer is (B).', 'Unknown. The answer is (B).')
     """
-    return gold_solution(example) or f"The answer is {example.target}."
+    solution = gold_solution(example)
+    if solution:
+        return solution
+    if name_option and example.answer_kind == "choice" and example.options:
+        text = example.options[ord(example.target.strip("()")) - ord("A")].rstrip(". ")
+        return f"{text}. The answer is {example.target}."
+    return f"The answer is {example.target}."
+
+
+@dataclass(frozen=True)
+class RowStyle:
+    """How a gold row is written. One style serves every condition of a run (the strategy and its baselines), so
+    that conditions differ only in which items they train on.
+
+    A reply that is only a letter gives the model one token to learn from, and that token is where a letter prior
+    lives: ``name_option`` has the reply name the chosen option's text first, so the decision is made on the content
+    and the letter is copied from the options after it. ``shuffle_options`` writes each multiple-choice row with its
+    options in a random order (the gold relettered): the rows' letters are then uniform whatever items were chosen,
+    so training on a model's errors cannot teach "not the letter it favours".
+    """
+
+    name_option: bool = False
+    shuffle_options: bool = False
+
+    def row(self, example: Example, origin: str, rng: random.Random) -> Row:
+        if self.shuffle_options and example.answer_kind == "choice" and example.options:
+            order = list(range(len(example.options)))
+            rng.shuffle(order)
+            example = reorder_options(example, order)
+        return training_row(example, gold_reply(example, self.name_option), origin)
 
 
 def training_row(example: Example, reply: str, origin: str) -> Row:
@@ -100,16 +132,17 @@ def replay_rows(
     budget: int,
     embedder: TextEmbedder,
     rng: random.Random,
+    style: RowStyle = RowStyle(),
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows from the wrong cases (and their contrast sets), with the counts behind them."""
     wrong = [e for e in selection if verdicts[e.id] != "correct"]
     correct = [e for e in selection if verdicts[e.id] == "correct"]
-    rows = [training_row(e, gold_reply(e), "wrong") for e in wrong]
+    rows = [style.row(e, "wrong", rng) for e in wrong]
     contrast_ids: set[str] = set()
     if contrast and correct:
         for neighbours in nearest_correct(wrong, correct, embedder, k).values():
             contrast_ids.update(c.id for c in neighbours)
-        rows += [training_row(e, gold_reply(e), "contrast") for e in correct if e.id in contrast_ids]
+        rows += [style.row(e, "contrast", rng) for e in correct if e.id in contrast_ids]
     before_balance = len(rows)
     # Only options have a prior to follow: a number's, a text's or a program's gold is nearly always its own, and
     # balancing those rows would keep almost none. So only the multiple-choice rows are balanced, against the
@@ -139,10 +172,10 @@ def replay_rows(
     return rows, counts
 
 
-def plain_rows(selection: Sequence[Example], n: int, rng: random.Random) -> list[Row]:
+def plain_rows(selection: Sequence[Example], n: int, rng: random.Random, style: RowStyle = RowStyle()) -> list[Row]:
     """``n`` random rows of the selection with their gold, whatever the model answered."""
     chosen = rng.sample(list(selection), min(n, len(selection)))
-    return [training_row(e, gold_reply(e), "random") for e in chosen]
+    return [style.row(e, "random", rng) for e in chosen]
 
 
 def samples_per_case(budget: int, cases: int) -> int:
