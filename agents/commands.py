@@ -32,7 +32,7 @@ from runtime.data.records import (
 )
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend, GenerationSettings
 from runtime.report import render_experiment
@@ -62,7 +62,7 @@ async def evaluate(
     mc_mode: str = "generate",
     adapter: str | None = None,
     samples: int = 1,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     progress: Progress | None = None,
     on_result: OnRecord | None = None,
 ) -> Outcome:
@@ -135,7 +135,7 @@ async def gather(
     rounds: int = ROUNDS,
     memory_path: Path | None = None,
     memory_url: str | None = None,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     progress: Progress | None = None,
 ) -> Outcome:
     """``redpen gather``: gathering episodes into ``out``, their mistakes into the memory (default: ``out/memory``).
@@ -192,7 +192,7 @@ async def examine(
     threshold: float = RETRIEVAL_THRESHOLD,
     assistant_adapter: str | None = None,
     skip_absorbed: bool = False,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     progress: Progress | None = None,
 ) -> Outcome:
     """``redpen exam``: without the gold, as a baseline or assisted by this student's mistakes on ``memory_task``."""

@@ -23,7 +23,6 @@ from runtime.data.graders import Grade, grade_async
 from runtime.data.records import ItemResult, SampleResult
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
-from runtime.defaults import CONCURRENCY
 from runtime.models.backend import Backend, GenerationSettings
 from runtime.report import (
     PRIOR_SHIFT_THRESHOLD,
@@ -107,17 +106,21 @@ async def run_eval(
     *,
     mode: str = "generate",
     adapter: str | None = None,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     results_file: str = RESULTS,
     samples: int = 1,
 ) -> list[dict[str, Any]]:
-    """Answer every example not already in the run directory; return all results (old and new) in input order."""
+    """Answer every example not already in the run directory; return all results (old and new) in input order.
+
+    ``concurrency``: items in flight, by default as many as the backend serves at once.
+    """
 
     async def one(example: Example) -> dict[str, Any]:
         return (await answer(example, backend, settings, mode, adapter, samples=samples)).to_json()
 
-    return await complete_pending(run, results_file, examples, one, concurrency=concurrency, on_record=on_result)
+    width = concurrency or backend.capacity
+    return await complete_pending(run, results_file, examples, one, concurrency=width, on_record=on_result)
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

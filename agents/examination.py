@@ -34,7 +34,6 @@ from runtime.data.graders import grade
 from runtime.data.records import ItemResult, Retrieved
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
-from runtime.defaults import CONCURRENCY
 
 Mode = Literal["baseline", "assisted"]
 
@@ -103,15 +102,19 @@ async def run_exam(
     *,
     mode: Mode,
     hits: dict[str, list[Hit]] | None = None,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order."""
+    """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order.
+
+    ``concurrency``: items in flight, by default as many as the student's backend serves at once.
+    """
 
     async def one(example: Example) -> dict[str, Any]:
         return (await exam_item(example, roles, mode, (hits or {}).get(example.id, []))).to_json()
 
-    return await complete_pending(run, results_file, examples, one, concurrency=concurrency, on_record=on_result)
+    width = concurrency or roles.student.capacity
+    return await complete_pending(run, results_file, examples, one, concurrency=width, on_record=on_result)
 
 
 def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[dict[str, Any]]:

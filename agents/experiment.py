@@ -27,7 +27,7 @@ from agents.team import Roles
 from memory.store import MistakeMemory
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
 NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
 BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"
@@ -41,7 +41,7 @@ class ExperimentSettings:
     rounds: int = ROUNDS
     k: int = RETRIEVAL_K
     threshold: float | None = RETRIEVAL_THRESHOLD
-    concurrency: int = CONCURRENCY
+    concurrency: int | None = None  # None: as many as the student's backend serves at once
 
 
 def counter(progress: Progress | None, phase: str, total: int, done: int = 0) -> Callable[[dict[str, Any]], None]:

@@ -36,7 +36,7 @@ from memory.store import MistakeMemory, TenantMemory
 from runtime.data.records import Action, Episode, State, Turn
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
-from runtime.defaults import CONCURRENCY, ROUNDS
+from runtime.defaults import ROUNDS
 from runtime.models.torch_thread import run_torch
 
 EPISODES = "episodes.jsonl"
@@ -209,10 +209,13 @@ async def run_gathering(
     *,
     task: str,
     rounds: int = ROUNDS,
-    concurrency: int = CONCURRENCY,
+    concurrency: int | None = None,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Gather every example not yet in the run's episodes; return all episodes of ``examples`` in input order."""
+    """Gather every example not yet in the run's episodes; return all episodes of ``examples`` in input order.
+
+    ``concurrency``: episodes in flight, by default as many as the student's backend serves at once.
+    """
     writer = MemoryWriter(memory)
 
     async def one(example: Example) -> dict[str, Any]:
@@ -222,4 +225,5 @@ async def run_gathering(
             await writer.write(record)  # stored before the episode is appended: see the module's docstring
         return episode.to_json()
 
-    return await complete_pending(run, EPISODES, examples, one, concurrency=concurrency, on_record=on_episode)
+    width = concurrency or roles.student.capacity
+    return await complete_pending(run, EPISODES, examples, one, concurrency=width, on_record=on_episode)

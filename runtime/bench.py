@@ -166,29 +166,59 @@ async def pipeline_rate(
 ) -> dict[str, Any]:
     """The same gather + assisted examine, one example at a time and then concurrently, in one process.
 
-    Each pass starts from an empty memory. Also measures the backend's batched ``generate`` rate in the same
-    process, so the pipeline's token rate can be given as a fraction of the ceiling.
+    Each pass starts from an empty memory. Also measures the backend's ``generate`` rate one at a time and batched
+    in the same process: the pipeline's token rate is given as a fraction of the batched rate and, on the local
+    backend, the speedup as a share of the ceiling the serial pass's profile allows (``cpu_ceiling``).
     """
+    # Warm-up: first-call allocations would otherwise land in the serial pass, which runs first, and inflate both
+    # the speedup and the serial prefill share the ceiling is computed from.
+    await roles.student.generate(_prompt(0), GenerationSettings(max_new_tokens=8))
     serial = await _pipeline_pass(
         roles, gather, examine, workdir / "one-at-a-time", task=task, width=1, on_step=on_step
     )
     concurrent = await _pipeline_pass(
         roles, gather, examine, workdir / "concurrent", task=task, width=concurrency, on_step=on_step
     )
-    ceiling = await generate_rate(roles.student, concurrency=generate_concurrency, repeats=1, on_step=on_step)
+    generate = await generate_rate(roles.student, concurrency=generate_concurrency, repeats=1, on_step=on_step)
     same = sum(a == b for a, b in zip(serial.pop("answers"), concurrent.pop("answers"), strict=True))
-    return {
+    speedup = concurrent["items_per_s"] / serial["items_per_s"]
+    result = {
         "n_gather": len(gather),
         "n_examine": len(examine),
         "concurrency": concurrency,
         "one_at_a_time": serial,
         "concurrent": concurrent,
-        "speedup": round(concurrent["items_per_s"] / serial["items_per_s"], 2),
-        "generate_batched_tok_s": ceiling["batched_tok_s"],
-        "pipeline_fraction_of_generate": round(concurrent["tok_s"] / ceiling["batched_tok_s"], 3),
+        "speedup": round(speedup, 2),
+        "generate_single_tok_s": generate["single_tok_s"],
+        "generate_batched_tok_s": generate["batched_tok_s"],
+        "pipeline_fraction_of_generate": round(concurrent["tok_s"] / generate["batched_tok_s"], 3),
         "identical_answers": same,
         "answers_compared": serial["items"],
     }
+    if "profile" in serial:  # the local backend: the ceiling its own profile allows
+        prefill_share = serial["profile"]["prefill_share_of_model_time"]
+        ceiling = cpu_ceiling(prefill_share, generate["ratio"])
+        result["ceiling"] = {
+            "serial_prefill_share": prefill_share,
+            "decode_speedup": generate["ratio"],  # tok/s of generate_concurrency prompts at once over one at a time
+            "decode_rows": generate_concurrency,
+            "speedup": round(ceiling, 2),
+            "share_achieved": round(speedup / ceiling, 3),
+        }
+    return result
+
+
+def cpu_ceiling(prefill_share: float, decode_speedup: float) -> float:
+    """The most a concurrent pass can gain over one at a time (Amdahl's law): the serial pass's prefill, a
+    ``prefill_share`` of its model time, gains nothing (compute-bound, one row per forward), and its decoding gains
+    what batching gives (``decode_speedup``, batched over one-row tok/s).
+
+    >>> round(cpu_ceiling(0.4, 6.0), 2)  # 0.4 + 0.6 / 6 = 0.5 of the serial time
+    2.0
+    >>> cpu_ceiling(0.0, 6.0)  # nothing serial: all of the batching gain
+    6.0
+    """
+    return 1 / (prefill_share + (1 - prefill_share) / decode_speedup)
 
 
 async def latency_rate(

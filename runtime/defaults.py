@@ -40,8 +40,12 @@ SAMPLES = 4
 # at 16, 186 at 32, 198 at 48, 223 at 64; past 32 each step gets slower for little more, and a slower step
 # lengthens every episode's chain of dependent calls.
 LOCAL_MAX_BATCH = 32
-# As many conversations in flight as the local backend decodes at once, so its batch stays full. For a server
-# backend it is a guess: vLLM takes far more, a rate-limited API fewer.
+# 256 requests in flight to a server: what one vLLM replica schedules at once by default (`vllm serve`'s
+# max_num_seqs is 256 on most GPUs; 1024 on >= 70 GiB ones other than the A100, where `max_concurrency` can be
+# raised). Fewer leaves its batch part-empty; more only queue in the server. A rate-limited API wants fewer.
+SERVER_MAX_CONCURRENCY = 256
+# Conversations in flight where no backend says (``Backend.capacity``): as many as the local backend decodes
+# at once, so its batch stays full.
 CONCURRENCY = LOCAL_MAX_BATCH
 
 # ---- fine-tuning -------------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+# At module level: FastAPI resolves the handlers' (postponed) annotations in this module's globals, and a
+# ``request: Request`` it cannot resolve becomes a required query parameter (every call a 422).
+from fastapi import FastAPI, Request
+
 ASSISTANT_MARK = "You are a study assistant"  # the first words of every study-assistant system prompt
 MODEL = "simulated"
 
@@ -35,9 +39,7 @@ def reply_to(messages: list[dict[str, Any]]) -> str:
     return f"The answer is ({'ABC'[digest[0] % 3]})."
 
 
-def build_app(latency_s: float) -> Any:
-    from fastapi import FastAPI, Request
-
+def build_app(latency_s: float) -> FastAPI:
     app = FastAPI()
     served = {"requests": 0, "in_flight": 0, "peak_in_flight": 0}
 

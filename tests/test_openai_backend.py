@@ -13,17 +13,19 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from runtime.errors import BackendError, ConfigError
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.models.openai_backend import OpenAIBackend
 from runtime.server import build_app
+from runtime.server.limits import ServeLimits
 
 DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
 
@@ -131,6 +133,54 @@ async def test_many_requests_with_bounded_concurrency(url: str, scripted: Script
     generations = await backend.generate_many(conversations)
     await backend.aclose()
 
+    assert [g.text for g in generations] == [f"[base] QUESTION {i}" for i in range(24)]
+    assert scripted.max_in_flight == 4
+
+
+async def test_default_limits_keep_a_vllm_batch_in_flight_over_kept_connections() -> None:
+    """Defaults sized for vLLM: a whole default batch of requests is in flight at once (the server answers none
+    until all have arrived), and a second batch reuses the first one's connections instead of opening new ones."""
+    n = 256  # vLLM's default max_num_seqs
+    arrived, ports = [0], set()
+    batches = [asyncio.Event(), asyncio.Event()]
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        assert request.client is not None
+        ports.add(request.client.port)
+        batch = batches[arrived[0] // n]
+        arrived[0] += 1
+        if arrived[0] % n == 0:
+            batch.set()
+        await asyncio.wait_for(batch.wait(), 10)
+        message = {"role": "assistant", "content": "ok"}
+        return {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
+
+    with running(app) as base_url:
+        backend = OpenAIBackend("m", base_url=base_url, timeout_s=20, max_retries=0)
+        for _ in batches:
+            generations = await backend.generate_many([QUESTION] * n)
+            assert [g.text for g in generations] == ["ok"] * n
+        await backend.aclose()
+    assert len(ports) == n
+
+
+async def test_a_server_that_takes_fewer_at_once_lowers_the_limit_instead_of_failing(scripted: ScriptedBackend) -> None:
+    """redpen serve takes 32 requests per key at once and answers the rest 429: the default client (256 in flight)
+    learns that limit from the 429s and keeps to it, and no request spends a retry on it."""
+    scripted.delay_s = 0.05
+    with running(build_app(scripted, limits=ServeLimits(in_flight_per_key=4))) as base_url:
+        backend = OpenAIBackend("tiny-student", base_url=base_url, max_retries=0)
+        conversations = [[Message(role="user", content=f"question {i}")] for i in range(24)]
+        generations = await backend.generate_many(conversations)
+        await backend.aclose()
     assert [g.text for g in generations] == [f"[base] QUESTION {i}" for i in range(24)]
     assert scripted.max_in_flight == 4
 

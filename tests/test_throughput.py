@@ -123,3 +123,35 @@ async def test_concurrent_pipeline_gives_the_same_greedy_answers(tiny_backend: L
     concurrent_forwards = tiny_backend.stats["forwards"] - before - serial_forwards
     assert serial == concurrent
     assert concurrent_forwards < serial_forwards / 2  # the concurrent pass really shared forward passes
+
+
+class ServerLike(Backend):
+    """A server that serves 100 requests at once; it records how many it had in flight."""
+
+    kind, model_id = "fake", "server"
+
+    def __init__(self) -> None:
+        self.in_flight = self.peak = 0
+
+    @property
+    def capacity(self) -> int:
+        return 100
+
+    async def generate(
+        self, messages: list[Message], settings: GenerationSettings = GenerationSettings(), adapter: str | None = None
+    ) -> Generation:
+        import asyncio
+
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(0.05)
+        self.in_flight -= 1
+        return Generation("The answer is (B).", Usage(5, 3), "stop")
+
+
+async def test_conversations_in_flight_default_to_what_the_backend_serves(tmp_path: Path) -> None:
+    server = ServerLike()
+    roles = Roles(server, server)
+    results = await run_exam(_examples("e", 80), roles, RunDir(tmp_path, {"pass": "x"}), "exam.jsonl", mode="baseline")
+    assert len(results) == 80
+    assert server.peak == 80  # not capped at the local batch's 32

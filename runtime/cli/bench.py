@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -63,6 +63,13 @@ def bench_pipeline(
     task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
     n: Annotated[int, typer.Option(help="gather items and examine items (each)")] = 16,
     concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = CONCURRENCY,
+    simulate_latency: Annotated[
+        float | None,
+        typer.Option(
+            help="instead: every item in flight against a loopback OpenAI-compatible endpoint that answers each "
+            "request after this many seconds (a benchmark instrument); items/s against the dependency bound"
+        ),
+    ] = None,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -74,9 +81,17 @@ def bench_pipeline(
     import tempfile
 
     from runtime.bench import pipeline_rate
+    from runtime.errors import ConfigError
 
     _, gather_set = load_examples(task, None, "choice", "gather", n, data_dir)
     _, examine_set = load_examples(task, None, "choice", "examine", n, data_dir)
+    if simulate_latency is not None:
+        if backend != "local" or model or base_url or config:
+            raise ConfigError(
+                "--simulate-latency serves its own endpoint: drop --backend, --model, --base-url, --config"
+            )
+        _simulated_pipeline(task, gather_set, examine_set, simulate_latency, json_out)
+        return
     roles = load_roles(roles_config(config, backend=backend, model=model, base_url=base_url, response_cache=False))
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         result = asyncio.run(
@@ -85,12 +100,89 @@ def bench_pipeline(
             )
         )
     result["cpu_count"] = os.cpu_count()
+    _pipeline_table(result)
+    if json_out:
+        print(json.dumps(result))
+
+
+def _pipeline_table(result: dict[str, Any]) -> None:
+    """Both passes side by side; on the local backend a third row, the CPU ceiling its own profile allows."""
+    from rich.table import Table
+
+    ceiling = result.get("ceiling")
+    table = Table(
+        title=f"{result['n_gather']} gather + {result['n_examine']} examine items, {result['cpu_count']} cores"
+    )
+    columns = ("side", "items/s", "speedup", "tok/s", "rows per decode step", "prefill share of model time")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "side" else "right")
+    for side, speedup in (("one_at_a_time", 1.0), ("concurrent", result["speedup"])):
+        figures, profile = result[side], result[side].get("profile")
+        share = f" ({ceiling['share_achieved']:.0%} of the ceiling)" if ceiling and side == "concurrent" else ""
+        table.add_row(
+            side.replace("_", " "),
+            f"{figures['items_per_s']:.3f}",
+            f"{speedup:.2f}x{share}",
+            f"{figures['tok_s']:.1f}",
+            f"{profile['mean_rows_per_step']:.1f}" if profile else "-",
+            f"{profile['prefill_share_of_model_time']:.0%}" if profile else "-",
+        )
+    if ceiling is not None:  # Amdahl: the serial pass's prefill share gains nothing, its decoding the batched rate
+        table.add_row(
+            "CPU ceiling",
+            f"{result['one_at_a_time']['items_per_s'] * ceiling['speedup']:.3f}",
+            f"{ceiling['speedup']:.2f}x",
+            "-",
+            f"{ceiling['decode_rows']} (decode {ceiling['decode_speedup']:.2f}x)",
+            f"{ceiling['serial_prefill_share']:.0%} (serial)",
+        )
+    console.print(table)
     console.print(
-        f"one at a time {result['one_at_a_time']['items_per_s']:.3f} items/s, concurrent "
-        f"{result['concurrent']['items_per_s']:.3f} items/s: {result['speedup']:.2f}x; pipeline "
-        f"{result['concurrent']['tok_s']:.1f} tok/s = {result['pipeline_fraction_of_generate']:.0%} of batched "
-        f"generate ({result['generate_batched_tok_s']:.1f} tok/s); identical answers "
-        f"{result['identical_answers']}/{result['answers_compared']}; {result['cpu_count']} cores"
+        f"pipeline {result['pipeline_fraction_of_generate']:.0%} of batched generate "
+        f"({result['generate_batched_tok_s']:.1f} tok/s; one at a time {result['generate_single_tok_s']:.1f}); "
+        f"identical answers {result['identical_answers']}/{result['answers_compared']}"
+    )
+
+
+def _simulated_pipeline(
+    task: str, gather_set: list[Any], examine_set: list[Any], latency_s: float, json_out: bool
+) -> None:
+    """Gather + examine with every item in flight against ``runtime.latency_server``: student and assistant are the
+    OpenAI backend with its defaults, so the figure is the client's own overhead at a server's latency."""
+    import tempfile
+
+    from runtime.bench import latency_rate
+    from runtime.latency_server import MODEL, running, stats
+
+    width = max(len(gather_set), len(examine_set))
+    with running(latency_s) as url, tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
+        roles = load_roles(roles_config(None, backend="openai", model=MODEL, base_url=url, response_cache=False))
+
+        async def measure() -> dict[str, Any]:
+            try:
+                return await latency_rate(
+                    roles,
+                    gather_set,
+                    examine_set,
+                    Path(tmp),
+                    task=task,
+                    latency_s=latency_s,
+                    concurrency=width,
+                    on_step=console.print,
+                )
+            finally:
+                await roles.student.aclose()
+
+        with console.status("measuring ..."):
+            result = asyncio.run(measure())
+        result["server"] = stats(url)
+    result["cpu_count"] = os.cpu_count()
+    simulated = result["simulated"]
+    console.print(
+        f"{simulated['items']} items, {latency_s:g} s a reply, {width} in flight: {simulated['items_per_s']:.2f} "
+        f"items/s; dependency bound {result['dependency_bound_items_per_s']:.2f} items/s "
+        f"({result['dependency_chain_calls']} dependent calls): {result['share_of_bound']:.0%} of the dependency "
+        f"bound; server peak {result['server']['peak_in_flight']} requests in flight; {result['cpu_count']} cores"
     )
     if json_out:
         print(json.dumps(result))

@@ -52,6 +52,15 @@ MemoryUrl = Annotated[
 
 Concurrency = Annotated[int, typer.Option(help="conversations in flight at once")]
 
+InFlight = Annotated[
+    int | None,
+    typer.Option(
+        "--concurrency",
+        help="conversations in flight at once [default: as many as the student's backend serves at once: its batch "
+        "locally (32), max_concurrency on a server (256)]",
+    ),
+]
+
 Rounds = Annotated[int, typer.Option(help="feedback rounds per gathered question")]
 
 K = Annotated[int, typer.Option(help="mistakes retrieved per examined question")]

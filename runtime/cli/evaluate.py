@@ -28,7 +28,7 @@ from runtime.cli.common import (
     slug,
     use_sandbox,
 )
-from runtime.defaults import CODE_MAX_NEW_TOKENS, CONCURRENCY, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import CODE_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 
 # 0.8: Chen et al. (2021) sample at 0.8 for pass@10 and pass@100 (0.2 for pass@1).
 SAMPLE_TEMPERATURE = 0.8
@@ -54,7 +54,9 @@ def evaluate(
         float | None, typer.Option(help="sampling temperature [default: 0 (greedy), 0.8 with --samples above 1]")
     ] = None,
     sandbox: SandboxMode = "bwrap",
-    concurrency: Annotated[int, typer.Option(help="examples in flight at once")] = CONCURRENCY,
+    concurrency: Annotated[
+        int | None, typer.Option(help="examples in flight at once [default: as many as the backend serves at once]")
+    ] = None,
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,
     no_cache: NoCache = False,

@@ -16,9 +16,9 @@ from runtime.cli.common import (
     AssistantUrl,
     Backend,
     BaseUrl,
-    Concurrency,
     Config,
     DataDir,
+    InFlight,
     JsonOut,
     K,
     MemoryPath,
@@ -39,7 +39,7 @@ from runtime.cli.common import (
     roles_config,
     slug,
 )
-from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
 
 def gather(
@@ -51,7 +51,7 @@ def gather(
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/gather-<task>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = CONCURRENCY,
+    concurrency: InFlight = None,
     max_new_tokens: StudentTokens = None,
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
@@ -69,18 +69,12 @@ def gather(
 
     name, examples = load_examples(task, jsonl, answer_kind, "gather", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
-    roles = load_roles(
-        roles_config(
-            config,
-            backend=backend,
-            model=model,
-            base_url=base_url,
-            assistant_backend=assistant_backend,
-            assistant_model=assistant_model,
-            assistant_base_url=assistant_base_url,
-            student_max_new_tokens=max_new_tokens,
-            response_cache=not no_cache,
-        )
+    roles = _roles(
+        config,
+        (backend, model, base_url),
+        (assistant_backend, assistant_model, assistant_base_url),
+        max_new_tokens,
+        no_cache,
     )
     with progress_bar() as bar:
         outcome = asyncio.run(
@@ -118,7 +112,7 @@ def exam(
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/exam-<task>-<mode>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = CONCURRENCY,
+    concurrency: InFlight = None,
     max_new_tokens: StudentTokens = None,
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
@@ -143,19 +137,13 @@ def exam(
 
     name, examples = load_examples(task, jsonl, answer_kind, "examine", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
-    roles = load_roles(
-        roles_config(
-            config,
-            backend=backend,
-            model=model,
-            base_url=base_url,
-            assistant_backend=assistant_backend,
-            assistant_model=assistant_model,
-            assistant_base_url=assistant_base_url,
-            student_max_new_tokens=max_new_tokens,
-            response_cache=not no_cache,
-            assistant_adapter=assistant_adapter,
-        )
+    roles = _roles(
+        config,
+        (backend, model, base_url),
+        (assistant_backend, assistant_model, assistant_base_url),
+        max_new_tokens,
+        no_cache,
+        assistant_adapter=assistant_adapter,
     )
     with progress_bar() as bar:
         outcome = asyncio.run(
@@ -196,7 +184,7 @@ def run(
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/run-<task>]")] = None,
     memory: MemoryPath = None,
     memory_url: MemoryUrl = None,
-    concurrency: Concurrency = CONCURRENCY,
+    concurrency: InFlight = None,
     max_new_tokens: StudentTokens = None,
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
@@ -222,18 +210,12 @@ def run(
     name, gather_set = load_examples(task, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
     _, examine_set = load_examples(task, examine_jsonl, answer_kind, "examine", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, [*gather_set, *examine_set], sandbox)
-    roles = load_roles(
-        roles_config(
-            config,
-            backend=backend,
-            model=model,
-            base_url=base_url,
-            assistant_backend=assistant_backend,
-            assistant_model=assistant_model,
-            assistant_base_url=assistant_base_url,
-            student_max_new_tokens=max_new_tokens,
-            response_cache=not no_cache,
-        )
+    roles = _roles(
+        config,
+        (backend, model, base_url),
+        (assistant_backend, assistant_model, assistant_base_url),
+        max_new_tokens,
+        no_cache,
     )
     settings = ExperimentSettings(task=name, rounds=rounds, k=k, threshold=threshold, concurrency=concurrency)
     with progress_bar() as bar:
@@ -276,6 +258,32 @@ def run(
         }
         summary["run_dir"] = str(outcome.run_dir)
         print(json.dumps(summary))
+
+
+def _roles(
+    config: Path | None,
+    student: tuple[str, str | None, str | None],
+    assistant: tuple[str | None, str | None, str | None],
+    max_new_tokens: int | None,
+    no_cache: bool,
+    **settings: Any,
+) -> Any:
+    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role."""
+    (backend, model, base_url), (assistant_backend, assistant_model, assistant_base_url) = student, assistant
+    return load_roles(
+        roles_config(
+            config,
+            backend=backend,
+            model=model,
+            base_url=base_url,
+            assistant_backend=assistant_backend,
+            assistant_model=assistant_model,
+            assistant_base_url=assistant_base_url,
+            student_max_new_tokens=max_new_tokens,
+            response_cache=not no_cache,
+            **settings,
+        )
+    )
 
 
 def _experiment_table(figures: dict[str, Any]) -> None:

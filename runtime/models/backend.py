@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
+from runtime.defaults import CONCURRENCY
 from runtime.errors import BackendError
 
 
@@ -96,6 +97,11 @@ class Backend(ABC):
     def context_length(self) -> int | None:
         """Tokens the model attends to, prompt and reply together; None where the backend cannot tell."""
         return None
+
+    @property
+    def capacity(self) -> int:
+        """Requests this backend serves at once: callers keep as many in flight (fewer leave it idle, more queue)."""
+        return CONCURRENCY
 
     def prompt_tokens(self, messages: Sequence[Message]) -> int | None:
         """The prompt ``messages`` make, in the model's tokens (chat template included); None without a tokenizer."""

@@ -85,6 +85,10 @@ class CachedBackend(Backend):
     def context_length(self) -> int | None:
         return self.inner.context_length
 
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
     def prompt_tokens(self, messages: Sequence[Message]) -> int | None:
         return self.inner.prompt_tokens(messages)
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.defaults import LOCAL_MAX_BATCH
+from runtime.defaults import LOCAL_MAX_BATCH, SERVER_MAX_CONCURRENCY
 from runtime.errors import ConfigError
 
 BackendKind = Literal["local", "openai"]
@@ -35,7 +35,9 @@ class BackendConfig(BaseModel):
     max_batch_size: int = Field(LOCAL_MAX_BATCH, ge=1, description="local: most rows decoded together")
     batch_wait_ms: float = Field(5.0, ge=0, description="local: how long an idle backend waits for more requests")
     prefix_cache_mb: int = Field(1024, ge=0, description="local: memory for reusable prompt prefixes; 0 = off")
-    max_concurrency: int = Field(16, ge=1, description="openai: most HTTP requests in flight")
+    max_concurrency: int = Field(
+        SERVER_MAX_CONCURRENCY, ge=1, description="openai: most HTTP requests in flight (vLLM's default batch)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -177,6 +177,10 @@ class LocalBackend(Backend):
     def context_length(self) -> int:
         return self._context
 
+    @property
+    def capacity(self) -> int:
+        return self.max_batch_size
+
     def prompt_tokens(self, messages: Sequence[Message]) -> int:
         return len(self._prompt_ids(messages))
 

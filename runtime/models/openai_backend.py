@@ -8,15 +8,18 @@ that says what to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import httpx2
 import openai
 from openai import AsyncOpenAI
 
+from runtime.defaults import SERVER_MAX_CONCURRENCY
 from runtime.errors import BackendError, ConfigError
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 
@@ -30,7 +33,8 @@ RETRY_STATUSES = frozenset({408, 409, 429})  # plus every 5xx: the server is bus
 
 
 class OpenAIBackend(Backend):
-    """Chat completions over HTTP, at most ``max_concurrency`` requests in flight.
+    """Chat completions over HTTP, at most ``max_concurrency`` requests in flight (default: as many as a vLLM
+    replica schedules, ``runtime.defaults.SERVER_MAX_CONCURRENCY``), each over a kept connection.
 
     ``tokenizer`` is a local Hugging Face tokenizer folder of the served model. It is needed only to score
     options: the legacy completions endpoint takes a prompt string, so the chat must be rendered with the
@@ -44,7 +48,7 @@ class OpenAIBackend(Backend):
         model: str,
         base_url: str | None = None,
         api_key: str | None = None,
-        max_concurrency: int = 16,  # vLLM batches whatever is in flight; 16 keeps one replica busy without queueing
+        max_concurrency: int = SERVER_MAX_CONCURRENCY,
         timeout_s: float = 120.0,  # a long chain of thought at a few tokens/s on a loaded server
         max_retries: int = 4,  # 0.5+1+2+4 s of backoff rides out a server restart
         tokenizer: str | None = None,
@@ -64,8 +68,18 @@ class OpenAIBackend(Backend):
         self.tokenizer_path = tokenizer
         # Local servers (vLLM, redpen serve) accept any key; "EMPTY" is vLLM's documented placeholder.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self._client = AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s, max_retries=0)
-        self._slots = asyncio.Semaphore(max_concurrency)
+        # A kept connection per request in flight: the openai client's own pool keeps 100 alive, so past 100 in
+        # flight the others would open a new connection for every request.
+        pool = httpx2.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        self._client = AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=key,
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpx2Client(limits=pool),
+        )
+        self._limit, self._in_flight = max_concurrency, 0  # the limit drops if the server refuses (_lower_limit)
+        self._free = asyncio.Condition()
         self._tokenizer: Any = None
         if tokenizer is not None:
             from transformers import AutoTokenizer
@@ -113,6 +127,10 @@ class OpenAIBackend(Backend):
     @property
     def supports_option_scoring(self) -> bool:
         return self._tokenizer is not None
+
+    @property
+    def capacity(self) -> int:
+        return self.max_concurrency
 
     async def score_options(
         self, messages: Sequence[Message], options: Sequence[str], adapter: str | None = None
@@ -185,13 +203,17 @@ class OpenAIBackend(Backend):
         }
 
     async def _call(self, request: Callable[[], Awaitable[T]], model: str) -> T:
-        """Run one request in a concurrency slot, retrying transient failures with jittered exponential backoff."""
+        """Run one request in a concurrency slot, retrying transient failures with jittered exponential backoff; a
+        429 that says the server takes fewer at once lowers the limit instead (``_lower_limit``)."""
         attempt = 0
-        async with self._slots:
-            while True:
+        while True:
+            async with self._slot():
                 try:
                     return await request()
                 except (openai.APIConnectionError, openai.APIStatusError) as error:
+                    if isinstance(error, openai.RateLimitError) and self._in_flight > 1:
+                        self._lower_limit(self._in_flight - 1)
+                        continue  # wait for a slot again, under the new limit, without spending a retry
                     if not _transient(error) or attempt == self.max_retries:
                         raise await self._explain(error, model) from error
                     attempt += 1
@@ -206,6 +228,26 @@ class OpenAIBackend(Backend):
                         delay,
                     )
                     await asyncio.sleep(delay)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the ``_limit`` places for a request in flight."""
+        async with self._free:
+            await self._free.wait_for(lambda: self._in_flight < self._limit)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            async with self._free:
+                self._in_flight -= 1
+                self._free.notify()
+
+    def _lower_limit(self, limit: int) -> None:
+        """A 429 while others of our requests are in flight: the server takes fewer at once than we send (``redpen
+        serve`` takes 32 per key). Keep to what it was holding; the limit never rises again in this backend."""
+        if limit < self._limit:
+            log.info("%s refused request %d in flight (429): at most %d from now on", self.base_url, limit + 1, limit)
+            self._limit = limit
 
     async def _explain(self, error: openai.APIConnectionError | openai.APIStatusError, model: str) -> BackendError:
         """Turn a final client error into one line that says what to do next."""

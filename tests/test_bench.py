@@ -1,0 +1,24 @@
+"""`redpen bench pipeline`: against its own simulated server, and the CPU ceiling it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_pipeline_against_a_simulated_server_keeps_every_item_in_flight(data_dir: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDPEN_DATA_DIR": str(data_dir)}
+    command = [sys.executable, "-c", "from runtime.cli import main; main()"]
+    args = ["bench", "pipeline", "--simulate-latency", "0.05", "--n", "6", "--json"]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["simulated"]["items"] == 12
+    assert figures["server"]["peak_in_flight"] == 6  # all six of a phase at once
+    assert figures["server"]["requests"] >= figures["dependency_chain_calls"]
+    # No client finishes before its longest chain of dependent calls: the share of that bound is at most 1.
+    assert 0 < figures["share_of_bound"] <= 1.0
+    assert "of the dependency bound" in result.stderr
