@@ -11,6 +11,7 @@ Every phase appends to its own JSONL file and skips what is done, so a killed ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -89,30 +90,38 @@ async def run_experiment(
         times[phase] = times.get(phase, 0.0) + time.perf_counter() - started
         run.write_json(times_file.name, times)
 
+    # The baseline exam needs nothing from gathering: both run at once, so the backend's batch holds the rows of
+    # both (a gathering conversation is a chain of dependent calls that alone leaves most of a batch empty).
     started = time.perf_counter()
-    baseline = await run_exam(
-        examine,
-        roles,
-        run,
-        BASELINE,
-        mode="baseline",
-        concurrency=settings.concurrency,
-        on_result=counter(progress, "baseline exam", len(examine)),
-    )
-    spent("baseline", started)
 
-    started = time.perf_counter()
-    episodes = await run_gathering(
-        gather,
-        roles,
-        memory,
-        run,
-        task=settings.task,
-        rounds=settings.rounds,
-        concurrency=settings.concurrency,
-        on_episode=counter(progress, "gathering", len(gather)),
-    )
-    spent("gathering", started)
+    async def baseline_exam() -> list[dict[str, Any]]:
+        records = await run_exam(
+            examine,
+            roles,
+            run,
+            BASELINE,
+            mode="baseline",
+            concurrency=settings.concurrency,
+            on_result=counter(progress, "baseline exam", len(examine)),
+        )
+        spent("baseline", started)
+        return records
+
+    async def gathering() -> list[dict[str, Any]]:
+        episodes = await run_gathering(
+            gather,
+            roles,
+            memory,
+            run,
+            task=settings.task,
+            rounds=settings.rounds,
+            concurrency=settings.concurrency,
+            on_episode=counter(progress, "gathering", len(gather)),
+        )
+        spent("gathering", started)
+        return episodes
+
+    baseline, episodes = await asyncio.gather(baseline_exam(), gathering())
 
     started = time.perf_counter()
     hits = retrieve(memory, examine, roles.student_id, settings.task, settings.k, settings.threshold)

@@ -153,3 +153,36 @@ def test_report_and_plot(tmp_path: Path, experiment: tuple) -> None:
     data = (tmp_path / "accuracy.png").read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
     assert "data:image/png;base64," in page.read_text()
+
+
+class SlowStudent(FakeStudent):
+    """The scripted student, taking a moment per call and counting the calls in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.peak = 0
+
+    async def generate(self, messages: Any, settings: Any = None, adapter: str | None = None) -> Any:
+        import asyncio
+
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().generate(messages)
+        finally:
+            self.in_flight -= 1
+
+
+def test_the_baseline_exam_runs_while_gathering_runs(tmp_path: Path) -> None:
+    import asyncio
+
+    # One item in flight per phase: two student calls at once can only come from the two phases overlapping.
+    student = SlowStudent()
+    memory = MistakeMemory(location=":memory:", embedder=HashingEmbedder(dim=256))
+    run = RunDir(tmp_path / "run", {"command": "run", "task": "kin"})
+    settings = ExperimentSettings(task="kin", rounds=3, k=3, threshold=0.7, concurrency=1)
+    figures = asyncio.run(run_experiment(GATHER, EXAMINE, Roles(student, FakeAssistant()), memory, run, settings))
+    memory.close()
+    assert student.peak == 2
+    assert accuracy(figures["conditions"]["baseline"]) == (1, 4)  # the same answers as one phase after the other
