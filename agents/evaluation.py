@@ -173,7 +173,9 @@ def _figures(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "no_answer": verdicts["no_answer"],
         "accuracy": round(verdicts["correct"] / n, 4) if n else 0.0,
         "accuracy_answered": round(verdicts["correct"] / answered, 4) if answered else 0.0,
-        "majority_gold": round(golds.most_common(1)[0][1] / n, 4) if n else 0.0,
+        # A control only where golds repeat (options, small numbers): every program's or text's gold is its own, and
+        # "always the most common gold" would read as 1/n, a figure that controls for nothing.
+        "majority_gold": round(top / n, 4) if (top := max(golds.values(), default=0)) > 1 else None,
         "chance": round(sum(1 / r["n_options"] for r in choice) / len(choice), 4) if choice else None,
         "completion_tokens": sum(r["completion_tokens"] for r in results),
         "prompt_tokens": sum(r["prompt_tokens"] for r in results),

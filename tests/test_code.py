@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -254,3 +255,25 @@ def test_async_grading_matches_sync(data_dir: Path, code_sandbox: Sandbox) -> No
 
     [item] = load_task("humaneval", "examine", data_dir, limit=1)
     assert asyncio.run(grade_async(item, item.target)) == grade(item, item.target)
+
+
+def test_majority_gold_is_no_control_where_no_gold_repeats() -> None:
+    from agents.evaluation import summarize
+
+    def result(i: int, target: str) -> dict[str, Any]:
+        return {
+            "id": f"q/{i}",
+            "source": "s",
+            "verdict": "wrong",
+            "predicted": None,
+            "target": target,
+            "n_options": 0,
+            "completion_tokens": 1,
+            "prompt_tokens": 1,
+            "mode": "generate",
+        }
+
+    programs = [result(i, f"def f():\n    return {i}") for i in range(50)]
+    assert summarize(programs)["overall"]["majority_gold"] is None  # not 1/50, a figure that controls for nothing
+    numbers = [result(i, str(i % 4)) for i in range(8)]
+    assert summarize(numbers)["overall"]["majority_gold"] == 0.25

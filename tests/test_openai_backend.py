@@ -254,7 +254,7 @@ def flaky_app(failures: int, status: int) -> tuple[FastAPI, list[int]]:
 
 async def test_retries_on_503_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
     app, calls = flaky_app(failures=2, status=503)
-    with running(app) as base_url, caplog.at_level(logging.WARNING, logger="runtime.models.openai_backend"):
+    with running(app) as base_url, caplog.at_level(logging.INFO, logger="runtime.models.openai_backend"):
         backend = OpenAIBackend("m", base_url=base_url, max_retries=3, backoff_s=0.01)
         generation = await backend.generate(QUESTION)
         await backend.aclose()

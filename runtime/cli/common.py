@@ -219,7 +219,7 @@ def accuracy_table(metrics: dict[str, Any]) -> None:
     for source, f in rows:
         chance = f"{f['chance']:.3f}" if f["chance"] is not None else "-"
         table.add_row(
-            source, str(f["n"]), f"{f['accuracy']:.3f}", str(f["no_answer"]), chance, f"{f['majority_gold']:.3f}"
+            source, str(f["n"]), f"{f['accuracy']:.3f}", str(f["no_answer"]), chance, _figure(f["majority_gold"])
         )
     console.print(table)
 
@@ -258,3 +258,7 @@ def open_memory(memory: Path | None, memory_url: str | None) -> Any:
     if memory is not None and not memory.is_dir():
         raise ConfigError(f"no mistake memory at {memory}")
     return open_store({"url": memory_url} if memory_url else {"path": memory}, create=False)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -142,7 +142,9 @@ def instruct(
     for b in figs["benchmarks"]:
         conds = figs["by_benchmark"][b]["conditions"]
         cells = "  ".join(f"{c} {conds[c]['accuracy']:.3f}" for c in figs["conditions"])
-        console.print(f"{b}: {cells}  (majority gold {conds['base']['majority_gold']:.3f})")
+        majority = conds["base"]["majority_gold"]
+        control = f"  (majority gold {majority:.3f})" if majority is not None else ""
+        console.print(f"{b}: {cells}{control}")
     console.print(f"report: {result.report_md}  {result.report_html}")
     if json_out:
         summary = {

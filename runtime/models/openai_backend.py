@@ -219,7 +219,8 @@ class OpenAIBackend(Backend):
                     attempt += 1
                     # Jitter: callers that failed together must not all come back at the same moment.
                     delay = random.uniform(0.5, 1.0) * self.backoff_s * 2 ** (attempt - 1)
-                    log.warning(
+                    # INFO (the log file): a retry that works is no news, and one that fails ends in one error line.
+                    log.info(
                         "%s from %s; retry %d/%d in %.2fs",
                         _short(error),
                         self.base_url,

@@ -101,7 +101,7 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
                 c["base"]["n"],
                 *(c[k]["accuracy"] for k in order),
                 c["base"]["chance"] or "-",
-                c["base"]["majority_gold"],
+                c["base"]["majority_gold"] or "-",
             ]
         )
     report.table(headers, rows)
@@ -239,7 +239,8 @@ def _plot_accuracy(ax: Any, figs: dict[str, Any]) -> None:
             xs = [0, *range(1, len(members) + 1)]
             ys = [conds["base"]["accuracy"], *(conds[m]["accuracy"] for m in members)]
             ax.plot(xs, ys, marker="o", label=f"{b} {chain}", linestyle="-" if chain == "iter" else ":")
-        ax.axhline(conds["base"]["majority_gold"], linestyle="--", linewidth=0.8, color="grey")
+        if conds["base"]["majority_gold"] is not None:
+            ax.axhline(conds["base"]["majority_gold"], linestyle="--", linewidth=0.8, color="grey")
     ax.set_xlabel("iteration (0 = base)")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=6)
