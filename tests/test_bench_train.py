@@ -8,7 +8,7 @@ from runtime.bench_train import train_rate
 from tests.helpers import build_tiny_model
 from training.sft_config import LoraSFTConfig
 
-SIDES = ("redpen", "bare_trl", "bare_trl_padding_free")
+SIDES = ("redpen", "bare_trl", "bare_trl_padded")
 
 
 def test_every_side_trains_on_the_real_tokens(tmp_path: Path) -> None:

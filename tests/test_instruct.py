@@ -248,6 +248,8 @@ async def test_a_kill_in_any_stage_resumes_to_the_same_results(
     assert verdicts(resumed) == verdicts(reference)
     assert calls["train"] == 4  # each of the 4 adapters trained once across the kill and the resume: none redone
     assert resumed["supplies"]["iter1"]["rows"] == reference["supplies"]["iter1"]["rows"]
+    # a stage finished before the kill is read back on the resume, not counted twice
+    assert resumed["stages"]["tokens"] == reference["stages"]["tokens"]
 
 
 def _break(m: pytest.MonkeyPatch, stage: str) -> None:

@@ -112,25 +112,52 @@ def test_training_moved_the_lora_weights(trained: tuple[TrainResult, Path, list[
     assert all(v.abs().max() > 0 for v in lora_b.values())
 
 
+def collated_rows(batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) of each row of a collated batch: padded rows (right padding) or padding-free ones (one
+    sequence whose position ids restart at 0 at each row)."""
+    if "attention_mask" in batch:
+        return [
+            (ids[: int(mask.sum())], labels[: int(mask.sum())])
+            for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True)
+        ]
+    starts = [*(batch["position_ids"][0] == 0).nonzero().flatten().tolist(), batch["input_ids"].shape[1]]
+    return [(batch["input_ids"][0, a:b], batch["labels"][0, a:b]) for a, b in zip(starts, starts[1:], strict=False)]
+
+
 def assert_loss_on_the_reply_only(trainer: Any, rows: list[dict[str, Any]], end_of_turn: str) -> None:
     """Collate the rows as training does: every prompt label is -100; the reply and its end of turn are trained."""
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     tokenizer = trainer.processing_class
-    for row, input_ids, labels, mask in zip(
-        rows, batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
-    ):
+    for row, (input_ids, labels) in zip(rows, collated_rows(batch), strict=True):
         prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert (labels[:n_prompt] == -100).all()
         trained_ids = labels[labels != -100]
         assert tokenizer.decode(trained_ids) == row["messages"][-1]["content"] + end_of_turn
-        assert torch.equal(trained_ids, input_ids[n_prompt : int(mask.sum())])
+        assert torch.equal(trained_ids, input_ids[n_prompt:])
 
 
 def test_the_loss_is_on_the_assistant_reply_only(tiny_model: Path, tmp_path: Path) -> None:
     rows = chat_rows(2)
     trainer = build_trainer(rows, tiny_config(tiny_model, tmp_path / "a"), tiny_model, tmp_path / "work")
     assert_loss_on_the_reply_only(trainer, rows, "<|end|>")
+
+
+def test_padding_free_rows_do_not_see_each_other(tiny_model: Path, tmp_path: Path) -> None:
+    """Joined into one sequence, each row still attends only to itself: the first step's loss (taken before any
+    update) is the padded batch's. Were the rows to see each other, every row after the first would change it."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Why? " * (1 + 5 * i)}, {"role": "assistant", "content": REPLY}]}
+        for i in range(4)
+    ]
+    dataset = write_rows(tmp_path / "rows.jsonl", rows)
+    first = {
+        padding_free: train_lora(
+            dataset, tiny_config(tiny_model, tmp_path / f"pf-{padding_free}", max_steps=1, padding_free=padding_free)
+        ).losses[0]
+        for padding_free in (True, False)
+    }
+    assert first[True] == pytest.approx(first[False], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -237,9 +264,12 @@ def test_qlora_without_a_gpu_is_a_config_error() -> None:
 
 
 def test_the_config_maps_onto_trl_and_peft(tmp_path: Path) -> None:
-    config = LoraSFTConfig(r=8, lora_alpha=16, max_steps=3, max_length=128)
+    config = LoraSFTConfig(r=8, lora_alpha=16, max_steps=3, max_length=128, padding_free=False)
     sft = config.to_sft_config(tmp_path)
     assert (sft.max_steps, sft.max_length, sft.learning_rate, sft.per_device_train_batch_size) == (3, 128, 2e-4, 4)
+    # padding-free (the default): TRL cuts no rows; build_trainer leaves out those past max_length itself
+    default = LoraSFTConfig(max_length=128).to_sft_config(tmp_path)
+    assert (default.padding_free, default.max_length) == (True, None)
     assert sft.completion_only_loss is True and sft.assistant_only_loss is False
     assert (sft.save_strategy, sft.save_steps, sft.save_total_limit) == ("steps", 5, 2)  # checkpoints to resume from
     assert (sft.logging_first_step, sft.report_to) == (True, [])

@@ -68,6 +68,12 @@ class LoraSFTConfig:
     max_length: int = field(
         default=768, metadata={"help": "Longest tokenized row, in tokens; longer rows are left out."}
     )
+    # Padding-free: a batch's rows are joined into one sequence whose position ids restart at each row, so no step
+    # computes padding (rows are not cut: those past max_length are left out before). Measured by `redpen bench
+    # train` (16 BBQ rows, batches of 4, 2 cores): 1.10x tokens/s at the same final loss (0.4352 vs 0.4344).
+    padding_free: bool = field(
+        default=True, metadata={"help": "Join a batch's rows into one sequence instead of padding them."}
+    )
     logging_steps: int = field(default=5, metadata={"help": "Log the loss every this many steps (and at step 1)."})
     # 5: a CPU step of the default model takes ~10 s, so a killed training redoes under a minute; a LoRA checkpoint
     # (adapter, optimizer state) is ~20 MB, written in well under a second.
@@ -156,7 +162,9 @@ class LoraSFTConfig:
             per_device_train_batch_size=self.per_device_train_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             max_steps=self.max_steps,
-            max_length=self.max_length,
+            # TRL does not cut padding-free rows; build_trainer has already left out those past max_length.
+            max_length=None if self.padding_free else self.max_length,
+            padding_free=self.padding_free,
             logging_steps=self.logging_steps,
             logging_first_step=True,  # a loss is on record even for a run shorter than logging_steps
             seed=self.seed,

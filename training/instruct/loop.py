@@ -67,8 +67,10 @@ class Stages:
     tokens: dict[str, int] = field(default_factory=dict)
 
     def add(self, stage: str, seconds: float, tokens: int = 0) -> None:
+        """Seconds add up over a kill and its resume; ``tokens`` is the stage's total, counted from all its records
+        (a resumed stage reads back what was done before the kill, so adding would count that twice)."""
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 2)
-        self.tokens[stage] = self.tokens.get(stage, 0) + tokens
+        self.tokens[stage] = tokens
 
 
 @dataclass
