@@ -15,12 +15,13 @@ from agents.instructor import parse_samples
 from memory.embed import HashingEmbedder
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
+from runtime.errors import ConfigError
 from tests.helpers import build_tiny_model
-from training.instruct.benchmarks import Target
+from training.instruct.benchmarks import Target, default_ood
 from training.instruct.ledger import change
 from training.instruct.loop import InstructLoop, Plan
 from training.instruct.report import figures, render
-from training.instruct.run import ModelPool
+from training.instruct.run import ModelPool, plan
 from training.instruct.settings import InstructSettings
 from training.instruct.supply import RowStyle, balanced, plain_rows, replay_rows
 
@@ -156,6 +157,41 @@ def test_learned_and_forgotten_pair_by_id() -> None:
     assert (c.learned, c.forgotten) == (1, 1)
     with pytest.raises(ValueError):
         change({"a": True}, {"b": True})
+
+
+# ---- bring-your-own JSONL --------------------------------------------------------------------------------------------
+
+
+def write_questions(path: Path, prefix: str, n: int) -> Path:
+    rows = [{"input": f"{prefix} {i}?\nOptions:\n(A) yes\n(B) no", "target": f"({'AB'[i % 2]})"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_jsonl_target_trains_on_its_file_and_is_examined_on_its_own(tmp_path: Path) -> None:
+    train = write_questions(tmp_path / "mine.jsonl", "train", 20)
+    examine = write_questions(tmp_path / "mine-exam.jsonl", "exam", 8)
+    other = write_questions(tmp_path / "other.jsonl", "other", 8)
+    settings = InstructSettings(targets=[str(train)], examine_jsonl=[str(examine)], ood=[str(other)], eval_limit=5)
+    p = plan(settings, tmp_path / "no-benchmark-data-needed")
+    (target,) = p.targets
+    assert sorted(e.input for e in [*target.pool, *target.dev]) == sorted(
+        f"train {i}?\nOptions:\n(A) yes\n(B) no" for i in range(20)
+    )
+    assert target.dev and not {e.id for e in target.dev} & {e.id for e in target.pool}
+    assert list(p.benchmarks) == [str(train), str(other)] and p.in_domain == [str(train)]
+    assert [e.input.split("?")[0] for e in p.benchmarks[str(train)]] == [f"exam {i}" for i in range(5)]
+    assert [e.input.split("?")[0] for e in p.benchmarks[str(other)]] == [f"other {i}" for i in range(5)]
+    # the examine rows' ids never meet the train rows' (both files number their lines from 1)
+    assert not {e.id for e in p.benchmarks[str(train)]} & {e.id for e in target.pool}
+
+
+def test_a_jsonl_target_needs_its_examine_file_and_has_no_default_pair(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--examine-jsonl"):
+        InstructSettings(targets=["mine.jsonl"])
+    with pytest.raises(ConfigError, match="--answer-kind"):
+        InstructSettings(targets=["mine.jsonl"], examine_jsonl=["e.jsonl"], answer_kind="code")
+    assert default_ood(["data/mine.jsonl"], tmp_path) == ["bbh"]
 
 
 # ---- the loop on a tiny random model ------------------------------------------------------------------------------

@@ -230,8 +230,9 @@ def test_load_jsonl_names_file_and_line(tmp_path: Path, line: str, kind: str, me
 
 
 def test_load_jsonl_missing_or_empty_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="missing file"):
+    with pytest.raises(DataError, match="missing file") as missing:
         load_jsonl(tmp_path / "absent.jsonl", "text")
+    assert "data folder" not in str(missing.value)  # the user's own file: no hint about the benchmark folder
     with pytest.raises(DataError, match="no examples"):
         load_jsonl(_write(tmp_path, [""]), "text")
     with pytest.raises(ConfigError, match="answer kind"):

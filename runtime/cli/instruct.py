@@ -47,14 +47,27 @@ def _train_bars(bar: Progress) -> Any:
 
 
 def instruct(
-    target: Annotated[str, typer.Option(help="target tasks, comma-separated; bbq/Age+SES is a union of categories")],
+    target: Annotated[
+        str,
+        typer.Option(
+            help="target tasks, comma-separated; bbq/Age+SES is a union of categories; a .jsonl file is a "
+            "bring-your-own train part (input, target)"
+        ),
+    ],
     strategy: Annotated[
         str, typer.Option(help="one per iteration, comma-separated: replay, le, lec, memory")
     ] = "replay",
     baselines: Annotated[str, typer.Option(help="at the same number of rows: plain, augment (comma-separated)")] = "",
     ood: Annotated[
-        str | None, typer.Option(help="out-of-domain benchmarks [default: the targets' pairs and bbh]")
+        str | None,
+        typer.Option(help="out-of-domain benchmarks or .jsonl files [default: the targets' pairs and bbh]"),
     ] = None,
+    examine_jsonl: Annotated[
+        str | None, typer.Option(help="each .jsonl target's examine file, comma-separated, in --target order")
+    ] = None,
+    answer_kind: Annotated[str, typer.Option(help="for .jsonl targets and --ood files: choice, number or text")] = (
+        "choice"
+    ),
     select: Annotated[int, typer.Option(help="selection size per target per iteration")] = 300,
     budget: Annotated[int, typer.Option(help="most training rows per target per iteration")] = 400,
     eval_limit: Annotated[int, typer.Option(help="evaluation items per benchmark")] = 110,
@@ -101,6 +114,8 @@ def instruct(
         strategies=_names(strategy),
         baselines=_names(baselines),
         ood=_names(ood) if ood is not None else None,
+        examine_jsonl=_names(examine_jsonl),
+        answer_kind=answer_kind,
         select=select,
         budget=budget,
         eval_limit=eval_limit,

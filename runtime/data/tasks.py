@@ -176,6 +176,8 @@ def load_jsonl(
         raise ConfigError(f"unknown answer kind {answer_kind!r}; use one of: choice, number, text")
     _check_limit(limit)
     path = Path(path)
+    if not path.is_file():  # the user's own file, not the data folder's: say which, without the data-folder hint
+        raise DataError(f"missing file {path}: no such JSONL file")
     source = source or path.stem
     examples = []
     for line_no, row in _read_jsonl(path):

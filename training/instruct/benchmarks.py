@@ -3,7 +3,8 @@
 A target may be a union of sources of one family (``bbq/Age+SES+Religion``), so that the rest of the family can
 serve as its out-of-domain set. Out-of-domain pairs follow the LLMs-as-Instructors paper: MMLU -> ARC-Challenge,
 GSM8K -> GSM-Plus, MBPP -> HumanEval; BBQ categories -> the BBQ categories left out of the target; BBH as the holistic
-set.
+set. A target may also be a bring-your-own train JSONL (``mine.jsonl``), with its own examine file; an out-of-domain
+set may be any JSONL.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from runtime.data.tasks import Example, load_task, task_names
+from runtime.data.tasks import AnswerKind, Example, load_jsonl, load_task, task_names
 from runtime.errors import ConfigError
 
 OOD_PAIRS = {"gsm8k": "gsm_plus", "mmlu": "arc_challenge", "mbpp": "humaneval"}
@@ -24,6 +26,11 @@ class Target:
     name: str
     pool: list[Example]  # the train part minus dev: what selections and baseline rows are drawn from
     dev: list[Example]  # held out of every selection: choose settings here, never on an examine split
+
+
+def is_jsonl(spec: str) -> bool:
+    """A bring-your-own file rather than a task name."""
+    return spec.endswith(".jsonl")
 
 
 def load_union(spec: str, split: str, data_dir: Path, limit: int | None = None) -> list[Example]:
@@ -38,9 +45,19 @@ def load_union(spec: str, split: str, data_dir: Path, limit: int | None = None) 
     return merged[:limit] if limit is not None else merged
 
 
-def load_target(spec: str, data_dir: Path, dev_fraction: float, seed: int) -> Target:
+def load_benchmark(spec: str, data_dir: Path, limit: int, answer_kind: str, source: str | None = None) -> list[Example]:
+    """An evaluation set: a task's (or union's) examine split, or a JSONL file's rows."""
+    if is_jsonl(spec):
+        return load_jsonl(Path(spec), cast(AnswerKind, answer_kind), source=source, limit=limit)
+    return load_union(spec, "examine", data_dir, limit)
+
+
+def load_target(spec: str, data_dir: Path, dev_fraction: float, seed: int, answer_kind: str = "choice") -> Target:
     """The target's train part, with a seeded ``dev_fraction`` of each source held out as dev."""
-    rows = load_union(spec, "gather", data_dir)
+    if is_jsonl(spec):
+        rows = load_jsonl(Path(spec), cast(AnswerKind, answer_kind))
+    else:
+        rows = load_union(spec, "gather", data_dir)
     by_source: dict[str, list[Example]] = {}
     for e in rows:
         by_source.setdefault(e.source, []).append(e)
@@ -58,6 +75,8 @@ def default_ood(targets: list[str], data_dir: Path) -> list[str]:
     """Each target's out-of-domain pair, then the holistic set (unless a target is itself BBH)."""
     ood: list[str] = []
     for spec in targets:
+        if is_jsonl(spec):  # no known pair; give its out-of-domain sets with --ood
+            continue
         family, _, subs = spec.partition("/")
         if family in OOD_PAIRS:
             ood.append(OOD_PAIRS[family])
@@ -67,7 +86,7 @@ def default_ood(targets: list[str], data_dir: Path) -> list[str]:
             left = [c for c in rest if c not in chosen]
             if left:
                 ood.append("bbq/" + "+".join(left))
-    if not any(t.partition("/")[0] == HOLISTIC for t in targets):
+    if not any(not is_jsonl(t) and t.partition("/")[0] == HOLISTIC for t in targets):
         ood.append(HOLISTIC)
     return list(dict.fromkeys(o for o in ood if o not in targets))
 

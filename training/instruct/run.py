@@ -18,7 +18,7 @@ from runtime.models.config import BackendConfig
 from runtime.models.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
 from runtime.models.factory import make_backend
 from runtime.models.local import LocalBackend
-from training.instruct.benchmarks import check_disjoint, default_ood, load_target, load_union
+from training.instruct.benchmarks import check_disjoint, default_ood, is_jsonl, load_benchmark, load_target
 from training.instruct.loop import InstructLoop, Plan, Progress
 from training.instruct.memory_rows import MemorySource
 from training.instruct.report import figures, ledger, render
@@ -33,7 +33,9 @@ class InstructResult:
 
 
 def plan(settings: InstructSettings, data_dir: Path) -> Plan:
-    targets = [load_target(t, data_dir, settings.dev_fraction, settings.seed) for t in settings.targets]
+    targets = [
+        load_target(t, data_dir, settings.dev_fraction, settings.seed, settings.answer_kind) for t in settings.targets
+    ]
     code = [t.name for t in targets if any(e.answer_kind == "code" for e in t.pool)]
     written = [s for s in (*settings.strategies, *settings.baselines) if s in ("le", "lec", "augment")]
     if code and written:
@@ -48,8 +50,16 @@ def plan(settings: InstructSettings, data_dir: Path) -> Plan:
         return Plan(targets, benchmarks, list(benchmarks))
     ood = settings.ood if settings.ood is not None else default_ood(settings.targets, data_dir)
     check_disjoint(settings.targets, ood)
+    # A JSONL target is examined on its own examine file (ids apart from its train rows': another source name).
+    examine_files = dict(zip([t for t in settings.targets if is_jsonl(t)], settings.examine_jsonl, strict=True))
     for name in [*settings.targets, *ood]:
-        benchmarks[name] = load_union(name, "examine", data_dir, settings.eval_limit)
+        if name in examine_files:
+            source = f"{Path(name).stem}-examine"
+            benchmarks[name] = load_benchmark(
+                examine_files[name], data_dir, settings.eval_limit, settings.answer_kind, source
+            )
+        else:
+            benchmarks[name] = load_benchmark(name, data_dir, settings.eval_limit, settings.answer_kind)
     return Plan(targets, benchmarks, list(settings.targets))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import ConfigError
+from training.instruct.benchmarks import is_jsonl
 
 STRATEGIES = ("replay", "le", "lec", "memory")
 BASELINES = ("plain", "augment")
@@ -14,13 +15,22 @@ BASELINES = ("plain", "augment")
 
 @dataclass
 class InstructSettings:
-    targets: list[str] = field(metadata={"help": "Target tasks; 'bbq/Age+SES' is the union of those categories."})
+    targets: list[str] = field(
+        metadata={"help": "Target tasks ('bbq/Age+SES' is the union of those categories) or train JSONL files."}
+    )
     strategies: list[str] = field(
         default_factory=lambda: ["replay"], metadata={"help": "One strategy per iteration: replay, le, lec, memory."}
     )
     baselines: list[str] = field(default_factory=list, metadata={"help": "plain and/or augment, at equal rows."})
     ood: list[str] | None = field(
         default=None, metadata={"help": "Out-of-domain benchmarks; None = the pairs of the targets, and BBH."}
+    )
+    examine_jsonl: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Bring-your-own targets: each JSONL target's examine file, in the order of the targets."},
+    )
+    answer_kind: str = field(
+        default="choice", metadata={"help": "JSONL targets and out-of-domain files: choice, number or text."}
     )
     # 300 per target: the selection is answered by the current model every iteration (~1 min per 100 BBQ items on
     # 2 cores with the default model); enough wrong cases for a few hundred rows at its ~0.3 accuracy.
@@ -72,6 +82,14 @@ class InstructSettings:
         for b in self.baselines:
             if b not in BASELINES:
                 raise ConfigError(f"unknown --baselines {b!r}: choose from {', '.join(BASELINES)}")
+        jsonl_targets = [t for t in self.targets if is_jsonl(t)]
+        if self.eval_split == "examine" and len(self.examine_jsonl) != len(jsonl_targets):
+            raise ConfigError(
+                f"--examine-jsonl: a bring-your-own target is its train part and needs its own examine file; "
+                f"{len(jsonl_targets)} JSONL target(s), {len(self.examine_jsonl)} examine file(s)"
+            )
+        if self.answer_kind not in ("choice", "number", "text"):
+            raise ConfigError(f"unknown --answer-kind {self.answer_kind!r}: choose choice, number or text")
         if "memory" in self.strategies and self.memory is None:
             raise ConfigError("--strategy memory needs --memory PATH (a mistake memory from `redpen gather/run`)")
         if self.eval_split not in ("examine", "dev"):
