@@ -244,6 +244,18 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     assert "data:image/png;base64" in html.read_text()
 
 
+def test_row_golds_count_only_multiple_choice_rows(tiny: Path, tmp_path: Path) -> None:
+    # gsm8k,mmlu: the letter distribution a prior shift is read against leaves the number golds out
+    loop = make_loop(tmp_path / "run", tiny)
+    loop.plan.targets.append(Target("num", [Example("num/1", "num", "1 + 1?", "2", "number")], []))
+    rows = [
+        {"source": "toy/a", "target": "(A)"},
+        {"source": "num", "target": "2"},
+        {"source": "toy/a", "target": "(B)"},
+    ]
+    assert loop._choice_golds(rows) == {"(A)": 1, "(B)": 1}
+
+
 def outcome_model(run: Path, condition: str) -> str:
     (folder,) = [p.name for p in (run / condition).iterdir() if p.name.startswith(f"{condition}-")]
     return folder

@@ -262,9 +262,9 @@ class InstructLoop:
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
-        if not _programs(selection):
-            counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
-            counts["gold_of_selection"] = _distribution(e.target for e in selection)
+        if any(e.answer_kind == "choice" for e in selection):
+            counts["gold_of_rows"] = self._choice_golds(rows)
+            counts["gold_of_selection"] = _distribution(e.target for e in selection if e.answer_kind == "choice")
         counts["accuracy_on_selection"] = round(sum(v == "correct" for v in verdicts.values()) / len(verdicts), 4)
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
@@ -288,8 +288,8 @@ class InstructLoop:
             cases = rng.sample(list(selection), min(self.s.max_cases, len(selection)))
             rows, counts = await self.instructed(name, "augment", cases, [], rng, budget=n_rows)
         counts["strategy"] = baseline
-        if not _programs(selection):
-            counts["gold_of_rows"] = _distribution(r["target"] for r in rows)
+        if any(e.answer_kind == "choice" for e in selection):
+            counts["gold_of_rows"] = self._choice_golds(rows)
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
@@ -424,6 +424,12 @@ class InstructLoop:
 
     def _settings(self, items: Sequence[Example]) -> GenerationSettings:
         return self.code_settings if _programs(items) else self.eval_settings
+
+    def _choice_golds(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """The gold letters of the multiple-choice rows, what a letter prior is read against (a number, text or
+        program gold has no such distribution; a mixed target such as gsm8k,mmlu counts only its choice rows)."""
+        kinds = {e.source: e.answer_kind for t in self.plan.targets for e in t.pool}
+        return _distribution(r["target"] for r in rows if kinds.get(r["source"]) == "choice")
 
     def _overlaps(self, texts: Sequence[str]) -> list[float]:
         items = [e for b in self.plan.benchmarks.values() for e in b]
