@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -122,7 +123,9 @@ def test_eval_on_a_tiny_model_writes_the_run(tmp_path: Path, tiny_model: Path, g
     assert "max_new_tokens: 6 -> 7" in str(changed.exception)
 
 
-def test_train_assistant_trains_from_a_gather_directory(tmp_path: Path, tiny_model: Path, good_jsonl: Path) -> None:
+def test_train_assistant_trains_from_a_gather_directory(
+    tmp_path: Path, tiny_model: Path, good_jsonl: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """`gather` records its backends, so train-assistant finds the assistant's model folder there."""
     gathered = tmp_path / "gather"
     args = ["--jsonl", str(good_jsonl), "--model", str(tiny_model), "--max-new-tokens", "4", "--rounds", "1"]
@@ -137,9 +140,12 @@ def test_train_assistant_trains_from_a_gather_directory(tmp_path: Path, tiny_mod
     (gathered / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
 
     adapter = tmp_path / "adapter"
-    command = ["train-assistant", "--runs", str(gathered), "--out", str(adapter), "--no-compare", "--max-steps", "1"]
-    result = CliRunner().invoke(app, [*command, "--json"])
+    # no --no-compare: a gather directory has no examine split, so the comparison is skipped, and said so
+    command = ["train-assistant", "--runs", str(gathered), "--out", str(adapter), "--max-steps", "1"]
+    with caplog.at_level(logging.WARNING, logger="training.assistant"):
+        result = CliRunner().invoke(app, [*command, "--json"])
     assert result.exit_code == 0, result.output
+    assert any("trained without the comparison" in r.getMessage() for r in caplog.records)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["replay"]["kept"], summary["steps"], summary["reused"]) == (3, 1, False)
     metadata = json.loads((adapter / "adapter" / "redpen_adapter.json").read_text())

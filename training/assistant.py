@@ -86,13 +86,22 @@ def train_assistant(
     """Replay ``runs`` into ``out/replay``, train the adapter into ``out/adapter``, then compare in ``out/compare``.
 
     ``base_model`` defaults to the local model that played the assistant in ``runs[0]``. The comparison needs
-    ``runs[0]`` to be a ``redpen run`` directory (it reuses that run's examine split, memory and retrieval).
+    ``runs[0]`` to be a ``redpen run`` directory (it reuses that run's examine split, memory and retrieval); for a
+    gather directory it is skipped, with a warning.
     Call it outside an event loop: the comparison runs its own.
     """
     if not runs:
         raise ConfigError("no run directories given: pass the --out folder of `redpen gather` or `redpen run`")
     first = RunConfig.read(runs[0])
     adapter_dir, replay_dir = out / ADAPTER, out / REPLAY
+    if compare and not isinstance(first.identity, RunIdentity):  # a gather directory: no examine split to compare on
+        log.warning(
+            "%s is not a `redpen run` directory, so the adapter is trained without the comparison; compare it with "
+            "`redpen exam --assistant-adapter %s`",
+            runs[0],
+            adapter_dir,
+        )
+        compare = False
     existed = claim_folder(out, {REPLAY, ADAPTER, scratch_folder(adapter_dir).name, COMPARE})
     try:
         stats = export_replay(runs, replay_dir)
