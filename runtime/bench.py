@@ -108,11 +108,13 @@ async def _pipeline_pass(
     run = RunDir(workdir, {"bench": name})
     memory = MistakeMemory(path=workdir / "memory")
     try:
-        started = time.perf_counter()
+        # CPU time too: the process's, and this thread's, which runs the event loop every conversation shares.
+        started, cpu_started, loop_started = time.perf_counter(), time.process_time(), time.thread_time()
         episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
         hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD)
         exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
         elapsed = time.perf_counter() - started
+        cpu_s, loop_cpu_s = time.process_time() - cpu_started, time.thread_time() - loop_started
     finally:
         memory.close()
     tokens = sum(r["completion_tokens"] for r in [*episodes, *exams])
@@ -122,6 +124,8 @@ async def _pipeline_pass(
         "items_per_s": round((len(episodes) + len(exams)) / elapsed, 4),
         "completion_tokens": tokens,
         "tok_s": round(tokens / elapsed, 2),
+        "cpu_s": round(cpu_s, 2),
+        "loop_cpu_s": round(loop_cpu_s, 2),
         "answers": [e["first_answer"] for e in episodes] + [r["reply"] for r in exams],
         # A gathering episode is the first answer, then (feedback, answer) per round; an assisted exam item is the
         # assistant's guidance (when something was retrieved), then the answer. Examining waits for all gathering.

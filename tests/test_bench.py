@@ -23,9 +23,10 @@ def test_pipeline_against_a_simulated_server_keeps_every_item_in_flight(data_dir
     assert figures["server"]["requests"] >= figures["dependency_chain_calls"]
     # No client finishes before its longest chain of dependent calls: the share of that bound is at most 1.
     assert 0 < figures["share_of_bound"] <= 1.0
-    assert "of the dependency bound" in result.stderr
+    printed = " ".join(result.stderr.split())  # the console wraps lines at its width
+    assert "of the dependency bound" in printed
     # the client's own CPU per request, the floor no server latency hides
     client = figures["client"]
-    assert client["requests"] == figures["server"]["requests"] and client["cpu_s"] > 0
+    assert client["requests"] == figures["server"]["requests"] and client["cpu_s"] >= client["loop_cpu_s"] > 0
     assert client["cpu_ms_per_request"] == pytest.approx(1000 * client["cpu_s"] / client["requests"], rel=0.01)
-    assert "ms each" in result.stderr
+    assert "on the event loop" in printed
