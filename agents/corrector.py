@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agents.prompts import load_prompt
 from runtime.data.graders import extract_code, grade, grade_async
-from runtime.data.tasks import Example
+from runtime.data.tasks import Example, gold_option
 from runtime.models.backend import Message
 
 CORRECTOR = "corrector"
@@ -227,7 +227,7 @@ def format_steps(steps: Sequence[str]) -> str:
 def gold_answer(example: Example) -> str:
     """The gold as the corrector reads it: a choice item's letter with its option text."""
     if example.answer_kind == "choice" and example.options:
-        return f"{example.target} {example.options[ord(example.target[1]) - ord('A')]}"
+        return f"{example.target} {gold_option(example)}"
     return example.target
 
 

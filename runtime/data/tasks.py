@@ -94,6 +94,15 @@ def parse_options(text: str) -> tuple[str, ...]:
     return tuple(options)
 
 
+def gold_option(example: Example) -> str:
+    """The text of a choice item's gold option.
+
+    >>> gold_option(Example("q/1", "s", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")))
+    'y'
+    """
+    return example.options[ascii_uppercase.index(example.target.strip("()"))]
+
+
 def reorder_options(example: Example, order: Sequence[int]) -> Example:
     """The choice item with its options in ``order`` (indices into the old ones) and its gold relettered to match.
 

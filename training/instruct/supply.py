@@ -22,7 +22,7 @@ import numpy as np
 
 from agents.student import student_messages
 from memory.embed import TextEmbedder
-from runtime.data.tasks import Example, reorder_options
+from runtime.data.tasks import Example, gold_option, reorder_options
 from training.lema import gold_solution
 
 Row = dict[str, Any]
@@ -40,8 +40,7 @@ def gold_reply(example: Example, name_option: bool = False) -> str:
     if solution:
         return solution
     if name_option and example.answer_kind == "choice" and example.options:
-        text = example.options[ord(example.target.strip("()")) - ord("A")].rstrip(". ")
-        return f"{text}. The answer is {example.target}."
+        return f"{gold_option(example).rstrip('. ')}. The answer is {example.target}."
     return f"The answer is {example.target}."
 
 
