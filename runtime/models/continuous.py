@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from runtime.errors import ConfigError
@@ -152,13 +151,13 @@ class ContinuousBatch:
         eos_ids: set[int],
         stats: dict[str, float] | None = None,
         prefix_tokens: int = 0,
+        slots: int = 32,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, sorted(eos_ids)
         self.prefixes = PrefixStore(prefix_tokens) if prefix_tokens > 0 else None
         self.device = next(model.parameters()).device
-        self.rows: list[Row] = []
-        self.cache: Any = None
-        self.mask: torch.Tensor | None = None  # [rows, cache length]; 0 where a row is padded
+        self.rows: list[Row] = []  # row i lives in slot i of the cache
+        self.slots = SlotCache(model, max_slots=slots)
         self.stats = new_stats() if stats is None else stats  # may be shared by the batches of one backend
 
     def __len__(self) -> int:
@@ -183,19 +182,18 @@ class ContinuousBatch:
 
     def _admit(self, rows: Sequence[Row]) -> None:
         # One forward per row: on CPU prefill is compute-bound (300-token prompts: 898 tok/s alone, 1030 four at a
-        # time), and alone each row starts from its own cached prefix. The new rows join the cache in one merge.
+        # time), and alone each row starts from its own cached prefix. Each new row is copied into a free slot.
         started = time.perf_counter()
-        caches, logits = [], []
+        logits = []
         for row in rows:
             cache, row_logits = self._prefill(row)
-            caches.append(cache)
             logits.append(row_logits)
             if row.seed is not None and row.temperature > 0:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
-        merging = time.perf_counter()
-        self._merge(caches, [len(r.prompt_ids) for r in rows])
-        self.stats["merge_s"] += time.perf_counter() - merging
-        self.rows.extend(rows)
+            placing = time.perf_counter()
+            self.slots.place(len(self.rows), [ly.keys[0] for ly in cache.layers], [ly.values[0] for ly in cache.layers])
+            self.rows.append(row)
+            self.stats["merge_s"] += time.perf_counter() - placing
         self._append(rows, self._pick(torch.cat(logits), rows))
         self.stats["admissions"] += 1
         self.stats["prefill_rows"] += len(rows)
@@ -236,14 +234,13 @@ class ContinuousBatch:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        assert self.mask is not None
         ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
         positions = torch.tensor([[r.next_position] for r in self.rows], device=self.device)
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        cache, mask = self.slots.open_column()
         out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-        self.cache = out.past_key_values
+        self.slots.end += 1
         self._append(self.rows, self._pick(out.logits[:, -1], self.rows))
         self.stats["forwards"] += 1
         self.stats["decode_steps"] += 1
@@ -275,116 +272,152 @@ class ContinuousBatch:
 
     # ---- cache bookkeeping ----------------------------------------------------------------------------------
 
-    def _merge(self, caches: Sequence[Any], lengths: Sequence[int]) -> None:
-        """Left-pad the running cache and the new rows' caches to one length and stack them."""
-        parts = [] if self.cache is None else [self.cache]
-        masks = [] if self.mask is None else [self.mask]
-        masks += [torch.ones((1, n), dtype=torch.long, device=self.device) for n in lengths]
-        width = max(m.shape[1] for m in masks)
-        self.mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])
-        parts += caches
-        merged = parts[0]
-        merged.layers = [
-            GrowingLayer.holding(
-                _stack_right([p.layers[i].keys for p in parts], width),
-                _stack_right([p.layers[i].values for p in parts], width),
-                width,
-            )
-            for i in range(len(merged.layers))
-        ]
-        self.cache = merged
-
     def _drop_finished(self) -> list[Row]:
         finished = [r for r in self.rows if r.finish is not None]
         if not finished:
             return []
-        if self.prefixes is not None:
-            self._remember(finished)
-        keep = [i for i, r in enumerate(self.rows) if r.finish is None]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = None
-            return finished
-        assert self.mask is not None
-        index = torch.tensor(keep, device=self.device)
-        mask = self.mask[index]
-        start = int(mask.any(0).nonzero()[0])  # columns that are padding for every remaining row go
-        self.mask = mask[:, start:]
-        width = self.mask.shape[1]
-        self.cache.layers = [
-            GrowingLayer.holding(
-                _stack_right([layer.keys[index, :, start:]], width),
-                _stack_right([layer.values[index, :, start:]], width),
-                width,
-            )
-            for layer in self.cache.layers
-        ]
+        for i in reversed(range(len(self.rows))):  # from the end: a moved row has already been looked at
+            row = self.rows[i]
+            if row.finish is None:
+                continue
+            if self.prefixes is not None and row.finish != "cancelled":
+                # Prompt + reply: the conversation's next turn usually starts with them. The last token was
+                # sampled, never fed, so it has no keys and values.
+                n = len(row.prompt_ids) + len(row.tokens) - 1
+                keys, values = self.slots.row(i, n)
+                self.prefixes.put([*row.prompt_ids, *row.tokens][:n], keys, values)
+            last = len(self.rows) - 1
+            self.slots.remove(i)
+            self.rows[i] = self.rows[last]
+            self.rows.pop()
+        self.slots.trim()
         return finished
 
-    def _remember(self, finished: Sequence[Row]) -> None:
-        """Store prompt + reply of finished rows: the conversation's next turn usually starts with them."""
-        assert self.prefixes is not None and self.mask is not None
-        width = self.mask.shape[1]
-        for row in finished:
-            if row.finish == "cancelled":
-                continue
-            i = self.rows.index(row)
-            n = len(row.prompt_ids) + len(row.tokens) - 1  # the last token was sampled, never fed
-            self.prefixes.put(
-                [*row.prompt_ids, *row.tokens][:n],
-                [layer.keys[i, :, width - n :].clone() for layer in self.cache.layers],
-                [layer.values[i, :, width - n :].clone() for layer in self.cache.layers],
-            )
 
+class SlotCache:
+    """The batch's keys and values in buffers of ``[slots, heads, columns, dim]`` per layer, filled in place.
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer with spare room at the end, so a decode step writes its column in place.
-
-    ``DynamicLayer.update`` concatenates, copying the whole cache every step: at 32 rows and 600 tokens that was a
-    third of the step (242 vs 160 ms). Merges and drops build their buffers with room already (``_stack_right``);
-    when the room runs out, ``update`` makes more.
+    Rows ``[0, n)`` are the batch's rows, each right-aligned at column ``end``: its cached tokens fill ``[end -
+    length, end)`` and its mask is 1 there only. A decode step writes column ``end`` of every row; a new row is
+    copied into slot ``n``; a finished row is overwritten by the last one. Rebuilding the whole cache on every
+    admission and every finished row was 12% of the model time of a concurrent SALAM pass; here the buffers are
+    reallocated (``_repack``, with room to spare on both sides) only when slots or columns run out.
     """
 
-    ROOM = 128  # spare columns per (re)allocation: one copy per 128 steps
+    ROOM = 128  # spare columns on each side per (re)allocation: one copy per 128 decode steps at most
 
-    @classmethod
-    def holding(cls, keys: torch.Tensor, values: torch.Tensor, used: int) -> GrowingLayer:
-        """A layer over buffers whose first ``used`` columns are filled; the rest is room for decode steps."""
-        layer = cls()
-        layer.lazy_initialization(keys, values)
-        layer._room = (keys, values)
-        layer.keys, layer.values = keys[..., :used, :], values[..., :used, :]
-        return layer
+    def __init__(self, model: Any, max_slots: int) -> None:
+        from transformers import DynamicCache
+
+        self.max_slots = max_slots
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache = DynamicCache(config=model.config)
+        self.layers = [SlotLayer(self, i) for i in range(len(self.cache.layers))]
+        self.cache.layers = list(self.layers)
+        self.keys: list[torch.Tensor] = []  # per layer; empty until the first row arrives
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.n = self.start = self.end = 0
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start
+
+    def place(self, slot: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Copy one row's per-layer ``[heads, length, dim]`` keys and values into ``slot`` (== ``n``)."""
+        assert slot == self.n
+        length = keys[0].shape[-2]
+        if not self.keys or self.n == self.mask.shape[0] or length > self.end:
+            self._repack(rows=self.n + 1, left=length, heads=keys[0].shape[0], dim=keys[0].shape[-1])
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.keys[layer][slot, :, self.end - length : self.end] = k
+            self.values[layer][slot, :, self.end - length : self.end] = v
+        self.mask[slot] = 0  # whatever a former row left in this slot stays hidden
+        self.mask[slot, self.end - length : self.end] = 1
+        self.start = min(self.start, self.end - length) if self.n else self.end - length
+        self.n += 1
+
+    def open_column(self) -> tuple[Any, torch.Tensor]:
+        """The cache and mask for one decode step, which writes column ``end`` (the caller then moves ``end``)."""
+        if self.end == self.mask.shape[1]:
+            self._repack(rows=self.n, left=0, heads=self.keys[0].shape[1], dim=self.keys[0].shape[-1])
+        self.mask[: self.n, self.end] = 1
+        for layer in self.layers:
+            layer.show()
+        return self.cache, self.mask[: self.n, self.start : self.end + 1]
+
+    def row(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the last ``length`` cached columns of ``slot``, per layer ``[heads, length, dim]``."""
+        columns = slice(self.end - length, self.end)
+        return (
+            [k[slot, :, columns].clone() for k in self.keys],
+            [v[slot, :, columns].clone() for v in self.values],
+        )
+
+    def remove(self, slot: int) -> None:
+        """Free ``slot``; the last row moves into it, so rows stay ``[0, n)``."""
+        last = self.n - 1
+        if slot != last:
+            columns = slice(self.start, self.end)
+            for k, v in zip(self.keys, self.values, strict=True):
+                k[slot, :, columns] = k[last, :, columns]
+                v[slot, :, columns] = v[last, :, columns]
+            self.mask[slot] = self.mask[last]
+        self.n = last
+
+    def trim(self) -> None:
+        """Stop attending to columns that hold no remaining row's tokens; release the buffers when none is left."""
+        if self.n == 0:
+            self.keys, self.values = [], []
+            self.mask = self.mask.new_zeros((0, 0))
+            self.start = self.end = 0
+            return
+        used = self.mask[: self.n, self.start : self.end].any(0).nonzero()
+        self.start += int(used[0])
+
+    def _repack(self, *, rows: int, left: int, heads: int, dim: int) -> None:
+        """New buffers with at least ``rows`` slots and ``left`` columns before ``end``, and room on both sides."""
+        # Slots double as rows arrive (up to the batch's most), so a batch that stays small stays small in memory.
+        slots = max(rows, min(2 * self.mask.shape[0], self.max_slots))
+        end = max(self.width, left) + self.ROOM
+        shape = (slots, heads, end + self.ROOM, dim)
+        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
+        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
+        mask = torch.zeros((slots, shape[2]), dtype=torch.long, device=self.device)
+        if self.n:  # zeros, not empty memory: a masked column still enters attention as 0 x value, and NaN x 0 is NaN
+            old, new = slice(self.start, self.end), slice(end - self.width, end)
+            for layer in range(len(self.keys)):
+                new_keys[layer][: self.n, :, new] = self.keys[layer][: self.n, :, old]
+                new_values[layer][: self.n, :, new] = self.values[layer][: self.n, :, old]
+            mask[: self.n, new] = self.mask[: self.n, old]
+        self.start, self.end = end - self.width, end
+        self.keys, self.values, self.mask = new_keys, new_values, mask
+
+
+class SlotLayer(DynamicLayer):
+    """One layer of a ``SlotCache`` as transformers sees it: the batch's rows over columns ``[start, end)``, and
+    a decode step's keys and values written in place at ``end`` (``DynamicLayer.update`` would copy the layer)."""
+
+    def __init__(self, slots: SlotCache, index: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.slots, self.index = slots, index
+
+    def show(self) -> None:
+        s = self.slots
+        self.device, self.is_initialized = s.device, True
+        self.keys = s.keys[self.index][: s.n, :, s.start : s.end]
+        self.values = s.values[self.index][: s.n, :, s.start : s.end]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None  # set by lazy_initialization in holding()
-        used, n = self.keys.shape[-2], key_states.shape[-2]
-        room: tuple[torch.Tensor, torch.Tensor] | None = getattr(self, "_room", None)
-        if room is None or room[0].data_ptr() != self.keys.data_ptr() or used + n > room[0].shape[-2]:
-            shape = (*self.keys.shape[:-2], used + n + self.ROOM, self.keys.shape[-1])
-            room = (self.keys.new_empty(shape), self.values.new_empty(shape))
-            room[0][..., :used, :] = self.keys
-            room[1][..., :used, :] = self.values
-            self._room = room
-        room[0][..., used : used + n, :] = key_states
-        room[1][..., used : used + n, :] = value_states
-        self.keys, self.values = room[0][..., : used + n, :], room[1][..., : used + n, :]
+        s, new = self.slots, key_states.shape[-2]
+        s.keys[self.index][: s.n, :, s.end : s.end + new] = key_states
+        s.values[self.index][: s.n, :, s.end : s.end + new] = value_states
+        self.keys = s.keys[self.index][: s.n, :, s.start : s.end + new]
+        self.values = s.values[self.index][: s.n, :, s.start : s.end + new]
         return self.keys, self.values
-
-
-def _stack_right(parts: Sequence[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack ``[rows, heads, length, dim]`` tensors into one buffer of ``width + ROOM`` columns, each part
-    right-aligned at ``width`` (left padding zero): one copy, with room for the next decode steps."""
-    first = parts[0]
-    rows = sum(p.shape[0] for p in parts)
-    buffer = first.new_zeros((rows, first.shape[1], width + GrowingLayer.ROOM, first.shape[3]))
-    row = 0
-    for part in parts:
-        buffer[row : row + part.shape[0], :, width - part.shape[2] : width] = part
-        row += part.shape[0]
-    return buffer
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

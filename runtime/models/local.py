@@ -239,7 +239,12 @@ class LocalBackend(Backend):
                 batch = self._batches.get(adapter)
                 if batch is None:
                     batch = ContinuousBatch(
-                        self.model, self.tokenizer, self._eos_ids, self.stats, self.prefix_cache_tokens
+                        self.model,
+                        self.tokenizer,
+                        self._eos_ids,
+                        self.stats,
+                        self.prefix_cache_tokens,
+                        slots=self.max_batch_size,
                     )
                     self._batches[adapter] = batch
                 batch.cancel(lambda row: row.tag.future.cancelled())
