@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from agents.evaluation import condition_summary
-from agents.examination import retrieval_only, retrieve, run_exam
+from agents.examination import embed_queries, retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.store import MistakeMemory
@@ -121,10 +121,10 @@ async def run_experiment(
         spent("gathering", started)
         return episodes
 
-    baseline, episodes = await asyncio.gather(baseline_exam(), gathering())
+    baseline, episodes, queries = await asyncio.gather(baseline_exam(), gathering(), embed_queries(memory, examine))
 
     started = time.perf_counter()
-    hits = retrieve(memory, examine, roles.student_id, settings.task, settings.k, settings.threshold)
+    hits = retrieve(memory, examine, roles.student_id, settings.task, settings.k, settings.threshold, queries=queries)
     assisted = await run_exam(
         examine,
         roles,

@@ -469,7 +469,30 @@ class MistakeMemory:
         """
         if not query_texts:
             return []
-        vectors = self.embedder.embed(list(query_texts))
+        return self.search_vectors(
+            self.embedder.embed(list(query_texts)),
+            k=k,
+            threshold=threshold,
+            model_id=model_id,
+            source=source,
+            task=task,
+            skip_absorbed=skip_absorbed,
+            tenant=tenant,
+        )
+
+    def search_vectors(
+        self,
+        vectors: Any,
+        *,
+        k: int = RETRIEVAL_K,
+        threshold: float | None = None,
+        model_id: str | None = None,
+        source: str | None = None,
+        task: str | None = None,
+        skip_absorbed: bool = False,
+        tenant: str | None = None,
+    ) -> list[list[Hit]]:
+        """:meth:`search_many` for queries already embedded (``embedder.embed``), one list of hits per vector."""
         results = []
         for vector in vectors:
             with self._lock:

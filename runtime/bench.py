@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.examination import retrieve, run_exam
+from agents.examination import embed_queries, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
 from runtime.data.graders import program
@@ -110,8 +110,10 @@ async def _pipeline_pass(
     try:
         # CPU time too: the process's, and this thread's, which runs the event loop every conversation shares.
         started, cpu_started, loop_started = time.perf_counter(), time.process_time(), time.thread_time()
-        episodes = await run_gathering(gather, roles, memory, run, task=task, concurrency=width)
-        hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD)
+        episodes, queries = await asyncio.gather(
+            run_gathering(gather, roles, memory, run, task=task, concurrency=width), embed_queries(memory, examine)
+        )
+        hits = retrieve(memory, examine, roles.student_id, task, RETRIEVAL_K, RETRIEVAL_THRESHOLD, queries=queries)
         exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
         elapsed = time.perf_counter() - started
         cpu_s, loop_cpu_s = time.process_time() - cpu_started, time.thread_time() - loop_started
@@ -133,6 +135,10 @@ async def _pipeline_pass(
             "gather": max((1 + 2 * e["rounds"] for e in episodes), default=0),
             "examine": max((1 + bool(r.get("guidance")) for r in exams), default=0),
         },
+        # Decode steps along the costliest chain (a call's first token comes from its prefill, each further token
+        # from a step of its own): no pass, however batched, takes fewer.
+        "longest_chain_steps": max((e["completion_tokens"] - 1 - 2 * e["rounds"] for e in episodes), default=0)
+        + max((r["completion_tokens"] - 1 - bool(r.get("guidance")) for r in exams), default=0),
     }
     stats = getattr(roles.student, "stats", None)
     if stats is not None:  # the local backend's profile: how full the batches were and where time went

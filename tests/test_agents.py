@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.examination import exam_item, retrieval_only, retrieve, run_exam
+from agents.examination import embed_queries, exam_item, retrieval_only, retrieve, run_exam
 from agents.feedback import FALLBACK_GUIDELINE, Feedback, parse_feedback, without_leaks
 from agents.gathering import EPISODES, gather_episode, mistake_from, run_gathering
 from agents.team import Roles
@@ -381,6 +381,18 @@ async def test_retrieve_filters_by_student_and_task(tmp_path: Path) -> None:
     assert [h.record.query for h in hits["m/2"]] == [APPLES.input] and hits["m/3"] == []
     assert retrieve(mem, [PEARS], "another-student", "math", k=3, threshold=0.3) == {"m/2": []}
     assert retrieve(mem, [PEARS], r.student_id, "another-task", k=3, threshold=0.3) == {"m/2": []}
+    mem.close()
+
+
+async def test_queries_embedded_while_gathering_retrieve_what_retrieval_embeds_itself(tmp_path: Path) -> None:
+    mem = memory()
+    queries = await embed_queries(mem, [PEARS, UNRELATED])  # before any mistake is in memory, as a run does
+    r = roles()
+    await run_gathering([APPLES], r, mem, run_dir(tmp_path / "gather"), task="math")
+    early = retrieve(mem, [PEARS, UNRELATED], r.student_id, "math", k=3, threshold=0.3, queries=queries)
+    assert early == retrieve(mem, [PEARS, UNRELATED], r.student_id, "math", k=3, threshold=0.3)
+    assert [h.record.query for h in early["m/2"]] == [APPLES.input] and early["m/3"] == []
+    assert await embed_queries(mem, []) == []
     mem.close()
 
 

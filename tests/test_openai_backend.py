@@ -137,10 +137,12 @@ async def test_many_requests_with_bounded_concurrency(url: str, scripted: Script
     assert scripted.max_in_flight == 4
 
 
-async def test_default_limits_keep_a_vllm_batch_in_flight_over_kept_connections() -> None:
+@pytest.mark.parametrize("limit", [None, 70])  # None: the default, vLLM's max_num_seqs (256); 70: pools 32+32+6
+async def test_default_limits_keep_a_vllm_batch_in_flight_over_kept_connections(limit: int | None) -> None:
     """Defaults sized for vLLM: a whole default batch of requests is in flight at once (the server answers none
-    until all have arrived), and a second batch reuses the first one's connections instead of opening new ones."""
-    n = 256  # vLLM's default max_num_seqs
+    until all have arrived), and a second batch reuses the first one's connections instead of opening new ones.
+    The connections are split over several pools; no request may wait for a connection of a full one."""
+    n = limit or 256
     arrived, ports = [0], set()
     batches = [asyncio.Event(), asyncio.Event()]
     app = FastAPI()
@@ -164,7 +166,7 @@ async def test_default_limits_keep_a_vllm_batch_in_flight_over_kept_connections(
         }
 
     with running(app) as base_url:
-        backend = OpenAIBackend("m", base_url=base_url, timeout_s=20, max_retries=0)
+        backend = OpenAIBackend("m", base_url=base_url, timeout_s=20, max_retries=0, max_concurrency=n)
         for _ in batches:
             generations = await backend.generate_many([QUESTION] * n)
             assert [g.text for g in generations] == ["ok"] * n

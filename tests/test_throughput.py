@@ -155,3 +155,24 @@ async def test_conversations_in_flight_default_to_what_the_backend_serves(tmp_pa
     results = await run_exam(_examples("e", 80), roles, RunDir(tmp_path, {"pass": "x"}), "exam.jsonl", mode="baseline")
     assert len(results) == 80
     assert server.peak == 80  # not capped at the local batch's 32
+
+
+async def test_pipeline_bench_profiles_both_passes_against_their_floor(
+    tiny_backend: LocalBackend, tmp_path: Path
+) -> None:
+    from runtime.bench import pipeline_rate
+
+    settings = GenerationSettings(max_new_tokens=12)
+    roles = Roles(tiny_backend, tiny_backend, student_settings=settings, assistant_settings=settings)
+    result = await pipeline_rate(
+        roles, _examples("g", 5), _examples("e", 4), tmp_path, task="t", concurrency=8, generate_concurrency=4
+    )
+    assert result["identical_answers"] == result["answers_compared"] == 9
+    serial, concurrent = result["one_at_a_time"], result["concurrent"]
+    assert serial["longest_chain_steps"] == concurrent["longest_chain_steps"] > 0
+    # One decode step adds a token to every row, so no pass takes fewer steps than its longest chain of dependent
+    # calls; one at a time, each step serves a single row.
+    steps = serial["profile"]["decode_steps"], concurrent["profile"]["decode_steps"]
+    assert steps[0] > steps[1] >= concurrent["longest_chain_steps"]
+    assert serial["profile"]["mean_rows_per_step"] == 1 < concurrent["profile"]["mean_rows_per_step"]
+    assert 0 < result["ceiling"]["share_achieved"] and result["ceiling"]["speedup"] > 1

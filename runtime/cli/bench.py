@@ -142,6 +142,12 @@ def _pipeline_table(result: dict[str, Any]) -> None:
         f"({result['generate_batched_tok_s']:.1f} tok/s; one at a time {result['generate_single_tok_s']:.1f}); "
         f"identical answers {result['identical_answers']}/{result['answers_compared']}"
     )
+    profile = result["concurrent"].get("profile")
+    if profile:
+        console.print(
+            f"concurrent: {profile['decode_steps']} decode steps; the longest chain of dependent calls alone takes "
+            f"{result['concurrent']['longest_chain_steps']}"
+        )
 
 
 def _simulated_pipeline(
