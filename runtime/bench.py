@@ -146,6 +146,7 @@ async def _pipeline_pass(
         model_s, prefills = delta["prefill_s"] + delta["decode_s"], delta["forwards"] - delta["decode_steps"]
         result["profile"] = {
             "decode_steps": int(delta["decode_steps"]),
+            "slot_tokens": int(delta["slot_tokens"]),  # tokens decoded, a row's token per step it was in
             "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
             "prefills": int(prefills),  # one row each
             "mean_rows_per_admission": round(delta["prefill_rows"] / max(delta["admissions"], 1), 2),
@@ -215,6 +216,19 @@ async def pipeline_rate(
             "speedup": round(ceiling, 2),
             "share_achieved": round(speedup / ceiling, 3),
         }
+        chained = chain_ceiling(
+            prefill_share,
+            generate["ratio"],
+            generate_concurrency,
+            chain_steps=concurrent["longest_chain_steps"],
+            row_tokens=serial["profile"]["decode_steps"],  # one at a time, a decode step is one row's token
+        )
+        result["chain_ceiling"] = {
+            "chain_steps": concurrent["longest_chain_steps"],
+            "row_tokens": serial["profile"]["decode_steps"],
+            "speedup": round(chained, 2),
+            "share_achieved": round(speedup / chained, 3),
+        }
     return result
 
 
@@ -229,6 +243,29 @@ def cpu_ceiling(prefill_share: float, decode_speedup: float) -> float:
     6.0
     """
     return 1 / (prefill_share + (1 - prefill_share) / decode_speedup)
+
+
+def chain_ceiling(
+    prefill_share: float, decode_speedup: float, rows: int, *, chain_steps: int, row_tokens: int
+) -> float:
+    """``cpu_ceiling`` with the decode steps the workload's dependencies force: ``row_tokens`` tokens decoded in
+    no fewer than ``chain_steps`` steps (its longest chain of dependent calls), at most ``rows`` a step.
+
+    In units of a one-row step, a step of ``r`` rows costs at least ``1 + (r - 1) * (rows / decode_speedup - 1) /
+    (rows - 1)`` (the chord from one row to ``rows``; a step's cost grows no faster than that, as every step reads
+    the weights once), so the decoding costs at least ``chain_steps`` one-row steps plus the extra rows at the
+    chord's slope, and no less than all rows at the full batch's rate. Without dependencies (one step) this is
+    ``cpu_ceiling``; the longer the chain, the fewer rows each step can hold and the lower the ceiling.
+
+    >>> round(chain_ceiling(0.4, 6.0, 32, chain_steps=1, row_tokens=1000), 2)  # no chain: cpu_ceiling(0.4, 6.0)
+    2.0
+    >>> round(chain_ceiling(0.0, 8.0, 32, chain_steps=100, row_tokens=1000), 2)  # 100 steps of 10 rows at most
+    5.34
+    """
+    steps = max(min(chain_steps, row_tokens), 1)
+    slope = (rows / decode_speedup - 1) / (rows - 1)
+    decode = max(steps + (row_tokens - steps) * slope, row_tokens / decode_speedup)
+    return 1 / (prefill_share + (1 - prefill_share) * decode / row_tokens)
 
 
 async def latency_rate(

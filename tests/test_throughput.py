@@ -176,3 +176,7 @@ async def test_pipeline_bench_profiles_both_passes_against_their_floor(
     assert steps[0] > steps[1] >= concurrent["longest_chain_steps"]
     assert serial["profile"]["mean_rows_per_step"] == 1 < concurrent["profile"]["mean_rows_per_step"]
     assert 0 < result["ceiling"]["share_achieved"] and result["ceiling"]["speedup"] > 1
+    # The dependencies only lower the ceiling: fewer rows fit a step than a free batch would hold.
+    chained = result["chain_ceiling"]
+    assert 1 <= chained["speedup"] <= result["ceiling"]["speedup"]
+    assert chained["row_tokens"] == serial["profile"]["decode_steps"] == concurrent["profile"]["slot_tokens"]

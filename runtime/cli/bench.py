@@ -136,6 +136,15 @@ def _pipeline_table(result: dict[str, Any]) -> None:
             f"{ceiling['decode_rows']} (decode {ceiling['decode_speedup']:.2f}x)",
             f"{ceiling['serial_prefill_share']:.0%} (serial)",
         )
+        chained = result["chain_ceiling"]  # the same, with the decode steps the longest dependent chain forces
+        table.add_row(
+            "CPU ceiling, chained",
+            f"{result['one_at_a_time']['items_per_s'] * chained['speedup']:.3f}",
+            f"{chained['speedup']:.2f}x ({result['speedup'] / chained['speedup']:.0%} achieved)",
+            "-",
+            f"<= {chained['row_tokens'] / max(chained['chain_steps'], 1):.1f} ({chained['chain_steps']} steps)",
+            f"{ceiling['serial_prefill_share']:.0%} (serial)",
+        )
     console.print(table)
     console.print(
         f"pipeline {result['pipeline_fraction_of_generate']:.0%} of batched generate "
@@ -145,8 +154,9 @@ def _pipeline_table(result: dict[str, Any]) -> None:
     profile = result["concurrent"].get("profile")
     if profile:
         console.print(
-            f"concurrent: {profile['decode_steps']} decode steps; the longest chain of dependent calls alone takes "
-            f"{result['concurrent']['longest_chain_steps']}"
+            f"concurrent: {profile['decode_steps']} decode steps for {profile['slot_tokens']} tokens; the longest "
+            f"chain of dependent calls alone takes {result['concurrent']['longest_chain_steps']} (the chained "
+            "ceiling's floor)"
         )
 
 
