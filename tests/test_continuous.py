@@ -92,10 +92,10 @@ def test_a_slot_hides_what_its_former_row_left_there(model: Any) -> None:
     def kv(length: int) -> list[torch.Tensor]:
         return [torch.ones(heads, length, dim)] * model.config.num_hidden_layers
 
-    cache.place(0, kv(50), kv(50))
-    cache.place(1, kv(20), kv(20))
+    cache.place(kv(50), kv(50))
+    cache.place(kv(20), kv(20))
     cache.remove(0)  # the 20-token row moves into slot 0, over the 50-token row
-    cache.place(1, kv(5), kv(5))  # a new row in the slot the 20-token row left
+    cache.place(kv(5), kv(5))  # a new row in the slot the 20-token row left
     cache.trim()
     _, mask = cache.open_column()
     assert mask.tolist() == [[1] * 21, [0] * 15 + [1] * 6]  # each row's own columns and the one decoded now

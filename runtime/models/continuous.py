@@ -191,7 +191,7 @@ class ContinuousBatch:
             if row.seed is not None and row.temperature > 0:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
             placing = time.perf_counter()
-            self.slots.place(len(self.rows), [ly.keys[0] for ly in cache.layers], [ly.values[0] for ly in cache.layers])
+            self.slots.place([ly.keys[0] for ly in cache.layers], [ly.values[0] for ly in cache.layers])
             self.rows.append(row)
             self.stats["merge_s"] += time.perf_counter() - placing
         self._append(rows, self._pick(torch.cat(logits), rows))
@@ -324,9 +324,9 @@ class SlotCache:
     def width(self) -> int:
         return self.end - self.start
 
-    def place(self, slot: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Copy one row's per-layer ``[heads, length, dim]`` keys and values into ``slot`` (== ``n``)."""
-        assert slot == self.n
+    def place(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Copy one row's per-layer ``[heads, length, dim]`` keys and values into the next free slot, ``n``."""
+        slot = self.n
         length = keys[0].shape[-2]
         if not self.keys or self.n == self.mask.shape[0] or length > self.end:
             self._repack(rows=self.n + 1, left=length, heads=keys[0].shape[0], dim=keys[0].shape[-1])
@@ -382,10 +382,11 @@ class SlotCache:
         slots = max(rows, min(2 * self.mask.shape[0], self.max_slots))
         end = max(self.width, left) + self.ROOM
         shape = (slots, heads, end + self.ROOM, dim)
+        # Zeros, not empty memory: a masked column still enters attention as 0 x value, and NaN x 0 is NaN.
         new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
         new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
         mask = torch.zeros((slots, shape[2]), dtype=torch.long, device=self.device)
-        if self.n:  # zeros, not empty memory: a masked column still enters attention as 0 x value, and NaN x 0 is NaN
+        if self.n:
             old, new = slice(self.start, self.end), slice(end - self.width, end)
             for layer in range(len(self.keys)):
                 new_keys[layer][: self.n, :, new] = self.keys[layer][: self.n, :, old]
