@@ -143,12 +143,14 @@ async def _pipeline_pass(
     stats = getattr(roles.student, "stats", None)
     if stats is not None:  # the local backend's profile: how full the batches were and where time went
         delta = {k: stats[k] - stats_before.get(k, 0) for k in stats}
-        model_s, prefills = delta["prefill_s"] + delta["decode_s"], delta["forwards"] - delta["decode_steps"]
+        model_s = delta["prefill_s"] + delta["decode_s"]  # a forward that prefilled counts as prefill
         result["profile"] = {
+            "forwards": int(delta["forwards"]),
             "decode_steps": int(delta["decode_steps"]),
+            "mixed_steps": int(delta["mixed_steps"]),  # decode steps that rode along a prefill
             "slot_tokens": int(delta["slot_tokens"]),  # tokens decoded, a row's token per step it was in
             "mean_rows_per_step": round(delta["slot_tokens"] / max(delta["decode_steps"], 1), 2),
-            "prefills": int(prefills),  # one row each
+            "prefills": int(delta["prefill_rows"]),
             "mean_rows_per_admission": round(delta["prefill_rows"] / max(delta["admissions"], 1), 2),
             "prefill_tokens": int(delta["prefill_tokens"]),
             "reused_prefix_tokens": int(delta["reused_tokens"]),

@@ -10,15 +10,27 @@ import pytest
 import torch
 
 from runtime.models.continuous import ContinuousBatch, Row, SlotCache
-from tests.helpers import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from transformers import AutoModelForCausalLM
+def model() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    # Two key heads of two query heads each: attention must pair every query head with its own key head.
+    config = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=300,
+        max_position_embeddings=2048,
+        initializer_range=0.2,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
 
 
 def batch(model: Any, slots: int = 4, prefix_tokens: int = 0) -> ContinuousBatch:
@@ -30,11 +42,12 @@ def row(prompt: list[int], new_tokens: int) -> Row:
 
 
 def alone(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
-    one, solo = batch(model), row(prompt, new_tokens)
+    """The reference: transformers' own greedy ``generate`` (its cache and SDPA), independent of the slots."""
     with torch.inference_mode():
-        while not one.advance([] if one.rows or solo.tokens else [solo]):
-            pass
-    return solo.tokens
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    return list(out[0, len(prompt) :].tolist())
 
 
 def test_rows_joining_and_leaving_in_any_order_decode_as_they_do_alone(model: Any) -> None:
@@ -87,15 +100,56 @@ def test_rows_join_and_leave_in_place_while_there_is_room(model: Any) -> None:
 
 def test_a_slot_hides_what_its_former_row_left_there(model: Any) -> None:
     cache = SlotCache(model, max_slots=4)
-    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    heads, dim = model.config.num_key_value_heads, model.config.head_dim
 
-    def kv(length: int) -> list[torch.Tensor]:
-        return [torch.ones(heads, length, dim)] * model.config.num_hidden_layers
+    def join(length: int) -> None:  # a row whose keys are all cached: no forward needed to place it
+        kv = [torch.ones(heads, length, dim)] * model.config.num_hidden_layers
+        step = cache.open_step([length])
+        step.add_row(length, length, kv, kv)
+        cache.end += 1
 
-    cache.place(kv(50), kv(50))
-    cache.place(kv(20), kv(20))
-    cache.remove(0)  # the 20-token row moves into slot 0, over the 50-token row
-    cache.place(kv(5), kv(5))  # a new row in the slot the 20-token row left
+    join(50)
+    join(20)  # the 50-token row took a step too: 51
+    cache.remove(0)  # the 20-token row moves into slot 0, over the 51-token row
+    join(5)  # a new row in the slot the 20-token row left
     cache.trim()
-    _, mask = cache.open_column()
-    assert mask.tolist() == [[1] * 21, [0] * 15 + [1] * 6]  # each row's own columns and the one decoded now
+    step = cache.open_step([])
+    step.close()
+    assert step.decode_mask is not None
+    # Each row's own columns and the one decoded now.
+    assert step.decode_mask[:, 0, 0].long().tolist() == [[1] * 22, [0] * 16 + [1] * 6]
+
+
+def test_rows_from_cached_prefixes_decode_as_generate_does(model: Any) -> None:
+    # Conversation turns: each next prompt extends an earlier prompt and its reply, and joins while others run.
+    rng = random.Random(1)
+    system = [rng.randrange(3, 250) for _ in range(40)]
+    shared = batch(model, slots=4, prefix_tokens=10_000)
+    first = [row(system + [rng.randrange(3, 250) for _ in range(n)], 20) for n in (5, 30)]
+    with torch.inference_mode():
+        shared.advance(first)
+        while shared.rows:
+            shared.advance([])
+        turns = [row(r.prompt_ids + r.tokens + [7, 8, 9], 15) for r in first]
+        shared.advance([row(system + [11, 12], 40)])
+        shared.advance(turns)
+        while shared.rows:
+            shared.advance([])
+    assert shared.stats["reused_tokens"] >= 2 * 40 + 2 * (20 - 1)
+    for r in [*first, *turns]:
+        assert r.tokens == alone(model, r.prompt_ids, r.max_new_tokens)
+
+
+def test_rows_arriving_together_compute_a_shared_prefix_once(model: Any) -> None:
+    rng = random.Random(2)
+    system = [rng.randrange(3, 250) for _ in range(40)]
+    prompts = [system + [rng.randrange(3, 250) for _ in range(n)] for n in (3, 9, 5)]
+    shared = batch(model, slots=4, prefix_tokens=10_000)
+    rows = [row(p, 6) for p in prompts]
+    with torch.inference_mode():
+        shared.advance(rows)  # the first row now; the others wait for its prompt's keys
+        assert [r.tokens != [] for r in rows] == [True, False, False] and len(shared) == 3
+        while shared.rows or shared.deferred:
+            shared.advance([])
+    assert shared.stats["prefill_tokens"] == 40 + 3 + 9 + 5  # the system prompt once, as one at a time
+    assert [r.tokens for r in rows] == [alone(model, p, 6) for p in prompts]

@@ -94,8 +94,8 @@ async def test_max_batch_size_caps_the_rows_decoded_together(tiny_model: Path) -
     settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
     results = await asyncio.gather(*(small.generate(chat(p), settings) for p in PROMPTS))
     assert [g.usage.completion_tokens for g in results] == [10] * len(PROMPTS)
-    assert small.stats["admissions"] == 3  # 3 + 3 + 2
-    assert small.stats["decode_steps"] == 3 * 9 and small.stats["slot_tokens"] == len(PROMPTS) * 9
+    assert small.stats["prefill_rows"] == len(PROMPTS) and small.stats["slot_tokens"] == len(PROMPTS) * 9
+    assert small.stats["decode_steps"] >= len(PROMPTS) * 9 / 3  # never more than 3 rows a step
     await small.aclose()
 
 

@@ -154,7 +154,8 @@ def _pipeline_table(result: dict[str, Any]) -> None:
     profile = result["concurrent"].get("profile")
     if profile:
         console.print(
-            f"concurrent: {profile['decode_steps']} decode steps for {profile['slot_tokens']} tokens; the longest "
+            f"concurrent: {profile['decode_steps']} decode steps for {profile['slot_tokens']} tokens "
+            f"({profile['mixed_steps']} of them riding along a prefill); the longest "
             f"chain of dependent calls alone takes {result['concurrent']['longest_chain_steps']} (the chained "
             "ceiling's floor)"
         )

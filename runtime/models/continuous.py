@@ -1,13 +1,15 @@
-"""Continuous batching for a Hugging Face causal LM: rows join and leave one KV cache between decode steps.
+"""Continuous batching for a Hugging Face causal LM: rows join and leave one KV cache at every forward.
 
 A static ``generate`` runs every row until the longest reply ends and admits nobody midway, so when episodes
-issue dependent calls most decode slots idle. Here each step decodes one token for every active row; finished
-rows leave at once, and waiting requests are prefilled and join the running cache. Rows are left-padded
-to a common cache length; the attention mask hides the padding and explicit position ids give each row its own
-positions, so a row's tokens do not depend on its neighbours (up to kernel rounding in low precision).
+issue dependent calls most decode slots idle. Here each forward decodes one token for every active row and, in
+the same forward, prefills the rows that arrived (vLLM's chunked prefill, whole prompts): the weights are read once
+for both, and the running rows do not wait a step for the newcomers. Finished rows leave at once. The forward is
+one flat sequence of tokens through the model's own layers; only attention is redpen's (``slot_attention``): each
+row attends to its own keys and values in a ``SlotCache``, so a row's tokens do not depend on its neighbours (up to
+kernel rounding in low precision).
 
 transformers' own continuous batching (``generate_batch``) targets GPUs: on CPU its paged attention ran at less
-than half the speed of a static ``generate`` on the same prompts, so this keeps the plain ``DynamicCache``.
+than half the speed of a static ``generate`` on the same prompts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from runtime.errors import ConfigError
 
@@ -50,14 +55,19 @@ class Row:
 # Shorter shared prefixes are not worth a cache copy.
 MIN_REUSED_PREFIX = 8
 
+# A cached prefix: its length in tokens and its per-layer keys and values.
+Prefix = tuple[int, list[torch.Tensor], list[torch.Tensor]]
+
 
 def new_stats() -> dict[str, float]:
-    """Counters of the model work: forward passes (a prefill per row, then one per decode step), admissions (new
-    rows merged into the running batch), rows decoded (slot_tokens), prompt tokens computed and reused, times."""
+    """Counters of the model work: forward passes, admissions (forwards that prefilled new rows), decode steps
+    (forwards that decoded running rows; ``mixed_steps`` of them also prefilled), rows decoded (slot_tokens), prompt
+    tokens computed and reused; times: a forward with new rows counts as prefill, one without as decode."""
     return {
         "forwards": 0,
         "admissions": 0,
         "decode_steps": 0,
+        "mixed_steps": 0,
         "slot_tokens": 0,
         "prefill_rows": 0,
         "prefill_tokens": 0,
@@ -81,13 +91,34 @@ def check_supported(model: Any) -> None:
         )
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of keys and values one token occupies in the cache, over all layers."""
+SLOT_ATTENTION = "redpen_slots"
+
+
+def use_slot_attention(model: Any) -> None:
+    """Route the model's attention through ``slot_attention``: a forward given a ``slot_step`` runs on the slot
+    cache; any other (option scoring, prompt log-probs) is plain SDPA, as before."""
+    model.set_attn_implementation(SLOT_ATTENTION)
+
+
+def kv_shape(model: Any) -> tuple[int, int, int]:
+    """Layers, key/value heads and head size of the model's cache."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = next(model.parameters()).element_size()
-    return int(2 * config.num_hidden_layers * heads * head_dim * element)
+    return int(config.num_hidden_layers), int(heads), int(head_dim)
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values one token occupies in the cache, over all layers."""
+    layers, heads, head_dim = kv_shape(model)
+    return 2 * layers * heads * head_dim * int(next(model.parameters()).element_size())
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading token ids two sequences share."""
+    n = min(len(a), len(b))
+    differs = np.flatnonzero(a[:n] != b[:n])
+    return int(differs[0]) if differs.size else n
 
 
 class PrefixStore:
@@ -113,9 +144,7 @@ class PrefixStore:
         query = np.asarray(ids)
         best, best_key = 0, None
         for key, (stored, _, _) in self._entries.items():
-            n = min(len(stored), len(query))
-            differs = np.flatnonzero(stored[:n] != query[:n])
-            common = int(differs[0]) if differs.size else n
+            common = common_prefix(stored, query)
             if common > best:
                 best, best_key = common, key
         if best_key is None:
@@ -154,98 +183,101 @@ class ContinuousBatch:
         slots: int = 32,
     ) -> None:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, sorted(eos_ids)
+        if model.config._attn_implementation != SLOT_ATTENTION:
+            use_slot_attention(model)
         self.prefixes = PrefixStore(prefix_tokens) if prefix_tokens > 0 else None
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []  # row i lives in slot i of the cache
+        self.deferred: list[Row] = []  # admitted, prefilled next forward (see ``_plan``)
         self.slots = SlotCache(model, max_slots=slots)
         self.stats = new_stats() if stats is None else stats  # may be shared by the batches of one backend
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.deferred)
 
     def advance(self, new_rows: Sequence[Row]) -> list[Row]:
-        """Admit ``new_rows`` (their first token comes from the prefill), decode one step, return finished rows."""
-        if new_rows:
-            self._admit(new_rows)
-        finished = self._drop_finished()
-        if self.rows:
-            self._step()
-            finished += self._drop_finished()
-        return finished
+        """One forward: every running row decodes a token and ``new_rows`` are prefilled (their first token comes
+        from it; see ``_plan`` for those that wait a forward). Returns the rows that finished."""
+        cancelled = [r for r in self.deferred if r.finish is not None]
+        new = self._plan([r for r in [*self.deferred, *new_rows] if r.finish is None])
+        if self.rows or new:
+            self._forward(new)
+        return cancelled + self._drop_finished()
 
     def cancel(self, is_cancelled: Callable[[Row], bool]) -> None:
-        for row in self.rows:
+        for row in [*self.rows, *self.deferred]:
             if is_cancelled(row):
                 row.finish = "cancelled"
 
     # ---- model work -----------------------------------------------------------------------------------------
 
-    def _admit(self, rows: Sequence[Row]) -> None:
-        # One forward per row: on CPU prefill is compute-bound (300-token prompts: 898 tok/s alone, 1030 four at a
-        # time), and alone each row starts from its own cached prefix. Each new row is copied into a free slot.
+    def _forward(self, new: Sequence[tuple[Row, Prefix]]) -> None:
         started = time.perf_counter()
-        logits = []
-        for row in rows:
-            cache, row_logits = self._prefill(row)
-            logits.append(row_logits)
+        running, new_rows = len(self.rows), [row for row, _ in new]
+        step = self.slots.open_step([len(r.prompt_ids) for r in new_rows])
+        ids = [r.tokens[-1] for r in self.rows]
+        positions = [r.next_position for r in self.rows]
+        for row, (reused, keys, values) in new:
+            step.add_row(len(row.prompt_ids), reused, keys, values)
+            ids += row.prompt_ids[reused:]
+            positions += range(reused, len(row.prompt_ids))
             if row.seed is not None and row.temperature > 0:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
-            placing = time.perf_counter()
-            self.slots.place([ly.keys[0] for ly in cache.layers], [ly.values[0] for ly in cache.layers])
-            self.rows.append(row)
-            self.stats["merge_s"] += time.perf_counter() - placing
-        self._append(rows, self._pick(torch.cat(logits), rows))
-        self.stats["admissions"] += 1
-        self.stats["prefill_rows"] += len(rows)
-        self.stats["prefill_s"] += time.perf_counter() - started
-
-    def _prefill(self, row: Row) -> tuple[Any, torch.Tensor]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        reused = 0
-        if self.prefixes is not None:
-            reused, keys, values = self.prefixes.longest(row.prompt_ids)
-            reused = min(reused, len(row.prompt_ids) - 1)  # the last prompt token must run: its logits are needed
-            if reused < MIN_REUSED_PREFIX:
-                reused = 0
-            else:
-                for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-                    cache.update(k[None, :, :reused], v[None, :, :reused], layer)
-        suffix = row.prompt_ids[reused:]
-        ids = torch.tensor([suffix], device=self.device)
-        positions = torch.arange(reused, len(row.prompt_ids), device=self.device)[None]
-        mask = torch.ones((1, len(row.prompt_ids)), dtype=torch.long, device=self.device)
+            self.stats["prefill_tokens"] += len(row.prompt_ids) - reused
+            self.stats["reused_tokens"] += reused
+        step.close()
+        self.stats["merge_s"] += time.perf_counter() - started
+        # Logits of each running row's token and of each new row's last prompt token only: the vocabulary
+        # projection of a whole prompt would cost more than its attention.
+        keep = list(range(running)) + [offset + length - 1 for _, offset, length, _ in step.new]
         out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        if self.prefixes is not None:
-            layers: list[Any] = cache.layers  # full-attention layers only (checked when the model loaded)
-            self.prefixes.put(row.prompt_ids, [ly.keys[0] for ly in layers], [ly.values[0] for ly in layers])
-        self.stats["forwards"] += 1
-        self.stats["prefill_tokens"] += len(suffix)
-        self.stats["reused_tokens"] += reused
-        return out.past_key_values, out.logits[:, -1]
-
-    def _step(self) -> None:
-        started = time.perf_counter()
-        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
-        positions = torch.tensor([[r.next_position] for r in self.rows], device=self.device)
-        cache, mask = self.slots.open_column()
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            attention_mask=NO_MASK,  # 4-D, so transformers builds none: slot_attention masks each row itself
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, device=self.device),
+            slot_step=step,
         )
         self.slots.end += 1
-        self._append(self.rows, self._pick(out.logits[:, -1], self.rows))
+        self.rows += new_rows
+        self._append(self.rows, self._pick(out.logits[0], self.rows))
+        if self.prefixes is not None:  # the prompts' keys and values, for the next prompt that starts with one
+            placing = time.perf_counter()
+            for slot, row in enumerate(new_rows, start=running):
+                keys, values = self.slots.row(slot, len(row.prompt_ids))
+                self.prefixes.put(row.prompt_ids, keys, values)
+            self.stats["merge_s"] += time.perf_counter() - placing
         self.stats["forwards"] += 1
-        self.stats["decode_steps"] += 1
-        self.stats["slot_tokens"] += len(self.rows)
-        self.stats["decode_s"] += time.perf_counter() - started
+        self.stats["slot_tokens"] += running
+        self.stats["decode_steps"] += running > 0
+        self.stats["mixed_steps"] += running > 0 and bool(new_rows)
+        self.stats["admissions"] += bool(new_rows)
+        self.stats["prefill_rows"] += len(new_rows)
+        self.stats["prefill_s" if new_rows else "decode_s"] += time.perf_counter() - started
+
+    def _plan(self, rows: Sequence[Row]) -> list[tuple[Row, Prefix]]:
+        """The rows to prefill now, each with its cached prefix. A row that shares more of its prompt with a row
+        prefilled now than with any cached prompt (a role's system prompt, when a burst of conversations starts)
+        waits one forward in ``deferred`` and then starts from that row's prompt, as it would one at a time."""
+        now: list[tuple[Row, Prefix]] = []
+        self.deferred = []
+        for row in rows:
+            prefix = self._reusable(row)
+            ids = np.asarray(row.prompt_ids)
+            shared = max((common_prefix(ids, np.asarray(other.prompt_ids)) for other, _ in now), default=0)
+            if self.prefixes is not None and min(shared, len(ids) - 1) >= prefix[0] + MIN_REUSED_PREFIX:
+                self.deferred.append(row)
+            else:
+                now.append((row, prefix))
+        return now
+
+    def _reusable(self, row: Row) -> Prefix:
+        """The longest cached prefix of the row's prompt worth reusing: its length and per-layer keys and values."""
+        if self.prefixes is None:
+            return 0, [], []
+        reused, keys, values = self.prefixes.longest(row.prompt_ids)
+        reused = min(reused, len(row.prompt_ids) - 1)  # the last prompt token must run: its logits are needed
+        return (reused, keys, values) if reused >= MIN_REUSED_PREFIX else (0, [], [])
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         logits = logits.float()
@@ -294,27 +326,28 @@ class ContinuousBatch:
         return finished
 
 
+# A 4-D mask is passed through by transformers untouched; slot_attention does not read it.
+NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
+
+
 class SlotCache:
     """The batch's keys and values in buffers of ``[slots, heads, columns, dim]`` per layer, filled in place.
 
     Rows ``[0, n)`` are the batch's rows, each right-aligned at column ``end``: its cached tokens fill ``[end -
-    length, end)`` and its mask is 1 there only. A decode step writes column ``end`` of every row; a new row is
-    copied into slot ``n``; a finished row is overwritten by the last one. Rebuilding the whole cache on every
-    admission and every finished row was 12% of the model time of a concurrent SALAM pass; here the buffers are
-    reallocated (``_repack``, with room to spare on both sides) only when slots or columns run out.
+    length, end)`` and its mask is 1 there only. A forward writes column ``end`` of every running row and a new
+    row's prompt into a free slot, so that it too ends at ``end + 1``; a finished row is overwritten by the last
+    one. Rebuilding the whole cache on every admission and every finished row was 12% of the model time of a
+    concurrent SALAM pass; here the buffers are reallocated (``_repack``, with room to spare on both sides) only
+    when slots or columns run out.
     """
 
     ROOM = 128  # spare columns on each side per (re)allocation: one copy per 128 decode steps at most
 
     def __init__(self, model: Any, max_slots: int) -> None:
-        from transformers import DynamicCache
-
         self.max_slots = max_slots
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cache = DynamicCache(config=model.config)
-        self.layers = [SlotLayer(self, i) for i in range(len(self.cache.layers))]
-        self.cache.layers = list(self.layers)
+        self.layers, self.heads, self.dim = kv_shape(model)
         self.keys: list[torch.Tensor] = []  # per layer; empty until the first row arrives
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
@@ -324,28 +357,15 @@ class SlotCache:
     def width(self) -> int:
         return self.end - self.start
 
-    def place(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-        """Copy one row's per-layer ``[heads, length, dim]`` keys and values into the next free slot, ``n``."""
-        slot = self.n
-        length = keys[0].shape[-2]
-        if not self.keys or self.n == self.mask.shape[0] or length > self.end:
-            self._repack(rows=self.n + 1, left=length, heads=keys[0].shape[0], dim=keys[0].shape[-1])
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.keys[layer][slot, :, self.end - length : self.end] = k
-            self.values[layer][slot, :, self.end - length : self.end] = v
-        self.mask[slot] = 0  # whatever a former row left in this slot stays hidden
-        self.mask[slot, self.end - length : self.end] = 1
-        self.start = min(self.start, self.end - length) if self.n else self.end - length
-        self.n += 1
-
-    def open_column(self) -> tuple[Any, torch.Tensor]:
-        """The cache and mask for one decode step, which writes column ``end`` (the caller then moves ``end``)."""
-        if self.end == self.mask.shape[1]:
-            self._repack(rows=self.n, left=0, heads=self.keys[0].shape[1], dim=self.keys[0].shape[-1])
+    def open_step(self, lengths: Sequence[int]) -> SlotStep:
+        """Room for one forward: the running rows' next column, and new rows of ``lengths`` tokens in the next
+        free slots. The caller adds those rows to the returned step, runs it, then moves ``end``."""
+        left = max((length - 1 for length in lengths), default=0)  # a new row ends at end + 1
+        full = not self.keys or self.n + len(lengths) > self.mask.shape[0] or self.end == self.mask.shape[1]
+        if full or left > self.end:
+            self._repack(rows=self.n + len(lengths), left=left)
         self.mask[: self.n, self.end] = 1
-        for layer in self.layers:
-            layer.show()
-        return self.cache, self.mask[: self.n, self.start : self.end + 1]
+        return SlotStep(self)
 
     def row(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the last ``length`` cached columns of ``slot``, per layer ``[heads, length, dim]``."""
@@ -376,15 +396,15 @@ class SlotCache:
         used = self.mask[: self.n, self.start : self.end].any(0).nonzero()
         self.start += int(used[0])
 
-    def _repack(self, *, rows: int, left: int, heads: int, dim: int) -> None:
+    def _repack(self, *, rows: int, left: int) -> None:
         """New buffers with at least ``rows`` slots and ``left`` columns before ``end``, and room on both sides."""
         # Slots double as rows arrive (up to the batch's most), so a batch that stays small stays small in memory.
         slots = max(rows, min(2 * self.mask.shape[0], self.max_slots))
         end = max(self.width, left) + self.ROOM
-        shape = (slots, heads, end + self.ROOM, dim)
+        shape = (slots, self.heads, end + self.ROOM, self.dim)
         # Zeros, not empty memory: a masked column still enters attention as 0 x value, and NaN x 0 is NaN.
-        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
-        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.cache.layers]
+        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         mask = torch.zeros((slots, shape[2]), dtype=torch.long, device=self.device)
         if self.n:
             old, new = slice(self.start, self.end), slice(end - self.width, end)
@@ -396,29 +416,96 @@ class SlotCache:
         self.keys, self.values, self.mask = new_keys, new_values, mask
 
 
-class SlotLayer(DynamicLayer):
-    """One layer of a ``SlotCache`` as transformers sees it: the batch's rows over columns ``[start, end)``, and
-    a decode step's keys and values written in place at ``end`` (``DynamicLayer.update`` would copy the layer)."""
+class SlotStep:
+    """One forward over a flat sequence: first one token per running row (slots ``[0, decode)``), then each new
+    row's uncached prompt tokens. Every layer's ``slot_attention`` call lands in ``attend``."""
 
-    def __init__(self, slots: SlotCache, index: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.slots, self.index = slots, index
+    def __init__(self, slots: SlotCache) -> None:
+        self.slots = slots
+        self.decode = slots.n
+        self.decode_start = slots.start  # the running rows' columns; new rows may reach further left
+        self.offset = slots.n  # where the next new row's tokens start in the flat sequence
+        self.new: list[tuple[int, int, int, torch.Tensor]] = []  # slot, offset, tokens computed, causal mask
+        self.decode_mask: torch.Tensor | None = None
 
-    def show(self) -> None:
+    def add_row(self, length: int, reused: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Place a new row of ``length`` prompt tokens in the next free slot, its first ``reused`` keys and values
+        copied from a cached prefix; the forward computes the rest."""
+        s, slot = self.slots, self.slots.n
+        first = s.end + 1 - length
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            s.keys[layer][slot, :, first : first + reused] = k[:, :reused]
+            s.values[layer][slot, :, first : first + reused] = v[:, :reused]
+        s.mask[slot] = 0  # whatever a former row left in this slot stays hidden
+        s.mask[slot, first : s.end + 1] = 1
+        s.start = min(s.start, first) if s.n else first
+        s.n += 1
+        computed = length - reused
+        # Query i (position reused + i) sees the prefix and the computed tokens up to itself.
+        causal = torch.arange(length, device=s.device)[None] <= torch.arange(reused, length, device=s.device)[:, None]
+        self.new.append((slot, self.offset, computed, causal))
+        self.offset += computed
+
+    def close(self) -> None:
         s = self.slots
-        self.device, self.is_initialized = s.device, True
-        self.keys = s.keys[self.index][: s.n, :, s.start : s.end]
-        self.values = s.values[self.index][: s.n, :, s.start : s.end]
+        if self.decode:
+            self.decode_mask = s.mask[: self.decode, self.decode_start : s.end + 1].bool()[:, None, None, :]
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        s, new = self.slots, key_states.shape[-2]
-        s.keys[self.index][: s.n, :, s.end : s.end + new] = key_states
-        s.values[self.index][: s.n, :, s.end : s.end + new] = value_states
-        self.keys = s.keys[self.index][: s.n, :, s.start : s.end + new]
-        self.values = s.values[self.index][: s.n, :, s.start : s.end + new]
-        return self.keys, self.values
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        """Write this forward's keys and values into the slots and attend each row to its own: ``query`` is
+        ``[1, heads, tokens, dim]``, the result ``[1, tokens, heads, dim]`` as transformers expects."""
+        s, sdpa = self.slots, torch.nn.functional.scaled_dot_product_attention
+        keys, values = s.keys[layer], s.values[layer]
+        heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+        group, end = heads // kv_heads, s.end + 1
+        out = query.new_empty((query.shape[2], heads, dim))
+        # Grouped-query attention without repeating keys: a key head's query heads attend to it as one block of
+        # rows (head h uses key head h // group, as transformers' repeat_kv).
+        if n := self.decode:
+            keys[:n, :, s.end] = key[0, :, :n].transpose(0, 1)
+            values[:n, :, s.end] = value[0, :, :n].transpose(0, 1)
+            q = query[0, :, :n].transpose(0, 1).reshape(n, kv_heads, group, dim)
+            columns = slice(self.decode_start, end)
+            o = sdpa(q, keys[:n, :, columns], values[:n, :, columns], attn_mask=self.decode_mask, scale=scaling)
+            out[:n] = o.reshape(n, heads, dim)
+        for slot, offset, computed, causal in self.new:
+            tokens = slice(offset, offset + computed)
+            keys[slot, :, end - computed : end] = key[0, :, tokens]
+            values[slot, :, end - computed : end] = value[0, :, tokens]
+            columns = slice(end - causal.shape[1], end)
+            q = query[0, :, tokens].reshape(kv_heads, group * computed, dim)
+            o = sdpa(
+                q[None],
+                keys[slot : slot + 1, :, columns],
+                values[slot : slot + 1, :, columns],
+                attn_mask=causal.repeat(group, 1),
+                scale=scaling,
+            )
+            out[tokens] = o[0].reshape(heads, computed, dim).transpose(0, 1)
+        return out[None]
+
+
+def slot_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    slot_step: SlotStep | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: a ``ContinuousBatch`` forward on its slots, anything else plain SDPA."""
+    if slot_step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return slot_step.attend(module.layer_idx, query, key, value, scaling), None
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)  # the plain SDPA path's masks
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -1,8 +1,8 @@
 """The local backend: a Hugging Face model in this process, with concurrent requests continuously batched.
 
 Callers ``await generate(...)`` one conversation at a time, from as many tasks as they like. A single worker
-owns the model: between decode steps it admits the requests that arrived (each prefilled from its longest
-cached prefix, all merged into the running batch at once), and a reply is answered the step it finishes, so
+owns the model: each forward decodes a token for every running row and prefills the requests that arrived
+(each from its longest cached prefix), and a reply is answered the step it finishes, so
 episodes waiting on each other's turns keep the batch full. The model runs on the process's torch thread, so
 the event loop stays free while it works.
 """
@@ -265,7 +265,7 @@ class LocalBackend(Backend):
             finished = await run_torch(self._in_adapter, adapter, batch.advance, rows)
         except Exception as exc:  # a failed step fails its rows, not the worker
             log.exception("local decoding of %d rows failed", len(batch) + len(rows))
-            for row in [*batch.rows, *rows]:
+            for row in [*batch.rows, *batch.deferred, *rows]:
                 if not row.tag.future.done():
                     row.tag.future.set_exception(BackendError(f"local generation failed: {exc}"))
             self._batches.pop(adapter, None)
