@@ -365,3 +365,13 @@ def test_real_minilm_ranks_a_paraphrase_above_an_unrelated_question(tmp_path: Pa
         assert hits[0].record.id == records[0].id
         assert hits[0].score > hits[1].score + 0.2
         assert json.loads(hits[0].record.model_dump_json())["gold"] == "42"
+
+
+@pytest.mark.slow
+def test_real_minilm_vectors_do_not_depend_on_the_batch_a_text_lands_in() -> None:
+    # The CPU default batches 16 texts, a GPU 64: a stored mistake and a later query must embed alike either way,
+    # whatever the lengths of their neighbours (padding must not leak into a vector).
+    texts = [("word " * n).strip() + f" question {n}?" for n in (1, 3, 9, 27, 81, 200)] * 6
+    batched, alone = Embedder(), Embedder(batch_size=1)
+    np.testing.assert_allclose(batched.embed(texts), alone.embed(texts), atol=1e-5)
+    assert Embedder(batch_size=64).embed(texts).shape == (36, 384)
