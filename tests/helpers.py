@@ -35,7 +35,7 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     core = Tokenizer(models.BPE())
@@ -52,22 +52,29 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(path)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,  # redpen refuses prompts past the context; SALAM's prompts run ~450 tokens
-        initializer_range=0.2,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A random Llama small enough to build in a test: 2 layers of width 32, two query heads over one key head."""
+    from transformers import LlamaConfig
+
+    settings: dict[str, Any] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+        "max_position_embeddings": 2048,  # redpen refuses prompts past the context; SALAM's prompts run ~450 tokens
+        "initializer_range": 0.2,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**settings, **overrides})
 
 
 # ---- scripted SALAM roles: deterministic fakes of the student and the study assistant -------------------------

@@ -10,25 +10,17 @@ import pytest
 import torch
 
 from runtime.models.continuous import ContinuousBatch, Row, SlotCache
+from tests.helpers import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     # Two key heads of two query heads each: attention must pair every query head with its own key head.
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=300,
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-        eos_token_id=None,
-        pad_token_id=0,
+    config = tiny_llama_config(
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=300, eos_token_id=None, pad_token_id=0
     )
     return LlamaForCausalLM(config).eval()
 

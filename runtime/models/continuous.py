@@ -100,17 +100,17 @@ def use_slot_attention(model: Any) -> None:
     model.set_attn_implementation(SLOT_ATTENTION)
 
 
-def kv_shape(model: Any) -> tuple[int, int, int]:
-    """Layers, key/value heads and head size of the model's cache."""
+def kv_shape(model: Any) -> tuple[int, int, int, int]:
+    """Layers, key/value heads and head size of the model's cache, and query heads per key head."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(config.num_hidden_layers), int(heads), int(head_dim)
+    return int(config.num_hidden_layers), int(heads), int(head_dim), int(config.num_attention_heads // heads)
 
 
 def kv_bytes_per_token(model: Any) -> int:
     """Bytes of keys and values one token occupies in the cache, over all layers."""
-    layers, heads, head_dim = kv_shape(model)
+    layers, heads, head_dim, _ = kv_shape(model)
     return 2 * layers * heads * head_dim * int(next(model.parameters()).element_size())
 
 
@@ -347,7 +347,7 @@ class SlotCache:
         self.max_slots = max_slots
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.layers, self.heads, self.dim = kv_shape(model)
+        self.layers, self.heads, self.dim, self.group = kv_shape(model)
         self.keys: list[torch.Tensor] = []  # per layer; empty until the first row arrives
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
@@ -425,7 +425,7 @@ class SlotStep:
         self.decode = slots.n
         self.decode_start = slots.start  # the running rows' columns; new rows may reach further left
         self.offset = slots.n  # where the next new row's tokens start in the flat sequence
-        self.new: list[tuple[int, int, int, torch.Tensor]] = []  # slot, offset, tokens computed, causal mask
+        self.new: list[tuple[int, int, int, torch.Tensor]] = []  # slot, offset, tokens computed, tiled causal mask
         self.decode_mask: torch.Tensor | None = None
 
     def add_row(self, length: int, reused: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
@@ -441,9 +441,10 @@ class SlotStep:
         s.start = min(s.start, first) if s.n else first
         s.n += 1
         computed = length - reused
-        # Query i (position reused + i) sees the prefix and the computed tokens up to itself.
+        # Query i (position reused + i) sees the prefix and the computed tokens up to itself; tiled once for the
+        # query heads that share a key head, whose rows ``attend`` stacks head after head.
         causal = torch.arange(length, device=s.device)[None] <= torch.arange(reused, length, device=s.device)[:, None]
-        self.new.append((slot, self.offset, computed, causal))
+        self.new.append((slot, self.offset, computed, causal.repeat(s.group, 1)))
         self.offset += computed
 
     def close(self) -> None:
@@ -480,7 +481,7 @@ class SlotStep:
                 q[None],
                 keys[slot : slot + 1, :, columns],
                 values[slot : slot + 1, :, columns],
-                attn_mask=causal.repeat(group, 1),
+                attn_mask=causal,
                 scale=scaling,
             )
             out[tokens] = o[0].reshape(heads, computed, dim).transpose(0, 1)
