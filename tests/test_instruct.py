@@ -342,3 +342,21 @@ def _break(m: pytest.MonkeyPatch, stage: str) -> None:
             return real_merge(base, adapter, target)
 
         m.setattr(loop_module, "merge_adapter", dying_merge)
+
+
+async def test_a_resumed_run_shows_each_stage_s_real_progress(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 25, item 10: a resumed stage's bar started at 0/N though its items were on disk.
+    with monkeypatch.context() as m:
+        _break(m, "evaluate")  # iteration 2's evaluation dies after 2 of its 6 records
+        with pytest.raises(Killed):
+            await make_loop(tmp_path / "run", tiny).run_all()
+    reports: dict[str, list[tuple[int, int]]] = {}
+    loop = make_loop(tmp_path / "run", tiny)
+    loop.progress = lambda phase, done, total: reports.setdefault(phase, []).append((done, total))
+    await loop.run_all()
+    assert reports["base eval toy"][0] == (6, 6)  # finished before the kill: whole from the first report
+    assert reports["iter1 collect"][0] == (8, 8)
+    assert reports["iter2 eval toy"][0] == (2, 6)  # killed halfway: resumes from what reached the disk
+    assert all(seen[-1][0] == seen[-1][1] for seen in reports.values()), reports

@@ -189,14 +189,15 @@ class InstructLoop:
         """The trained model on the memory's questions without guidance; the ones it gets right are absorbed."""
         assert self.memory is not None and model is not None
         before = {r["id"]: r["verdict"] for r in self.run.records(f"{condition}/collect.jsonl")}
+        results_file = f"{condition}/memory_after.jsonl"
         after = await run_eval(
             selection,
             self.backends(model),
             self.run,
             self._settings(selection),
             concurrency=self.s.concurrency,
-            on_result=self._tick(f"{condition} memory check", len(selection)),
-            results_file=f"{condition}/memory_after.jsonl",
+            on_result=self._tick(f"{condition} memory check", selection, results_file),
+            results_file=results_file,
         )
         right = [r["id"] for r in after if r["verdict"] == "correct"]
         marked = self.memory.mark_absorbed(right, model.name)
@@ -213,14 +214,15 @@ class InstructLoop:
         """The current model's verdict on every selected item."""
         started = time.perf_counter()
         backend = self.backends(model)
+        results_file = f"{condition}/collect.jsonl"
         records = await run_eval(
             selection,
             backend,
             self.run,
             self._settings(selection),
             concurrency=self.s.concurrency,
-            on_result=self._tick(f"{condition} collect", len(selection)),
-            results_file=f"{condition}/collect.jsonl",
+            on_result=self._tick(f"{condition} collect", selection, results_file),
+            results_file=results_file,
         )
         self.stages.add(f"{condition} collect", time.perf_counter() - started, _tokens(records))
         self._save_stages()
@@ -327,13 +329,14 @@ class InstructLoop:
                 "tokens": generation.usage.prompt_tokens + generation.usage.completion_tokens,
             }
 
+        results_file = f"{condition}/instructor.jsonl"
         records = await complete_pending(
             self.run,
-            f"{condition}/instructor.jsonl",
+            results_file,
             cases,
             ask,
             concurrency=self.s.concurrency,
-            on_record=self._tick(f"{condition} instructor", len(cases)),
+            on_record=self._tick(f"{condition} instructor", cases, results_file),
         )
         by_id = {c.id: c for c in cases}
         generated: list[Example] = []
@@ -407,14 +410,15 @@ class InstructLoop:
         results = {}
         started = time.perf_counter()
         for name, items in self.plan.benchmarks.items():
+            results_file = f"{condition}/eval_{_slug(name)}.jsonl"
             results[name] = await run_eval(
                 items,
                 backend,
                 self.run,
                 self._settings(items),
                 concurrency=self.s.concurrency,
-                on_result=self._tick(f"{condition} eval {name}", len(items)),
-                results_file=f"{condition}/eval_{_slug(name)}.jsonl",
+                on_result=self._tick(f"{condition} eval {name}", items, results_file),
+                results_file=results_file,
             )
         self.stages.add(f"{condition} eval", time.perf_counter() - started, sum(_tokens(r) for r in results.values()))
         self._save_stages()
@@ -453,11 +457,14 @@ class InstructLoop:
             str(path.relative_to(self.run.path)), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         )
 
-    def _tick(self, phase: str, total: int) -> Callable[[dict[str, Any]], None]:
+    def _tick(self, phase: str, items: Sequence[Example], results_file: str) -> Callable[[dict[str, Any]], None]:
+        """Progress of a stage over ``items``, counted from those ``results_file`` already holds: a resumed stage
+        shows what it really has left (a finished one N/N), not 0/N."""
         (self.run.path / phase.split()[0]).mkdir(parents=True, exist_ok=True)
-        done = 0
+        total = len(items)
+        done = len(self.run.done_ids(results_file) & {e.id for e in items})
         if self.progress is not None:
-            self.progress(phase, 0, total)
+            self.progress(phase, done, total)
 
         step = max(1, total // 10)  # ten log lines a stage: visible in the log file, and when piped
 
