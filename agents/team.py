@@ -15,7 +15,7 @@ from typing import Any
 from autogen_agentchat.messages import BaseChatMessage
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, MOST_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
@@ -62,7 +62,9 @@ class RolesConfig(BaseModel):
     assistant_adapter: str | None = Field(
         None, description="trained assistant: a LoRA folder (local backend) or the adapter name a server serves"
     )
-    student_max_new_tokens: int = Field(STUDENT_MAX_NEW_TOKENS, ge=1, description="student reply length")
+    student_max_new_tokens: int = Field(
+        STUDENT_MAX_NEW_TOKENS, ge=1, le=MOST_NEW_TOKENS, description="student reply length"
+    )
     response_cache: bool = Field(True, description="replay greedy calls from the on-disk response cache")
 
     @classmethod
@@ -92,11 +94,13 @@ class RolesConfig(BaseModel):
             assistant_cfg = _role_config(
                 "assistant", {"kind": "local", **given}, tables.get("assistant", {}), config_file
             )
-        return cls(
-            student=student_cfg,
-            assistant=assistant_cfg,
-            **{k: v for k, v in settings.items() if v is not None},
-        )
+        try:
+            return cls(
+                student=student_cfg, assistant=assistant_cfg, **{k: v for k, v in settings.items() if v is not None}
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"bad setting {'.'.join(map(str, first['loc']))!r}: {first['msg']}") from None
 
 
 def build_roles(config: RolesConfig) -> Roles:

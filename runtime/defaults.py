@@ -53,3 +53,23 @@ CONCURRENCY = LOCAL_MAX_BATCH
 # 30 steps of 4 rows: a few passes over the tens of rewarded rows a laptop gathering yields, in ~5 minutes on
 # 2 CPU cores; more steps on so few rows learn them by heart. Raise it with more data or a GPU.
 MAX_STEPS = 30
+
+# ---- bounds: the most a setting may ask for ----------------------------------------------------------------------
+# Ceilings far above any real use, that stop a slip (three zeros too many) from building millions of clients, queuing
+# a billion items or hanging a run; each setting declares its bound where it is declared (runtime.bounds).
+
+# 4096 in flight: 4x the largest batch vLLM schedules by default (1024); more only queue, each one a coroutine and
+# its buffers, and a billion built clients one by one before the first request (issue 25: it hung).
+MOST_IN_FLIGHT = 4096
+# 32,768 tokens a reply: the whole context of the longest-context models redpen is used with (the default model's is
+# 8,192); a reply past its model's context is refused by the prompt-fit check anyway.
+MOST_NEW_TOKENS = 32_768
+# 200 samples an item: Chen et al. (2021) draw 200 per problem to estimate pass@1..100; more is only cost.
+MOST_SAMPLES = 200
+# Seeds 0 .. 2**32 - 1: what numpy's and transformers' set_seed accept; random.Random would take more.
+MOST_SEED = 2**32 - 1
+# 1,000,000 optimisation steps: weeks of CPU training at ~10 s a step; a slip beyond it would never finish.
+MOST_STEPS = 1_000_000
+# 100,000 items or rows per target per iteration: past the largest train part redpen loads (BBQ's 58k questions);
+# each is answered by the current model every iteration.
+MOST_ITEMS = 100_000

@@ -244,10 +244,15 @@ def test_a_folder_that_is_no_adapter_is_never_overwritten(tiny_model: Path, tmp_
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"r": 0}, "r must be > 0"),
-        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
-        ({"max_steps": -1}, "max_steps must be > 0"),
-        ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+        ({"r": 0}, "r must be in the range 1<=x<=1024, got 0"),
+        ({"learning_rate": 0.0}, "learning_rate must be in the range 0<x<=1, got 0.0"),
+        ({"max_steps": -1}, "max_steps must be in the range 1<=x<=1000000, got -1"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in the range 0<=x<1, got 1.0"),
+        # issue 25, item 6: no upper bounds before
+        ({"max_steps": 10**12}, "max_steps must be in the range 1<=x<=1000000"),
+        ({"per_device_train_batch_size": 10**9}, "per_device_train_batch_size must be in the range 1<=x<=4096"),
+        ({"seed": 2**64}, "seed must be in the range 0<=x<=4294967295"),
+        ({"learning_rate": float("nan")}, "learning_rate must be in the range 0<x<=1, got nan"),
         ({"target_modules": []}, "target_modules is empty"),
         ({"base_model": "/nowhere"}, "/nowhere has no config.json"),
     ],

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.defaults import MAX_STEPS
+from runtime.bounds import check_bounds, within
+from runtime.defaults import MAX_STEPS, MOST_SEED, MOST_STEPS
 from runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -46,27 +47,47 @@ class LoraSFTConfig:
     )
     # 16/32: enough capacity to learn a reply format and a style of feedback from a few hundred rows; alpha = 2r is
     # the usual LoRA scaling, so the learning rate need not change with r.
-    r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input; small data overfits."})
+    # At most 1024: past the largest ranks used in practice (256), and near full fine-tuning of small models' layers.
+    r: int = field(default=16, metadata={"help": "LoRA rank.", **within(1, 1024)})
+    lora_alpha: int = field(
+        default=32,
+        metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r).", **within(1, 4096)},
+    )
+    lora_dropout: float = field(
+        default=0.05,
+        metadata={"help": "Dropout on the LoRA input; small data overfits.", **within(0, 1, open_high=True)},
+    )
     # The attention projections: where LoRA's original paper put it, and names shared by Llama, Qwen, Mistral, Gemma.
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "Names of the linear layers that get a LoRA adapter."},
     )
     # 2e-4: the common LoRA rate (10x full fine-tuning's, since only the small adapter moves).
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (linear decay to zero)."})
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "Peak learning rate (linear decay to zero).", **within(0, 1, open_low=True)}
+    )
     # 4: a replay row is ~300 tokens; 8 rows cost ~45 CPU-seconds a step on the 135M model (measured: fp32, LoRA on
     # q/k/v/o), so 4 rows keep a step near 10 s on 2 free cores. Raise it on a GPU.
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Rows per optimisation step."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches summed per step; raise it for a larger batch in the same memory."}
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Rows per optimisation step.", **within(1, 4096)}
     )
-    max_steps: int = field(default=MAX_STEPS, metadata={"help": "Optimisation steps to run (see runtime.defaults)."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Batches summed per step; raise it for a larger batch in the same memory.",
+            **within(1, 4096),
+        },
+    )
+    max_steps: int = field(
+        default=MAX_STEPS,
+        metadata={"help": "Optimisation steps to run (see runtime.defaults).", **within(1, MOST_STEPS)},
+    )
     # 768: a gathering prompt (system, question, answer, earlier guidelines) plus its JSON reply fits with room to
     # spare (the smoke run's rows: 218-356 tokens).
+    # At most 131,072: the longest context of today's open models.
     max_length: int = field(
-        default=768, metadata={"help": "Longest tokenized row, in tokens; longer rows are left out."}
+        default=768,
+        metadata={"help": "Longest tokenized row, in tokens; longer rows are left out.", **within(1, 131_072)},
     )
     # Padding-free: a batch's rows are joined into one sequence whose position ids restart at each row, so no step
     # computes padding (rows are not cut: those past max_length are left out before). Measured by `redpen bench
@@ -74,35 +95,29 @@ class LoraSFTConfig:
     padding_free: bool = field(
         default=True, metadata={"help": "Join a batch's rows into one sequence instead of padding them."}
     )
-    logging_steps: int = field(default=5, metadata={"help": "Log the loss every this many steps (and at step 1)."})
+    logging_steps: int = field(
+        default=5,
+        metadata={"help": "Log the loss every this many steps (and at step 1).", **within(1, MOST_STEPS)},
+    )
     # 5: a CPU step of the default model takes ~10 s, so a killed training redoes under a minute; a LoRA checkpoint
     # (adapter, optimizer state) is ~20 MB, written in well under a second.
     save_steps: int = field(
-        default=5, metadata={"help": "Checkpoint every this many steps; a killed training resumes from the last one."}
+        default=5,
+        metadata={
+            "help": "Checkpoint every this many steps; a killed training resumes from the last one.",
+            **within(1, MOST_STEPS),
+        },
     )
-    seed: int = field(default=42, metadata={"help": "Seed for the LoRA init and the data order."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed for the LoRA init and the data order.", **within(0, MOST_SEED)}
+    )
     use_qlora: bool = field(
         default=False,
         metadata={"help": "Load the base model in 4-bit (QLoRA); needs a CUDA GPU and bitsandbytes."},
     )
 
     def __post_init__(self) -> None:
-        positive = {
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "learning_rate": self.learning_rate,
-            "per_device_train_batch_size": self.per_device_train_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "max_steps": self.max_steps,
-            "max_length": self.max_length,
-            "logging_steps": self.logging_steps,
-            "save_steps": self.save_steps,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_bounds(self)
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name the layers to adapt, e.g. q_proj v_proj")
         if not str(self.output_dir).strip():

@@ -110,24 +110,33 @@ def path_error(exc: OSError) -> str:
 
 
 def main() -> None:
-    """``redpen``: a ``RedpenError`` or a file-system error on a path becomes one line and exit 2; Ctrl-C one line
-    and exit 130. Anything else is a bug and keeps its traceback."""
+    """``redpen``: a ``RedpenError``, a usage error (an unknown option, a value out of its bounds) or a file-system
+    error on a path becomes one line and exit 2; Ctrl-C one line and exit 130. Anything else is a bug and keeps its
+    traceback."""
     configure_logging()
     try:
-        app()
+        # Not standalone: typer would print a usage error as four lines (usage, hint, blank, error); here it is one.
+        code = app(standalone_mode=False)
     except RedpenError as exc:
         _fail(str(exc))
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group without its command: its help (typer's own test)
+            sys.stderr.write(exc.format_message() + "\n")
+            sys.exit(exc.exit_code)
+        _fail(exc.format_message())
+    except typer.Abort:  # a confirmation answered no
+        console.print("Aborted!")
+        sys.exit(1)
     except OSError as exc:
         if exc.filename is None:  # not about a path (a socket, a library's internals): keep the traceback
             raise
         _fail(path_error(exc))
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # typer turns a KeyboardInterrupt inside a command into exit code 130
         console.print(INTERRUPTED)
-        sys.exit(130)
-    except SystemExit as exc:
-        if exc.code == 130:  # typer turns a KeyboardInterrupt inside a command into a silent exit 130
-            console.print(INTERRUPTED)
-        raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(message: str) -> None:

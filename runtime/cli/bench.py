@@ -23,13 +23,20 @@ from runtime.cli.common import (
     load_roles,
     roles_config,
 )
-from runtime.defaults import CONCURRENCY
+from runtime.defaults import CONCURRENCY, MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_STEPS
+
+# At most 100 repeats: a median settles in a handful; more only multiplies a bench's minutes.
+MOST_REPEATS = 100
 
 
 def bench_generate(
-    concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = CONCURRENCY,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
-    repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
+    concurrency: Annotated[
+        int, typer.Option(help="prompts at once on the batched side", min=1, max=MOST_IN_FLIGHT)
+    ] = CONCURRENCY,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="tokens generated per prompt (EOS ignored)", min=1, max=MOST_NEW_TOKENS)
+    ] = 64,
+    repeats: Annotated[int, typer.Option(help="repeats; medians are reported", min=1, max=MOST_REPEATS)] = 3,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -61,13 +68,17 @@ def bench_generate(
 
 def bench_pipeline(
     task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
-    n: Annotated[int, typer.Option(help="gather items and examine items (each)")] = 16,
-    concurrency: Annotated[int, typer.Option(help="conversations in flight on the concurrent side")] = CONCURRENCY,
+    n: Annotated[int, typer.Option(help="gather items and examine items (each)", min=1, max=MOST_ITEMS)] = 16,
+    concurrency: Annotated[
+        int, typer.Option(help="conversations in flight on the concurrent side", min=1, max=MOST_IN_FLIGHT)
+    ] = CONCURRENCY,
     simulate_latency: Annotated[
         float | None,
         typer.Option(
             help="instead: every item in flight against a loopback OpenAI-compatible endpoint that answers each "
-            "request after this many seconds (a benchmark instrument); items/s against the dependency bound"
+            "request after this many seconds (a benchmark instrument); items/s against the dependency bound",
+            min=0.0,
+            max=600.0,  # 10 minutes a reply: slower than any real server; a longer one would only hang the bench
         ),
     ] = None,
     backend: Backend = "local",
@@ -224,8 +235,9 @@ def _simulated_pipeline(
 
 
 def bench_memory(
-    records: Annotated[int, typer.Option(help="records stored")] = 100_000,
-    queries: Annotated[int, typer.Option(help="filtered searches timed")] = 200,
+    # At most 1,000,000 records: 1.5 GB of 384-float vectors held at once; more would exhaust a laptop's memory.
+    records: Annotated[int, typer.Option(help="records stored", min=1, max=1_000_000)] = 100_000,
+    queries: Annotated[int, typer.Option(help="filtered searches timed", min=1, max=MOST_ITEMS)] = 200,
     json_out: JsonOut = False,
 ) -> None:
     """Embedded engine: insert rate, filtered search p50/p95, and brute-force numpy on the same vectors."""
@@ -247,8 +259,12 @@ def bench_memory(
 
 
 def bench_sandbox(
-    limit: Annotated[int | None, typer.Option(help="at most this many problems of each of MBPP and HumanEval")] = None,
-    rate_programs: Annotated[int, typer.Option(help="canonical programs timed each way for the rate")] = 200,
+    limit: Annotated[
+        int | None, typer.Option(help="at most this many problems of each of MBPP and HumanEval", min=1)
+    ] = None,
+    rate_programs: Annotated[
+        int, typer.Option(help="canonical programs timed each way for the rate", min=1, max=MOST_ITEMS)
+    ] = 200,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -288,9 +304,11 @@ def bench_sandbox(
 def bench_train(
     # 16 rows, 4 steps of 4 (one pass), 2 repeats: a step of the default model is ~10 s on 2 free cores, so the six
     # trainings take ~5 minutes.
-    rows: Annotated[int, typer.Option(help="BBQ gather rows trained on (gold replies)")] = 16,
-    steps: Annotated[int, typer.Option(help="optimisation steps per training")] = 4,
-    repeats: Annotated[int, typer.Option(help="repeats of each side, interleaved; medians are reported")] = 2,
+    rows: Annotated[int, typer.Option(help="BBQ gather rows trained on (gold replies)", min=1, max=MOST_ITEMS)] = 16,
+    steps: Annotated[int, typer.Option(help="optimisation steps per training", min=1, max=MOST_STEPS)] = 4,
+    repeats: Annotated[
+        int, typer.Option(help="repeats of each side, interleaved; medians are reported", min=1, max=MOST_REPEATS)
+    ] = 2,
     base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from runtime.defaults import MAX_STEPS, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import MAX_STEPS, MOST_IN_FLIGHT, MOST_NEW_TOKENS, MOST_STEPS, STUDENT_MAX_NEW_TOKENS
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
@@ -50,7 +50,7 @@ MemoryUrl = Annotated[
     typer.Option("--memory-url", envvar="REDPEN_MEMORY_URL", help="Qdrant server URL instead of the embedded folder"),
 ]
 
-Concurrency = Annotated[int, typer.Option(help="conversations in flight at once")]
+Concurrency = Annotated[int, typer.Option(help="conversations in flight at once", min=1, max=MOST_IN_FLIGHT)]
 
 InFlight = Annotated[
     int | None,
@@ -58,20 +58,32 @@ InFlight = Annotated[
         "--concurrency",
         help="conversations in flight at once [default: as many as the student's backend serves at once: its batch "
         "locally (32), max_concurrency on a server (256)]",
+        min=1,
+        max=MOST_IN_FLIGHT,
     ),
 ]
 
-Rounds = Annotated[int, typer.Option(help="feedback rounds per gathered question")]
+# At most 20 rounds: SALAM stops at 3, and later rounds rarely turn a wrong answer right; each is two model calls.
+Rounds = Annotated[int, typer.Option(help="feedback rounds per gathered question", min=1, max=20)]
 
-K = Annotated[int, typer.Option(help="mistakes retrieved per examined question")]
+# At most 50 mistakes: each goes into the assistant's prompt, which 50 already overflow on small models.
+K = Annotated[int, typer.Option(help="mistakes retrieved per examined question", min=1, max=50)]
 
-Threshold = Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake")]
+Threshold = Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake", min=0.0, max=1.0)]
 
 StudentTokens = Annotated[
-    int | None, typer.Option("--max-new-tokens", help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]")
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]",
+        min=1,
+        max=MOST_NEW_TOKENS,
+    ),
 ]
 
-MaxSteps = Annotated[int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]")]
+MaxSteps = Annotated[
+    int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]", min=1, max=MOST_STEPS)
+]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
 

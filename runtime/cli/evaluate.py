@@ -28,7 +28,13 @@ from runtime.cli.common import (
     slug,
     use_sandbox,
 )
-from runtime.defaults import CODE_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import (
+    CODE_MAX_NEW_TOKENS,
+    MOST_IN_FLIGHT,
+    MOST_NEW_TOKENS,
+    MOST_SAMPLES,
+    STUDENT_MAX_NEW_TOKENS,
+)
 
 # 0.8: Chen et al. (2021) sample at 0.8 for pass@10 and pass@100 (0.2 for pass@1).
 SAMPLE_TEMPERATURE = 0.8
@@ -39,23 +45,37 @@ def evaluate(
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own JSONL with input and target fields")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
     split: Annotated[str, typer.Option(help="gather, examine or all")] = "examine",
-    limit: Annotated[int | None, typer.Option(help="at most this many examples, spread across sources")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many examples, spread across sources", min=1)] = None,
     mc_mode: Annotated[
         str, typer.Option(help="multiple choice by generate (parse the reply) or loglik (most likely option)")
     ] = "generate",
     max_new_tokens: Annotated[
         int | None,
-        typer.Option(help=f"reply length limit [default: {STUDENT_MAX_NEW_TOKENS}, code tasks {CODE_MAX_NEW_TOKENS}]"),
+        typer.Option(
+            help=f"reply length limit [default: {STUDENT_MAX_NEW_TOKENS}, code tasks {CODE_MAX_NEW_TOKENS}]",
+            min=1,
+            max=MOST_NEW_TOKENS,
+        ),
     ] = None,
     samples: Annotated[
-        int, typer.Option(help="replies sampled per item, for pass@k (Chen et al. 2021); 1: one greedy reply")
+        int,
+        typer.Option(
+            help="replies sampled per item, for pass@k (Chen et al. 2021); 1: one greedy reply", min=1, max=MOST_SAMPLES
+        ),
     ] = 1,
     temperature: Annotated[
-        float | None, typer.Option(help="sampling temperature [default: 0 (greedy), 0.8 with --samples above 1]")
+        # At most 2: OpenAI's API allows 0-2, and past ~1.5 a small model's samples are noise.
+        float | None,
+        typer.Option(help="sampling temperature [default: 0 (greedy), 0.8 with --samples above 1]", min=0.0, max=2.0),
     ] = None,
     sandbox: SandboxMode = "bwrap",
     concurrency: Annotated[
-        int | None, typer.Option(help="examples in flight at once [default: as many as the backend serves at once]")
+        int | None,
+        typer.Option(
+            help="examples in flight at once [default: as many as the backend serves at once]",
+            min=1,
+            max=MOST_IN_FLIGHT,
+        ),
     ] = None,
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,

@@ -38,7 +38,7 @@ def memory_list(
     model_id: ModelFilter = None,
     source: SourceFilter = None,
     task: TaskFilter = None,
-    limit: Annotated[int, typer.Option(help="at most this many")] = 20,
+    limit: Annotated[int, typer.Option(help="at most this many", min=1)] = 20,  # the memory's size caps it
 ) -> None:
     """Show stored mistakes: source, outcome, question and guideline."""
     table = Table(title="mistakes")

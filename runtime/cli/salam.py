@@ -46,7 +46,7 @@ def gather(
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
-    limit: Annotated[int | None, typer.Option(help="at most this many gather examples")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many gather examples", min=1)] = None,
     rounds: Rounds = ROUNDS,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/gather-<task>]")] = None,
     memory: MemoryPath = None,
@@ -103,7 +103,7 @@ def exam(
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
-    limit: Annotated[int | None, typer.Option(help="at most this many examine examples")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many examine examples", min=1)] = None,
     memory_task: Annotated[
         str | None, typer.Option(help="the task the mistakes were gathered under [default: --task]")
     ] = None,
@@ -176,8 +176,8 @@ def run(
     gather_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
     examine_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
     answer_kind: Annotated[str, typer.Option(help="for JSONL data: choice, number or text")] = "choice",
-    limit: Annotated[int | None, typer.Option(help="examine items (spread across sources)")] = None,
-    gather_limit: Annotated[int | None, typer.Option(help="gather items (spread across sources)")] = None,
+    limit: Annotated[int | None, typer.Option(help="examine items (spread across sources)", min=1)] = None,
+    gather_limit: Annotated[int | None, typer.Option(help="gather items (spread across sources)", min=1)] = None,
     rounds: Rounds = ROUNDS,
     k: K = RETRIEVAL_K,
     threshold: Threshold = RETRIEVAL_THRESHOLD,

@@ -49,7 +49,7 @@ def _state(state: Path | None) -> Path:
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    port: Annotated[int, typer.Option(help="port", min=1, max=65535)] = 8000,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -66,9 +66,9 @@ def serve(
     assistant_backend: AssistantBackend = None,
     assistant_model: AssistantModel = None,
     assistant_base_url: AssistantUrl = None,
-    k: Annotated[int, typer.Option(help="--memory: past mistakes retrieved per request")] = RETRIEVAL_K,
+    k: Annotated[int, typer.Option(help="--memory: past mistakes retrieved per request", min=1, max=50)] = RETRIEVAL_K,
     threshold: Annotated[
-        float, typer.Option(help="--memory: least cosine similarity of a retrieved mistake")
+        float, typer.Option(help="--memory: least cosine similarity of a retrieved mistake", min=0.0, max=1.0)
     ] = RETRIEVAL_THRESHOLD,
     state: State = None,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 256 * 2**10,

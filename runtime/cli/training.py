@@ -31,7 +31,7 @@ from runtime.cli.common import (
     train_bar,
     use_sandbox,
 )
-from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
+from runtime.defaults import CONCURRENCY, MOST_NEW_TOKENS, MOST_SAMPLES, REASONING_MAX_NEW_TOKENS, SAMPLES
 
 
 def train_assistant(
@@ -40,7 +40,9 @@ def train_assistant(
     max_steps: MaxSteps = None,
     base_model: Annotated[str | None, typer.Option(help="model folder to train [default: the runs' assistant]")] = None,
     compare: Annotated[bool, typer.Option(help="then examine with the general and the trained assistant")] = True,
-    limit: Annotated[int | None, typer.Option(help="examine items for the comparison [default: the run's]")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="examine items for the comparison [default: the run's]", min=1)
+    ] = None,
     concurrency: Concurrency = CONCURRENCY,
     no_cache: NoCache = False,
     data_dir: DataDir = None,
@@ -86,8 +88,10 @@ def train_assistant(
 
 def correct(
     task: Annotated[str, typer.Option(help="numeric or multiple-choice task to gather on")] = "gsm8k",
-    limit: Annotated[int | None, typer.Option(help="gather problems")] = None,
-    samples: Annotated[int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)")] = SAMPLES,
+    limit: Annotated[int | None, typer.Option(help="gather problems", min=1)] = None,
+    samples: Annotated[
+        int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)", min=1, max=MOST_SAMPLES)
+    ] = SAMPLES,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/correct-<task>]")] = None,
     corrector_backend: Annotated[str | None, typer.Option(help="corrector's backend [default: the student's]")] = None,
     corrector_model: Annotated[str | None, typer.Option(help="corrector's model (a stronger one in real use)")] = None,
@@ -146,7 +150,7 @@ def train_student(
     data: Annotated[Path, typer.Option(help="a `redpen correct` run directory")],
     out: Annotated[Path, typer.Option(help="folder to write: adapter/ (the LoRA) and data/ (the training set)")],
     mode: Annotated[str, typer.Option(help="cot (chain-of-thought only) or cot+corrections")] = "cot+corrections",
-    rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]")] = None,
+    rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]", min=1)] = None,
     max_steps: MaxSteps = None,
     base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
 ) -> None:
@@ -173,10 +177,12 @@ def train_student(
 def ablate_corrections(
     data: Annotated[Path, typer.Option(help="a `redpen correct` run directory")],
     out: Annotated[Path | None, typer.Option(help="ablation folder [default: <data>-ablation]")] = None,
-    rows: Annotated[int | None, typer.Option(help="rows in each training set [default: all CoT rows]")] = None,
-    limit: Annotated[int | None, typer.Option(help="examine items")] = None,
+    rows: Annotated[int | None, typer.Option(help="rows in each training set [default: all CoT rows]", min=1)] = None,
+    limit: Annotated[int | None, typer.Option(help="examine items", min=1)] = None,
     max_steps: MaxSteps = None,
-    max_new_tokens: Annotated[int, typer.Option(help="reply length limit at evaluation")] = REASONING_MAX_NEW_TOKENS,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="reply length limit at evaluation", min=1, max=MOST_NEW_TOKENS)
+    ] = REASONING_MAX_NEW_TOKENS,
     base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
     concurrency: Concurrency = CONCURRENCY,
     data_dir: DataDir = None,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.defaults import LOCAL_MAX_BATCH, SERVER_MAX_CONCURRENCY
+from runtime.defaults import LOCAL_MAX_BATCH, MOST_IN_FLIGHT, SERVER_MAX_CONCURRENCY
 from runtime.errors import ConfigError
 
 BackendKind = Literal["local", "openai"]
@@ -32,11 +32,20 @@ class BackendConfig(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters by name -> folder (local)")
     device: str = "auto"
     dtype: str = Field("auto", description="auto: bf16 on a GPU that has it, else fp32 (faster on CPU, batch-exact)")
-    max_batch_size: int = Field(LOCAL_MAX_BATCH, ge=1, description="local: most rows decoded together")
-    batch_wait_ms: float = Field(5.0, ge=0, description="local: how long an idle backend waits for more requests")
-    prefix_cache_mb: int = Field(1024, ge=0, description="local: memory for reusable prompt prefixes; 0 = off")
+    # The upper bounds stop a slip, not real use: 1024 rows is vLLM's largest default batch; waiting 10 s for company
+    # already costs more than any batch gains; 1 TiB of prefixes is past any machine's memory.
+    max_batch_size: int = Field(LOCAL_MAX_BATCH, ge=1, le=1024, description="local: most rows decoded together")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="local: how long an idle backend waits for more requests"
+    )
+    prefix_cache_mb: int = Field(
+        1024, ge=0, le=2**20, description="local: memory for reusable prompt prefixes; 0 = off"
+    )
     max_concurrency: int = Field(
-        SERVER_MAX_CONCURRENCY, ge=1, description="openai: most HTTP requests in flight (vLLM's default batch)"
+        SERVER_MAX_CONCURRENCY,
+        ge=1,
+        le=MOST_IN_FLIGHT,
+        description="openai: most HTTP requests in flight (vLLM's default batch)",
     )
 
     def to_dict(self) -> dict[str, Any]:

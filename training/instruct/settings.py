@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.bounds import check_bounds, within
+from runtime.defaults import MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_SEED
 from runtime.errors import ConfigError
 from training.instruct.benchmarks import is_jsonl
 
@@ -34,16 +36,26 @@ class InstructSettings:
     )
     # 300 per target: the selection is answered by the current model every iteration (~1 min per 100 BBQ items on
     # 2 cores with the default model); enough wrong cases for a few hundred rows at its ~0.3 accuracy.
-    select: int = field(default=300, metadata={"help": "Selection size per target per iteration (train part)."})
+    select: int = field(
+        default=300, metadata={"help": "Selection size per target per iteration (train part).", **within(1, MOST_ITEMS)}
+    )
     # The paper caps a dataset at 3,000 samples per iteration on GPUs; 400 rows train in ~6 min on 2 cores.
-    budget: int = field(default=400, metadata={"help": "Most training rows per target per iteration."})
+    budget: int = field(
+        default=400, metadata={"help": "Most training rows per target per iteration.", **within(1, MOST_ITEMS)}
+    )
     # 110 items: 10 per BBQ category; a paired CI at n=110 is about +-8 points, so read small gains with care.
-    eval_limit: int = field(default=110, metadata={"help": "Evaluation items per benchmark (spread over sources)."})
+    eval_limit: int = field(
+        default=110,
+        metadata={"help": "Evaluation items per benchmark (spread over sources).", **within(1, MOST_ITEMS)},
+    )
     eval_split: str = field(
         default="examine", metadata={"help": "examine (report) or dev (held-out train rows: choose settings here)."}
     )
-    # k=3: the paper's ablation (its Figure 6) found 3 nearest correct cases best for LEC.
-    k: int = field(default=3, metadata={"help": "Nearest correct cases of the same source per wrong case."})
+    # k=3: the paper's ablation (its Figure 6) found 3 nearest correct cases best for LEC. At most 50: each one is
+    # a training row (replay) or a worked case in the instructor's prompt (lec), which 50 already overflow.
+    k: int = field(
+        default=3, metadata={"help": "Nearest correct cases of the same source per wrong case.", **within(1, 50)}
+    )
     contrast: bool = field(
         default=True, metadata={"help": "replay: add each wrong case's k nearest correct cases as rows."}
     )
@@ -57,20 +69,45 @@ class InstructSettings:
         default=False, metadata={"help": "Multiple-choice rows: options in a random order, the gold relettered."}
     )
     # 0.10 of each target's train part is never selected nor trained on: the dev split for choosing settings.
-    dev_fraction: float = field(default=0.1, metadata={"help": "Share of each train part held out as dev."})
+    dev_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of each train part held out as dev.", **within(0, 1, open_low=True, open_high=True)},
+    )
     # 0.7: a guess; far above the paper's mean max ROUGE-L of 0.30, so only near-copies of evaluation items go.
-    contamination: float = field(default=0.7, metadata={"help": "Drop samples with ROUGE-L above this."})
+    contamination: float = field(
+        default=0.7, metadata={"help": "Drop samples with ROUGE-L above this.", **within(0, 1)}
+    )
     # 0.95 cosine: paraphrases with a word or two changed, not merely questions on the same topic.
-    near_duplicate: float = field(default=0.95, metadata={"help": "Drop samples this similar to a kept one."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over each iteration's rows (sets max_steps)."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Iteration 1's learning rate."})
+    near_duplicate: float = field(
+        default=0.95, metadata={"help": "Drop samples this similar to a kept one.", **within(0, 1)}
+    )
+    # At most 100 passes: over a few hundred rows already far past learning them by heart.
+    epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over each iteration's rows (sets max_steps).", **within(0, 100, open_low=True)},
+    )
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "Iteration 1's learning rate.", **within(0, 1, open_low=True)}
+    )
     # 0.5: the paper found a falling rate across iterations better; halving is a guess at how fast.
-    lr_decay: float = field(default=0.5, metadata={"help": "Each iteration's rate is the previous one's times this."})
-    max_cases: int = field(default=64, metadata={"help": "le/lec/augment: most wrong cases sent to the instructor."})
-    seed: int = field(default=0, metadata={"help": "Seed of the selections and the random baseline rows."})
-    concurrency: int = field(default=32, metadata={"help": "Items in flight at once."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Student reply length at evaluation."})
-    instructor_tokens: int = field(default=512, metadata={"help": "Instructor reply length."})
+    lr_decay: float = field(
+        default=0.5,
+        metadata={"help": "Each iteration's rate is the previous one's times this.", **within(0, 1, open_low=True)},
+    )
+    max_cases: int = field(
+        default=64,
+        metadata={"help": "le/lec/augment: most wrong cases sent to the instructor.", **within(1, MOST_ITEMS)},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the selections and the random baseline rows.", **within(0, MOST_SEED)}
+    )
+    concurrency: int = field(default=32, metadata={"help": "Items in flight at once.", **within(1, MOST_IN_FLIGHT)})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Student reply length at evaluation.", **within(1, MOST_NEW_TOKENS)}
+    )
+    instructor_tokens: int = field(
+        default=512, metadata={"help": "Instructor reply length.", **within(1, MOST_NEW_TOKENS)}
+    )
     memory: str | None = field(default=None, metadata={"help": "strategy memory: the mistake memory folder."})
 
     def __post_init__(self) -> None:
@@ -94,13 +131,7 @@ class InstructSettings:
             raise ConfigError("--strategy memory needs --memory PATH (a mistake memory from `redpen gather/run`)")
         if self.eval_split not in ("examine", "dev"):
             raise ConfigError(f"unknown --eval-split {self.eval_split!r}: choose examine or dev")
-        for name in ("select", "budget", "eval_limit", "k", "max_cases", "concurrency", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.dev_fraction < 1:
-            raise ConfigError(f"--dev-fraction must be in (0, 1), got {self.dev_fraction}")
-        if self.epochs <= 0 or self.learning_rate <= 0 or not 0 < self.lr_decay <= 1:
-            raise ConfigError("--epochs and --learning-rate must be > 0 and --lr-decay in (0, 1]")
+        check_bounds(self, options=True)
 
     def lr(self, iteration: int) -> float:
         """The learning rate of iteration ``iteration`` (1-based)."""
