@@ -106,17 +106,18 @@ async def evaluate(
     done = len(run.done_ids(RESULTS) & {e.id for e in examples})
     tick = counter(progress, f"eval {task}", len(examples), done)
     started = time.perf_counter()
-    results = await run_eval(
-        examples,
-        backend,
-        run,
-        settings,
-        mode=mc_mode,
-        adapter="adapter" if adapter else None,
-        concurrency=concurrency,
-        on_result=_both(tick, on_result),
-        samples=samples,
-    )
+    with run.removed_on_failure():
+        results = await run_eval(
+            examples,
+            backend,
+            run,
+            settings,
+            mode=mc_mode,
+            adapter="adapter" if adapter else None,
+            concurrency=concurrency,
+            on_result=_both(tick, on_result),
+            samples=samples,
+        )
     metrics = summarize(results)
     metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
     metrics["run_dir"] = str(run.path)
@@ -153,8 +154,7 @@ async def gather(
         student_settings=roles.student_settings.to_dict(),
     )
     run = RunDir.create(out, _salam_config(identity, roles, location))
-    store = MistakeMemory(**location)
-    try:
+    with run.removed_on_failure(), MistakeMemory(**location) as store:
         episodes = await run_gathering(
             examples,
             roles,
@@ -166,8 +166,6 @@ async def gather(
             on_episode=counter(progress, "gathering", len(examples)),
         )
         stored = store.count(model_id=roles.student_id, task=task)
-    finally:
-        store.close()
     figures = {
         "episodes": len(episodes),
         "first_answer_wrong": sum(e["first_verdict"] != "correct" for e in episodes),
@@ -228,16 +226,17 @@ async def examine(
             hits = retrieve(store, examples, roles.student_id, memory_task or task, k, threshold, skip_absorbed)
     run = RunDir.create(out, _salam_config(identity, roles, location))
     started = time.perf_counter()
-    results = await run_exam(
-        examples,
-        roles,
-        run,
-        RESULTS,
-        mode=mode,
-        hits=hits,
-        concurrency=concurrency,
-        on_result=counter(progress, f"{mode} exam", len(examples)),
-    )
+    with run.removed_on_failure():
+        results = await run_exam(
+            examples,
+            roles,
+            run,
+            RESULTS,
+            mode=mode,
+            hits=hits,
+            concurrency=concurrency,
+            on_result=counter(progress, f"{mode} exam", len(examples)),
+        )
     metrics = summarize(results)
     metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
     run.write_json(METRICS, metrics)
@@ -277,11 +276,8 @@ async def experiment(
         student_settings=roles.student_settings.to_dict(),
     )
     run = RunDir.create(out, _salam_config(identity, roles, location))
-    store = MistakeMemory(**location)
-    try:
+    with run.removed_on_failure(), MistakeMemory(**location) as store:
         figures = await run_experiment(gather_set, examine_set, roles, store, run, settings, progress=progress)
-    finally:
-        store.close()
     run.write_json(FIGURES, figures)
     render_experiment(figures, identity.model_dump()).write(run.path)
     return Outcome(run.path, figures, [])

@@ -76,15 +76,16 @@ async def correct(
         corrector_backend=BackendInfo(**roles.assistant.describe()),
     )
     run = RunDir.create(out, config)
-    counts = await run_correction(
-        examples,
-        roles.student,
-        roles.assistant,
-        run,
-        samples=samples,
-        concurrency=concurrency,
-        on_progress=on_progress,
-    )
+    with run.removed_on_failure():
+        counts = await run_correction(
+            examples,
+            roles.student,
+            roles.assistant,
+            run,
+            samples=samples,
+            concurrency=concurrency,
+            on_progress=on_progress,
+        )
     return Corrected(run.path, counts)
 
 

@@ -14,7 +14,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -115,20 +117,41 @@ def _lock(path: Path) -> None:
     _HELD[key] = fd
 
 
+def _unlock(path: Path) -> None:
+    held = _HELD.pop(path.resolve(), None)
+    if held is not None:
+        os.close(held)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` will make), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 class RunDir:
     """One command's output folder. ``identity`` is what must match for a re-run to resume it.
 
     Its ``config.json`` marks the folder as redpen's: a non-empty folder without one is someone else's and is
     refused, never written into. One process at a time: the folder is locked (``.run.lock``) until the process
-    ends, so a second command on it is turned away before it writes anything.
+    ends, so a second command on it is turned away before it writes anything. A command that fails before its
+    first record leaves nothing behind (``removed_on_failure``).
     """
 
     def __init__(self, path: Path, identity: dict[str, Any], config: dict[str, Any] | None = None) -> None:
         self.path = path
         identity = json.loads(json.dumps(identity, default=str))  # compare as stored: tuples -> lists, Path -> str
+        self._made = _first_missing(path)
         path.mkdir(parents=True, exist_ok=True)
         config_path = path / CONFIG
-        if not config_path.exists():
+        # A run this process starts, not one it resumes: only such a run's folder may be removed (removed_on_failure)
+        self.new = not config_path.exists()
+        self.recorded = False  # whether anything but the config was written through this object
+        if self.new:
             foreign = sorted(p.name for p in path.iterdir() if p.name not in _OURS_BEFORE_CONFIG)
             if foreign:
                 raise ConfigError(
@@ -153,6 +176,29 @@ class RunDir:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @contextmanager
+    def removed_on_failure(self) -> Iterator[RunDir]:
+        """The run's work; on an error before its first record, what starting this run made is removed, so a
+        refused or failed command (an unreachable server, a memory it cannot open) leaves no half-made run folder:
+        the folders it created, or in a folder that was empty, all that is in it now (the memory of ``redpen run``
+        included). A resumed run, and one that recorded anything, is kept whole; so is one stopped by Ctrl-C, which
+        says to re-run the command."""
+        try:
+            yield self
+        except Exception:
+            if self.new and not self.recorded:
+                log.info("%s: nothing was recorded; removing what this run made", self.path)
+                _unlock(self.path)
+                if self._made is not None:
+                    shutil.rmtree(self._made, ignore_errors=True)
+                else:
+                    for child in self.path.iterdir():
+                        if child.is_dir():
+                            shutil.rmtree(child)
+                        else:
+                            child.unlink()
+            raise
 
     def records(self, name: str, key: str = "id") -> list[dict[str, Any]]:
         """The records of a results file, each checked to carry its string ``key`` (what a re-run resumes by)."""
@@ -179,15 +225,18 @@ class RunDir:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
     def append(self, name: str, record: dict[str, Any]) -> None:
+        self.recorded = True
         with self.file(name).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def write_json(self, name: str, obj: Any) -> None:
+        self.recorded = True
         write_atomic(self.file(name), json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
+        self.recorded = True
         write_atomic(self.file(name), text)
 
 

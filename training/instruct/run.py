@@ -99,6 +99,10 @@ def run_instruct(
 ) -> InstructResult:
     """Run (or resume) the instructor loop in ``out``; the student is ``base_model`` or the embedded default."""
     the_plan = plan(settings, data_dir)
+    memory = None
+    if settings.memory is not None:  # checked before the run folder is made
+        student_id = base_model.name if base_model is not None else DEFAULT_MODEL_NAME
+        memory = MemorySource(Path(settings.memory), student_id)
     run = RunDir(
         out,
         {
@@ -108,41 +112,37 @@ def run_instruct(
             "instructor": instructor.to_dict() if instructor else None,
         },
     )
-    cache = cache_root() / "responses.sqlite"
-    pool = ModelPool(base_model, None if no_cache else cache)
+    with run.removed_on_failure():  # a failure before the first record (the instructor unreachable) leaves nothing
+        cache = cache_root() / "responses.sqlite"
+        pool = ModelPool(base_model, None if no_cache else cache)
+        needs_instructor = any(s in ("le", "lec") for s in settings.strategies) or "augment" in settings.baselines
+        instructor_backend = None
+        if needs_instructor:
+            instructor_backend = pool(None) if instructor is None else make_backend(instructor)
+            if instructor is not None and not no_cache:
+                instructor_backend = CachedBackend(instructor_backend, cache)
+        loop = InstructLoop(
+            settings,
+            the_plan,
+            run,
+            pool,
+            instructor_backend,
+            Embedder(),
+            base_model or default_model_dir(),
+            progress=progress,
+            on_train_log=on_train_log,
+            memory=memory,
+        )
 
-    needs_instructor = any(s in ("le", "lec") for s in settings.strategies) or "augment" in settings.baselines
-    instructor_backend = None
-    if needs_instructor:
-        instructor_backend = pool(None) if instructor is None else make_backend(instructor)
-        if instructor is not None and not no_cache:
-            instructor_backend = CachedBackend(instructor_backend, cache)
-    memory = None
-    if settings.memory is not None:
-        student_id = base_model.name if base_model is not None else DEFAULT_MODEL_NAME
-        memory = MemorySource(Path(settings.memory), student_id)
-    loop = InstructLoop(
-        settings,
-        the_plan,
-        run,
-        pool,
-        instructor_backend,
-        Embedder(),
-        base_model or default_model_dir(),
-        progress=progress,
-        on_train_log=on_train_log,
-        memory=memory,
-    )
+        async def go() -> dict[str, Any]:
+            try:
+                return await loop.run_all()
+            finally:
+                await pool.aclose()
+                if instructor_backend is not None and instructor is not None:
+                    await instructor_backend.aclose()
 
-    async def go() -> dict[str, Any]:
-        try:
-            return await loop.run_all()
-        finally:
-            await pool.aclose()
-            if instructor_backend is not None and instructor is not None:
-                await instructor_backend.aclose()
-
-    outcome = asyncio.run(go())
+        outcome = asyncio.run(go())
     open_answers = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind != "choice" for e in items)]
     figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain, open_answers)
     run.write_text(
