@@ -104,3 +104,18 @@ def test_ctrl_c_before_the_first_record_keeps_the_run(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt), run.removed_on_failure():
         raise KeyboardInterrupt  # the command says to re-run it; the folder stays to be resumed
     assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_ablation_refused_for_its_base_model_makes_no_folder(tmp_path: Path) -> None:
+    from runtime.data.records import CorrectIdentity, RunConfig
+
+    data = tmp_path / "correct"
+    RunDir.create(
+        data, RunConfig(identity=CorrectIdentity(task="gsm8k", limit=None, samples=4, student="s", corrector="c"))
+    )
+    row = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+    (data / "cot.jsonl").write_text(row * 2)
+    (data / "corrections.jsonl").write_text(row)
+    result = redpen("ablate-corrections", "--data", data, "--base-model", tmp_path / "nowhere", cwd=tmp_path)
+    one_line_error(result, "has no config.json")
+    assert not (tmp_path / "correct-ablation").exists()  # was made, with both training sets, before the refusal

@@ -149,6 +149,10 @@ async def ablate_corrections(
         raise DataError(f"{data} holds a `redpen {identity.command}` run: give the --out of `redpen correct`")
     folder = out or data.with_name(data.name + "-ablation")
     texts = training_set_texts(data, rows)
+    # What can be refused is refused before the folder is made: the base model, and the examine items (needed only
+    # after both trainings, but a missing data folder then would waste them).
+    LoraSFTConfig(base_model=base_model).with_steps(max_steps)
+    examples = load_task(identity.task, "examine", resolve_data_dir(data_dir), limit)
     # The run directory first, so the folder is checked and locked before anything is written into it; the hashes
     # are the training sets' sha256, as the trainer records them.
     hashes = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()}
@@ -157,7 +161,6 @@ async def ablate_corrections(
     )
     sets = write_training_sets(texts, folder)
     trained = train_sets(sets, folder, base_model, max_steps, on_log=on_train_log)
-    examples = load_task(identity.task, "examine", resolve_data_dir(data_dir), limit)
 
     def on_result(name: str) -> Callable[[dict[str, Any]], None]:
         return counter(progress, f"eval {name}", len(examples))
