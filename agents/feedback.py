@@ -7,7 +7,7 @@ sentence is dropped (the rest of the feedback is kept) and the leak is counted.
 Stored guidelines come back as guidance on other questions, so a sentence that says something of a social group
 ("The Black student has an absent father.") is dropped the same way and counted: a sentence naming a group is kept
 only where it warns against assuming (it says not, assume, stereotype, evidence, stated ...). A guideline left
-with fewer than four words is replaced by a neutral one, and that is counted too (``generic``).
+of one word or none is replaced by a neutral one, and that is counted too (``generic``).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ _CAUTION = re.compile(
     r"mention\w*|information|context|unknown|undetermined|cannot|can't)\b",
     re.IGNORECASE,
 )
-_MIN_GUIDELINE_WORDS = 4  # "The", "Be careful." teach nothing
+_MIN_GUIDELINE_WORDS = 2  # a one-word guideline ("The") teaches nothing
 
 
 def group_claim(sentence: str) -> bool:
