@@ -1,8 +1,10 @@
 """The code sandbox against hostile programs: each attack is a graded failure with its reason, the grader works
 after it, and nothing outside the sandbox changed.
 
-Every attack program is a *correct* solution of a small task preceded (or followed) by the attack, so a program
-that got past the sandbox would pass: a verdict of ``correct`` is an escape. Run with ``-s`` to see the table.
+Every attack program is a *correct* solution of a small task preceded (or followed) by an attack on the machine,
+or a *wrong* one with an attack on its grading, so a program that got past the sandbox would pass: a verdict of
+``correct`` is an escape. redpen's environment holds a canary API key that no result may show. Run with ``-s`` to
+see the table.
 """
 
 from __future__ import annotations
@@ -196,6 +198,18 @@ def attacks(home_secret: Path, port: int, sentinel_pid: int, parent: Path) -> di
             "    except OSError:\n"
             "        pass\n"
             "os._exit(0)\n"
+        ),
+        "search its own memory for the tests": (
+            "import gc\n"
+            "needle = 'assert ' + 'add('\n"  # spelled apart: the program's own source must not match
+            "dicts = [o for o in gc.get_objects() if isinstance(o, dict)]\n"
+            "assert any(isinstance(v, str) and needle in v != needle for d in dicts for v in list(d.values()))\n"
+            + SOLUTION
+        ),
+        "ask the judge to run code": (
+            WRONG + "import gc\n"
+            "peer = next(o for o in gc.get_objects() if type(o).__name__ == 'Peer')\n"
+            "peer.request('load', 'import os\\nos._exit(0)', {})\n"
         ),
         "signals to the process above it": (
             WRONG + "import os, signal\n"

@@ -204,7 +204,9 @@ class Peer:
                 _load(*(self.decode(v) for v in args))
                 return ["ok", None]
             if op == "names" and not self.judge:
-                return ["ok", self.encode(_names())]
+                # Containers by reference: a program's globals may be large or hold themselves (a list of dicts).
+                names = _names().items()
+                return ["ok", ["d", *([n, self.encode(v) if _is_scalar(v) else self.lend(v)] for n, v in names)]]
             target = self.decode(["y", args[0]]) if args else None
             values = [self.decode(v) for v in args[1:]]
             return ["ok", self.encode(_apply(op, target, values))]
@@ -239,12 +241,15 @@ class Peer:
         for tag, kind in _SEQUENCES:
             if isinstance(value, kind):
                 return [tag, *(self.encode(item) for item in value)]
+        return self.lend(value)
+
+    def lend(self, value: Any) -> Any:
+        """A value as a reference the other side can use (a builtin type or a standard module by its name)."""
         if isinstance(value, type) and _is_builtin(value):
             return ["B", value.__name__]  # a builtin type (``int``, ``ValueError``): each side has its own
-        if isinstance(value, types.ModuleType):
-            self.lent[id(value)] = value
-            return ["m", value.__name__, id(value)]
         self.lent[id(value)] = value
+        if isinstance(value, types.ModuleType):
+            return ["m", value.__name__, id(value)]
         return ["o", id(value)]
 
     def decode(self, data: Any) -> Any:
@@ -305,6 +310,10 @@ _SEQUENCES: tuple[tuple[str, type[list[Any] | tuple[Any, ...] | set[Any] | froze
     ("s", set),
     ("f", frozenset),
 )
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (type(None), bool, int, float, complex, str, bytes))
 
 
 def _is_builtin(kind: type) -> bool:
