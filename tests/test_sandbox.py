@@ -314,6 +314,13 @@ def test_tests_see_their_own_builtins_and_the_items_own_helpers(box: Sandbox) ->
     assert grade(decode, "    return s\n\n\ndef encode(s):\n    return s\n").verdict == "wrong"
 
 
+def test_a_call_cannot_end_the_tests_loop_early(box: Sandbox) -> None:
+    """A StopIteration out of the program would end ``map`` around it: all() of no cases is True."""
+    add = _item("add", "cases = [((1, 2), 3), ((2, 2), 4)]\nassert all(map(lambda c: add(*c[0]) == c[1], cases))")
+    assert grade(add, SOLUTION).verdict == "correct"
+    assert grade(add, "def add(a, b):\n    raise StopIteration\n").verdict == "wrong"
+
+
 def test_functions_the_tests_lend_can_be_called_not_opened(box: Sandbox) -> None:
     """A function the tests pass runs in the judge; its attributes (globals, code, closure) stay there."""
     apply = _item("apply", "assert apply(lambda x: x + 1, 2) == 3\nassert apply(str.upper, 'a') == 'A'")

@@ -188,7 +188,10 @@ class Peer:
                 if message[0] == "ok" and len(message) == 2:
                     return self.decode(message[1])
                 if message[0] == "err" and len(message) == 3:
-                    raise _exception(message[1], message[2])
+                    # Only the end of an iteration is a StopIteration here: raised by a call, it would quietly end
+                    # the test's own loop around it (``all(map(candidate, cases))`` would pass on no cases).
+                    stop = message[1] in ("StopIteration", "StopAsyncIteration") and op != "next"
+                    raise _exception(f"{message[1]} (from a call)" if stop else message[1], message[2])
                 self.send(self.serve(message))
         except (ProtocolError, ProgramExited) as error:
             self.broken = error
