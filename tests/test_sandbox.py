@@ -371,6 +371,30 @@ def test_unsandboxed_takes_an_explicit_mode_and_warns(caplog: pytest.LogCaptureF
         Sandbox("docker")
 
 
+def test_a_verdict_that_comes_as_a_wait_gives_up_is_read(box: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first wait returns nothing just after the verdict came and the sandbox ended (as a loaded machine can
+    make it): the verdict is still read, not lost to "no verdict"."""
+    import selectors
+    import time
+
+    class Late(selectors.DefaultSelector):
+        late = True
+
+        def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+            reading = all(key.events == selectors.EVENT_READ for key in self.get_map().values())
+            if Late.late and reading:  # the job is written: wait for the verdict, let the sandbox exit, give up
+                Late.late = False
+                super().select(None)
+                time.sleep(1.0)
+                return []
+            return super().select(timeout)
+
+    monkeypatch.setattr(sandbox.selectors, "DefaultSelector", Late)
+    run = box.run(Program("x = 1"))
+    assert run.passed, run.reason
+    assert not Late.late
+
+
 def test_programs_run_concurrently_off_the_event_loop(box: Sandbox) -> None:
     import asyncio
     import time

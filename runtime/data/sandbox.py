@@ -200,9 +200,12 @@ class Sandbox:
                 if left <= 0:
                     stopped = f"timed out after {self.limits.wall_s:g} s (wall clock)"
                     break
+                # Whether it had ended is asked before the wait: its last words (the verdict) may come in just as a
+                # wait gives up, and are read when the next one starts.
+                ended = proc.poll() is not None
                 ready = selector.select(min(left, 0.2))
-                if not ready and proc.poll() is not None:
-                    break  # the program ended; whatever it left behind holds the pipes open (--sandbox none)
+                if not ready and ended:
+                    break  # it ended and said all: what it left behind holds the pipes open (--sandbox none)
                 for key, _ in ready:
                     fd = key.fd
                     if fd == stdin:
