@@ -5,11 +5,13 @@ model-written program never share a process, so nothing the program does to its 
 ``sys.exit``, a patched ``print``, an ``atexit`` hook, walking frames, ``os._exit`` after a forged line) can reach
 the verdict:
 
-- The judge makes itself non-dumpable at once: a process of the same user without ``CAP_SYS_PTRACE`` (no
-  sandboxed process has it) can then neither ptrace it nor open its ``/proc/<pid>/mem``, ``environ`` or ``fd/``.
-- It forks the program process *before* it reads the job from stdin, so the program's memory never held the tests
-  or their expected values. That process drops stdin and the verdict descriptor before it runs anything of the
-  program's; its stdout, like the judge's own, is the sandbox's stderr.
+- The judge forks the program process *before* it reads the tests from stdin (it has read only what the program
+  may see: the item's prefix, the code, the limits), so the program's memory never held the tests or their
+  expected values. That process drops stdin and the verdict descriptor before it runs anything of the program's;
+  its stdout, like the judge's own, is the sandbox's stderr.
+- Then, before it reads the tests or lets the program run, the judge makes itself non-dumpable: a process of the
+  same user without ``CAP_SYS_PTRACE`` (no sandboxed process has it) can neither ptrace it nor open its
+  ``/proc/<pid>/mem``, ``environ`` or ``fd/``.
 - The tests run in the judge. The names they use that the program defines are proxies: calling one sends the
   arguments to the program process and brings the result back. Plain values (None, bool, int, float, complex,
   str, bytes and tuples, lists, sets, frozensets and dicts of them) come back as copies the judge builds from
@@ -33,21 +35,23 @@ if sys.path and sys.path[0] == "":
     del sys.path[0]
 
 import builtins  # noqa: E402
-import ctypes  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
-import linecache  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 import types  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+
+# Every sandbox starts this file anew, so it imports only what each run needs: typing only for the type checker
+# (mypy takes any TYPE_CHECKING as true), traceback and linecache only to print a failure.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 PROGRAM, PREFIX, TESTS = "<program>", "<prefix>", "<tests>"  # file names in tracebacks
+_SOURCES: dict[str, str] = {}  # file name -> source, for tracebacks
 _MESSAGE = 64 * 2**20  # the largest message either side accepts
 _HEADER = struct.Struct(">I")
 _PR_SET_DUMPABLE = 4
@@ -204,11 +208,9 @@ class Peer:
             raise ProtocolError(f"a request {op!r} to the judge")
         try:
             if op == "load" and not self.judge:
-                _load(*(self.decode(v) for v in args))
-                return ["ok", None]
-            if op == "names" and not self.judge:
-                # Containers by reference: a program's globals may be large or hold themselves (a list of dicts).
-                names = _names().items()
+                # The answer is the program's top-level names, containers by reference: a program's globals may be
+                # large or hold themselves (a list of dicts).
+                names = _load(*(self.decode(v) for v in args)).items()
                 return ["ok", ["d", *([n, self.encode(v) if _is_scalar(v) else self.lend(v)] for n, v in names)]]
             target = self.decode(["y", args[0]]) if args else None
             values = [self.decode(v) for v in args[1:]]
@@ -343,9 +345,12 @@ def _pair(item: Any) -> tuple[Any, Any]:
 
 def _module(name: str) -> types.ModuleType | None:
     """The judge's own copy of a standard-library module the program names (``math``), else None."""
-    if name.partition(".")[0] not in sys.stdlib_module_names:
+    # The sandbox runs the system's Python, which may predate stdlib_module_names (3.10): then the program's own.
+    if name.partition(".")[0] not in getattr(sys, "stdlib_module_names", ()):
         return None
     try:
+        import importlib
+
         return importlib.import_module(name)
     except ImportError:
         return None
@@ -406,19 +411,16 @@ def _apply(op: str, target: Any, values: list[Any]) -> Any:
 _program: dict[str, Any] = {}
 
 
-def _load(source: Any, limits: Any) -> None:
-    """Cap this process, then run the program (the item's prefix and the reply's code) in a fresh namespace."""
+def _load(source: Any, limits: Any) -> dict[str, Any]:
+    """Cap this process, run the program (the item's prefix and the reply's code) in a fresh namespace, and return
+    its top-level names, for the judge to bind where the tests use them."""
     if type(source) is not str or type(limits) is not dict:
         raise ProtocolError("load takes a source and limits")
     for name, (soft, hard) in limits.items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
-    linecache.cache[PROGRAM] = (len(source), None, source.splitlines(True), PROGRAM)
+    _SOURCES[PROGRAM] = source
     _program.update({"__name__": "__program__", "__builtins__": builtins})
     exec(compile(source, PROGRAM, "exec"), _program)
-
-
-def _names() -> dict[str, Any]:
-    """The program's top-level names, for the judge to bind where the tests use them."""
     return {name: value for name, value in _program.items() if not name.startswith("__")}
 
 
@@ -460,35 +462,28 @@ def _run_program(peer: Peer) -> None:
 # ---- the judge --------------------------------------------------------------------------------------------------
 
 
-def _judge(peer: Peer, job: dict[str, Any]) -> str:
+def _judge(peer: Peer, job: dict[str, Any], namespace: dict[str, Any], pid: int) -> str:
     """Run the tests against the program; "" when they all passed, else why not."""
-    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
-    for name, source in ((PREFIX, job["prefix"]), (TESTS, job["tests"])):
-        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    _SOURCES[TESTS] = job["tests"]
     try:
-        # The item's own prefix (HumanEval's prompt, with its helpers) runs here too: the tests use these helpers,
-        # never a program's redefinition of them.
-        exec(compile(job["prefix"], PREFIX, "exec"), namespace)
-        peer.request("load", job["prefix"] + job["code"], job["limits"])
-        names = peer.request("names")
+        names = peer.request("load", job["prefix"] + job["code"], job["limits"])
         if type(names) is not dict or not all(type(k) is str for k in names):
             raise ProtocolError("names are not a dict of strings")
         entry = job["entry_point"]
         for name, value in names.items():
             # A program's name never hides a builtin the tests use (its own ``set`` would answer both sides of a
-            # comparison), except the entry point itself.
+            # comparison), nor the prefix's helpers, except the entry point itself.
             if name == entry or (name not in namespace and not hasattr(builtins, name)):
                 namespace[name] = value
         exec(compile(job["tests"], TESTS, "exec"), namespace)
         if peer.broken is not None:  # the tests caught it (``except BaseException``) and went on
             raise peer.broken
     except ProgramExited:
-        return _exit_reason(job["pid"], job["limits"]["RLIMIT_CPU"][0])
+        return _exit_reason(pid, job["limits"]["RLIMIT_CPU"][0])
     except ProtocolError as error:
         return f"the program broke the judge's protocol: {error}"
     except BaseException as error:  # noqa: BLE001 - a test failed: whatever it raised is the reason
-        _print_traceback(error, (PREFIX, TESTS))
-        return traceback.format_exception_only(type(error), error)[-1].strip()[:300]
+        return _print_traceback(error, (PREFIX, TESTS))[:300]
     return ""
 
 
@@ -516,23 +511,55 @@ def _exit_reason(pid: int, cpu_s: int) -> str:
 _SIGNALS = {s.value for s in signal.Signals}
 
 
-def _print_traceback(error: BaseException, files: tuple[str, ...]) -> None:
-    """The traceback's frames in ``files`` only (the program's, or the tests'), then the exception."""
+def _print_traceback(error: BaseException, files: tuple[str, ...]) -> str:
+    """Print the traceback's frames in ``files`` only (the program's, or the tests'), then the exception; return the
+    exception's line."""
     try:
+        import linecache
+        import traceback
+
+        for name in files:
+            source = _SOURCES.get(name, "")
+            linecache.cache[name] = (len(source), None, source.splitlines(True), name)
         frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename in files]
         lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)] if frames else []
         lines += traceback.format_exception_only(type(error), error)
         sys.stderr.write("".join(lines))
         sys.stderr.flush()
+        return lines[-1].strip()
     except BaseException:  # noqa: BLE001 - a program's exception that cannot even be printed
-        pass
+        return type(error).__name__
+
+
+def _read(fd: int, size: int | None = None) -> bytes:
+    """Exactly ``size`` bytes of ``fd`` (all of it when None), never more: what is not read stays in the pipe."""
+    data = b""
+    while size is None or len(data) < size:
+        chunk = os.read(fd, 2**20 if size is None else size - len(data))
+        if not chunk:
+            if size is None:
+                return data
+            raise EOFError(f"the job ended after {len(data)} of {size} bytes")
+        data += chunk
+    return data
 
 
 def main() -> None:
-    """The judge: fork the program process, read the job, run the tests, write the verdict on stdout."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    """The judge: read the job's public part, fork the program process, read the tests, run them, write the
+    verdict on stdout.
+
+    The job on stdin is a length, the public part (the item's prefix, the code, the entry point, the limits) and
+    then the tests. The prefix runs here before the fork, so the program process starts with what it imports
+    (HumanEval's ``typing``) already loaded; the tests are read only after the fork and after the judge made itself
+    non-dumpable, and the program runs nothing before the judge asks it to.
+    """
+    (size,) = _HEADER.unpack(_read(0, _HEADER.size))
+    job = json.loads(_read(0, size))
+    # The item's own prefix (HumanEval's prompt, with its helpers) runs here too: the tests use these helpers, never
+    # a program's redefinition of them.
+    _SOURCES[PREFIX] = job["prefix"]
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    exec(compile(job["prefix"], PREFIX, "exec"), namespace)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a program's SIGINT is no KeyboardInterrupt in the judge
     to_program, to_judge = os.pipe(), os.pipe()
     verdict = os.dup(1)
@@ -542,22 +569,25 @@ def main() -> None:
         for fd in (verdict, to_program[1], to_judge[0]):
             os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)  # the job, still unread, stays the judge's
+        os.dup2(null, 0)  # the tests, still unread, stay the judge's
         os.close(null)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)  # it holds nothing of the judge's: its own /proc works as usual
         _run_program(Peer(to_program[0], to_judge[1], judge=False))
     os.close(to_program[0])
     os.close(to_judge[1])
-    job = json.loads(sys.stdin.buffer.read())
+    import ctypes  # after the fork: the program process needs none of it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    job.update(json.loads(_read(0)))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     for name, (soft, hard) in job["limits"].items():
         if name != "RLIMIT_NPROC":  # the judge forks nothing more; the program's processes count against it
             resource.setrlimit(getattr(resource, name), (soft, hard))
-    job["pid"] = pid
-    reason = _judge(Peer(to_judge[0], to_program[1], judge=True), job)
+    reason = _judge(Peer(to_judge[0], to_program[1], judge=True), job, namespace, pid)
     os.write(verdict, json.dumps({"passed": not reason, "reason": reason or "passed"}).encode() + b"\n")
     try:
         os.kill(pid, signal.SIGKILL)

@@ -26,6 +26,7 @@ import os
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -130,15 +131,16 @@ class Sandbox:
 
     def run(self, program: Program) -> Run:
         """Run one program to its verdict, its timeout or its output cap; never raises for what the program does."""
-        job = json.dumps(
+        public = json.dumps(
             {
                 "code": program.code,
-                "tests": program.tests,
                 "prefix": program.prefix,
                 "entry_point": program.entry_point,
                 "limits": self.limits.rlimits(),
             }
         ).encode()
+        # The judge reads the part the program may see (the length says where it ends), forks it, then the tests.
+        job = struct.pack(">I", len(public)) + public + json.dumps({"tests": program.tests}).encode()
         workdir = None if self.mode == "bwrap" else tempfile.mkdtemp(prefix="redpen-program-")
         started = time.monotonic()
         try:
