@@ -93,8 +93,13 @@ def instruct(
     base_model: Annotated[
         Path | None, typer.Option(help="student model folder [default: the embedded default]")
     ] = None,
-    instructor_backend: Annotated[str | None, typer.Option(help="instructor's backend [default: the student]")] = None,
-    instructor_model: Annotated[str | None, typer.Option(help="instructor's model")] = None,
+    instructor_backend: Annotated[
+        str | None,
+        typer.Option(help="instructor's backend [default: the embedded teacher where installed, else the student]"),
+    ] = None,
+    instructor_model: Annotated[
+        str | None, typer.Option(help="instructor's model; `teacher`: the embedded teacher")
+    ] = None,
     instructor_base_url: Annotated[str | None, typer.Option(help="instructor's server URL")] = None,
     memory: Annotated[
         Path | None, typer.Option(help="strategy memory: a mistake memory folder (from `redpen gather` / `run`)")
