@@ -14,8 +14,10 @@ from runtime.report import (
     answer_distribution,
     flag_prior_shift,
     pair_by_id,
+    paired_difference,
     paired_table,
     prior_shift,
+    verdict,
 )
 from training.instruct.ledger import change, ledger_rows
 
@@ -69,9 +71,40 @@ def figures(
             rows[c] = entry
         per[b] = {"gold": gold, "conditions": rows}
     out["by_benchmark"] = per
+    out["story"] = _story(results, per, order, benchmarks)
     out["supplies"] = supplies
     out["stages"] = stages
     return out
+
+
+def _story(
+    results: Results, per: dict[str, dict[str, Any]], order: Sequence[str], benchmarks: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per benchmark, the last iteration against the base: the change with its CI and p, the controls, a verdict."""
+    last = [c for c in order if c.startswith("iter")][-1:]
+    story = []
+    for b in benchmarks:
+        for c in last:
+            a, z = pair_by_id(_verdicts(results["base"][b]), _verdicts(results[c][b]))
+            d = paired_difference(a, z)
+            entry = per[b]["conditions"][c]
+            majority = per[b]["conditions"]["base"]["majority_gold"]
+            story.append(
+                {
+                    "benchmark": b,
+                    "condition": c,
+                    "n": d.n,
+                    "before": d.acc_a,
+                    "after": d.acc_b,
+                    "change": d.diff,
+                    "ci": [d.ci_low, d.ci_high],
+                    "p_mcnemar": d.p_mcnemar,
+                    "majority_gold": majority,
+                    "prior_shift_flag": entry["prior_shift_flag"],
+                    "verdict": verdict(d, majority, entry["prior_shift_flag"]),
+                }
+            )
+    return story
 
 
 def ledger(results: Results) -> list[dict[str, Any]]:
