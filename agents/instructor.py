@@ -86,7 +86,7 @@ def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Pa
     '5'
     >>> twice = "1. Question: Who? A. Tom B. Ann C. Unknown Options: (A) Tom (B) Ann (C) Unknown Answer: C - not said."
     >>> parse_samples(twice, "choice").samples[0].question
-    'Who?\nOptions:\n(A) Tom\n(B) Ann\n(C) Unknown'
+    'Who?\\nOptions:\\n(A) Tom\\n(B) Ann\\n(C) Unknown'
     >>> parse_samples("Here you go!", "number").rejected
     Counter({'no question block': 1})
     """
