@@ -5,8 +5,10 @@ installed with ``--no-deps``, found on disk, never imported). redpen joins them 
 whole file's SHA-256, and serves it with llama.cpp on loopback: through transformers (dequantised to float32) the
 1.5B decodes at ~1.2 tokens/s on 2 cores, llama.cpp runs the quantised weights directly.
 
-``llama-server`` was chosen over llama-cpp-python's own server by measurement (``redpen bench generate --model
-teacher --engine``): its parallel slots batch requests in flight, the Python server answers one at a time.
+``llama-server`` rather than llama-cpp-python's own server: its parallel slots decode the requests in flight
+together (``redpen bench generate --model teacher`` measures 1 against 8 in flight), while llama-cpp-python's server
+holds one lock on its model and answers one request at a time (its batched inference is still an open request
+upstream), so its rate with 8 in flight is its rate with one.
 """
 
 from __future__ import annotations
