@@ -71,6 +71,14 @@ StudentTokens = Annotated[
     int | None, typer.Option("--max-new-tokens", help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]")
 ]
 
+AccelerateConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--accelerate-config",
+        help="train under `accelerate launch` with this config file, or a shipped one: one-gpu, ddp, fsdp",
+    ),
+]
+
 MaxSteps = Annotated[int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]")]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]

@@ -10,6 +10,7 @@ import typer
 from rich.progress import Progress
 
 from runtime.cli.common import (
+    AccelerateConfig,
     DataDir,
     JsonOut,
     NoCache,
@@ -103,10 +104,12 @@ def instruct(
     no_cache: NoCache = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Evaluate, let an instructor turn the errors into training rows, fine-tune, evaluate in and out of domain."""
     from runtime.data.paths import resolve_data_dir
     from runtime.models.config import backend_config
+    from training.distributed import resolve_config
     from training.instruct import InstructSettings, run_instruct
 
     settings = InstructSettings(
@@ -152,6 +155,7 @@ def instruct(
             no_cache=no_cache,
             progress=phase_bar(bar),
             on_train_log=_train_bars(bar),
+            accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
         )
     figs = result.figures
     for b in figs["benchmarks"]:

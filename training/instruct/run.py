@@ -96,6 +96,7 @@ def run_instruct(
     no_cache: bool = False,
     progress: Progress | None = None,
     on_train_log: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+    accelerate_config: Path | None = None,
 ) -> InstructResult:
     """Run (or resume) the instructor loop in ``out``; the student is ``base_model`` or the embedded default."""
     the_plan = plan(settings, data_dir)
@@ -132,6 +133,7 @@ def run_instruct(
         progress=progress,
         on_train_log=on_train_log,
         memory=memory,
+        accelerate_config=accelerate_config,
     )
 
     async def go() -> dict[str, Any]:
