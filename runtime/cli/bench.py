@@ -30,13 +30,16 @@ def bench_generate(
     concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = CONCURRENCY,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
     repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
+    vs_generate: Annotated[
+        bool, typer.Option(help="local: also transformers' own generate on the same model (a padded batch)")
+    ] = False,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
     json_out: JsonOut = False,
 ) -> None:
     """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run."""
-    from runtime.bench import generate_rate
+    from runtime.bench import generate_rate, plain_generate_rate
 
     model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
     with console.status("measuring ..."):
@@ -55,6 +58,20 @@ def bench_generate(
         f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
         f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
     )
+    if vs_generate and backend == "local":
+        with console.status("measuring transformers' generate ..."):
+            plain = asyncio.run(
+                plain_generate_rate(
+                    model_backend, concurrency=concurrency, max_new_tokens=max_new_tokens, repeats=repeats
+                )
+            )
+        result["generate"] = plain
+        result["batched_over_generate"] = round(result["batched_tok_s"] / plain["batched_tok_s"], 2)
+        console.print(
+            f"transformers generate: 1 at a time {plain['single_tok_s']:.1f} tok/s   {concurrency} in a padded batch "
+            f"{plain['batched_tok_s']:.1f} tok/s; redpen {concurrency} at once / generate's batch "
+            f"{result['batched_over_generate']:.2f}x"
+        )
     if json_out:
         print(json.dumps(result))
 
