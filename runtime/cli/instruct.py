@@ -12,6 +12,7 @@ from rich.progress import Progress
 from runtime.cli.common import (
     AccelerateConfig,
     DataDir,
+    Engine,
     JsonOut,
     NoCache,
     SandboxMode,
@@ -106,13 +107,16 @@ def instruct(
     data_dir: DataDir = None,
     json_out: JsonOut = False,
     accelerate_config: AccelerateConfig = None,
+    engine: Engine = "local",
 ) -> None:
     """Evaluate, let an instructor turn the errors into training rows, fine-tune, evaluate in and out of domain."""
     from runtime.data.paths import resolve_data_dir
     from runtime.models.config import backend_config
+    from runtime.models.engines import check_engine
     from training.distributed import resolve_config
     from training.instruct import InstructSettings, run_instruct
 
+    check_engine(engine)  # before any work: a missing vLLM is one line, not a failure after the first stage
     settings = InstructSettings(
         targets=_names(target),
         strategies=_names(strategy),
@@ -160,6 +164,7 @@ def instruct(
             progress=phase_bar(bar),
             on_train_log=_train_bars(bar),
             accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
+            engine=engine,
         )
     figs = result.figures
     for b in figs["benchmarks"]:
