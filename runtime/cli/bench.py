@@ -38,42 +38,78 @@ def bench_generate(
     base_url: BaseUrl = None,
     json_out: JsonOut = False,
 ) -> None:
-    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run."""
+    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
+    ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
     from runtime.bench import generate_rate, plain_generate_rate
+    from runtime.models.config import TEACHER
 
+    teacher = TEACHER in (backend, model)
+    if teacher:
+        from runtime.models.teacher import SLOTS
+
+        concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
     model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
-    with console.status("measuring ..."):
-        result = asyncio.run(
-            generate_rate(
-                model_backend,
-                concurrency=concurrency,
-                max_new_tokens=max_new_tokens,
-                repeats=repeats,
-                on_step=console.print,
-            )
-        )
-    result["cpu_count"] = os.cpu_count()
-    console.print(
-        f"1 at a time: {result['single_tok_s']:.1f} tok/s   {concurrency} at once: "
-        f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
-        f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
-    )
-    if vs_generate and backend == "local":
-        with console.status("measuring transformers' generate ..."):
-            plain = asyncio.run(
-                plain_generate_rate(
-                    model_backend, concurrency=concurrency, max_new_tokens=max_new_tokens, repeats=repeats
+
+    def measure(backend_: Any, plain: bool = False) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            try:
+                result = await generate_rate(
+                    backend_,
+                    concurrency=concurrency,
+                    max_new_tokens=max_new_tokens,
+                    repeats=repeats,
+                    on_step=console.print,
                 )
-            )
-        result["generate"] = plain
-        result["batched_over_generate"] = round(result["batched_tok_s"] / plain["batched_tok_s"], 2)
+                if plain:  # transformers' own generate on the same loaded model, before it is closed
+                    result["generate"] = await plain_generate_rate(
+                        backend_, concurrency=concurrency, max_new_tokens=max_new_tokens, repeats=repeats
+                    )
+                    result["batched_over_generate"] = round(
+                        result["batched_tok_s"] / result["generate"]["batched_tok_s"], 2
+                    )
+                return result
+            finally:
+                await backend_.aclose()
+
+        with console.status(f"measuring {backend_.kind} ..."):
+            return asyncio.run(run())
+
+    result = measure(model_backend, plain=vs_generate and backend == "local" and not teacher)
+    result["cpu_count"] = os.cpu_count()
+    _rate_line(result, repeats, max_new_tokens)
+    if "generate" in result:
+        plain = result["generate"]
         console.print(
             f"transformers generate: 1 at a time {plain['single_tok_s']:.1f} tok/s   {concurrency} in a padded batch "
             f"{plain['batched_tok_s']:.1f} tok/s; redpen {concurrency} at once / generate's batch "
             f"{result['batched_over_generate']:.2f}x"
         )
+    if teacher:
+        from runtime.models.teacher import teacher_model_dir
+
+        with console.status("converting the teacher for transformers (once) ..."):
+            folder = teacher_model_dir()
+        baseline = measure(load_backend("local", str(folder), None, max_batch_size=max(concurrency, 1)))
+        _rate_line(baseline, repeats, max_new_tokens)
+        result["transformers"] = baseline
+        result["vs_transformers"] = {
+            "single": round(result["single_tok_s"] / baseline["single_tok_s"], 2),
+            "batched": round(result["batched_tok_s"] / baseline["batched_tok_s"], 2),
+        }
+        console.print(
+            f"llama.cpp / transformers (same GGUF, same prompts): {result['vs_transformers']['single']:.1f}x one at a "
+            f"time, {result['vs_transformers']['batched']:.1f}x with {concurrency} in flight"
+        )
     if json_out:
         print(json.dumps(result))
+
+
+def _rate_line(result: dict[str, Any], repeats: int, max_new_tokens: int) -> None:
+    console.print(
+        f"{result['backend']['kind']}: 1 at a time {result['single_tok_s']:.1f} tok/s   {result['concurrency']} at "
+        f"once {result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  (medians of {repeats}, "
+        f"{max_new_tokens} new tokens, {os.cpu_count()} cores)"
+    )
 
 
 def bench_pipeline(

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.errors import ConfigError
-from runtime.models.default_model import cache_root
+from runtime.models.default_model import cache_root, convert_gguf
+from runtime.models.llama_build import built_server
 from runtime.models.managed import ServerCommand
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ def installed() -> bool:
     except ConfigError:
         return False
     return True
+
+
+def speed_path() -> Path:
+    """Where `redpen teacher install` records the speed it measured (shown by `redpen models`)."""
+    return cache_root() / "models" / f"{TEACHER_NAME}.speed.json"
 
 
 def gguf_path() -> Path:
@@ -108,31 +114,32 @@ def teacher_gguf(progress: Callable[[int, int], None] | None = None) -> Path:
     return target
 
 
+def teacher_model_dir() -> Path:
+    """The teacher as a float32 safetensors folder, converted once: for transformers (a GPU student, or the
+    transformers side of `redpen bench generate --model teacher`), not for serving on a laptop."""
+    target = cache_root() / "models" / f"{TEACHER_NAME}-float32"
+    if not (target / "config.json").exists():
+        convert_gguf(teacher_gguf(), target)
+    return target
+
+
 def llama_server() -> Path:
-    """The ``llama-server`` binary: ``$REDPEN_LLAMA_SERVER``, the one installed with llama-cpp-python, or PATH."""
+    """The ``llama-server`` binary: ``$REDPEN_LLAMA_SERVER``, the one `redpen teacher install` built, or PATH."""
     explicit = os.environ.get("REDPEN_LLAMA_SERVER")
-    candidates = [Path(explicit)] if explicit else []
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is not None and spec.submodule_search_locations:
-        package = Path(next(iter(spec.submodule_search_locations)))
-        candidates += [package.parent / "bin" / "llama-server", package / "lib" / "llama-server"]
+    candidates = [Path(explicit)] if explicit else [built_server()]
     found = shutil.which("llama-server")
-    candidates += [Path(found)] if found else []
+    candidates += [Path(found)] if found and not explicit else []
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise ConfigError(
-        "no llama-server binary: install llama-cpp-python with its server built, as the README's set-up command does "
-        "(CMAKE_ARGS=... pip install llama-cpp-python), or set REDPEN_LLAMA_SERVER to a llama-server binary"
-    )
+    if explicit:
+        raise ConfigError(f"REDPEN_LLAMA_SERVER={explicit} is not an executable file")
+    raise ConfigError("no llama-server binary: run `redpen teacher install` (builds it once from llama.cpp's source)")
 
 
 def server_command(gguf: Path, *, slots: int = SLOTS, threads: int | None = None) -> ServerCommand:
     """``llama-server`` on loopback for ``gguf``: ``slots`` requests decoded together, all cores by default."""
     binary = llama_server()
-    library_dirs = [str(binary.parent), str(binary.parent.parent / "llama_cpp" / "lib")]
-    if os.environ.get("LD_LIBRARY_PATH"):
-        library_dirs.append(os.environ["LD_LIBRARY_PATH"])
     options = {
         "--model": str(gguf),
         "--host": "127.0.0.1",
@@ -145,5 +152,5 @@ def server_command(gguf: Path, *, slots: int = SLOTS, threads: int | None = None
     return ServerCommand(
         name=f"the teacher's llama.cpp server ({binary.name})",
         argv=[str(binary), *(part for pair in options.items() for part in pair), "--no-webui"],
-        env={"LLAMA_API_KEY": "{api_key}", "LD_LIBRARY_PATH": os.pathsep.join(library_dirs)},
+        env={"LLAMA_API_KEY": "{api_key}"},
     )
