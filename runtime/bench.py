@@ -19,6 +19,7 @@ from runtime.data.sandbox import Sandbox
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD
 from runtime.models.backend import Backend, GenerationSettings, Message
+from runtime.models.torch_thread import run_torch
 
 # Plain, varied prompts: the rate depends on lengths, not content.
 _PROMPTS = [
@@ -83,6 +84,52 @@ async def generate_rate(
         "ratio": round(batched_median / single_median, 2),
         "single_runs": [round(x, 2) for x in single_rates],
         "batched_runs": [round(x, 2) for x in batched_rates],
+    }
+
+
+async def plain_generate_rate(
+    backend: Any,
+    *,
+    concurrency: int = CONCURRENCY,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """transformers' own ``generate`` on a local backend's model (same weights, device and dtype): one prompt at a
+    time and ``concurrency`` prompts in one left-padded batch, greedy, ``max_new_tokens`` each (EOS ignored), the
+    same prompts as ``generate_rate``: the baseline that redpen's continuous batching replaces."""
+    import torch
+
+    model, tokenizer = backend.model, backend.tokenizer
+
+    def rate(prompts: list[list[Message]]) -> float:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        if backend.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        new_tokens = int(out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+        return new_tokens / (time.perf_counter() - started)
+
+    def measure() -> tuple[list[float], list[float]]:
+        rate([_prompt(0)])  # warm-up, as generate_rate does
+        single = [statistics.mean(rate([_prompt(i)]) for i in range(2)) for _ in range(repeats)]
+        batched = [rate([_prompt(i) for i in range(concurrency)]) for _ in range(repeats)]
+        return single, batched
+
+    single, batched = await run_torch(measure)
+    return {
+        "single_tok_s": round(statistics.median(single), 2),
+        "batched_tok_s": round(statistics.median(batched), 2),
+        "single_runs": [round(x, 2) for x in single],
+        "batched_runs": [round(x, 2) for x in batched],
     }
 
 

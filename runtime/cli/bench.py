@@ -30,6 +30,9 @@ def bench_generate(
     concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = CONCURRENCY,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
     repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
+    vs_generate: Annotated[
+        bool, typer.Option(help="local: also transformers' own generate on the same model (a padded batch)")
+    ] = False,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
@@ -37,7 +40,7 @@ def bench_generate(
 ) -> None:
     """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
     ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
-    from runtime.bench import generate_rate
+    from runtime.bench import generate_rate, plain_generate_rate
     from runtime.models.config import TEACHER
 
     teacher = TEACHER in (backend, model)
@@ -47,25 +50,40 @@ def bench_generate(
         concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
     model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
 
-    def measure(backend_: Any) -> dict[str, Any]:
+    def measure(backend_: Any, plain: bool = False) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             try:
-                return await generate_rate(
+                result = await generate_rate(
                     backend_,
                     concurrency=concurrency,
                     max_new_tokens=max_new_tokens,
                     repeats=repeats,
                     on_step=console.print,
                 )
+                if plain:  # transformers' own generate on the same loaded model, before it is closed
+                    result["generate"] = await plain_generate_rate(
+                        backend_, concurrency=concurrency, max_new_tokens=max_new_tokens, repeats=repeats
+                    )
+                    result["batched_over_generate"] = round(
+                        result["batched_tok_s"] / result["generate"]["batched_tok_s"], 2
+                    )
+                return result
             finally:
                 await backend_.aclose()
 
         with console.status(f"measuring {backend_.kind} ..."):
             return asyncio.run(run())
 
-    result = measure(model_backend)
+    result = measure(model_backend, plain=vs_generate and backend == "local" and not teacher)
     result["cpu_count"] = os.cpu_count()
     _rate_line(result, repeats, max_new_tokens)
+    if "generate" in result:
+        plain = result["generate"]
+        console.print(
+            f"transformers generate: 1 at a time {plain['single_tok_s']:.1f} tok/s   {concurrency} in a padded batch "
+            f"{plain['batched_tok_s']:.1f} tok/s; redpen {concurrency} at once / generate's batch "
+            f"{result['batched_over_generate']:.2f}x"
+        )
     if teacher:
         from runtime.models.teacher import teacher_model_dir
 

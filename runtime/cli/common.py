@@ -82,6 +82,23 @@ StudentTokens = Annotated[
     int | None, typer.Option("--max-new-tokens", help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]")
 ]
 
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="what runs the student's model folder: local (transformers in this process) or vllm (a vllm serve "
+        "redpen starts on the folder, talked to over its OpenAI API)",
+    ),
+]
+
+AccelerateConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--accelerate-config",
+        help="train under `accelerate launch` with this config file, or a shipped one: one-gpu, ddp, fsdp",
+    ),
+]
+
 MaxSteps = Annotated[int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]")]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
@@ -227,6 +244,19 @@ def teacher_default(role: str) -> dict[str, Any] | None:
         f"[dim]the {role} is the student's model: the embedded teacher is not installed (see the README's set-up)[/dim]"
     )
     return None
+
+
+def student_kind(engine: str, backend: str) -> str:
+    """The student's backend kind: ``--engine vllm`` serves its local model folder with vLLM."""
+    from runtime.errors import ConfigError
+    from runtime.models.engines import check_engine
+
+    check_engine(engine)
+    if engine == "local":
+        return backend
+    if backend != "local":
+        raise ConfigError(f"--engine {engine} serves a local model folder: it goes with --backend local, not {backend}")
+    return engine
 
 
 def open_store(location: dict[str, Any], *, create: bool = True) -> Any:

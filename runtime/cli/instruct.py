@@ -10,7 +10,9 @@ import typer
 from rich.progress import Progress
 
 from runtime.cli.common import (
+    AccelerateConfig,
     DataDir,
+    Engine,
     JsonOut,
     NoCache,
     SandboxMode,
@@ -109,12 +111,17 @@ def instruct(
     no_cache: NoCache = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    accelerate_config: AccelerateConfig = None,
+    engine: Engine = "local",
 ) -> None:
     """Evaluate, let an instructor turn the errors into training rows, fine-tune, evaluate in and out of domain."""
     from runtime.data.paths import resolve_data_dir
     from runtime.models.config import backend_config
+    from runtime.models.engines import check_engine
+    from training.distributed import resolve_config
     from training.instruct import InstructSettings, run_instruct
 
+    check_engine(engine)  # before any work: a missing vLLM is one line, not a failure after the first stage
     settings = InstructSettings(
         targets=_names(target),
         strategies=_names(strategy),
@@ -161,6 +168,8 @@ def instruct(
             no_cache=no_cache,
             progress=phase_bar(bar),
             on_train_log=_train_bars(bar),
+            accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
+            engine=engine,
         )
     figs = result.figures
     for b in figs["benchmarks"]:

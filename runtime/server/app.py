@@ -262,6 +262,12 @@ def build_app(
         finally:
             in_flight[caller.key_id] -= 1
 
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        # No key: what orchestrators and redpen's managed servers poll. The port listens only once the model is
+        # loaded, so an answer means ready (vLLM's and llama.cpp's /health mean the same); it tells nothing else.
+        return {"status": "ok"}
+
     @app.get("/v1/models")
     async def list_models(caller: Authorized) -> dict[str, Any]:
         return {
