@@ -64,9 +64,7 @@ def instructor_messages(
             letters=", ".join(letters[:-1]) + f" and {letters[-1]}",
             option_lines="\n".join(f"{letter}. [option]" for letter in letters),
         )
-    shape = (
-        ", each with its options, the correct letter and why" if case.answer_kind == "choice" else ""
-    )
+    shape = ", each with its options, the correct letter and why" if case.answer_kind == "choice" else ""
     values = {"question": case.input, "gold": case.target, "response": _clip(response), "n": n, "shape": shape}
     if strategy == "lec":
         values["correct"] = "\n\n".join(f"{i}. {c.input}" for i, c in enumerate(correct, 1)) or "(none)"
