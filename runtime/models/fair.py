@@ -95,12 +95,17 @@ class FairShare:
         rate = seconds / max(units, 1.0)
         self.unit_s = rate if self.unit_s is None else (1 - SPEED_WEIGHT) * self.unit_s + SPEED_WEIGHT * rate
 
-    def projected_s(self, prompt_tokens: int, new_tokens: int, contenders: int) -> float | None:
-        """Seconds a request would take beside ``contenders`` other callers with work, each taking its equal share
-        (every prefill slice, and the fixed cost of every decode step); None before the first forward."""
+    def projected_s(self, prompt_tokens: int, new_tokens: int, contenders: int, ahead: float = 0.0) -> float | None:
+        """Seconds a request would take behind ``ahead`` units of its caller's prompts and beside ``contenders``
+        other callers with work, each taking its equal share (of every prefill slice, and of the fixed cost of
+        every decode step); None before the first forward."""
         if self.unit_s is None:
             return None
-        units = cost(0, prompt_tokens, self.attention) + new_tokens * (BASE_UNITS + 1 + prompt_tokens / self.attention)
+        units = (
+            ahead
+            + cost(0, prompt_tokens, self.attention)
+            + new_tokens * (BASE_UNITS + 1 + prompt_tokens / self.attention)
+        )
         return units * self.unit_s * (1 + contenders)
 
 

@@ -24,7 +24,7 @@ from runtime.models import scheduling
 from runtime.models.adapters import ADAPTER_CONFIG, adapter_digest
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage, too_long
 from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
-from runtime.models.fair import FairShare, attention_tokens, interleave
+from runtime.models.fair import FairShare, attention_tokens, cost, interleave
 from runtime.models.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,10 @@ class LocalBackend(Backend):
         queued = self._queue.qsize() if self._queue is not None else 0
         rows = [r for b in self._batches.values() for r in [*b.rows, *b.deferred]]
         contenders = len({r.owner for r in rows} - {owner}) + (queued > 0)
-        needed = self.share.projected_s(prompt_tokens, reply_tokens, contenders)
+        # The caller's own prompts not yet computed come first: its prompts are computed one after another.
+        mine = [r for b in self._batches.values() for r in b.deferred if r.owner == owner]
+        ahead = sum(cost(r.done, len(r.prompt_ids) - r.done, self.share.attention) for r in mine)
+        needed = self.share.projected_s(prompt_tokens, reply_tokens, contenders, ahead)
         left = due - time.monotonic()
         if needed is not None and needed > left:
             raise Overloaded(
