@@ -35,28 +35,63 @@ def bench_generate(
     base_url: BaseUrl = None,
     json_out: JsonOut = False,
 ) -> None:
-    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run."""
+    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
+    ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
     from runtime.bench import generate_rate
+    from runtime.models.config import TEACHER
 
+    teacher = TEACHER in (backend, model)
+    if teacher:
+        from runtime.models.teacher import SLOTS
+
+        concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
     model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
-    with console.status("measuring ..."):
-        result = asyncio.run(
-            generate_rate(
-                model_backend,
-                concurrency=concurrency,
-                max_new_tokens=max_new_tokens,
-                repeats=repeats,
-                on_step=console.print,
-            )
-        )
+
+    def measure(backend_: Any) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            try:
+                return await generate_rate(
+                    backend_,
+                    concurrency=concurrency,
+                    max_new_tokens=max_new_tokens,
+                    repeats=repeats,
+                    on_step=console.print,
+                )
+            finally:
+                await backend_.aclose()
+
+        with console.status(f"measuring {backend_.kind} ..."):
+            return asyncio.run(run())
+
+    result = measure(model_backend)
     result["cpu_count"] = os.cpu_count()
-    console.print(
-        f"1 at a time: {result['single_tok_s']:.1f} tok/s   {concurrency} at once: "
-        f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
-        f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
-    )
+    _rate_line(result, repeats, max_new_tokens)
+    if teacher:
+        from runtime.models.teacher import teacher_model_dir
+
+        with console.status("converting the teacher for transformers (once) ..."):
+            folder = teacher_model_dir()
+        baseline = measure(load_backend("local", str(folder), None, max_batch_size=max(concurrency, 1)))
+        _rate_line(baseline, repeats, max_new_tokens)
+        result["transformers"] = baseline
+        result["vs_transformers"] = {
+            "single": round(result["single_tok_s"] / baseline["single_tok_s"], 2),
+            "batched": round(result["batched_tok_s"] / baseline["batched_tok_s"], 2),
+        }
+        console.print(
+            f"llama.cpp / transformers (same GGUF, same prompts): {result['vs_transformers']['single']:.1f}x one at a "
+            f"time, {result['vs_transformers']['batched']:.1f}x with {concurrency} in flight"
+        )
     if json_out:
         print(json.dumps(result))
+
+
+def _rate_line(result: dict[str, Any], repeats: int, max_new_tokens: int) -> None:
+    console.print(
+        f"{result['backend']['kind']}: 1 at a time {result['single_tok_s']:.1f} tok/s   {result['concurrency']} at "
+        f"once {result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  (medians of {repeats}, "
+        f"{max_new_tokens} new tokens, {os.cpu_count()} cores)"
+    )
 
 
 def bench_pipeline(

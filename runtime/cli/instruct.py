@@ -19,6 +19,7 @@ from runtime.cli.common import (
     progress_bar,
     quiet_transformers,
     slug,
+    teacher_default,
     use_sandbox,
 )
 
@@ -138,6 +139,9 @@ def instruct(
         instructor = backend_config(
             kind=instructor_backend or "local", model=instructor_model, base_url=instructor_base_url
         )
+    elif {"le", "lec"} & set(settings.strategies) or "augment" in settings.baselines:  # an instructor writes rows
+        teacher = teacher_default("instructor")  # else the student instructs itself, as before the teacher
+        instructor = backend_config(**teacher) if teacher else None
     # mbpp's default out-of-domain pair is humaneval: both are code, so targets and --ood are enough to look at.
     use_sandbox(sandbox, any(n.partition("/")[0] in CODE_TASKS for n in [*settings.targets, *(settings.ood or [])]))
     folder = out or Path("runs") / slug(f"instruct-{target}")

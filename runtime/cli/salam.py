@@ -144,6 +144,7 @@ def exam(
         max_new_tokens,
         no_cache,
         assistant_adapter=assistant_adapter,
+        teacher_role="study assistant" if mode == "assisted" and assistant_adapter is None else None,
     )
     with progress_bar() as bar:
         outcome = asyncio.run(
@@ -266,9 +267,11 @@ def _roles(
     assistant: tuple[str | None, str | None, str | None],
     max_new_tokens: int | None,
     no_cache: bool,
+    teacher_role: str | None = "study assistant",
     **settings: Any,
 ) -> Any:
-    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role."""
+    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role; the assistant
+    defaults to the embedded teacher (``teacher_role`` given) where it is installed."""
     (backend, model, base_url), (assistant_backend, assistant_model, assistant_base_url) = student, assistant
     return load_roles(
         roles_config(
@@ -281,6 +284,7 @@ def _roles(
             assistant_base_url=assistant_base_url,
             student_max_new_tokens=max_new_tokens,
             response_cache=not no_cache,
+            teacher_role=teacher_role,
             **settings,
         )
     )

@@ -116,6 +116,7 @@ def correct(
             assistant_model=corrector_model,
             assistant_base_url=corrector_base_url,
             response_cache=not no_cache,
+            teacher_role="corrector",
         )
     )
     with progress_bar() as bar:

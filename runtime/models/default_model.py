@@ -47,11 +47,12 @@ def default_model_dir() -> Path:
     target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{gguf.stem.split('.')[-1]}"
     if (target / "config.json").exists():
         return target
-    _convert(gguf, target)
+    convert_gguf(gguf, target)
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """A GGUF dequantised to a float32 safetensors folder at ``target``, written beside it and renamed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
