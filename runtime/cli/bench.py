@@ -377,6 +377,13 @@ def bench_starvation(
     hog_max_tokens: Annotated[int, typer.Option(help="max_tokens of a hog")] = 64,
     small_max_tokens: Annotated[int, typer.Option(help="max_tokens of the small request")] = 32,
     samples: Annotated[int, typer.Option(help="small requests timed per phase; medians are reported")] = 3,
+    request_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="the server's --request-timeout-s: long, so that the hogs are admitted and compete however slow "
+            "the machine (at serve's 120 s a slow machine refuses them early with 429, a separate protection)"
+        ),
+    ] = 3600.0,
     model: Model = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -393,7 +400,8 @@ def bench_starvation(
     from runtime.errors import BackendError
     from runtime.server import KeyRing
 
-    for name, value in (("--hog-words", hog_words), ("--hog-max-tokens", hog_max_tokens), ("--samples", samples)):
+    numbers = [("--hog-words", hog_words), ("--hog-max-tokens", hog_max_tokens), ("--samples", samples)]
+    for name, value in [*numbers, ("--request-timeout-s", request_timeout_s)]:
         if value < 1:
             raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     phases = hogs or [1, 4, 32]
@@ -404,7 +412,8 @@ def bench_starvation(
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--port", str(port)]
-        command += ["--state", tmp, *(["--model", str(model)] if model else [])]
+        command += ["--state", tmp, "--request-timeout-s", str(request_timeout_s)]
+        command += ["--model", str(model)] if model else []
         with open(Path(tmp) / "server.log", "wb") as log:
             server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}/v1"
