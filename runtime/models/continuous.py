@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from runtime.errors import ConfigError
-from runtime.models.fair import BASE_UNITS, MIN_CHUNK, FairShare, attention_tokens, cost, tokens_for
+from runtime.models.fair import MIN_CHUNK, FairShare, attention_tokens, cost, tokens_for
 
 
 @dataclass(eq=False)
@@ -284,38 +284,36 @@ class ContinuousBatch:
     def _charge(
         self, running: int, seconds: float, new: Sequence[tuple[Row, Prefix]], slices: Sequence[tuple[Row, int]]
     ) -> None:
-        """Charge each caller its units of the forward just run; the model's speed is measured on all of them."""
-        attention, total = self.share.attention, BASE_UNITS
+        """Charge each caller its seconds of the forward just run; the model's costs are measured on all of them."""
+        attention = self.share.attention
         decoding = self.rows[:running]
-        owners = {row.owner for row in decoding} or {row.owner for row, _ in [*new, *slices]}
+        work = [(row.owner, 1 + row.next_position / attention) for row in decoding]
+        decode_units = sum(units for _, units in work)
+        work += [(row.owner, cost(reused, len(row.prompt_ids) - reused, attention)) for row, (reused, _, _) in new]
+        work += [(row.owner, cost(row.done - tokens, tokens, attention)) for row, tokens in slices]
+        prompt_units = sum(units for _, units in work) - decode_units
+        owners = {row.owner for row in decoding} or {owner for owner, _ in work}
+        fixed = min(seconds, self.share.base_s or seconds / 2)
         for owner in owners:  # the fixed cost, split between the callers it ran for
-            self.share.charge(owner, BASE_UNITS / len(owners))
-        for row in decoding:
-            units = 1 + row.next_position / attention
-            self.share.charge(row.owner, units)
-            total += units
-        for row, (reused, _, _) in new:
-            units = cost(reused, len(row.prompt_ids) - reused, attention)
-            self.share.charge(row.owner, units)
-            total += units
-        for row, tokens in slices:
-            units = cost(row.done - tokens, tokens, attention)
-            self.share.charge(row.owner, units)
-            total += units
-        self.share.observe(seconds, total)
+            self.share.charge(owner, fixed / len(owners))
+        total = sum(units for _, units in work)
+        for owner, units in work:  # the rest by the work done for each
+            self.share.charge(owner, (seconds - fixed) * units / total)
+        self.share.observe(seconds, prompt_units, decode_units)
 
     def _plan(self, rows: Sequence[Row]) -> tuple[list[tuple[Row, Prefix]], list[tuple[Row, int]]]:
         """The rows to prefill now, each with its cached prefix, and the slices of long prompts to compute now.
 
-        Least-served caller first (``FairShare``), each within its allowance and all within ``chunk_units``. A
-        prompt that fits in ``chunk_units`` is computed whole when its turn and room come, so its reply is what
-        it would be alone; a longer one a slice a forward, one prompt of a caller at a time, and joins the
-        slots with its last slice. A row that shares more of its prompt with a row prefilled now than with any
-        cached prompt (a role's system prompt, when a burst of conversations starts) waits one forward in
-        ``deferred`` and then starts from that row's prompt, as it would one at a time.
+        Least-served caller first (``FairShare``), each within its allowance and all within the forward's budget
+        (``FairShare.forward_units``, at most ``chunk_units``). A prompt that fits in ``chunk_units`` is computed
+        whole when its turn and room come, so its reply is what it would be alone; a longer one a slice a forward,
+        one prompt of a caller at a time, and joins the slots with its last slice. A row that shares more of its
+        prompt with a row prefilled now than with any cached prompt (a role's system prompt, when a burst of
+        conversations starts) waits one forward in ``deferred`` and then starts from that row's prompt, as it
+        would one at a time.
         """
         self.share.sync(row.owner for row in [*self.rows, *rows])
-        budget = math.inf if self.chunk_units is None else self.chunk_units
+        budget = math.inf if self.chunk_units is None else self.share.forward_units(self.chunk_units)
         planned: dict[str, float] = {}  # units given to each caller in this plan
         slicing = {row.owner for row in rows if row.partial is not None}  # one partly computed prompt per caller
         now: list[tuple[Row, Prefix]] = []
@@ -331,15 +329,18 @@ class ContinuousBatch:
             start = prefix[0]
             allowed = min(budget, self.share.allowance(row.owner) - planned.get(row.owner, 0.0))
             units = cost(start, len(ids) - start, self.share.attention)
-            if self.chunk_units is None or units <= allowed:
+            # A least-served caller's first prompt goes whole if it fits a forward at all: a short question is
+            # computed the forward after it arrives, however busy the model.
+            first = row.owner not in planned and self.share.least_served(row.owner)
+            if self.chunk_units is None or units <= allowed or (first and units <= self.chunk_units):
                 now.append((row, prefix))
             else:
                 self.deferred.append(row)
                 if units <= self.chunk_units or (row.partial is None and row.owner in slicing):
                     continue  # fits a forward whole: waits for one, so its reply is what it would be alone
-                tokens = min(tokens_for(start, allowed, self.share.attention), len(ids) - 1 - start)
-                if tokens < MIN_CHUNK:
+                if allowed < MIN_CHUNK:
                     continue
+                tokens = max(1, min(tokens_for(start, allowed, self.share.attention), len(ids) - 1 - start))
                 self._start_slices(row, prefix)
                 slicing.add(row.owner)
                 slices.append((row, tokens))
@@ -361,7 +362,7 @@ class ContinuousBatch:
             now.append((row, prefix))
         else:
             self._start_slices(row, prefix)
-            tokens = tokens_for(start, self.chunk_units, self.share.attention)
+            tokens = tokens_for(start, self.share.forward_units(self.chunk_units), self.share.attention)
             slices.append((row, max(1, min(tokens, len(row.prompt_ids) - 1 - start))))
 
     def _start_slices(self, row: Row, prefix: Prefix) -> None:
