@@ -383,7 +383,7 @@ def bench_starvation(
             help="the server's --request-timeout-s: long, so that the hogs are admitted and compete however slow "
             "the machine (at serve's 120 s a slow machine refuses them early with 429, a separate protection)"
         ),
-    ] = 3600.0,
+    ] = 86400.0,
     model: Model = None,
     json_out: JsonOut = False,
 ) -> None:
