@@ -41,10 +41,16 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="do not replay greedy 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML with [student] and [assistant] backend tables")]
 
 AssistantBackend = Annotated[
-    str | None, typer.Option("--assistant-backend", help="assistant's backend [default: the student's]")
+    str | None,
+    typer.Option(
+        "--assistant-backend",
+        help="assistant's backend [default: the embedded teacher where installed, else the student's]",
+    ),
 ]
 
-AssistantModel = Annotated[str | None, typer.Option("--assistant-model", help="assistant's model")]
+AssistantModel = Annotated[
+    str | None, typer.Option("--assistant-model", help="assistant's model; `teacher`: the embedded teacher")
+]
 
 AssistantUrl = Annotated[str | None, typer.Option("--assistant-base-url", help="assistant's server URL")]
 

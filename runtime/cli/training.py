@@ -89,8 +89,13 @@ def correct(
     limit: Annotated[int | None, typer.Option(help="gather problems")] = None,
     samples: Annotated[int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)")] = SAMPLES,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/correct-<task>]")] = None,
-    corrector_backend: Annotated[str | None, typer.Option(help="corrector's backend [default: the student's]")] = None,
-    corrector_model: Annotated[str | None, typer.Option(help="corrector's model (a stronger one in real use)")] = None,
+    corrector_backend: Annotated[
+        str | None,
+        typer.Option(help="corrector's backend [default: the embedded teacher where installed, else the student's]"),
+    ] = None,
+    corrector_model: Annotated[
+        str | None, typer.Option(help="corrector's model; `teacher`: the embedded teacher")
+    ] = None,
     corrector_base_url: Annotated[str | None, typer.Option(help="corrector's server URL")] = None,
     concurrency: Concurrency = CONCURRENCY,
     sandbox: SandboxMode = "bwrap",
