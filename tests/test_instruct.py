@@ -234,6 +234,15 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     # iteration 2 trained on iteration 1's merged model
     assert lrs[1]["base_model"]["path"].endswith(outcome_model(tmp_path / "run", "iter1"))
     figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], ["toy"])
+    (story,) = figs["story"]  # the last iteration against the base, with the verdict the terminal ends on
+    assert story["condition"] == "iter2" and story["n"] == 6
+    assert story["change"] == story["after"] - story["before"] and story["ci"][0] <= story["change"] <= story["ci"][1]
+    assert story["verdict"] in {
+        "learned beyond the answer prior",
+        "shifted its answer prior",
+        "no change shown",
+        "got worse",
+    }
     md, html = render(
         figs,
         outcome["results"],

@@ -54,6 +54,7 @@ bench_app.command("pipeline")(bench.bench_pipeline)
 bench_app.command("memory")(bench.bench_memory)
 bench_app.command("sandbox")(bench.bench_sandbox)
 bench_app.command("train")(bench.bench_train)
+bench_app.command("starvation")(bench.bench_starvation)
 
 
 REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")

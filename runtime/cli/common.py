@@ -41,10 +41,16 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="do not replay greedy 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML with [student] and [assistant] backend tables")]
 
 AssistantBackend = Annotated[
-    str | None, typer.Option("--assistant-backend", help="assistant's backend [default: the student's]")
+    str | None,
+    typer.Option(
+        "--assistant-backend",
+        help="assistant's backend [default: the embedded teacher where installed, else the student's]",
+    ),
 ]
 
-AssistantModel = Annotated[str | None, typer.Option("--assistant-model", help="assistant's model")]
+AssistantModel = Annotated[
+    str | None, typer.Option("--assistant-model", help="assistant's model; `teacher`: the embedded teacher")
+]
 
 AssistantUrl = Annotated[str | None, typer.Option("--assistant-base-url", help="assistant's server URL")]
 
@@ -83,6 +89,23 @@ StudentTokens = Annotated[
         help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]",
         min=1,
         max=MOST_NEW_TOKENS,
+    ),
+]
+
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="what runs the student's model folder: local (transformers in this process) or vllm (a vllm serve "
+        "redpen starts on the folder, talked to over its OpenAI API)",
+    ),
+]
+
+AccelerateConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--accelerate-config",
+        help="train under `accelerate launch` with this config file, or a shipped one: one-gpu, ddp, fsdp",
     ),
 ]
 
@@ -233,6 +256,19 @@ def teacher_default(role: str) -> dict[str, Any] | None:
         f"[dim]the {role} is the student's model: the embedded teacher is not installed (see the README's set-up)[/dim]"
     )
     return None
+
+
+def student_kind(engine: str, backend: str) -> str:
+    """The student's backend kind: ``--engine vllm`` serves its local model folder with vLLM."""
+    from runtime.errors import ConfigError
+    from runtime.models.engines import check_engine
+
+    check_engine(engine)
+    if engine == "local":
+        return backend
+    if backend != "local":
+        raise ConfigError(f"--engine {engine} serves a local model folder: it goes with --backend local, not {backend}")
+    return engine
 
 
 def open_store(location: dict[str, Any], *, create: bool = True) -> Any:

@@ -18,6 +18,7 @@ from runtime.cli.common import (
     BaseUrl,
     Config,
     DataDir,
+    Engine,
     InFlight,
     JsonOut,
     K,
@@ -38,6 +39,7 @@ from runtime.cli.common import (
     progress_bar,
     roles_config,
     slug,
+    student_kind,
 )
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
@@ -198,6 +200,7 @@ def run(
     assistant_base_url: AssistantUrl = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    engine: Engine = "local",
 ) -> None:
     """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
     from agents.commands import experiment
@@ -213,7 +216,7 @@ def run(
     max_new_tokens = code_tokens(max_new_tokens, [*gather_set, *examine_set], sandbox)
     roles = _roles(
         config,
-        (backend, model, base_url),
+        (student_kind(engine, backend), model, base_url),
         (assistant_backend, assistant_model, assistant_base_url),
         max_new_tokens,
         no_cache,

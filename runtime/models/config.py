@@ -14,8 +14,9 @@ from runtime.defaults import LOCAL_MAX_BATCH, MOST_IN_FLIGHT, SERVER_MAX_CONCURR
 from runtime.errors import ConfigError
 
 # The one list of backend kinds: local (transformers in-process), openai (any OpenAI-compatible server), teacher
-# (the embedded 1.5B teacher, served by a llama.cpp server redpen starts: runtime/models/teacher.py).
-BackendKind = Literal["local", "openai", "teacher"]
+# (the embedded 1.5B teacher, served by a llama.cpp server redpen starts: runtime/models/teacher.py), vllm (a local
+# model folder served by a vLLM server redpen starts: runtime/models/engines.py).
+BackendKind = Literal["local", "openai", "teacher", "vllm"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
 TEACHER = "teacher"  # also a model name: `--assistant-model teacher` picks the teacher whatever the backend
 McMode = Literal["generate", "loglik"]
@@ -29,7 +30,7 @@ class BackendConfig(BaseModel):
     kind: BackendKind = Field(
         "local",
         description="local: transformers in-process; openai: any OpenAI-compatible server; teacher: the embedded "
-        "1.5B teacher on a llama.cpp server redpen runs",
+        "1.5B teacher on a llama.cpp server redpen runs; vllm: the local model folder on a vLLM server redpen runs",
     )
     model: str | None = Field(None, description="local model folder, or the served model name; None = embedded default")
     base_url: str | None = Field(None, description="OpenAI-compatible server URL (else $OPENAI_BASE_URL)")

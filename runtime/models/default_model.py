@@ -51,14 +51,15 @@ def default_model_dir() -> Path:
     return target
 
 
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """A GGUF dequantised to a float32 safetensors folder at ``target``, written beside it and renamed."""
+def convert_gguf(gguf: Path, target: Path, dtype: str = "float32") -> None:
+    """Dequantise a GGUF chat model (any architecture transformers reads from GGUF) into a safetensors model folder
+    at ``target``, with its tokenizer; written beside ``target`` and renamed into place whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     # The weights are dequantised now; left in place, the GGUF markers make save/load look for a quantizer.
     setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute in transformers' stubs)
     setattr(model, "is_quantized", False)  # noqa: B010

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend
@@ -35,6 +36,13 @@ def _make(config: BackendConfig) -> Backend:
         )
     if config.kind == "teacher":
         return _teacher()
+    if config.kind == "vllm":
+        from runtime.models.engines import served_model
+
+        if config.adapters:
+            raise ConfigError("--engine vllm serves whole model folders: merge the adapter into one, or run it locally")
+
+        return served_model(Path(config.model) if config.model is not None else None, "vllm")
     from runtime.models.openai_backend import OpenAIBackend
 
     if config.model is None:

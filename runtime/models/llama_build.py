@@ -62,7 +62,11 @@ def build_llama_server(progress: Callable[[int, str], None] | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     log_path = cache_root() / "logs" / "llama-server-build.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as work, log_path.open("w") as sink:
+    # Line-buffered: the log can be followed while the build runs.
+    with (
+        tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as work,
+        log_path.open("w", buffering=1) as sink,
+    ):
         folder = Path(work)
         source = _source(folder, sink)
         build = folder / "build"

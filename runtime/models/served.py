@@ -20,7 +20,10 @@ class ServedBackend(OpenAIBackend):
     model file's checksum, not the random port), so the response cache survives a restart."""
 
     def __init__(self, kind: str, server: ManagedServer, model: str, identity: dict[str, Any], capacity: int) -> None:
-        super().__init__(model, base_url=server.base_url, api_key=server.api_key, max_concurrency=capacity)
+        # 600 s: a laptop server is slow but alone; a retry would only queue the same work again behind itself.
+        super().__init__(
+            model, base_url=server.base_url, api_key=server.api_key, max_concurrency=capacity, timeout_s=600.0
+        )
         self.kind = kind
         self.server = server
         self.identity = identity

@@ -39,7 +39,8 @@ from agents.serving import answer_chat, chat_example, learn_from_correction, que
 from agents.team import Roles
 from memory.store import MistakeMemory, TenantMemory
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
-from runtime.errors import ConfigError, RedpenError
+from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError
+from runtime.models import scheduling
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, overflow
 from runtime.server.keys import KeyRing, key_hash
 from runtime.server.ledger import Completion, Feedback, Ledger
@@ -174,7 +175,14 @@ def build_app(
     limits = limits or ServeLimits()
     if guided is not None and guided.roles.student is not backend:
         raise ConfigError("a memory-guided app serves its student's backend: pass guided.roles.student")
-    app = FastAPI(title="redpen", summary=f"OpenAI-compatible server for {backend.model_id}")
+    # No /docs, /redoc or /openapi.json: they would show anyone without a key the served models and the API.
+    app = FastAPI(
+        title="redpen",
+        summary=f"OpenAI-compatible server for {backend.model_id}",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.keys = keys
     served = [backend.model_id, *adapters]
     created = int(time.time())
@@ -196,6 +204,16 @@ def build_app(
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if error.status_code == 413 else None
         return _error_response(error.status_code, str(error.detail), "invalid_request_error", code)
+
+    @app.exception_handler(ContextLengthError)
+    async def context_exceeded(_: Request, error: ContextLengthError) -> JSONResponse:
+        return _error_response(400, str(error), "invalid_request_error", "context_length_exceeded")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, error: Overloaded) -> JSONResponse:
+        response = _error_response(429, str(error), "rate_limit_error", "overloaded")
+        response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
 
     @app.exception_handler(RedpenError)
     async def backend_failed(_: Request, error: RedpenError) -> JSONResponse:
@@ -247,7 +265,8 @@ def build_app(
 
     @contextlib.contextmanager
     def slot(caller: Caller) -> Iterator[None]:
-        """Hold one of the caller's in-flight places for the block; 429 when its key has none left."""
+        """Hold one of the caller's in-flight places for the block; 429 when its key has none left. Model work
+        started in the block is the key's (its fair share of a local model) and due within the request timeout."""
         if in_flight.get(caller.key_id, 0) >= limits.in_flight_per_key:
             raise APIError(
                 429,
@@ -258,9 +277,16 @@ def build_app(
             )
         in_flight[caller.key_id] = in_flight.get(caller.key_id, 0) + 1
         try:
-            yield
+            with scheduling.on_behalf_of(caller.key_id, time.monotonic() + limits.request_timeout_s):
+                yield
         finally:
             in_flight[caller.key_id] -= 1
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        # No key: what orchestrators and redpen's managed servers poll. The port listens only once the model is
+        # loaded, so an answer means ready (vLLM's and llama.cpp's /health mean the same); it tells nothing else.
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def list_models(caller: Authorized) -> dict[str, Any]:
@@ -328,6 +354,10 @@ def build_app(
     async def feedback(http: Request, request: FeedbackRequest, caller: Authorized) -> Any:
         if guided is None:
             raise APIError(404, "this server keeps no memory: feedback needs `redpen serve --memory`", code="not_found")
+        with slot(caller):  # a correction runs the study assistant: it counts against the key like a chat
+            return await record_feedback(http, request, caller, guided)
+
+    async def record_feedback(http: Request, request: FeedbackRequest, caller: Caller, guided: Guided) -> Any:
         gold = (request.gold or "").strip()
         if not (request.correct is True and not gold) and not (gold and request.correct is not True):
             raise APIError(400, "give either correct: true, or the right answer as gold (with an optional note)")
@@ -450,6 +480,8 @@ def _settings(request: ChatRequest, limits: ServeLimits) -> GenerationSettings:
         raise APIError(400, f"temperature must be between 0 and 2, got {request.temperature}")
     if request.top_p is not None and not 0 < request.top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {request.top_p}")
+    if request.seed is not None and not 0 <= request.seed < 2**63:
+        raise APIError(400, f"seed must be an integer in [0, 2**63), got {request.seed}")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
     return GenerationSettings(
         max_new_tokens=max_tokens or limits.default_max_tokens,

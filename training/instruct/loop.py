@@ -97,6 +97,7 @@ class InstructLoop:
         progress: Progress | None = None,
         on_train_log: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
         memory: MemorySource | None = None,
+        accelerate_config: Path | None = None,
     ) -> None:
         self.s, self.plan, self.run = settings, plan, run
         self.backends, self.instructor, self.embedder = backends, instructor, embedder
@@ -104,6 +105,7 @@ class InstructLoop:
         self.progress = progress
         self.on_train_log = on_train_log
         self.memory = memory
+        self.accelerate_config = accelerate_config
         self._records: dict[str, MistakeRecord] = {}
         self.stages = Stages(**_read_json(run.file("stages.json"), {}))
         self.eval_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
@@ -421,7 +423,8 @@ class InstructLoop:
         config.max_steps = max(1, math.ceil(rows * self.s.epochs / config.per_device_train_batch_size))
         adapter = self.run.file(f"{condition}/adapter")
         if not (adapter / "adapter_model.safetensors").exists():
-            train_lora(rows_path, config, on_log=self.on_train_log(condition) if self.on_train_log else None)
+            on_log = self.on_train_log(condition) if self.on_train_log else None
+            train_lora(rows_path, config, on_log=on_log, accelerate_config=self.accelerate_config)
         digest = adapter_digest(adapter)[:12]
         merged = merge_adapter(
             model_before or self.base_model, adapter, self.run.file(f"{condition}/{condition}-{digest}")
