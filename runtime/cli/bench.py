@@ -409,15 +409,24 @@ def bench_train(
 
 def bench_starvation(
     hogs: Annotated[list[int] | None, typer.Option(help="hogs beside the small request, per phase; repeatable")] = None,
-    hog_words: Annotated[int, typer.Option(help="words in a hog's prompt (~tokens of the default model)")] = 7000,
-    hog_max_tokens: Annotated[int, typer.Option(help="max_tokens of a hog")] = 64,
-    small_max_tokens: Annotated[int, typer.Option(help="max_tokens of the small request")] = 32,
-    samples: Annotated[int, typer.Option(help="small requests timed per phase; medians are reported")] = 3,
+    # At most 100,000 words: past any model's context; the server refuses such a prompt whole.
+    hog_words: Annotated[
+        int, typer.Option(help="words in a hog's prompt (~tokens of the default model)", min=1, max=100_000)
+    ] = 7000,
+    hog_max_tokens: Annotated[int, typer.Option(help="max_tokens of a hog", min=1, max=MOST_NEW_TOKENS)] = 64,
+    small_max_tokens: Annotated[
+        int, typer.Option(help="max_tokens of the small request", min=1, max=MOST_NEW_TOKENS)
+    ] = 32,
+    samples: Annotated[
+        int, typer.Option(help="small requests timed per phase; medians are reported", min=1, max=MOST_REPEATS)
+    ] = 3,
     request_timeout_s: Annotated[
         float,
         typer.Option(
             help="the server's --request-timeout-s: long, so that the hogs are admitted and compete however slow "
-            "the machine (at serve's 120 s a slow machine refuses them early with 429, a separate protection)"
+            "the machine (at serve's 120 s a slow machine refuses them early with 429, a separate protection)",
+            min=1.0,
+            max=7 * 86400.0,  # a week: past any bench's length
         ),
     ] = 86400.0,
     model: Model = None,
@@ -436,10 +445,6 @@ def bench_starvation(
     from runtime.errors import BackendError
     from runtime.server import KeyRing
 
-    numbers = [("--hog-words", hog_words), ("--hog-max-tokens", hog_max_tokens), ("--samples", samples)]
-    for name, value in [*numbers, ("--request-timeout-s", request_timeout_s)]:
-        if value < 1:
-            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
     phases = hogs or [1, 4, 32]
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
         ring = KeyRing(Path(tmp) / "keys.json")
