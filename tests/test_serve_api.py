@@ -72,7 +72,9 @@ def expected_logprobs(backend: LocalBackend, ids: list[int]) -> list[float]:
 def test_completions_echo_the_prompt_then_max_tokens_generated_as_vllm(url: str, backend: LocalBackend) -> None:
     ids = backend.encode("The quick brown fox jumps")
     body = post(
-        url, "/completions", {"model": MODEL, "prompt": [ids, ids[:3]], "echo": True, "logprobs": 2, "max_tokens": 1}
+        url,
+        "/completions",
+        {"model": MODEL, "prompt": [ids, ids[:3]], "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0},
     ).json()
 
     first, second = body["choices"]

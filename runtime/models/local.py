@@ -269,12 +269,16 @@ class LocalBackend(Backend):
 
     async def prompt_token_logprobs(
         self, prompt_ids: Sequence[int], top: int = 0, adapter: str | None = None
-    ) -> list[TokenLogprob]:
+    ) -> tuple[list[TokenLogprob], Generation]:
         """Each token of a raw prompt with its log-prob given the tokens before it (None for the first) and the
-        ``top`` most likely tokens at its place (none for the first): the echo of ``/v1/completions``."""
+        ``top`` most likely tokens at its place (none for the first): the echo of ``/v1/completions``.
+
+        The same forward gives the greedy next token, returned as a one-token generation: a scoring client
+        (lm-eval-harness asks ``max_tokens=1``) needs no second pass over the prompt.
+        """
         self._check_adapter(adapter)
-        self._check_fits(len(prompt_ids), 0)
-        future: asyncio.Future[list[TokenLogprob]] = asyncio.get_running_loop().create_future()
+        self._check_fits(len(prompt_ids), 1)
+        future: asyncio.Future[tuple[list[TokenLogprob], Generation]] = asyncio.get_running_loop().create_future()
         request = _Request(
             "prompt_ids", [], GenerationSettings(), adapter, future, prompt_ids=list(prompt_ids), options=[str(top)]
         )
@@ -484,26 +488,29 @@ class LocalBackend(Backend):
             results.append(tokens)
         return results
 
-    def _echo_batch(self, batch: Sequence[_Request]) -> list[list[TokenLogprob]]:
+    def _echo_batch(self, batch: Sequence[_Request]) -> list[tuple[list[TokenLogprob], Generation]]:
         import torch
 
         results = []
         for request in batch:  # one forward each, as _prompt_batch
-            top = int(request.options[0])
-            ids = torch.tensor([request.prompt_ids], device=self.device)
+            top, ids = int(request.options[0]), request.prompt_ids
             with torch.inference_mode(), self._adapter_context(request.adapter):
-                logits = self.model(input_ids=ids).logits.float()
-            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-            chosen = logprobs.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
+                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits.float()
+            logprobs = torch.log_softmax(logits[0], dim=-1)
+            following = [*ids[1:], int(logprobs[-1].argmax())]  # each place's token; the last, the greedy next
+            chosen = logprobs.gather(-1, torch.tensor(following, device=self.device)[:, None])[:, 0].tolist()
             best = logprobs.topk(top) if top else None
-            tokens = [TokenLogprob(self.token_text(request.prompt_ids[0]), None)]
-            for i, token in enumerate(request.prompt_ids[1:]):
+            tokens = [TokenLogprob(self.token_text(ids[0]), None)]
+            for i, token in enumerate(following):
                 alternatives: tuple[tuple[str, float], ...] = ()
                 if best is not None:
                     pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)
                     alternatives = tuple((self.token_text(t), lp) for t, lp in pairs)
                 tokens.append(TokenLogprob(self.token_text(token), chosen[i], alternatives))
-            results.append(tokens)
+            next_token = following[-1]
+            text = str(self.tokenizer.decode([next_token], skip_special_tokens=True))
+            finish = "stop" if next_token in self._eos_ids else "length"
+            results.append((tokens[:-1], Generation(text, Usage(len(ids), 1), finish, (tokens[-1],))))
         return results
 
     async def aclose(self) -> None:

@@ -529,11 +529,12 @@ def build_app(
 
         async def one(prompt: list[int], i: int) -> dict[str, Any]:
             prompt_text = "".join(local.token_text(t) for t in prompt) if request.echo else ""
-            tokens = []
+            tokens, generation = [], Generation("", finish_reason="length")
             if request.echo and request.logprobs is not None:
-                tokens = await local.prompt_token_logprobs(prompt, request.logprobs, adapter)
-            generation = Generation("", finish_reason="length")
-            if max_tokens:
+                tokens, greedy_next = await local.prompt_token_logprobs(prompt, request.logprobs, adapter)
+                if max_tokens == 1 and settings.greedy and not settings.stop:
+                    generation = greedy_next  # the scoring forward gave it: no second pass over the prompt
+            if max_tokens and not generation.logprobs:
                 generation = await backend.complete(prompt, _nth(settings, i), adapter, decoding)
             tokens += generation.logprobs or []
             choice: dict[str, Any] = {"index": 0, "text": prompt_text + generation.text, "logprobs": None}
