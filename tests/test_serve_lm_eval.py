@@ -42,6 +42,7 @@ def test_lm_eval_local_completions_accuracy_equals_redpen_loglik(tmp_path: Path)
                 "tokenizer_backend": "huggingface",
                 "tokenizer": str(default_model_dir()),
                 "max_retries": 1,
+                "num_concurrent": 4,  # the server scores prompts that arrive together in one forward
             },
             tasks=["arc_redpen"],
             task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),

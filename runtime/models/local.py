@@ -491,12 +491,19 @@ class LocalBackend(Backend):
     def _echo_batch(self, batch: Sequence[_Request]) -> list[tuple[list[TokenLogprob], Generation]]:
         import torch
 
+        # One left-padded forward for the batch, as _score_batch: scoring clients send many prompts at once.
+        width = max(len(r.prompt_ids) for r in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor(
+            [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device
+        )
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        with torch.inference_mode(), self._adapter_context(batch[0].adapter):
+            logits = self.model(input_ids=input_ids, attention_mask=mask.to(self.device)).logits
         results = []
-        for request in batch:  # one forward each, as _prompt_batch
+        for row, request in enumerate(batch):
             top, ids = int(request.options[0]), request.prompt_ids
-            with torch.inference_mode(), self._adapter_context(request.adapter):
-                logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits.float()
-            logprobs = torch.log_softmax(logits[0], dim=-1)
+            logprobs = torch.log_softmax(logits[row, width - len(ids) :].float(), dim=-1)
             following = [*ids[1:], int(logprobs[-1].argmax())]  # each place's token; the last, the greedy next
             chosen = logprobs.gather(-1, torch.tensor(following, device=self.device)[:, None])[:, 0].tolist()
             best = logprobs.topk(top) if top else None
