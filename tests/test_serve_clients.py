@@ -61,7 +61,11 @@ def test_openai_sdk(served: tuple[str, str]) -> None:
     reply = client.chat.completions.create(**chat)  # type: ignore[call-overload]
     stream = client.chat.completions.create(**chat, stream=True)  # type: ignore[call-overload]
     parsed = client.chat.completions.parse(
-        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=40, response_format=Verdict
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=120,
+        response_format=Verdict,
+        temperature=0,
     )
     assert reply.choices[0].message.content is not None
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
@@ -87,7 +91,7 @@ def test_autogen_client_chats_calls_tools_and_gives_structured_output(served: tu
         base_url=base_url,
         api_key=key,
         model_info=MODEL_INFO,
-        max_tokens=40,  # type: ignore[arg-type]
+        max_tokens=120,  # type: ignore[arg-type]
     )
     tool = FunctionTool(get_weather, description="The weather in a city")
 
@@ -124,7 +128,7 @@ def test_langchain_chat_openai_binds_tools_and_gives_structured_output(served: t
     from langchain_openai import ChatOpenAI
 
     base_url, key = served
-    chat = ChatOpenAI(model=MODEL, base_url=base_url, api_key=key, max_tokens=40, max_retries=0)  # type: ignore[arg-type]
+    chat = ChatOpenAI(model=MODEL, base_url=base_url, api_key=key, max_tokens=120, max_retries=0)  # type: ignore[arg-type]
     assert isinstance(chat.invoke(QUESTION).content, str)
     assert len(list(chat.stream(QUESTION))) > 1
     calls = chat.bind_tools([get_weather], tool_choice="required").invoke("Weather in Paris?").tool_calls  # type: ignore[attr-defined]
@@ -140,7 +144,7 @@ def test_litellm_completion(served: tuple[str, str], monkeypatch: pytest.MonkeyP
     litellm.suppress_debug_info = True
 
     base_url, key = served
-    common = {"model": f"openai/{MODEL}", "api_base": base_url, "api_key": key, "max_tokens": 40}
+    common = {"model": f"openai/{MODEL}", "api_base": base_url, "api_key": key, "max_tokens": 120}
     reply = litellm.completion(messages=[{"role": "user", "content": QUESTION}], **common)
     assert isinstance(reply.choices[0].message.content, str)
     schema = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": Verdict.model_json_schema()}}

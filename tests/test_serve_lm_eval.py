@@ -18,7 +18,7 @@ import pytest
 from runtime.data.paths import resolve_data_dir
 from runtime.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from runtime.models.local import LocalBackend
-from runtime.server import build_app
+from runtime.server import ServeLimits, build_app
 from tests.helpers import running
 
 TASKS = Path(__file__).parent / "lm_eval"
@@ -33,7 +33,9 @@ def test_lm_eval_local_completions_accuracy_equals_redpen_loglik(tmp_path: Path)
     os.environ["REDPEN_LM_EVAL_TOKENIZER"] = str(default_model_dir())
     os.environ["REDPEN_LM_EVAL_LIMIT"] = str(ITEMS)
     os.environ["REDPEN_DATA_DIR"] = str(resolve_data_dir(None))
-    with running(build_app(LocalBackend(None, max_batch_size=8))) as base_url:
+    # A scoring run sends prompts as fast as they are answered: on a loaded CPU one batch may take minutes.
+    limits = ServeLimits(request_timeout_s=1800)
+    with running(build_app(LocalBackend(None, max_batch_size=8), limits=limits)) as base_url:
         results = lm_eval.simple_evaluate(
             model="local-completions",
             model_args={
@@ -42,7 +44,7 @@ def test_lm_eval_local_completions_accuracy_equals_redpen_loglik(tmp_path: Path)
                 "tokenizer_backend": "huggingface",
                 "tokenizer": str(default_model_dir()),
                 "max_retries": 1,
-                "num_concurrent": 4,  # the server scores prompts that arrive together in one forward
+                "batch_size": 8,  # 8 prompts a request, scored in one forward
             },
             tasks=["arc_redpen"],
             task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),

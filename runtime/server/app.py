@@ -51,7 +51,7 @@ from runtime.models.backend import (
     too_long,
 )
 from runtime.server import responses
-from runtime.server.chat import forced_call_schema, render, tool_calls
+from runtime.server.chat import closed_schema, forced_call_schema, render, tool_calls
 from runtime.server.errors import APIError
 from runtime.server.keys import KeyRing, key_hash
 from runtime.server.ledger import Completion, Feedback, Ledger
@@ -667,7 +667,8 @@ def _response_schema(request: ChatRequest) -> dict[str, Any] | None:
         return {"type": "object"}
     if fmt.json_schema is None:
         raise APIError(400, "response_format.json_schema is missing for type json_schema")
-    return fmt.json_schema.schema_ or {"type": "object"}
+    schema = fmt.json_schema.schema_ or {"type": "object"}
+    return closed_schema(schema) if fmt.json_schema.strict else schema
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

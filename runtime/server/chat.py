@@ -91,7 +91,9 @@ def forced_call_schema(tools: Sequence[Tool], choice: str | NamedToolChoice | No
                 "type": "object",
                 "properties": {
                     "name": {"const": t.function.name},
-                    "arguments": t.function.parameters or {"type": "object"},
+                    # Closed: a function takes the arguments it declares, and a model left free to add keys may
+                    # never stop adding them.
+                    "arguments": closed_schema(t.function.parameters or {"type": "object"}),
                 },
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
@@ -99,6 +101,22 @@ def forced_call_schema(tools: Sequence[Tool], choice: str | NamedToolChoice | No
             for t in chosen
         ]
     }
+
+
+def closed_schema(schema: Any) -> Any:
+    """A strict schema as OpenAI reads one: an object has the properties it lists and no others.
+
+    >>> closed_schema({"type": "object", "properties": {"a": {"type": "object"}}})["properties"]["a"]
+    {'type': 'object', 'additionalProperties': False}
+    """
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: closed_schema(value) for key, value in schema.items()}
+    if closed.get("type") == "object":
+        closed.setdefault("additionalProperties", False)
+    return closed
 
 
 def tool_calls(text: str, tools: Sequence[Tool], *, forced: bool, parallel: bool = True) -> list[dict[str, Any]]:
