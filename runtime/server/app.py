@@ -83,6 +83,7 @@ class Guided:
     ledger: Ledger
     k: int = RETRIEVAL_K
     threshold: float | None = RETRIEVAL_THRESHOLD
+    shared: bool = True  # retrieval also reads the records of no tenant (``redpen gather``'s), read-only
 
 
 class FeedbackRequest(BaseModel):
@@ -424,7 +425,7 @@ def build_app(
         roles = dataclasses.replace(guided.roles, student_settings=settings, student_adapter=adapter)
         question = question_of(messages)
         example = chat_example(id, question, messages)
-        memory = TenantMemory(guided.memory, caller.tenant)
+        memory = TenantMemory(guided.memory, caller.tenant, shared=guided.shared)
         result = await guarded(
             http,
             lambda token: answer_chat(
