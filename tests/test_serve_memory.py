@@ -29,6 +29,7 @@ from memory.record import MistakeRecord
 from memory.store import MistakeMemory, TenantMemory
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
+from runtime.server.ledger import Completion
 from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent
 
 QUESTION = (
@@ -483,3 +484,11 @@ async def test_a_feedback_record_carries_the_reason_the_assistant_wrote(
     assert ack.json()["recorded"]
     [record] = memory.list()
     assert record.reason == "It assumed the young man forgets."
+
+
+def test_the_ledger_is_readable_by_the_server_user_only(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_completion(Completion("chatcmpl-1", "acme", "m", "Who?", "(B)"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    ledger.close()
+    assert modes and set(modes.values()) == {0o600}, modes
