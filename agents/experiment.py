@@ -178,7 +178,11 @@ def _gathering_figures(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "feedback_turns": len(turns),
         "rewarded_turns": sum(t["reward"] for t in turns),
         "leaks_removed": sum(t["action"]["leaked"] for t in turns),
+        "group_claims_removed": sum(t["action"].get("stereotyped", False) for t in turns),
+        "generic_guidelines": sum(t["action"].get("generic", False) for t in turns),
         "unparsed_feedback": sum(not t["action"]["parsed"] for t in turns),
+        # what the memory holds: each wrong episode's last guideline (mistake_from), a few to read in the report
+        "stored_guidelines": [e["turns"][-1]["action"]["guideline"] for e in wrong if e["turns"]][:8],
     }
 
 

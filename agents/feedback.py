@@ -3,6 +3,11 @@
 A small student copies whatever answer letter or option text it is shown, so feedback that names the gold
 would teach nothing and inflate accuracy. Like the SALAM paper, leaks are found with patterns; a leaking
 sentence is dropped (the rest of the feedback is kept) and the leak is counted.
+
+Stored guidelines come back as guidance on other questions, so a sentence that says something of a social group
+("The Black student has an absent father.") is dropped the same way and counted: a sentence naming a group is kept
+only where it warns against assuming (it says not, assume, stereotype, evidence, stated ...). A guideline left
+of one word or none is replaced by a neutral one, and that is counted too (``generic``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class Feedback:
     guideline: str
     parsed: bool  # the reply was the JSON (or labelled lines) asked for
     leaked: bool = False  # a sentence named the gold answer and was removed
+    stereotyped: bool = False  # a sentence said something of a social group and was removed
+    generic: bool = False  # nothing usable was left: the guideline is the neutral fallback
 
     def as_guidance(self) -> str:
         """How the student sees the feedback."""
@@ -32,8 +39,9 @@ class Feedback:
 def parse_feedback(reply: str) -> Feedback:
     """Read ``{"reason": ..., "guideline": ...}``, else "Reason:"/"Guideline:" lines, else the whole reply.
 
-    >>> parse_feedback('Sure! {"reason": "Misread who spoke.", "guideline": "Track each speaker."}')
-    Feedback(reason='Misread who spoke.', guideline='Track each speaker.', parsed=True, leaked=False)
+    >>> f = parse_feedback('Sure! {"reason": "Misread who spoke.", "guideline": "Track each speaker."}')
+    >>> f.reason, f.guideline, f.parsed
+    ('Misread who spoke.', 'Track each speaker.', True)
     >>> parse_feedback("Reason: mixed up dates\\nGuideline: count days one by one").guideline
     'count days one by one'
     >>> parse_feedback("Think again.").parsed
@@ -103,12 +111,60 @@ def scrub(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, bool]:
     return " ".join(kept), len(kept) != len([s for s in sentences if s])
 
 
+# Words that name a social group (BBQ's nine categories); a sentence with one is a claim about the group unless it
+# also has a word of caution (``_CAUTION``).
+_GROUP = re.compile(
+    r"\b(?:black|white|asian|african|hispanic|latin[oa]s?|arab|jew(?:s|ish)?|muslims?|christians?|hindus?|"
+    r"buddhists?|atheists?|catholics?|mormons?|sikhs?|gay|lesbians?|bisexual|trans(?:gender)?|queer|"
+    r"m[ae]n|wom[ae]n|boys?|girls?|males?|females?|elderly|old(?:er)?\s+(?:people|person|man|woman)|"
+    r"young(?:er)?\s+(?:people|person|man|woman)|teen(?:agers?|s)?|poor|rich|wealthy|low-income|"
+    r"disabled|disability|blind|deaf|autistic|immigrants?|refugees?|obese|fat|thin|short|tall)\b",
+    re.IGNORECASE,
+)
+_CAUTION = re.compile(
+    r"\b(?:not|no|never|n't|without|assum\w*|stereotyp\w*|bias\w*|regardless|evidence|stated?|says?|said|"
+    r"mention\w*|information|context|unknown|undetermined|cannot|can't)\b",
+    re.IGNORECASE,
+)
+_MIN_GUIDELINE_WORDS = 2  # a one-word guideline ("The") teaches nothing
+
+
+def group_claim(sentence: str) -> bool:
+    """Whether a sentence says something of a social group rather than warn against assuming it.
+
+    >>> group_claim("The Black student has an absent father.")
+    True
+    >>> group_claim("Do not assume the older man forgot; the context never says who did.")
+    False
+    >>> group_claim("Count the days between the two dates.")
+    False
+    """
+    return bool(_GROUP.search(sentence)) and not _CAUTION.search(sentence)
+
+
 def without_leaks(feedback: Feedback, example: Example) -> Feedback:
-    """The feedback with every sentence that names the gold removed; an emptied guideline gets a neutral one."""
+    """The feedback with every sentence that names the gold, or says something of a social group, removed; a
+    guideline left with too little in it gets a neutral one."""
     patterns = leak_patterns(example)
     reason, reason_leaked = scrub(feedback.reason, patterns)
     guideline, guideline_leaked = scrub(feedback.guideline, patterns)
     # Statements of some other answer are not leaks (not counted), but are no guideline either.
     reason, _ = scrub(reason, [ANSWER_STATEMENT])
     guideline, _ = scrub(guideline, [ANSWER_STATEMENT])
-    return Feedback(reason, guideline or FALLBACK_GUIDELINE, feedback.parsed, reason_leaked or guideline_leaked)
+    reason, reason_group = _scrub_claims(reason)
+    guideline, guideline_group = _scrub_claims(guideline)
+    generic = len(guideline.split()) < _MIN_GUIDELINE_WORDS
+    return Feedback(
+        reason,
+        FALLBACK_GUIDELINE if generic else guideline,
+        feedback.parsed,
+        reason_leaked or guideline_leaked,
+        stereotyped=reason_group or guideline_group,
+        generic=generic,
+    )
+
+
+def _scrub_claims(text: str) -> tuple[str, bool]:
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
+    kept = [s for s in sentences if not group_claim(s)]
+    return " ".join(kept), len(kept) != len(sentences)

@@ -84,6 +84,8 @@ def episode_record(
                 text=given.text,
                 leaked=given.feedback.leaked,
                 parsed=given.feedback.parsed,
+                stereotyped=given.feedback.stereotyped,
+                generic=given.feedback.generic,
             ),
             reward=int(grades[i + 1].verdict == "correct"),
             next_response=answers[i + 1],

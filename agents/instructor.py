@@ -57,9 +57,14 @@ def instructor_messages(
 ) -> list[Message]:
     """The chat that asks for ``n`` samples about one case (``response``: the student's reply, empty for augment)."""
     system = load_prompt("instructor_augment" if strategy == "augment" else f"instructor_le_{_prompt_kind(case)}")
-    shape = (
-        ", each with its options, the correct letter and a brief explanation" if case.answer_kind == "choice" else ""
-    )
+    if strategy != "augment" and _prompt_kind(case) == "choice":  # as many options as the case has, A.. lettered
+        letters = ascii_uppercase[: max(len(case.options), 2)]
+        system = system.format(
+            n_options=len(letters),
+            letters=", ".join(letters[:-1]) + f" and {letters[-1]}",
+            option_lines="\n".join(f"{letter}. [option]" for letter in letters),
+        )
+    shape = ", each with its options, the correct letter and why" if case.answer_kind == "choice" else ""
     values = {"question": case.input, "gold": case.target, "response": _clip(response), "n": n, "shape": shape}
     if strategy == "lec":
         values["correct"] = "\n\n".join(f"{i}. {c.input}" for i, c in enumerate(correct, 1)) or "(none)"
@@ -77,6 +82,9 @@ def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Pa
     ('(C)', 'nothing says so. The answer is (C).')
     >>> parse_samples("1. Question: 2+3? Answer: 2+3=5. The answer is 5", "number").samples[0].target
     '5'
+    >>> twice = "1. Question: Who? A. Tom B. Ann C. Unknown Options: (A) Tom (B) Ann (C) Unknown Answer: C - not said."
+    >>> parse_samples(twice, "choice").samples[0].question
+    'Who?\\nOptions:\\n(A) Tom\\n(B) Ann\\n(C) Unknown'
     >>> parse_samples("Here you go!", "number").rejected
     Counter({'no question block': 1})
     """
@@ -119,6 +127,10 @@ def _sample(block: str, answer_kind: AnswerKind, n_options: int) -> tuple[Sample
 def _choice_sample(question: str, answer: str, n_options: int) -> tuple[Sample | None, str]:
     marks = list(_OPTION.finditer(question))
     letters = [m.group(1) for m in marks]
+    if "A" in letters[1:]:  # the options listed twice (a small model restates them): the first list counts
+        cut = letters.index("A", 1)
+        question = re.sub(r"\s*Options:\s*$", "", question[: marks[cut].start()])
+        marks, letters = marks[:cut], letters[:cut]
     if len(marks) < 2 or letters != list(ascii_uppercase[: len(marks)]):
         return None, "no lettered options"
     if n_options and len(marks) != n_options:

@@ -7,7 +7,7 @@ tables); ``build_roles`` loads the backends, one shared instance when both roles
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
-from runtime.models.config import BackendConfig
+from runtime.models.config import BACKEND_KINDS, BackendConfig
 from runtime.models.factory import make_backend
 
 STUDENT_SETTINGS = GenerationSettings(max_new_tokens=STUDENT_MAX_NEW_TOKENS)
@@ -72,11 +72,13 @@ class RolesConfig(BaseModel):
         *,
         student: Mapping[str, Any] | None = None,
         assistant: Mapping[str, Any] | None = None,
+        default_assistant: Callable[[], Mapping[str, Any] | None] | None = None,
         **settings: Any,
     ) -> RolesConfig:
         """From command-line values (``None`` = not given), under a TOML file's ``[student]``/``[assistant]`` tables.
 
-        The assistant is the student's backend unless an assistant value or an ``[assistant]`` table is given.
+        The assistant is the student's backend unless an assistant value or an ``[assistant]`` table is given, or
+        ``default_assistant`` (asked only then) returns the backend values a teacher role defaults to.
 
         >>> RolesConfig.load(student={"kind": "openai", "model": "m"}, student_max_new_tokens=None).assistant is None
         True
@@ -84,10 +86,12 @@ class RolesConfig(BaseModel):
         tables = _read_tables(config_file) if config_file is not None else {}
         given = {k: v for k, v in (assistant or {}).items() if v is not None}
         for kind in ((student or {}).get("kind"), given.get("kind")):
-            if kind is not None and kind not in ("local", "openai"):
-                raise ConfigError(f"unknown backend {kind!r}: choose local or openai")
+            if kind is not None and kind not in BACKEND_KINDS:
+                raise ConfigError(f"unknown backend {kind!r}: choose {' or '.join(BACKEND_KINDS)}")
         student_cfg = _role_config("student", student or {}, tables.get("student", {}), config_file)
         assistant_cfg = None
+        if not given and "assistant" not in tables and default_assistant is not None:
+            given = dict(default_assistant() or {})
         if given or "assistant" in tables:
             assistant_cfg = _role_config(
                 "assistant", {"kind": "local", **given}, tables.get("assistant", {}), config_file

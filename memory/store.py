@@ -5,6 +5,8 @@
   a clear error instead of letting two writers corrupt the shard.
 - server: ``MistakeMemory(url=..., api_key=...)`` talks to a Qdrant server (``qdrant-client``), for memories shared
   by many machines. ``MistakeMemory(location=":memory:")`` runs qdrant-client's in-process engine instead, for tests.
+  On a Qdrant cluster a new collection is split into ``shard_number`` shards, each kept on ``replication_factor``
+  nodes (``$REDPEN_MEMORY_SHARDS``, ``$REDPEN_MEMORY_REPLICATION``; 1 and 1 by default, for one node).
 
 Both engines store one point per ``MistakeRecord``: the embedding of its query as the vector, the whole record as
 the payload, and the record id as the point id.
@@ -41,6 +43,8 @@ FILTER_FIELDS = ("model_id", "source", "task", "tenant")
 _BATCH = 256
 _PAGE = 1000  # scroll page size for list/export
 _EDGE_CONFIG = "edge_config.json"  # what an embedded shard's folder holds once it exists
+# A new collection's layout on a Qdrant cluster, when the caller gives none (see MistakeMemory).
+SHARDS_ENV, REPLICATION_ENV = "REDPEN_MEMORY_SHARDS", "REDPEN_MEMORY_REPLICATION"
 
 Filters = dict[str, str | None]  # field -> required value; None: the field must be empty (unset or null)
 Payload = dict[str, Any]
@@ -150,7 +154,18 @@ class _EdgeEngine:
 class _ClientEngine:
     """A collection on a Qdrant server, or in qdrant-client's in-process engine (``location=":memory:"``)."""
 
-    def __init__(self, client: Any, collection: str, dim: int, where: str, *, local: bool, create: bool = True) -> None:
+    def __init__(
+        self,
+        client: Any,
+        collection: str,
+        dim: int,
+        where: str,
+        *,
+        local: bool,
+        create: bool = True,
+        shard_number: int = 1,
+        replication_factor: int = 1,
+    ) -> None:
         from qdrant_client import models
         from qdrant_client.http.exceptions import ApiException
 
@@ -175,8 +190,13 @@ class _ClientEngine:
                     "or gather into it first (redpen gather)"
                 )
             else:
+                # Chosen once, here: Qdrant's cluster API moves shards of an existing collection. The in-process
+                # engine takes the layout and ignores it (one process, no nodes).
                 client.create_collection(
-                    collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                    collection,
+                    vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                    shard_number=shard_number,
+                    replication_factor=replication_factor,
                 )
                 if not local:  # the in-process engine has no payload indexes (and warns if asked for one)
                     for field in FILTER_FIELDS:
@@ -288,6 +308,14 @@ class _FolderLock:
         os.close(self.fd)
 
 
+def _cluster_setting(name: str) -> int:
+    """A cluster layout number from the environment variable ``name``; 1 (one node) when it is unset."""
+    value = os.environ.get(name, "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"${name} must be a whole number >= 1, not {value!r}")
+    return int(value)
+
+
 def _point_id(id: str) -> str:
     """A record id in canonical form; the engines disagree on what to do with anything else, so refuse it here."""
     try:
@@ -319,6 +347,12 @@ class MistakeMemory:
     server) or ``location=":memory:"`` (qdrant-client's in-process engine, for tests). ``create=False`` opens only
     a memory that exists (what reading commands want: a mistyped path is an error, and nothing is written there).
 
+    On a Qdrant cluster, a collection this creates is split into ``shard_number`` shards (spread over the nodes;
+    more shards than nodes leave room to add nodes later) with each shard kept on ``replication_factor`` nodes (a
+    node can go down without losing a shard). Unset, they come from ``$REDPEN_MEMORY_SHARDS`` and
+    ``$REDPEN_MEMORY_REPLICATION``, else 1 and 1: one node. The embedded engine is one shard in one folder and
+    refuses other values.
+
     >>> from memory.embed import HashingEmbedder
     >>> from memory.record import make_record
     >>> mem = MistakeMemory(location=":memory:", embedder=HashingEmbedder())
@@ -340,6 +374,8 @@ class MistakeMemory:
         collection: str = "mistakes",
         embedder: TextEmbedder | None = None,
         create: bool = True,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
     ) -> None:
         given = [name for name, value in (("path", path), ("url", url), ("location", location)) if value is not None]
         if len(given) != 1:
@@ -353,6 +389,14 @@ class MistakeMemory:
             raise ConfigError("`api_key` goes with `url`; an embedded memory has no key")
         if not collection:
             raise ConfigError("`collection` must be a non-empty name")
+        for name, value in (("shard_number", shard_number), ("replication_factor", replication_factor)):
+            if value is not None and value < 1:
+                raise ConfigError(f"`{name}` must be >= 1, got {value}")
+        if path is not None and (shard_number or 1, replication_factor or 1) != (1, 1):
+            raise ConfigError(
+                "`shard_number` and `replication_factor` lay a collection out over a Qdrant cluster; the embedded "
+                "memory is one shard in one folder: give `url` (a Qdrant server) to use them"
+            )
 
         self.embedder: TextEmbedder = embedder if embedder is not None else Embedder()
         self.collection = collection
@@ -383,7 +427,16 @@ class MistakeMemory:
             self.where = url or ":memory:"
             client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(location=":memory:")
             try:
-                self._engine = _ClientEngine(client, collection, dim, self.where, local=url is None, create=create)
+                self._engine = _ClientEngine(
+                    client,
+                    collection,
+                    dim,
+                    self.where,
+                    local=url is None,
+                    create=create,
+                    shard_number=shard_number or _cluster_setting(SHARDS_ENV),
+                    replication_factor=replication_factor or _cluster_setting(REPLICATION_ENV),
+                )
             except BaseException:
                 client.close()
                 raise

@@ -4,6 +4,7 @@ sandbox's check: canonical solutions pass, broken ones fail."""
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from runtime.data.sandbox import Sandbox
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY, RETRIEVAL_K, RETRIEVAL_THRESHOLD
 from runtime.models.backend import Backend, GenerationSettings, Message
+from runtime.models.torch_thread import run_torch
 
 # Plain, varied prompts: the rate depends on lengths, not content.
 _PROMPTS = [
@@ -83,6 +85,52 @@ async def generate_rate(
         "ratio": round(batched_median / single_median, 2),
         "single_runs": [round(x, 2) for x in single_rates],
         "batched_runs": [round(x, 2) for x in batched_rates],
+    }
+
+
+async def plain_generate_rate(
+    backend: Any,
+    *,
+    concurrency: int = CONCURRENCY,
+    max_new_tokens: int = 64,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """transformers' own ``generate`` on a local backend's model (same weights, device and dtype): one prompt at a
+    time and ``concurrency`` prompts in one left-padded batch, greedy, ``max_new_tokens`` each (EOS ignored), the
+    same prompts as ``generate_rate``: the baseline that redpen's continuous batching replaces."""
+    import torch
+
+    model, tokenizer = backend.model, backend.tokenizer
+
+    def rate(prompts: list[list[Message]]) -> float:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(backend.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        if backend.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        new_tokens = int(out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+        return new_tokens / (time.perf_counter() - started)
+
+    def measure() -> tuple[list[float], list[float]]:
+        rate([_prompt(0)])  # warm-up, as generate_rate does
+        single = [statistics.mean(rate([_prompt(i)]) for i in range(2)) for _ in range(repeats)]
+        batched = [rate([_prompt(i) for i in range(concurrency)]) for _ in range(repeats)]
+        return single, batched
+
+    single, batched = await run_torch(measure)
+    return {
+        "single_tok_s": round(statistics.median(single), 2),
+        "batched_tok_s": round(statistics.median(batched), 2),
+        "single_runs": [round(x, 2) for x in single],
+        "batched_runs": [round(x, 2) for x in batched],
     }
 
 
@@ -518,4 +566,116 @@ async def sandbox_rate(
         "ratio_bwrap_over_none": round(bwrap / none, 3),
         "bwrap_runs": [round(x, 2) for x in bwrap_rates],
         "none_runs": [round(x, 2) for x in none_rates],
+    }
+
+
+# Short common English words: a hog prompt of N of them is ~N tokens of the default model's tokenizer.
+_HOG_WORDS = (
+    "the of and to in is was for on that with as by at from it his an are were which this be or has had not but "
+    "their its they have one been also who all new after first two more other there some time year city war people "
+    "state years world most into would only over school part when may used can many later three where during about "
+    "such known both while these between through under before each well made since being"
+).split()
+SMALL_QUESTION = "Name three colours of the rainbow, then count from one to twenty in words."
+
+
+def hog_prompt(i: int, words: int) -> str:
+    """A long document to summarise, different from its first word on for every ``i`` (no shared prefix)."""
+    rng = random.Random(i)
+    return f"Document {i}: summarise it in one line.\n\n" + " ".join(rng.choice(_HOG_WORDS) for _ in range(words))
+
+
+async def starvation_rate(
+    url: str,
+    model: str,
+    small_key: str,
+    hog_key: str,
+    *,
+    hogs: Sequence[int] = (1, 4, 32),
+    hog_words: int = 7000,
+    hog_max_tokens: int = 64,
+    small_max_tokens: int = 32,
+    samples: int = 3,
+    settle_s: float = 2.0,
+    rss_mb: Callable[[], float | None] = lambda: None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """One key's small request, alone and beside ``hogs`` long requests of another key, on a server at ``url``.
+
+    Per phase the hogs are sent at once, given ``settle_s`` to be admitted (their prompts being computed), then
+    ``samples`` small requests are timed one after another; then the hogs' connections are closed, which cancels
+    their work, and the next phase starts once ``settle_s`` has passed. The figure is each phase's median latency
+    over the median alone; hogs the server refused (429) are counted, as is the server's memory (``rss_mb``).
+    """
+    import httpx
+
+    def chat(content: str, key: str, max_tokens: int) -> dict[str, Any]:
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        return {"json": body | {"temperature": 0}, "headers": {"Authorization": f"Bearer {key}"}}
+
+    peak_rss: list[float] = []
+
+    async def watch_memory() -> None:
+        while True:
+            rss = rss_mb()
+            if rss is not None:
+                peak_rss.append(rss)
+            await asyncio.sleep(0.5)
+
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0)) as http:
+
+        async def small() -> float:
+            started = time.perf_counter()
+            response = await http.post("/chat/completions", **chat(SMALL_QUESTION, small_key, small_max_tokens))
+            response.raise_for_status()
+            return time.perf_counter() - started
+
+        watcher = asyncio.ensure_future(watch_memory())
+        try:
+            await small()  # warm: the server has measured its speed and cached the question's prompt
+            alone = [await small() for _ in range(samples)]
+            alone_p50 = statistics.median(alone)
+            if on_step:
+                on_step(f"alone: p50 {alone_p50:.2f} s")
+            phases = []
+            for count in hogs:
+                statuses: list[int] = []
+
+                async def hog(i: int, statuses: list[int]) -> None:
+                    body = chat(hog_prompt(i, hog_words), hog_key, hog_max_tokens)
+                    statuses.append((await http.post("/chat/completions", **body)).status_code)
+
+                peak_rss.clear()
+                tasks = [asyncio.ensure_future(hog(1000 * count + j, statuses)) for j in range(count)]
+                await asyncio.sleep(settle_s)
+                beside = [await small() for _ in range(samples)]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                p50 = statistics.median(beside)
+                phases.append(
+                    {
+                        "hogs": count,
+                        "latencies_s": [round(s, 3) for s in beside],
+                        "p50_s": round(p50, 3),
+                        "ratio": round(p50 / alone_p50, 2),
+                        "hogs_refused_429": statuses.count(429),
+                        "hogs_answered": statuses.count(200),
+                        "hogs_other": len(statuses) - statuses.count(429) - statuses.count(200),
+                        "server_peak_rss_mb": round(max(peak_rss), 1) if peak_rss else None,
+                    }
+                )
+                if on_step:
+                    on_step(f"beside {count} hogs: p50 {p50:.2f} s ({p50 / alone_p50:.2f}x alone)")
+                await asyncio.sleep(settle_s)  # the cancelled hogs' rows leave the batch
+        finally:
+            watcher.cancel()
+    return {
+        "hog_words": hog_words,
+        "hog_max_tokens": hog_max_tokens,
+        "small_max_tokens": small_max_tokens,
+        "samples": samples,
+        "alone_latencies_s": [round(s, 3) for s in alone],
+        "alone_p50_s": round(alone_p50, 3),
+        "phases": phases,
     }

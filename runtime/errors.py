@@ -23,3 +23,15 @@ class BackendError(RedpenError):
 
 class MemoryStoreError(RedpenError):
     """The mistake memory cannot be opened or written (locked, wrong dimension, server down)."""
+
+
+class ContextLengthError(BackendError):
+    """A prompt and its reply do not fit the model's context; the message gives both lengths."""
+
+
+class Overloaded(BackendError):
+    """A request the backend cannot answer by its deadline, refused before any work; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

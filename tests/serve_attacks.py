@@ -126,9 +126,16 @@ class Attacks:
                 ("temperature 5", self.body(SMALL, temperature=5)),
                 ("top_p 1.5", self.body(SMALL, top_p=1.5)),
                 ("unknown model", {**self.body(SMALL), "model": "no-such-model"}),
+                ("seed 2**70", self.body(SMALL, temperature=1.0, seed=2**70)),
+                ("seed -1", self.body(SMALL, temperature=1.0, seed=-1)),
+                ("seed 1.5", self.body(SMALL, temperature=1.0, seed=1.5)),
             ]:
                 status, _, text = await self.post(http, "/chat/completions", body, self.key)
                 self.row(attack, status=status, body=text)
+            await self.seed_beside_another_tenant(http)
+            await self.feedback_flood(http)
+            await self.schema_without_key(http)
+            await self.echo_past_context(http)
             await self.big_prompt(http)
             await self.huge_max_tokens(http)
             await self.disconnect(http)
@@ -144,6 +151,40 @@ class Attacks:
         feedback = {"completion_id": completion, "gold": "(B)"}
         status, _, text = await self.post(http, "/feedback", feedback, self.key)
         self.row("other tenant's completion id in feedback", status=status, body=text)
+
+    async def seed_beside_another_tenant(self, http: httpx.AsyncClient) -> None:
+        """A seed torch refuses (2**64), sent at once with 6 requests of another tenant: does it fail them too?"""
+        hostile = self.post(http, "/chat/completions", self.body(SMALL, temperature=1.0, seed=2**64), self.key)
+        others = [self.post(http, "/chat/completions", self.body(SMALL), self.other_key) for _ in range(6)]
+        results = await asyncio.gather(hostile, *others)
+        self.row(
+            "seed 2**64 beside 6 requests of another tenant",
+            status=results[0][0],
+            body=results[0][2],
+            other_tenant_statuses=[status for status, _, _ in results[1:]],
+        )
+
+    async def feedback_flood(self, http: httpx.AsyncClient) -> None:
+        """40 feedback requests at once from one key: are they held to its in-flight limit?"""
+        feedback = {"completion_id": "chatcmpl-none", "correct": True}
+        results = await asyncio.gather(*(self.post(http, "/feedback", feedback, self.key) for _ in range(40)))
+        statuses: dict[str, int] = {}
+        for status, _, _ in results:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+        self.row("40 concurrent feedback from one key", statuses=statuses)
+
+    async def schema_without_key(self, http: httpx.AsyncClient) -> None:
+        root = self.base_url.removesuffix("/v1")
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            response = await http.get(f"{root}{path}")
+            self.row(f"GET {path} without a key", status=response.status_code, names_model=self.model in response.text)
+
+    async def echo_past_context(self, http: httpx.AsyncClient) -> None:
+        """Prompt scoring (echo) of ~40k tokens, past the model's context."""
+        prompt = " ".join(["word"] * 40_000)
+        body = {"model": self.model, "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 0}
+        status, took, text = await self.post(http, "/completions", body, self.key)
+        self.row("completions echo of a 40k-token prompt", status=status, seconds=round(took, 2), body=text)
 
     async def big_prompt(self, http: httpx.AsyncClient) -> None:
         """A 1 MB prompt, and a small request from another client 1 s later: does it wait behind the big one?"""

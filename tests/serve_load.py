@@ -184,6 +184,7 @@ class Load:
         self.acks: dict[str, dict[str, Any]] = {}  # completion id -> last ack
         self.errors: list[str] = []  # answered with an error status: never expected
         self.retries = 0  # transport failures (the kill window) sent again
+        self.throttled = 0  # 429s sent again
         self.sent = 0
         self.restarted = asyncio.Event()
         self.alive = asyncio.Event()
@@ -192,14 +193,20 @@ class Load:
         self.kill_now = asyncio.Event()  # set once --kill-after requests have been sent
 
     async def send(self, http: httpx.AsyncClient, path: str, body: dict[str, Any], key: str) -> httpx.Response:
-        """POST until the server answers: a transport failure (the server was killed) waits for it and retries."""
+        """POST until the server answers: a transport failure (the server was killed) waits for it and retries, and
+        a 429 (the key has its in-flight limit's worth, or the model is busy) is sent again after its Retry-After."""
         while True:
             await self.alive.wait()
             try:
-                return await http.post(path, json=body, headers=auth(key))
+                response = await http.post(path, json=body, headers=auth(key))
             except httpx.TransportError:
                 self.retries += 1
                 await asyncio.sleep(0.2)
+                continue
+            if response.status_code != 429:
+                return response
+            self.throttled += 1
+            await asyncio.sleep(float(response.headers.get("retry-after", 0.2)))
 
     async def one(self, http: httpx.AsyncClient, i: int) -> None:
         tenant = list(self.keys)[i % len(self.keys)]
@@ -343,6 +350,7 @@ def main() -> None:
         "errors": len(load.errors),
         "error_samples": load.errors[:5],
         "transport_retries": load.retries,
+        "throttled_429": load.throttled,
         "killed_after": args.kill_after or None,
         "restart_s": round(load.restart_s, 1) if load.restart_s is not None else None,
         "seconds": round(elapsed, 1),

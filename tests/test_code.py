@@ -47,11 +47,13 @@ def test_mbpp_follows_the_standard_split(data_dir: Path) -> None:
     assert "\r" not in first.target and first.where.endswith("mbpp.jsonl:11")
 
 
-def test_mbpp_setup_code_runs_after_the_solution(data_dir: Path) -> None:
+def test_mbpp_setup_code_runs_after_the_solution(data_dir: Path, code_sandbox: Sandbox) -> None:
     [tree] = [e for e in load_task("mbpp", "all", data_dir) if e.id == "mbpp/367"]
     built = program(tree, tree.target)
-    assert built.index("class Node") < built.index("root = Node(1)") < built.index("assert is_tree_balanced")
+    assert "class Node" in built.code and "root = Node(1)" not in built.code  # the setup runs with the tests
+    assert built.tests.index("root = Node(1)") < built.tests.index("assert is_tree_balanced")
     assert "root = Node(1)" in tree.input  # the prompt shows what the tests build
+    assert code_sandbox.run(built).passed  # the tests build the nodes from the program's Node
 
 
 def test_humaneval_is_for_evaluation_only(data_dir: Path) -> None:

@@ -104,8 +104,12 @@ def test_the_figures_follow_from_the_script(experiment: tuple) -> None:
         "feedback_turns": 4 + 3,  # one round each for the four that learn, the round limit for the stubborn one
         "rewarded_turns": 4,
         "leaks_removed": 0,
+        "group_claims_removed": 0,
+        "generic_guidelines": 0,
         "unparsed_feedback": 0,
+        "stored_guidelines": g["stored_guidelines"],
     }
+    assert len(g["stored_guidelines"]) == 5 and all(g["stored_guidelines"])  # one per mistake stored
     assert figures["mistakes_stored"] == 5
     assert figures["examples"] and all(ex["guidance"] for ex in figures["examples"])
     assert figures["tokens"]["gathering"] > figures["tokens"]["baseline"] > 0

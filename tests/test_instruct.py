@@ -16,6 +16,7 @@ from memory.embed import HashingEmbedder
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError
+from runtime.models.backend import Backend, Generation
 from tests.helpers import build_tiny_model
 from training.instruct.benchmarks import Target, default_ood
 from training.instruct.ledger import change
@@ -233,6 +234,15 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     # iteration 2 trained on iteration 1's merged model
     assert lrs[1]["base_model"]["path"].endswith(outcome_model(tmp_path / "run", "iter1"))
     figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], ["toy"])
+    (story,) = figs["story"]  # the last iteration against the base, with the verdict the terminal ends on
+    assert story["condition"] == "iter2" and story["n"] == 6
+    assert story["change"] == story["after"] - story["before"] and story["ci"][0] <= story["change"] <= story["ci"][1]
+    assert story["verdict"] in {
+        "learned beyond the answer prior",
+        "shifted its answer prior",
+        "no change shown",
+        "got worse",
+    }
     md, html = render(
         figs,
         outcome["results"],
@@ -342,3 +352,25 @@ def _break(m: pytest.MonkeyPatch, stage: str) -> None:
             return real_merge(base, adapter, target)
 
         m.setattr(loop_module, "merge_adapter", dying_merge)
+
+
+class AlwaysA(Backend):
+    """An instructor that answers every question it is asked cold with (A)."""
+
+    kind, model_id = "fake", "always-a"
+
+    async def generate(self, messages: Any, settings: Any = None, adapter: Any = None) -> Generation:
+        return Generation("Reasoning. The answer is (A).")
+
+
+async def test_written_samples_are_kept_only_if_their_answer_checks_out(tiny: Path, tmp_path: Path) -> None:
+    loop = make_loop(tmp_path / "run", tiny)
+    loop.instructor = AlwaysA()
+    written = [
+        Example(f"w{i}", "toy/a", f"Q{i}?\nOptions:\n(A) yes\n(B) no", gold, "choice", ("yes", "no"))
+        for i, gold in enumerate(["(A)", "(B)", "(A)"])
+    ]
+    kept = await loop.answer_check("lec1", written)
+    assert [e.id for e in kept] == ["w0", "w2"]
+    # recorded item by item: a re-run asks nothing again
+    assert len((tmp_path / "run" / "lec1" / "answer_check.jsonl").read_text().splitlines()) == 3

@@ -31,8 +31,7 @@ def serving_blocks() -> list[str]:
     section = README.read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     return [
-        "\n".join(line for line in block.splitlines() if not re.match(r"(KEY=\$\()?redpen ", line))
-        for block in blocks
+        "\n".join(line for line in block.splitlines() if not re.match(r"(KEY=\$\()?redpen ", line)) for block in blocks
     ]
 
 

@@ -82,6 +82,7 @@ def train_assistant(
     data_dir: Path | None = None,
     on_train_log: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
+    accelerate_config: Path | None = None,
 ) -> AssistantTraining:
     """Replay ``runs`` into ``out/replay``, train the adapter into ``out/adapter``, then compare in ``out/compare``.
 
@@ -114,7 +115,7 @@ def train_assistant(
         trained = trained_before(dataset, config)
         reused = trained is not None
         if trained is None:
-            trained = train_lora(dataset, config, on_log=on_train_log)
+            trained = train_lora(dataset, config, on_log=on_train_log, accelerate_config=accelerate_config)
         else:
             log.info("reusing %s: already trained on this replay with these settings", adapter_dir)
     except Exception:  # nothing half-made is left (a kill or Ctrl-C keeps the checkpoints, to resume from)

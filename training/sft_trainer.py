@@ -13,6 +13,9 @@ from its last whole checkpoint (TRL's ``resume_from_checkpoint``) instead of ste
 renamed into place when whole, so a crash never leaves half an adapter; ``redpen_adapter.json`` beside the weights
 says what it was trained from and how. The scratch folder is removed when training ends, whether it succeeded or
 failed with an error; only a killed training leaves it, to resume.
+
+With an accelerate config the training step (``train_in_scratch``) runs in the processes ``accelerate launch``
+starts (``training.distributed``): the same trainer in each, one adapter, saved by the main process.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from runtime.data.rundir import read_dataset, write_atomic
 from runtime.errors import ConfigError, DataError
 from runtime.models.adapters import adapter_digest
+from training.distributed import launch
 from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:
@@ -224,12 +228,17 @@ def _resume_point(scratch: Path, fingerprint: dict[str, Any]) -> Path | None:
 
 
 def train_lora(
-    dataset: Path, config: LoraSFTConfig, on_log: Callable[[dict[str, Any]], None] | None = None
+    dataset: Path,
+    config: LoraSFTConfig,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    accelerate_config: Path | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter on a ``{"messages": [...]}`` JSONL file and save it to ``config.output_dir``.
 
     ``on_log`` is called after every step with ``{"step", "max_steps"}`` and, at each logging step, with the
     trainer's logs (``loss``, ``learning_rate``, ``grad_norm``...) added: enough to draw a progress bar.
+    With ``accelerate_config`` the training step runs under ``accelerate launch`` with that config
+    (``training.distributed``): one process per GPU, or FSDP, each training its share of every batch.
     """
     rows = read_messages(dataset)
     target = Path(config.output_dir).expanduser()
@@ -246,51 +255,106 @@ def train_lora(
     checkpoint = _resume_point(scratch, fingerprint)
     scratch.mkdir(parents=True, exist_ok=True)
     write_atomic(scratch / TRAINING, json.dumps(fingerprint, indent=2) + "\n")
-    resumed = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
+    log.info("train  %d rows  base %s  %d steps  -> %s", len(rows), model_id, config.max_steps, target)
     try:
-        trainer = build_trainer(rows, config, model_dir, scratch / "trainer", [_progress(on_log)])
-        log.info("train  %d rows  base %s  %d steps  -> %s", len(rows), model_id, config.max_steps, target)
-        if checkpoint is not None:
-            log.info("resuming from checkpoint step %d of %d in %s", resumed, config.max_steps, scratch)
-        started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        elapsed = time.perf_counter() - started
-        # From the trainer's log history, which a resumed run restores from its checkpoint: every step's loss.
-        losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-        final_loss = losses[-1]  # logging_first_step: there is always one
-        if not math.isfinite(final_loss):
-            raise DataError(f"training on {dataset} diverged (loss {final_loss}); lower learning_rate")
-        adapter = scratch / "adapter"
-        model: Any = trainer.model  # a PeftModel (typed by transformers as a plain module)
-        model.save_pretrained(adapter)
-        metadata: dict[str, Any] = {
-            "adapter_sha256": adapter_digest(adapter),  # trained_before reuses only these very weights
-            "base_model": {"id": model_id, "path": str(model_dir)},
-            "dataset": {"path": str(dataset), "sha256": digest, "rows": len(rows)},
-            "steps": trainer.state.global_step,
-            "final_loss": final_loss,
-            "losses": losses,
-            "resumed_from_step": resumed,
-            "train_seconds": round(elapsed, 3),
-            "device": str(trainer.args.device),
-            "lora": {k: config.to_dict()[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
-            "config": config.to_dict(),
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        write_atomic(adapter / METADATA, json.dumps(metadata, indent=2) + "\n")
-        _replace_folder(adapter, target, scratch)
+        if accelerate_config is None:
+            train_in_scratch(dataset, config, scratch, checkpoint, on_log)
+        else:
+            spec = {
+                "dataset": str(dataset),
+                "config": config.to_dict(),
+                "scratch": str(scratch),
+                "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            }
+            launch(accelerate_config, spec, scratch, on_log)
+        metadata = json.loads((scratch / "adapter" / METADATA).read_text(encoding="utf-8"))
+        _replace_folder(scratch / "adapter", target, scratch)
     except Exception:  # a failed training leaves nothing; only a kill (or Ctrl-C) keeps checkpoints to resume from
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     shutil.rmtree(scratch)
+    resumed = metadata["resumed_from_step"]
     log.info(
-        "trained  %d steps  loss %.4f  %.2f steps/s  -> %s",
+        "trained  %d steps  loss %.4f  %.2f steps/s  %d process(es)  -> %s",
         metadata["steps"],
-        final_loss,
-        (metadata["steps"] - (resumed or 0)) / elapsed,
+        metadata["final_loss"],
+        (metadata["steps"] - (resumed or 0)) / metadata["train_seconds"],
+        metadata["processes"],
         target,
     )
-    return TrainResult(target, final_loss, metadata["steps"], digest, losses, resumed)
+    return TrainResult(target, metadata["final_loss"], metadata["steps"], digest, metadata["losses"], resumed)
+
+
+def train_in_scratch(
+    dataset: Path,
+    config: LoraSFTConfig,
+    scratch: Path,
+    checkpoint: Path | None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """The training step of ``train_lora``: train (from ``checkpoint`` if given) and save the adapter with its
+    metadata to ``scratch/adapter``.
+
+    Run by one process, or by every process of an accelerate launch: each trains its share of every batch, the
+    main one saves and reports progress, and every process's adapter must be the same one (DDP keeps the copies
+    equal; FSDP shards one copy, so there it is gathered to be saved).
+    """
+    from accelerate.utils import gather_object
+
+    rows = read_messages(dataset)
+    model_id, model_dir = config.base_model_dir()
+    resumed = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else None
+    trainer = build_trainer(rows, config, model_dir, scratch / "trainer", [_progress(on_log)])
+    if checkpoint is not None:
+        log.info("resuming from checkpoint step %d of %d in %s", resumed, config.max_steps, scratch)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    elapsed = time.perf_counter() - started
+    # From the trainer's log history, which a resumed run restores from its checkpoint: every step's loss.
+    losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = losses[-1]  # logging_first_step: there is always one
+    if not math.isfinite(final_loss):
+        raise DataError(f"training on {dataset} diverged (loss {final_loss}); lower learning_rate")
+    model: Any = trainer.model  # a PeftModel (typed by transformers as a plain module)
+    # Every process takes part: under FSDP this gathers the shards, elsewhere it is the process's own copy.
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    copies = None if trainer.is_fsdp_enabled else gather_object([_lora_digest(model)])
+    if copies is not None and len(set(copies)) > 1:
+        raise DataError(f"the {len(copies)} training processes ended with different adapters; the launch is broken")
+    if not trainer.is_world_process_zero():
+        return
+    adapter = scratch / "adapter"
+    model.save_pretrained(adapter, state_dict=state)
+    metadata: dict[str, Any] = {
+        "adapter_sha256": adapter_digest(adapter),  # trained_before reuses only these very weights
+        "base_model": {"id": model_id, "path": str(model_dir)},
+        "dataset": {"path": str(dataset), "sha256": _sha256(dataset), "rows": len(rows)},
+        "steps": trainer.state.global_step,
+        "final_loss": final_loss,
+        "losses": losses,
+        "resumed_from_step": resumed,
+        "train_seconds": round(elapsed, 3),
+        "device": str(trainer.args.device),
+        "processes": trainer.args.world_size,
+        "process_adapters": copies,  # each process's LoRA weights' sha256 (None under FSDP: each holds a shard)
+        "lora": {k: config.to_dict()[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        "config": config.to_dict(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    write_atomic(adapter / METADATA, json.dumps(metadata, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _lora_digest(model: Any) -> str:
+    """sha256 over a model's LoRA weights as this process holds them, in name order."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters(), key=lambda named: named[0]):
+        if "lora_" in name:
+            digest.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _length(tokenizer: Any, messages: list[Message]) -> int:
@@ -338,11 +402,13 @@ def _progress(on_log: Callable[[dict[str, Any]], None] | None) -> TrainerCallbac
             self.first_step = state.global_step
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if on_log is not None:
+            if on_log is not None and state.is_world_process_zero:  # one report per step, however many processes
                 on_log({"step": state.global_step, "max_steps": state.max_steps})
 
         def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             logs: dict[str, Any] = kwargs.get("logs") or {}
+            if not state.is_world_process_zero:
+                return
             if "loss" in logs:
                 per_step = (time.perf_counter() - self.started) / max(1, state.global_step - self.first_step)
                 eta = timedelta(seconds=round(per_step * (state.max_steps - state.global_step)))

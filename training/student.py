@@ -97,6 +97,7 @@ def train_student(
     max_steps: int | None = None,
     base_model: str | None = None,
     on_log: OnLog | None = None,
+    accelerate_config: Path | None = None,
 ) -> TrainResult:
     """A LoRA student in ``out/adapter`` on a ``correct`` run's CoT rows, or on CoT + corrections, ``rows`` of them.
 
@@ -118,7 +119,7 @@ def train_student(
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cot_only)
             dataset = write_training_sets({SETS[0]: text}, out / "data")[SETS[0]]
         config = LoraSFTConfig(output_dir=str(adapter), base_model=base_model).with_steps(max_steps)
-        return train_lora(dataset, config, on_log=on_log)
+        return train_lora(dataset, config, on_log=on_log, accelerate_config=accelerate_config)
     except Exception:  # nothing half-made is left (a kill or Ctrl-C keeps the checkpoints, to resume from)
         if not existed:
             shutil.rmtree(out, ignore_errors=True)

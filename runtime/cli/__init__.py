@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.text import Text
 
-from runtime.cli import bench, evaluate, info, instruct, memory, salam, serve, training
+from runtime.cli import bench, evaluate, info, instruct, memory, salam, serve, teacher, training
 from runtime.cli.common import console
 from runtime.errors import RedpenError
 
@@ -29,6 +29,8 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 memory_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and manage a mistake memory.")
 app.add_typer(memory_app, name="memory")
+teacher_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The embedded 1.5B teacher (llama.cpp).")
+app.add_typer(teacher_app, name="teacher")
 
 app.command("eval")(evaluate.evaluate)
 app.command()(salam.gather)
@@ -44,6 +46,7 @@ memory_app.command("list")(memory.memory_list)
 memory_app.command("export")(memory.memory_export)
 memory_app.command("delete")(memory.memory_delete)
 app.command()(info.models)
+teacher_app.command("install")(teacher.install)
 app.command()(info.tasks)
 app.add_typer(serve.app, name="serve")
 bench_app.command("generate")(bench.bench_generate)
@@ -51,6 +54,7 @@ bench_app.command("pipeline")(bench.bench_pipeline)
 bench_app.command("memory")(bench.bench_memory)
 bench_app.command("sandbox")(bench.bench_sandbox)
 bench_app.command("train")(bench.bench_train)
+bench_app.command("starvation")(bench.bench_starvation)
 
 
 REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")

@@ -30,33 +30,86 @@ def bench_generate(
     concurrency: Annotated[int, typer.Option(help="prompts at once on the batched side")] = CONCURRENCY,
     max_new_tokens: Annotated[int, typer.Option(help="tokens generated per prompt (EOS ignored)")] = 64,
     repeats: Annotated[int, typer.Option(help="repeats; medians are reported")] = 3,
+    vs_generate: Annotated[
+        bool, typer.Option(help="local: also transformers' own generate on the same model (a padded batch)")
+    ] = False,
     backend: Backend = "local",
     model: Model = None,
     base_url: BaseUrl = None,
     json_out: JsonOut = False,
 ) -> None:
-    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run."""
-    from runtime.bench import generate_rate
+    """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
+    ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
+    from runtime.bench import generate_rate, plain_generate_rate
+    from runtime.models.config import TEACHER
 
+    teacher = TEACHER in (backend, model)
+    if teacher:
+        from runtime.models.teacher import SLOTS
+
+        concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
     model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
-    with console.status("measuring ..."):
-        result = asyncio.run(
-            generate_rate(
-                model_backend,
-                concurrency=concurrency,
-                max_new_tokens=max_new_tokens,
-                repeats=repeats,
-                on_step=console.print,
-            )
-        )
+
+    def measure(backend_: Any, plain: bool = False) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            try:
+                result = await generate_rate(
+                    backend_,
+                    concurrency=concurrency,
+                    max_new_tokens=max_new_tokens,
+                    repeats=repeats,
+                    on_step=console.print,
+                )
+                if plain:  # transformers' own generate on the same loaded model, before it is closed
+                    result["generate"] = await plain_generate_rate(
+                        backend_, concurrency=concurrency, max_new_tokens=max_new_tokens, repeats=repeats
+                    )
+                    result["batched_over_generate"] = round(
+                        result["batched_tok_s"] / result["generate"]["batched_tok_s"], 2
+                    )
+                return result
+            finally:
+                await backend_.aclose()
+
+        with console.status(f"measuring {backend_.kind} ..."):
+            return asyncio.run(run())
+
+    result = measure(model_backend, plain=vs_generate and backend == "local" and not teacher)
     result["cpu_count"] = os.cpu_count()
-    console.print(
-        f"1 at a time: {result['single_tok_s']:.1f} tok/s   {concurrency} at once: "
-        f"{result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  "
-        f"(medians of {repeats}, {max_new_tokens} new tokens, {result['cpu_count']} cores)"
-    )
+    _rate_line(result, repeats, max_new_tokens)
+    if "generate" in result:
+        plain = result["generate"]
+        console.print(
+            f"transformers generate: 1 at a time {plain['single_tok_s']:.1f} tok/s   {concurrency} in a padded batch "
+            f"{plain['batched_tok_s']:.1f} tok/s; redpen {concurrency} at once / generate's batch "
+            f"{result['batched_over_generate']:.2f}x"
+        )
+    if teacher:
+        from runtime.models.teacher import teacher_model_dir
+
+        with console.status("converting the teacher for transformers (once) ..."):
+            folder = teacher_model_dir()
+        baseline = measure(load_backend("local", str(folder), None, max_batch_size=max(concurrency, 1)))
+        _rate_line(baseline, repeats, max_new_tokens)
+        result["transformers"] = baseline
+        result["vs_transformers"] = {
+            "single": round(result["single_tok_s"] / baseline["single_tok_s"], 2),
+            "batched": round(result["batched_tok_s"] / baseline["batched_tok_s"], 2),
+        }
+        console.print(
+            f"llama.cpp / transformers (same GGUF, same prompts): {result['vs_transformers']['single']:.1f}x one at a "
+            f"time, {result['vs_transformers']['batched']:.1f}x with {concurrency} in flight"
+        )
     if json_out:
         print(json.dumps(result))
+
+
+def _rate_line(result: dict[str, Any], repeats: int, max_new_tokens: int) -> None:
+    console.print(
+        f"{result['backend']['kind']}: 1 at a time {result['single_tok_s']:.1f} tok/s   {result['concurrency']} at "
+        f"once {result['batched_tok_s']:.1f} tok/s   ratio {result['ratio']:.2f}x  (medians of {repeats}, "
+        f"{max_new_tokens} new tokens, {os.cpu_count()} cores)"
+    )
 
 
 def bench_pipeline(
@@ -332,5 +385,108 @@ def bench_train(
         f"{result['redpen_over_bare_total_s']:.2f}x; padding-free / padded tok/s "
         f"{result['padding_free_over_padded_tok_s']:.2f}x"
     )
+    if json_out:
+        print(json.dumps(result))
+
+
+def bench_starvation(
+    hogs: Annotated[list[int] | None, typer.Option(help="hogs beside the small request, per phase; repeatable")] = None,
+    hog_words: Annotated[int, typer.Option(help="words in a hog's prompt (~tokens of the default model)")] = 7000,
+    hog_max_tokens: Annotated[int, typer.Option(help="max_tokens of a hog")] = 64,
+    small_max_tokens: Annotated[int, typer.Option(help="max_tokens of the small request")] = 32,
+    samples: Annotated[int, typer.Option(help="small requests timed per phase; medians are reported")] = 3,
+    request_timeout_s: Annotated[
+        float,
+        typer.Option(
+            help="the server's --request-timeout-s: long, so that the hogs are admitted and compete however slow "
+            "the machine (at serve's 120 s a slow machine refuses them early with 429, a separate protection)"
+        ),
+    ] = 86400.0,
+    model: Model = None,
+    json_out: JsonOut = False,
+) -> None:
+    """A small request's latency alone and beside another key's long requests, through `redpen serve` on loopback."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import httpx
+
+    from runtime.bench import starvation_rate
+    from runtime.errors import BackendError
+    from runtime.server import KeyRing
+
+    numbers = [("--hog-words", hog_words), ("--hog-max-tokens", hog_max_tokens), ("--samples", samples)]
+    for name, value in [*numbers, ("--request-timeout-s", request_timeout_s)]:
+        if value < 1:
+            raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=name)
+    phases = hogs or [1, 4, 32]
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
+        ring = KeyRing(Path(tmp) / "keys.json")
+        small_key, hog_key = ring.add("small"), ring.add("hog")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--port", str(port)]
+        command += ["--state", tmp, "--request-timeout-s", str(request_timeout_s)]
+        command += ["--model", str(model)] if model else []
+        with open(Path(tmp) / "server.log", "wb") as log:
+            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            with console.status("starting the server ..."):
+                deadline = time.monotonic() + 300
+                while True:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise BackendError(
+                            f"the server did not start: {(Path(tmp) / 'server.log').read_text()[-2000:]}"
+                        )
+                    try:
+                        listed = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {small_key}"})
+                        served = listed.json()["data"][0]["id"]
+                        break
+                    except httpx.TransportError:
+                        time.sleep(0.5)
+
+            def rss_mb() -> float | None:
+                try:
+                    status = Path(f"/proc/{server.pid}/status").read_text()
+                except OSError:
+                    return None
+                return next(
+                    (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS")), None
+                )
+
+            with console.status("measuring ..."):
+                result = asyncio.run(
+                    starvation_rate(
+                        url,
+                        served,
+                        small_key,
+                        hog_key,
+                        hogs=phases,
+                        hog_words=hog_words,
+                        hog_max_tokens=hog_max_tokens,
+                        small_max_tokens=small_max_tokens,
+                        samples=samples,
+                        rss_mb=rss_mb,
+                        on_step=console.print,
+                    )
+                )
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    result["cpu_count"] = os.cpu_count()
+    console.print(
+        f"small request ({small_max_tokens} tokens) alone: p50 {result['alone_p50_s']:.2f} s; hogs of {hog_words} "
+        f"words, max_tokens {hog_max_tokens}, from another key ({result['cpu_count']} cores):"
+    )
+    for phase in result["phases"]:
+        console.print(
+            f"  beside {phase['hogs']:>3} hogs: p50 {phase['p50_s']:.2f} s = {phase['ratio']:.2f}x alone   "
+            f"hogs refused 429: {phase['hogs_refused_429']}   server RSS peak {phase['server_peak_rss_mb']} MB"
+        )
     if json_out:
         print(json.dumps(result))

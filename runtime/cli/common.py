@@ -16,7 +16,12 @@ from runtime.defaults import MAX_STEPS, STUDENT_MAX_NEW_TOKENS
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
 
-Backend = Annotated[str, typer.Option("--backend", help="local (transformers in-process) or openai (any server)")]
+Backend = Annotated[
+    str,
+    typer.Option(
+        "--backend", help="local (transformers in-process), openai (any server) or teacher (the embedded 1.5B teacher)"
+    ),
+]
 
 Model = Annotated[
     str | None,
@@ -36,10 +41,16 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="do not replay greedy 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML with [student] and [assistant] backend tables")]
 
 AssistantBackend = Annotated[
-    str | None, typer.Option("--assistant-backend", help="assistant's backend [default: the student's]")
+    str | None,
+    typer.Option(
+        "--assistant-backend",
+        help="assistant's backend [default: the embedded teacher where installed, else the student's]",
+    ),
 ]
 
-AssistantModel = Annotated[str | None, typer.Option("--assistant-model", help="assistant's model")]
+AssistantModel = Annotated[
+    str | None, typer.Option("--assistant-model", help="assistant's model; `teacher`: the embedded teacher")
+]
 
 AssistantUrl = Annotated[str | None, typer.Option("--assistant-base-url", help="assistant's server URL")]
 
@@ -71,6 +82,23 @@ StudentTokens = Annotated[
     int | None, typer.Option("--max-new-tokens", help=f"student reply length [default: {STUDENT_MAX_NEW_TOKENS}]")
 ]
 
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="what runs the student's model folder: local (transformers in this process) or vllm (a vllm serve "
+        "redpen starts on the folder, talked to over its OpenAI API)",
+    ),
+]
+
+AccelerateConfig = Annotated[
+    str | None,
+    typer.Option(
+        "--accelerate-config",
+        help="train under `accelerate launch` with this config file, or a shipped one: one-gpu, ddp, fsdp",
+    ),
+]
+
 MaxSteps = Annotated[int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]")]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
@@ -91,11 +119,11 @@ SandboxMode = Annotated[
 def load_backend(kind: str, model: str | None, base_url: str | None, *, no_cache: bool = True, **extra: Any) -> Any:
     """One backend under a status line; greedy calls replay from the response cache unless ``no_cache``."""
     from runtime.errors import ConfigError
-    from runtime.models.config import backend_config
+    from runtime.models.config import BACKEND_KINDS, backend_config
     from runtime.models.factory import make_backend
 
-    if kind not in ("local", "openai"):
-        raise ConfigError(f"unknown backend {kind!r}: choose --backend local or --backend openai")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(f"unknown backend {kind!r}: choose --backend {' | '.join(BACKEND_KINDS)}")
     with console.status(f"loading the {kind} backend ..."):
         quiet_transformers()
         config = backend_config(kind=kind, model=model, base_url=base_url, **extra)
@@ -182,17 +210,53 @@ def roles_config(
     assistant_backend: str | None = None,
     assistant_model: str | None = None,
     assistant_base_url: str | None = None,
+    teacher_role: str | None = None,
     **settings: Any,
 ) -> Any:
-    """A ``RolesConfig`` from the shared role options (``Backend``, ``Model``, ``AssistantModel``...)."""
+    """A ``RolesConfig`` from the shared role options (``Backend``, ``Model``, ``AssistantModel``...).
+
+    ``teacher_role`` names what the assistant plays where a teacher is meant ("study assistant", "corrector"):
+    given no assistant options or table, it is then the embedded teacher (``teacher_default``).
+    """
     from agents.team import RolesConfig
 
     return RolesConfig.load(
         config_file,
         student={"kind": backend, "model": model, "base_url": base_url},
         assistant={"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url},
+        default_assistant=(lambda: teacher_default(teacher_role)) if teacher_role else None,
         **settings,
     )
+
+
+def teacher_default(role: str) -> dict[str, Any] | None:
+    """The backend of a teacher role given no options: the embedded teacher where it is installed, else None (the
+    student's model, as before the teacher existed), said in one line. ``REDPEN_TEACHER=off`` turns it off."""
+    import os
+
+    from runtime.models.teacher import installed
+
+    if os.environ.get("REDPEN_TEACHER", "").lower() in ("off", "0", "no", "false"):
+        return None
+    if installed():
+        return {"kind": "teacher"}
+    console.print(
+        f"[dim]the {role} is the student's model: the embedded teacher is not installed (see the README's set-up)[/dim]"
+    )
+    return None
+
+
+def student_kind(engine: str, backend: str) -> str:
+    """The student's backend kind: ``--engine vllm`` serves its local model folder with vLLM."""
+    from runtime.errors import ConfigError
+    from runtime.models.engines import check_engine
+
+    check_engine(engine)
+    if engine == "local":
+        return backend
+    if backend != "local":
+        raise ConfigError(f"--engine {engine} serves a local model folder: it goes with --backend local, not {backend}")
+    return engine
 
 
 def open_store(location: dict[str, Any], *, create: bool = True) -> Any:

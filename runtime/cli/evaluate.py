@@ -14,6 +14,7 @@ from runtime.cli.common import (
     Backend,
     BaseUrl,
     DataDir,
+    Engine,
     JsonOut,
     Model,
     NoCache,
@@ -26,6 +27,7 @@ from runtime.cli.common import (
     phase_bar,
     progress_bar,
     slug,
+    student_kind,
     use_sandbox,
 )
 from runtime.defaults import CODE_MAX_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
@@ -65,6 +67,7 @@ def evaluate(
     base_url: BaseUrl = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    engine: Engine = "local",
 ) -> None:
     """Evaluate a model on a benchmark split; resumable, ends with an accuracy table."""
     from agents.commands import evaluate as run_evaluation
@@ -81,7 +84,7 @@ def evaluate(
     if temperature > 0:  # sample j of an item uses seed j: distinct samples, and a re-run repeats them
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
     adapters = {"adapter": str(adapter)} if adapter else {}
-    model_backend = load_backend(backend, model, base_url, no_cache=no_cache, adapters=adapters)
+    model_backend = load_backend(student_kind(engine, backend), model, base_url, no_cache=no_cache, adapters=adapters)
     answered = correct = 0
     started = time.perf_counter()
     with progress_bar() as bar:

@@ -10,7 +10,9 @@ import typer
 from rich.progress import Progress
 
 from runtime.cli.common import (
+    AccelerateConfig,
     DataDir,
+    Engine,
     JsonOut,
     NoCache,
     SandboxMode,
@@ -19,6 +21,7 @@ from runtime.cli.common import (
     progress_bar,
     quiet_transformers,
     slug,
+    teacher_default,
     use_sandbox,
 )
 
@@ -92,8 +95,13 @@ def instruct(
     base_model: Annotated[
         Path | None, typer.Option(help="student model folder [default: the embedded default]")
     ] = None,
-    instructor_backend: Annotated[str | None, typer.Option(help="instructor's backend [default: the student]")] = None,
-    instructor_model: Annotated[str | None, typer.Option(help="instructor's model")] = None,
+    instructor_backend: Annotated[
+        str | None,
+        typer.Option(help="instructor's backend [default: the embedded teacher where installed, else the student]"),
+    ] = None,
+    instructor_model: Annotated[
+        str | None, typer.Option(help="instructor's model; `teacher`: the embedded teacher")
+    ] = None,
     instructor_base_url: Annotated[str | None, typer.Option(help="instructor's server URL")] = None,
     memory: Annotated[
         Path | None, typer.Option(help="strategy memory: a mistake memory folder (from `redpen gather` / `run`)")
@@ -103,12 +111,17 @@ def instruct(
     no_cache: NoCache = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    accelerate_config: AccelerateConfig = None,
+    engine: Engine = "local",
 ) -> None:
     """Evaluate, let an instructor turn the errors into training rows, fine-tune, evaluate in and out of domain."""
     from runtime.data.paths import resolve_data_dir
     from runtime.models.config import backend_config
+    from runtime.models.engines import check_engine
+    from training.distributed import resolve_config
     from training.instruct import InstructSettings, run_instruct
 
+    check_engine(engine)  # before any work: a missing vLLM is one line, not a failure after the first stage
     settings = InstructSettings(
         targets=_names(target),
         strategies=_names(strategy),
@@ -138,6 +151,9 @@ def instruct(
         instructor = backend_config(
             kind=instructor_backend or "local", model=instructor_model, base_url=instructor_base_url
         )
+    elif {"le", "lec"} & set(settings.strategies) or "augment" in settings.baselines:  # an instructor writes rows
+        teacher = teacher_default("instructor")  # else the student instructs itself, as before the teacher
+        instructor = backend_config(**teacher) if teacher else None
     # mbpp's default out-of-domain pair is humaneval: both are code, so targets and --ood are enough to look at.
     use_sandbox(sandbox, any(n.partition("/")[0] in CODE_TASKS for n in [*settings.targets, *(settings.ood or [])]))
     folder = out or Path("runs") / slug(f"instruct-{target}")
@@ -152,6 +168,8 @@ def instruct(
             no_cache=no_cache,
             progress=phase_bar(bar),
             on_train_log=_train_bars(bar),
+            accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
+            engine=engine,
         )
     figs = result.figures
     for b in figs["benchmarks"]:
@@ -161,6 +179,14 @@ def instruct(
         control = f"  (majority gold {majority:.3f})" if majority is not None else ""
         console.print(f"{b}: {cells}{control}")
     console.print(f"report: {result.report_md}  {result.report_html}")
+    for line in figs["story"]:  # the last lines: what the run shows, with its controls
+        majority = f"{line['majority_gold']:.3f}" if line["majority_gold"] is not None else "-"
+        flag = "; answers lean away from the gold distribution (prior shift)" if line["prior_shift_flag"] else ""
+        console.print(
+            f"{line['benchmark']}: {line['condition']} vs base {line['change']:+.3f} (95% CI [{line['ci'][0]:+.3f}, "
+            f"{line['ci'][1]:+.3f}], McNemar p {line['p_mcnemar']:.3g}, n {line['n']}); majority gold {majority}"
+            f"{flag}: [bold]{line['verdict']}[/bold]"
+        )
     if json_out:
         summary = {
             b: {c: figs["by_benchmark"][b]["conditions"][c]["accuracy"] for c in figs["conditions"]}

@@ -18,6 +18,7 @@ from runtime.cli.common import (
     BaseUrl,
     Config,
     DataDir,
+    Engine,
     InFlight,
     JsonOut,
     K,
@@ -38,6 +39,7 @@ from runtime.cli.common import (
     progress_bar,
     roles_config,
     slug,
+    student_kind,
 )
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 
@@ -144,6 +146,7 @@ def exam(
         max_new_tokens,
         no_cache,
         assistant_adapter=assistant_adapter,
+        teacher_role="study assistant" if mode == "assisted" and assistant_adapter is None else None,
     )
     with progress_bar() as bar:
         outcome = asyncio.run(
@@ -197,6 +200,7 @@ def run(
     assistant_base_url: AssistantUrl = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    engine: Engine = "local",
 ) -> None:
     """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
     from agents.commands import experiment
@@ -212,7 +216,7 @@ def run(
     max_new_tokens = code_tokens(max_new_tokens, [*gather_set, *examine_set], sandbox)
     roles = _roles(
         config,
-        (backend, model, base_url),
+        (student_kind(engine, backend), model, base_url),
         (assistant_backend, assistant_model, assistant_base_url),
         max_new_tokens,
         no_cache,
@@ -266,9 +270,11 @@ def _roles(
     assistant: tuple[str | None, str | None, str | None],
     max_new_tokens: int | None,
     no_cache: bool,
+    teacher_role: str | None = "study assistant",
     **settings: Any,
 ) -> Any:
-    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role."""
+    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role; the assistant
+    defaults to the embedded teacher (``teacher_role`` given) where it is installed."""
     (backend, model, base_url), (assistant_backend, assistant_model, assistant_base_url) = student, assistant
     return load_roles(
         roles_config(
@@ -281,6 +287,7 @@ def _roles(
             assistant_base_url=assistant_base_url,
             student_max_new_tokens=max_new_tokens,
             response_cache=not no_cache,
+            teacher_role=teacher_role,
             **settings,
         )
     )

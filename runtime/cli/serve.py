@@ -81,8 +81,10 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 256 * 2**10,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 1024,
     default_max_tokens: Annotated[int, typer.Option(help="reply budget of a request without max_tokens")] = 256,
-    in_flight_per_key: Annotated[int, typer.Option(help="requests one key may have in flight (more: 429)")] = 32,
-    request_timeout_s: Annotated[float, typer.Option(help="seconds before a request is cancelled (504)")] = 120.0,
+    in_flight_per_key: Annotated[int, typer.Option(help="requests one key may have in flight (more: 429)")] = 8,
+    request_timeout_s: Annotated[
+        float, typer.Option(help="seconds a request may take: one that cannot finish in time is refused (429)")
+    ] = 120.0,
     shutdown_grace_s: Annotated[int, typer.Option(help="seconds requests in flight get on SIGTERM")] = 3,
     guidance_tokens: Annotated[
         int, typer.Option(help="--memory: context tokens kept for the guidance before the question")
@@ -192,7 +194,8 @@ def keys_list(state: State = None) -> None:
     ring = KeyRing(_state(state) / "keys.json")
     for entry in ring.entries.values():
         out.print(f"{entry.name}\ttenant {entry.tenant}\tcreated {entry.created}", soft_wrap=True)
-    console.print(f"{len(ring)} keys in {ring.path}")
+    # On stdout after the rows, not on stderr: a capture that joins the two streams cannot run it into the last row.
+    out.print(f"{len(ring)} keys in {ring.path}", soft_wrap=True)
 
 
 @keys_app.command("revoke")

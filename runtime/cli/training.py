@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from runtime.cli.common import (
+    AccelerateConfig,
     Backend,
     BaseUrl,
     Concurrency,
@@ -45,9 +46,11 @@ def train_assistant(
     no_cache: NoCache = False,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
+    accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Fine-tune the study assistant (LoRA) on its rewarded feedback, then compare it with the general one."""
     from training.assistant import train_assistant as run_training
+    from training.distributed import resolve_config
 
     quiet_transformers()
     with progress_bar() as bar:
@@ -63,6 +66,7 @@ def train_assistant(
             data_dir=data_dir,
             on_train_log=train_bar(bar),
             progress=phase_bar(bar),
+            accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
         )
     stats, trained = result.replay, result.trained
     console.print(f"replay: {stats.steps} feedback steps, {stats.kept} rewarded kept -> {result.replay_dir}")
@@ -89,8 +93,13 @@ def correct(
     limit: Annotated[int | None, typer.Option(help="gather problems")] = None,
     samples: Annotated[int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)")] = SAMPLES,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/correct-<task>]")] = None,
-    corrector_backend: Annotated[str | None, typer.Option(help="corrector's backend [default: the student's]")] = None,
-    corrector_model: Annotated[str | None, typer.Option(help="corrector's model (a stronger one in real use)")] = None,
+    corrector_backend: Annotated[
+        str | None,
+        typer.Option(help="corrector's backend [default: the embedded teacher where installed, else the student's]"),
+    ] = None,
+    corrector_model: Annotated[
+        str | None, typer.Option(help="corrector's model; `teacher`: the embedded teacher")
+    ] = None,
     corrector_base_url: Annotated[str | None, typer.Option(help="corrector's server URL")] = None,
     concurrency: Concurrency = CONCURRENCY,
     sandbox: SandboxMode = "bwrap",
@@ -116,6 +125,7 @@ def correct(
             assistant_model=corrector_model,
             assistant_base_url=corrector_base_url,
             response_cache=not no_cache,
+            teacher_role="corrector",
         )
     )
     with progress_bar() as bar:
@@ -149,8 +159,10 @@ def train_student(
     rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]")] = None,
     max_steps: MaxSteps = None,
     base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Fine-tune the student (LoRA) on CoT data, or CoT + corrections at the same size."""
+    from training.distributed import resolve_config
     from training.student import train_student as run_training
 
     quiet_transformers()
@@ -163,6 +175,7 @@ def train_student(
             max_steps=max_steps,
             base_model=base_model,
             on_log=train_bar(bar),
+            accelerate_config=resolve_config(accelerate_config) if accelerate_config else None,
         )
     console.print(
         f"adapter: {result.adapter_dir}  ({result.steps} steps, final loss {result.final_loss:.4f}); "

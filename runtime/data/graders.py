@@ -4,9 +4,10 @@ Small models answer in many shapes ("The answer is (C) because...", "b)", "**B**
 "$5.00", "Invalid."). The extractors below accept the common ones and refuse to guess when a reply is ambiguous:
 a reply with no clear answer gets the verdict ``no_answer``, counted apart from ``wrong``.
 
-Code items are graded by running them: the reply's code (:func:`extract_code`) between the item's prefix and its
-tests, one process in the sandbox (``runtime.data.sandbox``). :func:`grade` runs it in the calling thread,
-:func:`grade_async` in the sandbox's worker threads, so an event loop keeps serving the model meanwhile.
+Code items are graded by running them: the reply's code (:func:`extract_code`) after the item's prefix, against its
+tests, in the sandbox (``runtime.data.sandbox``), the tests in one process and the code in another. :func:`grade`
+runs it in the calling thread, :func:`grade_async` in the sandbox's worker threads, so an event loop keeps serving
+the model meanwhile.
 """
 
 from __future__ import annotations
@@ -191,9 +192,11 @@ def extract_code(reply: str, entry_point: str | None = None) -> str | None:
     return code or None
 
 
-def program(example: Example, code: str) -> str:
-    """The program a code item runs: its prefix (HumanEval's prompt), the code, then its tests."""
-    return f"{example.metadata.get('prefix', '')}{code}\n\n{example.metadata['tests']}\n"
+def program(example: Example, code: str) -> sandbox.Program:
+    """What a code item runs: its prefix (HumanEval's prompt) and the code in the program's process, its tests in
+    the judge's (``runtime.data.judge``)."""
+    prefix = example.metadata.get("prefix", "")
+    return sandbox.Program(f"{prefix}{code}\n", example.metadata["tests"], prefix, example.metadata["entry_point"])
 
 
 def grade(example: Example, reply: str) -> Grade:

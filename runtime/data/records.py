@@ -107,6 +107,8 @@ class Action(BaseModel):
     text: str = Field(description="the feedback as the student was shown it")
     leaked: bool = Field(description="a sentence named the gold answer and was removed")
     parsed: bool = Field(description="the reply was the JSON (or labelled lines) asked for")
+    stereotyped: bool = Field(False, description="a sentence said something of a social group and was removed")
+    generic: bool = Field(False, description="nothing usable was left: the guideline is the neutral fallback")
 
 
 class Turn(BaseModel):

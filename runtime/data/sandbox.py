@@ -1,21 +1,20 @@
-"""Run untrusted programs (model-written code and its tests) one process each, under bubblewrap.
+"""Run untrusted programs (model-written code and its tests), one sandbox each, under bubblewrap.
 
 Model-written code is hostile input. Each program runs in its own ``bwrap`` sandbox: every namespace unshared (no
-network but an empty loopback, its own PIDs, no further user namespaces), the system folders bound read-only
-(``/usr`` and its ``/bin``, ``/lib*`` links, a few files of ``/etc``), an empty size-capped tmpfs as home and working
-directory, nothing else of the machine visible, the environment cleared, a new session, and killed with its parent.
-Inside, before the program starts, hard rlimits cap CPU time, address space, processes, file size and open files; a
-wall-clock timeout kills the whole process group, and output past a cap stops it too.
+network but an empty loopback, its own PIDs and a fresh ``/proc`` that shows only its own processes, no further
+user namespaces), the system folders bound read-only (``/usr`` and its ``/bin``, ``/lib*`` links, a few files of
+``/etc``), an empty size-capped tmpfs as home and working directory, nothing else of the machine visible, a new
+session, and killed with its parent. bwrap itself starts from a fixed four-variable environment, so no process in
+the sandbox holds anything of redpen's (API keys). Hard rlimits cap CPU time, address space, processes, file size
+and open files; a wall-clock timeout kills the whole process group, and output past a cap stops it too.
 
-A program passes only when it exits 0 *and* its last line of output is a marker that is random per run and printed
-by the harness after the program's last statement (the tests): a program that calls ``sys.exit(0)`` or
-``os._exit(0)`` before the tests end, or prints a guessed marker, fails. The marker lives in the harness, in the
-same interpreter as the program, so code that walks the interpreter's frames could find it: the sandbox bounds
-what such code can do, the marker stops early exits and forged output.
+Inside runs the judge (``runtime.data.judge``): the item's tests run in its process, the program in another one it
+forked before it read them, and only the judge holds the descriptor the verdict comes back on. A program passes when
+the judge says so, and nothing the program does in its own process can say it for the judge.
 
-``Sandbox("none")`` runs the same harness with the same rlimits, environment and a temporary working directory,
-but with no namespaces: the program sees the machine. It is for machines without bubblewrap, on explicit request,
-and logs a warning whenever it is made.
+``Sandbox("none")`` runs the same judge with the same rlimits, environment and a temporary working directory, but
+with no namespaces: the program sees the machine. It is for machines without bubblewrap, on explicit request, and
+logs a warning whenever it is made.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import asyncio
 import json
 import logging
 import os
-import re
-import secrets
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import time
@@ -52,37 +50,10 @@ _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _ETC = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives")
 _HOME = "/sandbox"
 NOBODY = 65534  # the uid and gid programs run as inside the sandbox (and outside it, when redpen runs as root)
-_TAIL = 64 * 1024  # bytes of stdout and of stderr kept: the marker is the last line, the error the last lines
+_TAIL = 64 * 1024  # bytes of stdout (the verdict) and of stderr (the program's output, the error) kept
 _ERROR_LINES = 20  # lines of stderr a failed program's error tail shows
 _LINE = 300  # characters of each of those lines (a reply that repeats itself makes one very long line)
-_HARNESS_FRAME = re.compile(r'^  File "<string>", line \d+, in (?:<module>|main)$')  # and no source line follows
-
-# Runs inside the sandbox: reads the job from stdin (which then reads as empty), caps itself, runs the program in a
-# fresh namespace, and only if it ends normally writes the marker. The program's lines show in tracebacks.
-_HARNESS = r"""
-import json, linecache, os, resource, sys
-def main():
-    job = json.loads(sys.stdin.buffer.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    for name, value in job["limits"].items():
-        resource.setrlimit(getattr(resource, name), (value[0], value[1]))
-    source = job["program"]
-    linecache.cache["<program>"] = (len(source), None, source.splitlines(True), "<program>")
-    namespace = {"__name__": "__program__", "__builtins__": __builtins__}
-    try:
-        exec(compile(source, "<program>", "exec"), namespace)
-    except SystemExit:
-        raise
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.exit(1)
-    sys.stdout.flush()
-    os.write(1, ("\n" + job["marker"] + "\n").encode())
-main()
-"""
+_JUDGE = (Path(__file__).parent / "judge.py").read_text()  # run as ``python -c``: the sandbox sees no redpen files
 
 
 @dataclass(frozen=True)
@@ -108,6 +79,19 @@ class Limits:
             "RLIMIT_FSIZE": (self.file_mb * mib, self.file_mb * mib),
             "RLIMIT_NOFILE": (self.open_files, self.open_files),
         }
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one sandbox runs: ``code`` in the program's process, ``tests`` in the judge's, which calls the
+    ``entry_point`` and the other names the code defines. ``prefix`` is the item's own code (HumanEval's prompt): it
+    runs before ``code`` in the program's process and alone in the judge's, so the helpers the tests use are the
+    item's, never a reply's redefinition of them."""
+
+    code: str
+    tests: str = ""
+    prefix: str = ""
+    entry_point: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,20 +129,28 @@ class Sandbox:
     def describe(self) -> dict[str, object]:
         return {"mode": self.mode, "python": self.python, "workers": self.workers, **vars(self.limits)}
 
-    def run(self, program: str) -> Run:
-        """Run one program to its end, its timeout or its output cap; never raises for what the program does."""
-        marker = secrets.token_hex(16)
-        job = json.dumps({"program": program, "marker": marker, "limits": self.limits.rlimits()}).encode()
+    def run(self, program: Program) -> Run:
+        """Run one program to its verdict, its timeout or its output cap; never raises for what the program does."""
+        public = json.dumps(
+            {
+                "code": program.code,
+                "prefix": program.prefix,
+                "entry_point": program.entry_point,
+                "limits": self.limits.rlimits(),
+            }
+        ).encode()
+        # The judge reads the part the program may see (the length says where it ends), forks it, then the tests.
+        job = struct.pack(">I", len(public)) + public + json.dumps({"tests": program.tests}).encode()
         workdir = None if self.mode == "bwrap" else tempfile.mkdtemp(prefix="redpen-program-")
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
-                [*self._bwrap, self.python, "-s", "-B", "-c", _HARNESS],
+                [*self._bwrap, self.python, "-s", "-B", "-c", _JUDGE],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=workdir or "/",
-                env=None if self.mode == "bwrap" else _environment(workdir or _HOME),
+                env=_environment(workdir or _HOME),  # bwrap's own too: redpen's environment stays out
                 start_new_session=True,  # its own process group, killed whole
                 user=self._as,
                 group=self._as,
@@ -169,16 +161,16 @@ class Sandbox:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
         seconds = round(time.monotonic() - started, 3)
-        returncode = proc.returncode
         error = _tail(stderr)
-        last_line = stdout.rstrip(b"\n").rpartition(b"\n")[2]
         if stopped:
-            return Run(False, stopped, error, seconds, returncode)
-        if returncode == 0 and last_line == marker.encode():
-            return Run(True, "passed", "", seconds, returncode)
-        return Run(False, self._reason(returncode, error, last_line == marker.encode()), error, seconds, returncode)
+            return Run(False, stopped, error, seconds, proc.returncode)
+        verdict = _verdict(stdout)
+        if verdict is None:
+            return Run(False, self._no_verdict(proc.returncode, error), error, seconds, proc.returncode)
+        passed, reason = verdict
+        return Run(passed, reason, "" if passed else error, seconds, proc.returncode)
 
-    async def arun(self, program: str) -> Run:
+    async def arun(self, program: Program) -> Run:
         """:meth:`run` in a worker thread, so the event loop (and the model) keeps going; ``workers`` at once."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="redpen-sandbox")
@@ -210,9 +202,12 @@ class Sandbox:
                 if left <= 0:
                     stopped = f"timed out after {self.limits.wall_s:g} s (wall clock)"
                     break
+                # Whether it had ended is asked before the wait: its last words (the verdict) may come in just as a
+                # wait gives up, and are read when the next one starts.
+                ended = proc.poll() is not None
                 ready = selector.select(min(left, 0.2))
-                if not ready and proc.poll() is not None:
-                    break  # the program ended; whatever it left behind holds the pipes open (--sandbox none)
+                if not ready and ended:
+                    break  # it ended and said all: what it left behind holds the pipes open (--sandbox none)
                 for key, _ in ready:
                     fd = key.fd
                     if fd == stdin:
@@ -231,8 +226,7 @@ class Sandbox:
                     totals[fd] += len(data)
                     tails[fd] = (tails[fd] + data)[-_TAIL:]
                     if totals[fd] > cap:
-                        name = "stdout" if fd == proc.stdout.fileno() else "stderr"
-                        stopped = f"output limit: over {self.limits.output_kb} KiB on {name}"
+                        stopped = f"output limit: over {self.limits.output_kb} KiB of output"
                         break
         _kill_group(proc.pid)  # also what the program left behind once it exited
         proc.wait()
@@ -241,24 +235,20 @@ class Sandbox:
             stream.close()
         return out, err, stopped
 
-    def _reason(self, returncode: int | None, error: str, marker_seen: bool) -> str:
+    def _no_verdict(self, returncode: int | None, error: str) -> str:
+        """Why the judge wrote no verdict: bubblewrap could not start, or the judge itself was stopped."""
         signum = None
         if returncode is not None and returncode < 0:
             signum = -returncode
         elif self.mode == "bwrap" and returncode is not None and returncode > 128:
             signum = returncode - 128  # bwrap exits 128 + N when its program died of signal N
-        if signum == signal.SIGXCPU:
-            return f"CPU time limit ({self.limits.cpu_s} s)"
-        if signum is not None:
-            return f"killed by signal {signal.Signals(signum).name}" if signum in _SIGNALS else f"signal {signum}"
         last = _last_said(error)
-        if returncode == 0:
-            return "ended with output after the marker" if marker_seen else "exited before the tests finished"
         if last.startswith("bwrap:"):
             return f"sandbox failed: {last}"
-        if last:
-            return last[:200]
-        return f"exit status {returncode}"
+        if signum is not None:
+            name = signal.Signals(signum).name if signum in _SIGNALS else str(signum)
+            return f"no verdict: the judge was stopped by signal {name}"
+        return f"no verdict: {last[:200] or f'the judge exited with status {returncode}'}"
 
     def _bwrap_command(self) -> list[str]:
         bwrap = shutil.which("bwrap")
@@ -267,10 +257,10 @@ class Sandbox:
                 "code tasks run model-written programs under bubblewrap, and `bwrap` is not installed: "
                 f"{INSTALL_HINT}, or pass --sandbox none to run them unsandboxed"
             )
-        command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
-        command += ["--uid", str(NOBODY), "--gid", str(NOBODY), "--clearenv"]
-        for name, value in _environment(_HOME).items():
-            command += ["--setenv", name, value]
+        # --as-pid-1: the judge is the sandbox's init, so no process of bwrap's (which would hold the verdict's pipe
+        # and be readable in /proc) is visible inside; when it exits, the kernel kills whatever the program left.
+        command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--die-with-parent"]
+        command += ["--new-session", "--uid", str(NOBODY), "--gid", str(NOBODY)]
         for path in _SYSTEM:
             if os.path.islink(path):
                 command += ["--symlink", os.readlink(path), path]
@@ -291,6 +281,7 @@ class Sandbox:
             done = subprocess.run(
                 [*self._bwrap, self.python, "-c", "pass"],
                 capture_output=True,
+                env=_environment(_HOME),
                 timeout=30,
                 check=False,
                 user=self._as,
@@ -354,9 +345,20 @@ def _last_said(error: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _verdict(stdout: bytes) -> tuple[bool, str] | None:
+    """The judge's verdict line, or None when stdout holds anything else (it never does unless the judge failed)."""
+    try:
+        verdict = json.loads(stdout)
+    except ValueError:
+        return None
+    if type(verdict) is not dict or type(verdict.get("passed")) is not bool or type(verdict.get("reason")) is not str:
+        return None
+    return verdict["passed"], verdict["reason"]
+
+
 def _tail(data: bytes) -> str:
-    """The last lines of stderr, without the harness's own traceback frames."""
-    lines = [line for line in data.decode(errors="replace").rstrip().splitlines() if not _HARNESS_FRAME.match(line)]
+    """The last lines of stderr: the program's output and its tracebacks, then the failed test's."""
+    lines = data.decode(errors="replace").rstrip().splitlines()
     return "\n".join(line if len(line) <= _LINE else line[: _LINE - 3] + "..." for line in lines[-_ERROR_LINES:])
 
 

@@ -6,14 +6,19 @@ into each run's config.json; API keys are read from the environment and never wr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runtime.defaults import LOCAL_MAX_BATCH, SERVER_MAX_CONCURRENCY
 from runtime.errors import ConfigError
 
-BackendKind = Literal["local", "openai"]
+# The one list of backend kinds: local (transformers in-process), openai (any OpenAI-compatible server), teacher
+# (the embedded 1.5B teacher, served by a llama.cpp server redpen starts: runtime/models/teacher.py), vllm (a local
+# model folder served by a vLLM server redpen starts: runtime/models/engines.py).
+BackendKind = Literal["local", "openai", "teacher", "vllm"]
+BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+TEACHER = "teacher"  # also a model name: `--assistant-model teacher` picks the teacher whatever the backend
 McMode = Literal["generate", "loglik"]
 
 
@@ -23,7 +28,9 @@ class BackendConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: BackendKind = Field(
-        "local", description="local: transformers in-process; openai: any OpenAI-compatible server"
+        "local",
+        description="local: transformers in-process; openai: any OpenAI-compatible server; teacher: the embedded "
+        "1.5B teacher on a llama.cpp server redpen runs; vllm: the local model folder on a vLLM server redpen runs",
     )
     model: str | None = Field(None, description="local model folder, or the served model name; None = embedded default")
     base_url: str | None = Field(None, description="OpenAI-compatible server URL (else $OPENAI_BASE_URL)")
@@ -38,6 +45,14 @@ class BackendConfig(BaseModel):
     max_concurrency: int = Field(
         SERVER_MAX_CONCURRENCY, ge=1, description="openai: most HTTP requests in flight (vLLM's default batch)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_word(cls, values: Any) -> Any:
+        """``model = "teacher"`` means the teacher's backend, so one word selects it wherever a model is named."""
+        if isinstance(values, dict) and values.get("model") == TEACHER:
+            return {**values, "kind": TEACHER, "model": None}
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

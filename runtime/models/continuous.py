@@ -14,6 +14,7 @@ than half the speed of a static ``generate`` on the same prompts.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from runtime.errors import ConfigError
+from runtime.models.fair import MIN_CHUNK, FairShare, attention_tokens, cost, tokens_for
 
 
 class TokenConstraint(Protocol):
@@ -56,11 +58,16 @@ class Row:
     tag: Any = None
     logprobs: int | None = None  # None: none kept; k: each token's log-prob and the k most likely tokens'
     constraint: TokenConstraint | None = None
+    owner: str = ""  # the caller it is computed for (an API key's hash), for fair shares of the model
     tokens: list[int] = field(default_factory=list)
     # Per token when ``logprobs`` is set: its log-prob under the model, and the top k as (token, log-prob).
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
+    # A prompt computed a slice at a time (see ``ContinuousBatch._plan``): its first ``done`` tokens' keys and
+    # values, per layer ``[heads, prompt length, dim]``, until it joins the slots.
+    done: int = 0
+    partial: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
     def next_position(self) -> int:
@@ -197,15 +204,21 @@ class ContinuousBatch:
         stats: dict[str, float] | None = None,
         prefix_tokens: int = 0,
         slots: int = 32,
+        chunk_units: float | None = None,
+        share: FairShare | None = None,
     ) -> None:
+        """``chunk_units``: the most prompt work (in ``fair`` units) one forward does; None: every waiting prompt
+        whole in the next forward. ``share``: the callers' shares, shared by the batches of one model."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, sorted(eos_ids)
         if model.config._attn_implementation != SLOT_ATTENTION:
             use_slot_attention(model)
         self.prefixes = PrefixStore(prefix_tokens) if prefix_tokens > 0 else None
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []  # row i lives in slot i of the cache
-        self.deferred: list[Row] = []  # admitted, prefilled next forward (see ``_plan``)
+        self.deferred: list[Row] = []  # admitted, not yet in a slot: prefilled in a later forward (see ``_plan``)
         self.slots = SlotCache(model, max_slots=slots)
+        self.chunk_units = chunk_units
+        self.share = share if share is not None else FairShare(attention_tokens(model))
         self.stats = new_stats() if stats is None else stats  # may be shared by the batches of one backend
 
     def __len__(self) -> int:
@@ -215,9 +228,11 @@ class ContinuousBatch:
         """One forward: every running row decodes a token and ``new_rows`` are prefilled (their first token comes
         from it; see ``_plan`` for those that wait a forward). Returns the rows that finished."""
         cancelled = [r for r in self.deferred if r.finish is not None]
-        new = self._plan([r for r in [*self.deferred, *new_rows] if r.finish is None])
-        if self.rows or new:
-            self._forward(new)
+        for row in cancelled:
+            row.partial = None  # its slices' memory goes now, not when the caller drops the row
+        new, slices = self._plan([r for r in [*self.deferred, *new_rows] if r.finish is None])
+        if self.rows or new or slices:
+            self._forward(new, slices)
         return cancelled + self._drop_finished()
 
     def cancel(self, is_cancelled: Callable[[Row], bool]) -> None:
@@ -227,7 +242,7 @@ class ContinuousBatch:
 
     # ---- model work -----------------------------------------------------------------------------------------
 
-    def _forward(self, new: Sequence[tuple[Row, Prefix]]) -> None:
+    def _forward(self, new: Sequence[tuple[Row, Prefix]], slices: Sequence[tuple[Row, int]] = ()) -> None:
         started = time.perf_counter()
         running, new_rows = len(self.rows), [row for row, _ in new]
         step = self.slots.open_step([len(r.prompt_ids) for r in new_rows])
@@ -237,10 +252,17 @@ class ContinuousBatch:
             step.add_row(len(row.prompt_ids), reused, keys, values)
             ids += row.prompt_ids[reused:]
             positions += range(reused, len(row.prompt_ids))
-            if row.seed is not None and row.temperature > 0:
+            if row.seed is not None and row.temperature > 0 and row.generator is None:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
             self.stats["prefill_tokens"] += len(row.prompt_ids) - reused
-            self.stats["reused_tokens"] += reused
+            self.stats["reused_tokens"] += reused - row.done  # a row's own slices were counted as computed
+            row.partial = None
+        for row, tokens in slices:  # after the new rows: their offsets in the flat sequence come first
+            assert row.partial is not None
+            step.add_slice(*row.partial, row.done, tokens)
+            ids += row.prompt_ids[row.done : row.done + tokens]
+            positions += range(row.done, row.done + tokens)
+            self.stats["prefill_tokens"] += tokens
         step.close()
         self.stats["merge_s"] += time.perf_counter() - started
         # Logits of each running row's token and of each new row's last prompt token only: the vocabulary
@@ -251,10 +273,12 @@ class ContinuousBatch:
             position_ids=torch.tensor([positions], device=self.device),
             attention_mask=NO_MASK,  # 4-D, so transformers builds none: slot_attention masks each row itself
             use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=self.device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
             slot_step=step,
         )
         self.slots.end += 1
+        for row, tokens in slices:
+            row.done += tokens
         self.rows += new_rows
         self._append(self.rows, self._pick(out.logits[0], self.rows))
         if self.prefixes is not None:  # the prompts' keys and values, for the next prompt that starts with one
@@ -269,26 +293,111 @@ class ContinuousBatch:
         self.stats["mixed_steps"] += running > 0 and bool(new_rows)
         self.stats["admissions"] += bool(new_rows)
         self.stats["prefill_rows"] += len(new_rows)
-        self.stats["prefill_s" if new_rows else "decode_s"] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.stats["prefill_s" if new_rows or slices else "decode_s"] += elapsed
+        self._charge(running, elapsed, new, slices)
 
-    def _plan(self, rows: Sequence[Row]) -> list[tuple[Row, Prefix]]:
-        """The rows to prefill now, each with its cached prefix. A row that shares more of its prompt with a row
-        prefilled now than with any cached prompt (a role's system prompt, when a burst of conversations starts)
-        waits one forward in ``deferred`` and then starts from that row's prompt, as it would one at a time."""
+    def _charge(
+        self, running: int, seconds: float, new: Sequence[tuple[Row, Prefix]], slices: Sequence[tuple[Row, int]]
+    ) -> None:
+        """Charge each caller its seconds of the forward just run; the model's costs are measured on all of them."""
+        attention = self.share.attention
+        decoding = self.rows[:running]
+        work = [(row.owner, 1 + row.next_position / attention) for row in decoding]
+        decode_units = sum(units for _, units in work)
+        work += [(row.owner, cost(reused, len(row.prompt_ids) - reused, attention)) for row, (reused, _, _) in new]
+        work += [(row.owner, cost(row.done - tokens, tokens, attention)) for row, tokens in slices]
+        prompt_units = sum(units for _, units in work) - decode_units
+        owners = {row.owner for row in decoding} or {owner for owner, _ in work}
+        fixed = min(seconds, self.share.base_s or seconds / 2)
+        for owner in owners:  # the fixed cost, split between the callers it ran for
+            self.share.charge(owner, fixed / len(owners))
+        total = sum(units for _, units in work)
+        for owner, units in work:  # the rest by the work done for each
+            self.share.charge(owner, (seconds - fixed) * units / total)
+        self.share.observe(seconds, prompt_units, decode_units)
+
+    def _plan(self, rows: Sequence[Row]) -> tuple[list[tuple[Row, Prefix]], list[tuple[Row, int]]]:
+        """The rows to prefill now, each with its cached prefix, and the slices of long prompts to compute now.
+
+        Least-served caller first (``FairShare``), each within its allowance and all within the forward's budget
+        (``FairShare.forward_units``, at most ``chunk_units``). A prompt that fits in ``chunk_units`` is computed
+        whole when its turn and room come, so its reply is what it would be alone; a longer one a slice a forward,
+        one prompt of a caller at a time, and joins the slots with its last slice. A row that shares more of its
+        prompt with a row prefilled now than with any cached prompt (a role's system prompt, when a burst of
+        conversations starts) waits one forward in ``deferred`` and then starts from that row's prompt, as it
+        would one at a time.
+        """
+        self.share.sync(row.owner for row in [*self.rows, *rows])
+        budget = math.inf if self.chunk_units is None else self.share.forward_units(self.chunk_units)
+        planned: dict[str, float] = {}  # units given to each caller in this plan
+        slicing = {row.owner for row in rows if row.partial is not None}  # one partly computed prompt per caller
         now: list[tuple[Row, Prefix]] = []
+        slices: list[tuple[Row, int]] = []
         self.deferred = []
-        for row in rows:
+        for row in self.share.order(rows, lambda r: r.owner):
             prefix = self._reusable(row)
             ids = np.asarray(row.prompt_ids)
             shared = max((common_prefix(ids, np.asarray(other.prompt_ids)) for other, _ in now), default=0)
             if self.prefixes is not None and min(shared, len(ids) - 1) >= prefix[0] + MIN_REUSED_PREFIX:
                 self.deferred.append(row)
-            else:
+                continue
+            start = prefix[0]
+            allowed = min(budget, self.share.allowance(row.owner) - planned.get(row.owner, 0.0))
+            units = cost(start, len(ids) - start, self.share.attention)
+            # A least-served caller's first prompt goes whole if it fits a forward at all: a short question is
+            # computed the forward after it arrives, however busy the model.
+            first = row.owner not in planned and self.share.least_served(row.owner)
+            if self.chunk_units is None or units <= allowed or (first and units <= self.chunk_units):
                 now.append((row, prefix))
-        return now
+            else:
+                self.deferred.append(row)
+                if units <= self.chunk_units or (row.partial is None and row.owner in slicing):
+                    continue  # fits a forward whole: waits for one, so its reply is what it would be alone
+                if allowed < MIN_CHUNK:
+                    continue
+                tokens = max(1, min(tokens_for(start, allowed, self.share.attention), len(ids) - 1 - start))
+                self._start_slices(row, prefix)
+                slicing.add(row.owner)
+                slices.append((row, tokens))
+                units = cost(start, tokens, self.share.attention)
+            budget -= units
+            planned[row.owner] = planned.get(row.owner, 0.0) + units
+        if not (now or slices or self.rows) and self.deferred:
+            self._unblock(now, slices)
+        return now, slices
+
+    def _unblock(self, now: list[tuple[Row, Prefix]], slices: list[tuple[Row, int]]) -> None:
+        """Nothing runs and every caller waits for another's allowance: the least-served one goes first."""
+        row = self.deferred[0]
+        prefix = self._reusable(row)
+        start = prefix[0]
+        units = cost(start, len(row.prompt_ids) - start, self.share.attention)
+        if self.chunk_units is None or units <= self.chunk_units:
+            self.deferred.pop(0)
+            now.append((row, prefix))
+        else:
+            self._start_slices(row, prefix)
+            tokens = tokens_for(start, self.share.forward_units(self.chunk_units), self.share.attention)
+            slices.append((row, max(1, min(tokens, len(row.prompt_ids) - 1 - start))))
+
+    def _start_slices(self, row: Row, prefix: Prefix) -> None:
+        """Room for a prompt computed in slices, starting from its cached prefix."""
+        if row.partial is not None:
+            return
+        reused, keys, values = prefix
+        row.partial = own_keys, own_values = self.slots.scratch(len(row.prompt_ids))
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            own_keys[layer][:, :reused] = k[:, :reused]
+            own_values[layer][:, :reused] = v[:, :reused]
+        row.done = reused
+        self.stats["reused_tokens"] += reused
 
     def _reusable(self, row: Row) -> Prefix:
-        """The longest cached prefix of the row's prompt worth reusing: its length and per-layer keys and values."""
+        """The longest computed prefix of the row's prompt worth reusing: its own slices so far, or the longest
+        cached prefix; its length and per-layer keys and values."""
+        if row.partial is not None:
+            return row.done, *row.partial
         if self.prefixes is None:
             return 0, [], []
         reused, keys, values = self.prefixes.longest(row.prompt_ids)
@@ -404,6 +513,14 @@ class SlotCache:
             [v[slot, :, columns].clone() for v in self.values],
         )
 
+    def scratch(self, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer keys and values ``[heads, length, dim]`` outside the slots, for a prompt computed in slices."""
+        shape = (self.heads, length, self.dim)
+        return (
+            [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)],
+            [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)],
+        )
+
     def remove(self, slot: int) -> None:
         """Free ``slot``; the last row moves into it, so rows stay ``[0, n)``."""
         last = self.n - 1
@@ -455,6 +572,8 @@ class SlotStep:
         self.decode_start = slots.start  # the running rows' columns; new rows may reach further left
         self.offset = slots.n  # where the next new row's tokens start in the flat sequence
         self.new: list[tuple[int, int, int, torch.Tensor]] = []  # slot, offset, tokens computed, tiled causal mask
+        # Slices of prompts outside the slots: keys, values, offset, tokens before, tokens computed, causal mask.
+        self.slices: list[tuple[list[torch.Tensor], list[torch.Tensor], int, int, int, torch.Tensor]] = []
         self.decode_mask: torch.Tensor | None = None
 
     def add_row(self, length: int, reused: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
@@ -474,6 +593,17 @@ class SlotStep:
         # query heads that share a key head, whose rows ``attend`` stacks head after head.
         causal = torch.arange(length, device=s.device)[None] <= torch.arange(reused, length, device=s.device)[:, None]
         self.new.append((slot, self.offset, computed, causal.repeat(s.group, 1)))
+        self.offset += computed
+
+    def add_slice(self, keys: list[torch.Tensor], values: list[torch.Tensor], done: int, computed: int) -> None:
+        """Compute prompt tokens ``[done, done + computed)`` of a row outside the slots into its own ``keys`` and
+        ``values`` (after every ``add_row``: its tokens come after theirs)."""
+        device = self.slots.device
+        causal = (
+            torch.arange(done + computed, device=device)[None]
+            <= torch.arange(done, done + computed, device=device)[:, None]
+        )
+        self.slices.append((keys, values, self.offset, done, computed, causal.repeat(self.slots.group, 1)))
         self.offset += computed
 
     def close(self) -> None:
@@ -510,6 +640,20 @@ class SlotStep:
                 q[None],
                 keys[slot : slot + 1, :, columns],
                 values[slot : slot + 1, :, columns],
+                attn_mask=causal,
+                scale=scaling,
+            )
+            out[tokens] = o[0].reshape(heads, computed, dim).transpose(0, 1)
+        for own_keys, own_values, offset, done, computed, causal in self.slices:
+            tokens, columns = slice(offset, offset + computed), slice(done, done + computed)
+            own_keys[layer][:, columns] = key[0, :, tokens]
+            own_values[layer][:, columns] = value[0, :, tokens]
+            q = query[0, :, tokens].reshape(kv_heads, group * computed, dim)
+            seen = slice(0, done + computed)
+            o = sdpa(
+                q[None],
+                own_keys[layer][None, :, seen],
+                own_values[layer][None, :, seen],
                 attn_mask=causal,
                 scale=scaling,
             )

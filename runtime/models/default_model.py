@@ -47,17 +47,19 @@ def default_model_dir() -> Path:
     target = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{gguf.stem.split('.')[-1]}"
     if (target / "config.json").exists():
         return target
-    _convert(gguf, target)
+    convert_gguf(gguf, target)
     return target
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def convert_gguf(gguf: Path, target: Path, dtype: str = "float32") -> None:
+    """Dequantise a GGUF chat model (any architecture transformers reads from GGUF) into a safetensors model folder
+    at ``target``, with its tokenizer; written beside ``target`` and renamed into place whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     # The weights are dequantised now; left in place, the GGUF markers make save/load look for a quantizer.
     setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute in transformers' stubs)
     setattr(model, "is_quantized", False)  # noqa: B010

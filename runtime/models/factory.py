@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend
@@ -33,6 +34,15 @@ def _make(config: BackendConfig) -> Backend:
             batch_wait_ms=config.batch_wait_ms,
             prefix_cache_mb=config.prefix_cache_mb,
         )
+    if config.kind == "teacher":
+        return _teacher()
+    if config.kind == "vllm":
+        from runtime.models.engines import served_model
+
+        if config.adapters:
+            raise ConfigError("--engine vllm serves whole model folders: merge the adapter into one, or run it locally")
+
+        return served_model(Path(config.model) if config.model is not None else None, "vllm")
     from runtime.models.openai_backend import OpenAIBackend
 
     if config.model is None:
@@ -44,3 +54,16 @@ def _make(config: BackendConfig) -> Backend:
         max_concurrency=config.max_concurrency,
         tokenizer=config.tokenizer,
     )
+
+
+def _teacher() -> Backend:
+    """The embedded teacher: its GGUF joined once, a llama.cpp server started for this process."""
+    from runtime.models.default_model import cache_root
+    from runtime.models.managed import ManagedServer
+    from runtime.models.served import ServedBackend
+    from runtime.models.teacher import GGUF_SHA256, SLOTS, TEACHER_NAME, server_command, teacher_gguf
+
+    command = server_command(teacher_gguf())
+    server = ManagedServer(command, cache_root() / "logs" / f"llama-server-{os.getpid()}.log").start()
+    identity = {"model_id": TEACHER_NAME, "gguf_sha256": GGUF_SHA256}
+    return ServedBackend("teacher", server, TEACHER_NAME, identity, capacity=SLOTS)

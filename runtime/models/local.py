@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from runtime.defaults import LOCAL_MAX_BATCH
-from runtime.errors import BackendError, ConfigError
+from runtime.errors import BackendError, ConfigError, ContextLengthError, Overloaded
+from runtime.models import scheduling
 from runtime.models.adapters import ADAPTER_CONFIG, adapter_digest
 from runtime.models.backend import (
     Backend,
@@ -31,6 +34,7 @@ from runtime.models.backend import (
     too_long,
 )
 from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
+from runtime.models.fair import FairShare, attention_tokens, cost, interleave
 from runtime.models.torch_thread import run_torch
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,11 @@ DEFAULT_BATCH_WAIT_MS = 5.0
 # Cached prefixes (system prompts, earlier turns) per adapter. 1 GiB holds ~23k tokens of the default model in
 # float32: the conversations of a few dozen concurrent episodes, and little next to the memory of a laptop.
 DEFAULT_PREFIX_CACHE_MB = 1024
+# Prompt work per forward, in ``fair`` units (~prompt tokens near the start of a sequence): ~0.5 s of the default
+# model on 2 CPU cores, so a request arriving mid-forward waits at most that long, and a timed-out request's
+# prompt stops within it; a longer prompt is computed in slices. Per forward, not per row: a burst of prompts is
+# spread over forwards that also decode the running rows.
+DEFAULT_CHUNK_TOKENS = 512
 
 
 T = TypeVar("T")
@@ -54,6 +63,7 @@ class _Request:
     future: asyncio.Future[Any]
     options: Sequence[str] = ()
     prompt_ids: list[int] = field(default_factory=list)  # generate: the prompt, tokenised at intake
+    owner: str = field(default_factory=scheduling.owner.get)  # who asked: read in the caller's context
     decoding: Decoding = field(default_factory=Decoding)
     on_text: Callable[[str], None] | None = None
     raw: bool = False  # a raw prompt (completions): its reply is given as decoded, not stripped
@@ -76,6 +86,7 @@ class LocalBackend(Backend):
         max_batch_size: int = LOCAL_MAX_BATCH,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,6 +95,8 @@ class LocalBackend(Backend):
 
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if chunk_tokens < 1:
+            raise ConfigError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if model is None:
             path, self.model_id = default_model_dir(), DEFAULT_MODEL_NAME
         else:
@@ -104,6 +117,7 @@ class LocalBackend(Backend):
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
+        self.chunk_tokens = chunk_tokens
 
         # transformers' annotations are looser than its behaviour (decode of ids is a str); typed as Any here.
         self.tokenizer: Any = AutoTokenizer.from_pretrained(path)
@@ -125,6 +139,7 @@ class LocalBackend(Backend):
         self._batches: dict[str | None, ContinuousBatch] = {}  # one running batch per adapter
         self._eos_ids = _eos_ids(model_obj.generation_config, self.tokenizer)
         self._context = int(model_obj.config.max_position_embeddings)
+        self.share = FairShare(attention_tokens(model_obj))  # the callers' shares of the model, all adapters'
         # For benchmarks: forward passes, decode steps, rows per step, prefill vs decode time.
         self.stats: dict[str, float] = new_stats()
 
@@ -198,6 +213,9 @@ class LocalBackend(Backend):
         if not ids:
             raise BackendError("the prompt has no tokens")
         self._check_fits(len(ids), settings.max_new_tokens)
+        due = scheduling.deadline.get()
+        if due is not None:
+            self._refuse_if_late(len(ids), settings.max_new_tokens, due)
         constraint = None
         if decoding.json_schema is not None:
             from runtime.models.grammar import JsonGrammar
@@ -238,7 +256,25 @@ class LocalBackend(Backend):
         """No model call for a prompt past the context: it would run for minutes (or allocate gigabytes) for nothing."""
         reason = too_long(prompt_tokens, reply_tokens, self._context, self.model_id)
         if reason is not None:
-            raise BackendError(f"{reason}; shorten the input, or ask for a shorter reply (--max-new-tokens)")
+            raise ContextLengthError(f"{reason}; shorten the input, or ask for a shorter reply (--max-new-tokens)")
+
+    def _refuse_if_late(self, prompt_tokens: int, reply_tokens: int, due: float) -> None:
+        """Refuse, before any work, a request that its fair share of the model cannot finish by ``due``."""
+        owner = scheduling.owner.get()
+        queued = self._queue.qsize() if self._queue is not None else 0
+        rows = [r for b in self._batches.values() for r in [*b.rows, *b.deferred]]
+        contenders = len({r.owner for r in rows} - {owner}) + (queued > 0)
+        # The caller's own prompts not yet computed come first: its prompts are computed one after another.
+        mine = [r for b in self._batches.values() for r in b.deferred if r.owner == owner]
+        ahead = sum(cost(r.done, len(r.prompt_ids) - r.done, self.share.attention) for r in mine)
+        needed = self.share.projected_s(prompt_tokens, reply_tokens, contenders, ahead)
+        left = due - time.monotonic()
+        if needed is not None and needed > left:
+            raise Overloaded(
+                f"the model is too busy to answer within {max(left, 0):.0f} s ({needed:.0f} s needed beside "
+                f"{contenders} other callers); retry later or ask for a shorter reply",
+                retry_after_s=max(1, math.ceil(needed - left)),
+            )
 
     @property
     def supports_option_scoring(self) -> bool:
@@ -316,11 +352,14 @@ class LocalBackend(Backend):
                         self.stats,
                         self.prefix_cache_tokens,
                         slots=self.max_batch_size,
+                        chunk_units=self.chunk_tokens,
+                        share=self.share,
                     )
                     self._batches[adapter] = batch
                 batch.cancel(lambda row: row.tag.future.cancelled())
                 room = self.max_batch_size - len(batch)
-                admit = [r for r in waiting if r.adapter == adapter][: max(room, 0)]
+                candidates = interleave([r for r in waiting if r.adapter == adapter], lambda r: r.owner)
+                admit = candidates[: max(room, 0)]
                 admitted = {id(r) for r in admit}
                 waiting = [r for r in waiting if id(r) not in admitted]
                 await self._advance(adapter, batch, admit)
@@ -330,6 +369,8 @@ class LocalBackend(Backend):
         for request in admit:
             try:
                 rows.append(self._row(request))
+            except BackendError as exc:
+                request.future.set_exception(exc)
             except Exception as exc:  # e.g. a chat template that refuses the messages: that caller's error only
                 request.future.set_exception(BackendError(f"local generation failed: {exc}"))
         try:
@@ -395,7 +436,15 @@ class LocalBackend(Backend):
             return work(*args)
 
     def _row(self, request: _Request) -> Row:
+        import torch
+
         s = request.settings
+        generator = None
+        if s.seed is not None and s.temperature > 0:
+            try:  # here, not in the batch's step: a seed torch refuses fails this request only
+                generator = torch.Generator(self.device).manual_seed(s.seed)
+            except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
+                raise BackendError(f"seed {s.seed!r} is not usable ({exc}); give an integer in [0, 2**63)") from exc
         return Row(
             prompt_ids=request.prompt_ids,
             max_new_tokens=s.max_new_tokens,
@@ -407,6 +456,8 @@ class LocalBackend(Backend):
             tag=request,
             logprobs=request.decoding.logprobs,
             constraint=request.constraint,
+            owner=request.owner,
+            generator=generator,
         )
 
     def _generation(self, row: Row) -> Generation:
@@ -551,6 +602,7 @@ class LocalBackend(Backend):
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.batch_wait_s * 1000,
             "prefix_cache_tokens": self.prefix_cache_tokens,
+            "chunk_tokens": self.chunk_tokens,
         }
 
 

@@ -115,6 +115,8 @@ class OpenAIBackend(Backend):
             optional["seed"] = settings.seed
         if settings.stop:
             optional["stop"] = list(settings.stop)
+        if settings.ignore_eos:  # benchmarks: vLLM and llama-server both take it beside the OpenAI fields
+            optional["extra_body"] = {"ignore_eos": True}
         response = await self._call(
             lambda client: client.chat.completions.create(
                 model=model,

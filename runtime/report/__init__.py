@@ -16,6 +16,7 @@ from runtime.report.stats import (
     pass_at_k,
     pass_at_ks,
     prior_shift,
+    verdict,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "prior_shift",
     "render_comparison",
     "render_experiment",
+    "verdict",
 ]

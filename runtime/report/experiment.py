@@ -113,10 +113,16 @@ def render_experiment(figures: dict[str, Any], config: dict[str, Any]) -> Report
             f"feedback turns: {g['feedback_turns']}; rewarded (next answer right): {g['rewarded_turns']}",
             f"feedback sentences that named the gold and were removed: {g['leaks_removed']} turns; feedback not in "
             f"the asked format: {g['unparsed_feedback']} turns",
+            f"feedback sentences that said something of a social group and were removed: "
+            f"{g.get('group_claims_removed', 0)} turns; guidelines replaced by the neutral fallback (too little "
+            f"left): {g.get('generic_guidelines', 0)} turns",
             f"mistakes in memory for this student and task: {figures['mistakes_stored']}; retrieved per examine "
             f"item: {figures['retrieved_per_item']}",
         ]
     )
+    if g.get("stored_guidelines"):
+        report.paragraph("Stored guidelines (the first wrong episodes' last feedback, as the memory holds it):")
+        report.bullets([f"“{text}”" for text in g["stored_guidelines"]])
     report.heading("Cost")
     phases = ("baseline", "gathering", "assisted")
     report.table(

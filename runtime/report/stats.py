@@ -136,6 +136,27 @@ def flag_prior_shift(
     return prior_shift(pred, gold) > threshold
 
 
+def verdict(d: PairedDiff, majority_gold: float | None, shifted: bool) -> str:
+    """One plain-language reading of a trained model against its base on the same items.
+
+    A gain whose CI excludes zero counts as learning only if the model now beats always answering the commonest
+    gold and its answers do not lean away from the gold distribution; otherwise it moved its answer prior.
+
+    >>> gain = PairedDiff(66, 0.258, 0.455, 0.197, 0.015, 0.379, 2, 15, 0.05)
+    >>> verdict(gain, 0.394, shifted=True), verdict(gain, 0.394, shifted=False), verdict(gain, 0.5, shifted=False)
+    ('shifted its answer prior', 'learned beyond the answer prior', 'shifted its answer prior')
+    >>> verdict(PairedDiff(66, 0.3, 0.32, 0.02, -0.05, 0.09, 4, 5, 1.0), 0.4, shifted=False)
+    'no change shown'
+    """
+    if d.ci_high < 0:
+        return "got worse"
+    if d.ci_low <= 0:
+        return "no change shown"
+    if shifted or (majority_gold is not None and d.acc_b <= majority_gold):
+        return "shifted its answer prior"
+    return "learned beyond the answer prior"
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased estimate of pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021, "Evaluating Large
     Language Models Trained on Code"): ``1 - C(n-c, k) / C(n, k)``, as a stable product.

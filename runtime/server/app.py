@@ -39,7 +39,8 @@ from agents.serving import answer_chat, chat_example, learn_from_correction, que
 from agents.team import Roles
 from memory.store import MistakeMemory, TenantMemory
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
-from runtime.errors import ConfigError, RedpenError
+from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError
+from runtime.models import scheduling
 from runtime.models.backend import (
     Backend,
     Decoding,
@@ -149,7 +150,14 @@ def build_app(
     limits = limits or ServeLimits()
     if guided is not None and guided.roles.student is not backend:
         raise ConfigError("a memory-guided app serves its student's backend: pass guided.roles.student")
-    app = FastAPI(title="redpen", summary=f"OpenAI-compatible server for {backend.model_id}")
+    # No /docs, /redoc or /openapi.json: they would show anyone without a key the served models and the API.
+    app = FastAPI(
+        title="redpen",
+        summary=f"OpenAI-compatible server for {backend.model_id}",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.keys = keys
     served = [backend.model_id, *adapters]
     created = int(time.time())
@@ -171,6 +179,16 @@ def build_app(
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if error.status_code == 413 else None
         return _error_response(error.status_code, str(error.detail), "invalid_request_error", code)
+
+    @app.exception_handler(ContextLengthError)
+    async def context_exceeded(_: Request, error: ContextLengthError) -> JSONResponse:
+        return _error_response(400, str(error), "invalid_request_error", "context_length_exceeded")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, error: Overloaded) -> JSONResponse:
+        response = _error_response(429, str(error), "rate_limit_error", "overloaded")
+        response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
 
     @app.exception_handler(RedpenError)
     async def backend_failed(_: Request, error: RedpenError) -> JSONResponse:
@@ -220,9 +238,8 @@ def build_app(
             "timeout",
         )
 
-    @contextlib.contextmanager
-    def slot(caller: Caller) -> Iterator[None]:
-        """Hold one of the caller's in-flight places for the block; 429 when its key has none left."""
+    def take(caller: Caller) -> None:
+        """One of the caller's in-flight places; 429 when its key has none left."""
         if in_flight.get(caller.key_id, 0) >= limits.in_flight_per_key:
             raise APIError(
                 429,
@@ -232,10 +249,33 @@ def build_app(
                 "rate_limit_exceeded",
             )
         in_flight[caller.key_id] = in_flight.get(caller.key_id, 0) + 1
-        try:
+
+    def release(caller: Caller) -> None:
+        in_flight[caller.key_id] -= 1
+
+    @contextlib.contextmanager
+    def on_behalf_of(caller: Caller) -> Iterator[None]:
+        """Model work started in the block is the key's (its fair share of a local model) and due within the
+        request timeout."""
+        with scheduling.on_behalf_of(caller.key_id, time.monotonic() + limits.request_timeout_s):
             yield
+
+    @contextlib.contextmanager
+    def slot(caller: Caller) -> Iterator[None]:
+        """Hold one of the caller's in-flight places for the block (429 when its key has none left), the block's
+        model work on the key's behalf."""
+        take(caller)
+        try:
+            with on_behalf_of(caller):
+                yield
         finally:
-            in_flight[caller.key_id] -= 1
+            release(caller)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        # No key: what orchestrators and redpen's managed servers poll. The port listens only once the model is
+        # loaded, so an answer means ready (vLLM's and llama.cpp's /health mean the same); it tells nothing else.
+        return {"status": "ok"}
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "redpen"}
@@ -353,15 +393,14 @@ def build_app(
     ) -> StreamingResponse:
         """Server-sent chunks of one reply, a chunk for each piece of text as the backend decodes it. A reply that
         may call tools is sent once whole: until it ends nobody knows whether it is text or a call."""
-        held = contextlib.ExitStack()
-        held.enter_context(slot(caller))  # taken now: a 429 must come before the 200 of a stream
+        take(caller)  # now: a 429 must come before the 200 of a stream; released once the stream is done
         head = {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
             return responses.event(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
         async def events() -> AsyncIterator[str]:
-            try:
+            with on_behalf_of(caller):  # entered and left in this generator's own context
                 pieces: asyncio.Queue[str] = asyncio.Queue()
                 sent = ""
 
@@ -408,10 +447,8 @@ def build_app(
                     usage = responses.usage(u.prompt_tokens, u.completion_tokens)
                     yield responses.event(head | {"choices": [], "usage": usage})
                 yield responses.DONE
-            finally:
-                held.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(held.close))
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release, caller))
 
     async def examine(
         http: Request,
@@ -450,6 +487,10 @@ def build_app(
     async def feedback(http: Request, request: FeedbackRequest, caller: Authorized) -> Any:
         if guided is None:
             raise APIError(404, "this server keeps no memory: feedback needs `redpen serve --memory`", code="not_found")
+        with slot(caller):  # a correction runs the study assistant: it counts against the key like a chat
+            return await record_feedback(http, request, caller, guided)
+
+    async def record_feedback(http: Request, request: FeedbackRequest, caller: Caller, guided: Guided) -> Any:
         gold = (request.gold or "").strip()
         if not (request.correct is True and not gold) and not (gold and request.correct is not True):
             raise APIError(400, "give either correct: true, or the right answer as gold (with an optional note)")
@@ -572,8 +613,7 @@ def build_app(
         settings: GenerationSettings,
         adapter: str | None,
     ) -> StreamingResponse:
-        held = contextlib.ExitStack()
-        held.enter_context(slot(caller))
+        take(caller)
         head = {"id": id, "object": "text_completion", "created": int(time.time()), "model": model}
 
         def chunk(text: str, finish: str | None = None) -> str:
@@ -581,7 +621,7 @@ def build_app(
             return responses.event(head | {"choices": [choice]})
 
         async def events() -> AsyncIterator[str]:
-            try:
+            with on_behalf_of(caller):  # entered and left in this generator's own context
                 pieces: asyncio.Queue[str] = asyncio.Queue()
                 sent = ""
                 work = asyncio.ensure_future(
@@ -607,10 +647,8 @@ def build_app(
                 rest = generation.text[len(sent) :] if generation.text.startswith(sent) else ""
                 yield chunk(rest, generation.finish_reason)
                 yield responses.DONE
-            finally:
-                held.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(held.close))
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release, caller))
 
     async def score_prompt(http: Request, request: CompletionRequest, caller: Caller, adapter: str | None) -> Any:
         """Prompt scoring over a backend that scores prompts but cannot continue raw text (an upstream server
@@ -697,6 +735,8 @@ def _settings(
         raise APIError(400, f"temperature must be between 0 and 2, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(400, f"seed must be an integer in [0, 2**63), got {seed}")
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > 4:
         raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}")

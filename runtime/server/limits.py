@@ -23,9 +23,9 @@ class ServeLimits:
     max_tokens: int = 1024
     # 256: a request that gives no max_tokens gets GenerationSettings' default reply length.
     default_max_tokens: int = 256
-    # 32: the local backend decodes 32 rows at once (LOCAL_MAX_BATCH); one key with more in flight would only queue
-    # behind itself and crowd out the other keys.
-    in_flight_per_key: int = 32
+    # 8: a quarter of the local backend's 32 rows (LOCAL_MAX_BATCH), so one key never fills the batch and four keys
+    # at their limit still fill it; redpen's own OpenAI backend lowers its concurrency when a 429 says so.
+    in_flight_per_key: int = 8
     # 120 s: what redpen's own OpenAI client waits (OpenAIBackend's timeout) before it gives up on a request.
     request_timeout_s: float = 120.0
     # 3 s: on SIGTERM, requests in flight get this long to finish before they are cancelled, so a process manager's

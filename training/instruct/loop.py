@@ -27,8 +27,10 @@ from typing import Any, Protocol
 
 from agents.evaluation import run_eval
 from agents.instructor import Strategy, instructor_messages, parse_samples
+from agents.student import student_messages
 from memory.embed import TextEmbedder
 from memory.record import MistakeRecord
+from runtime.data.graders import grade
 from runtime.data.rundir import RunDir, complete_pending, read_dataset
 from runtime.data.tasks import Example, parse_options
 from runtime.defaults import CODE_MAX_NEW_TOKENS
@@ -95,6 +97,7 @@ class InstructLoop:
         progress: Progress | None = None,
         on_train_log: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
         memory: MemorySource | None = None,
+        accelerate_config: Path | None = None,
     ) -> None:
         self.s, self.plan, self.run = settings, plan, run
         self.backends, self.instructor, self.embedder = backends, instructor, embedder
@@ -102,6 +105,7 @@ class InstructLoop:
         self.progress = progress
         self.on_train_log = on_train_log
         self.memory = memory
+        self.accelerate_config = accelerate_config
         self._records: dict[str, MistakeRecord] = {}
         self.stages = Stages(**_read_json(run.file("stages.json"), {}))
         self.eval_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
@@ -360,7 +364,8 @@ class InstructLoop:
         unique = [generated[i] for i in keep]
         scores = self._overlaps([g.input for g in unique])
         clean = [g for g, o in zip(unique, scores, strict=True) if o <= self.s.contamination]
-        rows = [supply.training_row(g, g.metadata["response"], strategy) for g in clean][:budget]
+        checked = await self.answer_check(condition, clean) if self.s.check_answers else clean
+        rows = [supply.training_row(g, g.metadata["response"], strategy) for g in checked][:budget]
         counts = {
             "cases": len(cases),
             "samples_per_case": n,
@@ -370,12 +375,34 @@ class InstructLoop:
             "exact_duplicates": exact,
             "near_duplicates": near,
             "contaminated": len(unique) - len(clean),
-            "kept": len(clean),
+            "answer_check_failed": len(clean) - len(checked),
+            "kept": len(checked),
             "rows": len(rows),
             "instructor_tokens": sum(r["tokens"] for r in records),
             "rouge_l": scores,
         }
         return rows, counts
+
+    async def answer_check(self, condition: str, samples: Sequence[Example]) -> list[Example]:
+        """The samples whose stated answer the instructor gives again when asked each one cold, as a student."""
+        assert self.instructor is not None
+        instructor = self.instructor
+        settings = GenerationSettings(max_new_tokens=self.s.instructor_tokens)
+
+        async def ask(sample: Example) -> dict[str, Any]:
+            reply = (await instructor.generate(student_messages(sample), settings)).text
+            return {"id": sample.id, "reply": reply, "correct": grade(sample, reply).verdict == "correct"}
+
+        records = await complete_pending(
+            self.run,
+            f"{condition}/answer_check.jsonl",
+            samples,
+            ask,
+            concurrency=self.s.concurrency,
+            on_record=self._tick(f"{condition} answer check", len(samples)),
+        )
+        agreed = {r["id"] for r in records if r["correct"]}
+        return [s for s in samples if s.id in agreed]
 
     def train(self, condition: str, rows_path: Path, model_before: Path | None, iteration: int) -> Path | None:
         """Fine-tune a new adapter on ``model_before`` and merge it into a model folder named by its content."""
@@ -392,7 +419,8 @@ class InstructLoop:
         config.max_steps = max(1, math.ceil(rows * self.s.epochs / config.per_device_train_batch_size))
         adapter = self.run.file(f"{condition}/adapter")
         if not (adapter / "adapter_model.safetensors").exists():
-            train_lora(rows_path, config, on_log=self.on_train_log(condition) if self.on_train_log else None)
+            on_log = self.on_train_log(condition) if self.on_train_log else None
+            train_lora(rows_path, config, on_log=on_log, accelerate_config=self.accelerate_config)
         digest = adapter_digest(adapter)[:12]
         merged = merge_adapter(
             model_before or self.base_model, adapter, self.run.file(f"{condition}/{condition}-{digest}")

@@ -14,8 +14,10 @@ from runtime.report import (
     answer_distribution,
     flag_prior_shift,
     pair_by_id,
+    paired_difference,
     paired_table,
     prior_shift,
+    verdict,
 )
 from training.instruct.ledger import change, ledger_rows
 
@@ -69,9 +71,40 @@ def figures(
             rows[c] = entry
         per[b] = {"gold": gold, "conditions": rows}
     out["by_benchmark"] = per
+    out["story"] = _story(results, per, order, benchmarks)
     out["supplies"] = supplies
     out["stages"] = stages
     return out
+
+
+def _story(
+    results: Results, per: dict[str, dict[str, Any]], order: Sequence[str], benchmarks: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per benchmark, the last iteration against the base: the change with its CI and p, the controls, a verdict."""
+    last = [c for c in order if c.startswith("iter")][-1:]
+    story = []
+    for b in benchmarks:
+        for c in last:
+            a, z = pair_by_id(_verdicts(results["base"][b]), _verdicts(results[c][b]))
+            d = paired_difference(a, z)
+            entry = per[b]["conditions"][c]
+            majority = per[b]["conditions"]["base"]["majority_gold"]
+            story.append(
+                {
+                    "benchmark": b,
+                    "condition": c,
+                    "n": d.n,
+                    "before": d.acc_a,
+                    "after": d.acc_b,
+                    "change": d.diff,
+                    "ci": [d.ci_low, d.ci_high],
+                    "p_mcnemar": d.p_mcnemar,
+                    "majority_gold": majority,
+                    "prior_shift_flag": entry["prior_shift_flag"],
+                    "verdict": verdict(d, majority, entry["prior_shift_flag"]),
+                }
+            )
+    return story
 
 
 def ledger(results: Results) -> list[dict[str, Any]]:
@@ -230,6 +263,9 @@ def _dist(d: dict[str, int]) -> str:
 
 
 def _plot_accuracy(ax: Any, figs: dict[str, Any]) -> None:
+    """Accuracy per iteration with 95% Wilson intervals; each benchmark's chance and majority-gold lines labelled."""
+    from matplotlib.ticker import MaxNLocator
+
     chains: dict[str, list[str]] = {}
     for c in figs["conditions"][1:]:
         chains.setdefault(c.rstrip("0123456789"), []).append(c)
@@ -237,26 +273,63 @@ def _plot_accuracy(ax: Any, figs: dict[str, Any]) -> None:
         conds = figs["by_benchmark"][b]["conditions"]
         for chain, members in chains.items():
             xs = [0, *range(1, len(members) + 1)]
-            ys = [conds["base"]["accuracy"], *(conds[m]["accuracy"] for m in members)]
-            ax.plot(xs, ys, marker="o", label=f"{b} {chain}", linestyle="-" if chain == "iter" else ":")
-        if conds["base"]["majority_gold"] is not None:
-            ax.axhline(conds["base"]["majority_gold"], linestyle="--", linewidth=0.8, color="grey")
+            points = [conds["base"], *(conds[m] for m in members)]
+            ys = [p["accuracy"] for p in points]
+            low, high = zip(*(wilson(p["correct"], p["n"]) for p in points), strict=True)
+            errors = [[y - lo for y, lo in zip(ys, low, strict=True)], [hi - y for y, hi in zip(ys, high, strict=True)]]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=f"{b} {chain}",
+                linestyle="-" if chain == "iter" else ":",
+            )
+        base = conds["base"]
+        if base["majority_gold"] is not None:
+            ax.axhline(base["majority_gold"], linestyle="--", linewidth=0.8, color="grey")
+            ax.annotate(f"{b} majority gold", (0, base["majority_gold"]), fontsize=6, color="grey", va="bottom")
+        if base.get("chance") is not None:
+            ax.axhline(base["chance"], linestyle=":", linewidth=0.8, color="silver")
+            ax.annotate(f"{b} chance", (0, base["chance"]), fontsize=6, color="silver", va="bottom")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration (0 = base)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (bars: 95% Wilson interval)")
     ax.legend(fontsize=6)
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n``.
+
+    >>> [round(x, 3) for x in wilson(30, 66)]
+    [0.34, 0.574]
+    """
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def _plot_lf(ax: Any, figs: dict[str, Any]) -> None:
     labels, learned, forgotten = [], [], []
+    learned_n: list[int] = []
+    forgotten_n: list[int] = []
     for b in figs["benchmarks"]:
         for c in figs["conditions"][1:]:
             v = figs["by_benchmark"][b]["conditions"][c]["vs_previous"]
             labels.append(f"{b[:14]}\n{c}")
             learned.append(v["learned_rate"])
             forgotten.append(-v["forgotten_rate"])
+            learned_n.append(v["learned"])
+            forgotten_n.append(v["forgotten"])
     xs = range(len(labels))
-    ax.bar(xs, learned, color="tab:green", label="learned")
-    ax.bar(xs, forgotten, color="tab:red", label="forgotten")
+    up = ax.bar(xs, learned, color="tab:green", label="learned")
+    down = ax.bar(xs, forgotten, color="tab:red", label="forgotten")
+    ax.bar_label(up, labels=[str(n) for n in learned_n], fontsize=6)
+    ax.bar_label(down, labels=[str(n) for n in forgotten_n], fontsize=6)
     ax.set_xticks(list(xs), labels, fontsize=5, rotation=90)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=7)

@@ -16,6 +16,7 @@ from runtime.models.backend import Backend
 from runtime.models.cache import CachedBackend
 from runtime.models.config import BackendConfig
 from runtime.models.default_model import DEFAULT_MODEL_NAME, cache_root, default_model_dir
+from runtime.models.engines import served_model
 from runtime.models.factory import make_backend
 from runtime.models.local import LocalBackend
 from training.instruct.benchmarks import check_disjoint, default_ood, is_jsonl, load_benchmark, load_target
@@ -64,16 +65,19 @@ def plan(settings: InstructSettings, data_dir: Path) -> Plan:
 
 
 class ModelPool:
-    """Local backends by model folder (None: the base), each behind the response cache unless it is off."""
+    """Backends by model folder (None: the base), each behind the response cache unless it is off: local ones
+    (transformers in this process), or with ``engine="vllm"`` each folder on a vLLM server of its own, started on
+    first use and stopped on ``release``."""
 
-    def __init__(self, base_model: Path | None, cache: Path | None) -> None:
-        self.base_model, self.cache = base_model, cache
+    def __init__(self, base_model: Path | None, cache: Path | None, engine: str = "local") -> None:
+        self.base_model, self.cache, self.engine = base_model, cache, engine
         self.loaded: dict[Path | None, Backend] = {}
 
     def __call__(self, model: Path | None) -> Backend:
         if model not in self.loaded:
-            local: Backend = LocalBackend(model if model is not None else self.base_model)
-            self.loaded[model] = local if self.cache is None else CachedBackend(local, self.cache)
+            folder = model if model is not None else self.base_model
+            backend = LocalBackend(folder) if self.engine == "local" else served_model(folder, self.engine)
+            self.loaded[model] = backend if self.cache is None else CachedBackend(backend, self.cache)
         return self.loaded[model]
 
     async def release(self, model: Path | None) -> None:
@@ -96,8 +100,11 @@ def run_instruct(
     no_cache: bool = False,
     progress: Progress | None = None,
     on_train_log: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
+    accelerate_config: Path | None = None,
+    engine: str = "local",
 ) -> InstructResult:
-    """Run (or resume) the instructor loop in ``out``; the student is ``base_model`` or the embedded default."""
+    """Run (or resume) the instructor loop in ``out``; the student is ``base_model`` or the embedded default,
+    run by ``engine`` (``runtime.models.engines``); ``accelerate_config`` launches each training under accelerate."""
     the_plan = plan(settings, data_dir)
     run = RunDir(
         out,
@@ -109,7 +116,7 @@ def run_instruct(
         },
     )
     cache = cache_root() / "responses.sqlite"
-    pool = ModelPool(base_model, None if no_cache else cache)
+    pool = ModelPool(base_model, None if no_cache else cache, engine)
 
     needs_instructor = any(s in ("le", "lec") for s in settings.strategies) or "augment" in settings.baselines
     instructor_backend = None
@@ -132,6 +139,7 @@ def run_instruct(
         progress=progress,
         on_train_log=on_train_log,
         memory=memory,
+        accelerate_config=accelerate_config,
     )
 
     async def go() -> dict[str, Any]:

@@ -71,6 +71,13 @@ class InstructSettings:
     concurrency: int = field(default=32, metadata={"help": "Items in flight at once."})
     max_new_tokens: int = field(default=128, metadata={"help": "Student reply length at evaluation."})
     instructor_tokens: int = field(default=512, metadata={"help": "Instructor reply length."})
+    check_answers: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a written sample only if the instructor, asked it cold in a fresh call, gives its stated "
+            "answer (a sample whose answer nothing in it determines rarely survives)."
+        },
+    )
     memory: str | None = field(default=None, metadata={"help": "strategy memory: the mistake memory folder."})
 
     def __post_init__(self) -> None:
