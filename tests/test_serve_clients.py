@@ -18,7 +18,7 @@ import pytest
 from pydantic import BaseModel
 
 from runtime.models.local import LocalBackend
-from runtime.server import KeyRing, build_app
+from runtime.server import KeyRing, ServeLimits, build_app
 from tests.helpers import build_tiny_model, running
 
 MODEL = "tiny"
@@ -50,7 +50,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     backend = LocalBackend(build_tiny_model(folder / MODEL), max_batch_size=8)
     keys = KeyRing(folder / "keys.json")
     key = keys.add("acme")
-    with running(build_app(backend, keys=keys)) as base_url:
+    # A long timeout: the server refuses (429) work it expects to miss it by, and a loaded CI machine is slow.
+    with running(build_app(backend, keys=keys, limits=ServeLimits(request_timeout_s=900))) as base_url:
         yield base_url, key
 
 
