@@ -17,6 +17,8 @@ from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermi
 from autogen_agentchat.messages import BaseChatMessage, TextMessage
 from autogen_core import CancellationToken
 
+from agents.feedback import ANSWER_STATEMENT, leak_patterns, scrub
+from agents.prompts import gathering_messages, load_prompt
 from agents.roles import (
     CORRECT,
     EXAMINER,
@@ -28,6 +30,7 @@ from agents.roles import (
     Grade,
     StudentAgent,
     contents,
+    llm_messages,
     run_team,
 )
 from agents.team import Roles, usage_of
@@ -37,6 +40,7 @@ from runtime.data.records import Action, Episode, State, Turn
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
 from runtime.defaults import ROUNDS
+from runtime.models.backend import Message
 from runtime.models.torch_thread import run_torch
 
 EPISODES = "episodes.jsonl"
@@ -151,6 +155,9 @@ async def mistake_from_feedback(
         [TextMessage(content=answer, source=STUDENT)], cancellation_token or CancellationToken()
     )
     [advice] = contents([response.chat_message], Advice)
+    reason = advice.feedback.reason
+    if not reason:  # a record's guidance shows why the answer was wrong: ask for that, as gathering's JSON does
+        reason = await _reason(example, answer, advice.feedback.guideline, roles, note, cancellation_token)
     return MistakeRecord.make(
         model_id=model_id,
         source=example.source,
@@ -158,12 +165,36 @@ async def mistake_from_feedback(
         query=example.input,
         wrong_answer=answer,
         gold=example.target,
-        reason=advice.feedback.reason,
+        reason=reason,
         guideline=advice.feedback.guideline,
         outcome="uncorrected",
         rounds=1,
         tenant=tenant,
     )
+
+
+async def _reason(
+    example: Example,
+    answer: str,
+    guideline: str,
+    roles: Roles,
+    note: str,
+    cancellation_token: CancellationToken | None,
+) -> str:
+    """Why a corrected answer was wrong, when the assistant's feedback gave only a guideline: asked once more,
+    kept out of leaks as its feedback is; else the client's own note; else that the client corrected it."""
+    chat = gathering_messages(example.input, answer, example.target, note=note)
+    chat += [
+        Message(role="assistant", content=guideline),
+        Message(role="user", content=load_prompt("assistant_reason")),
+    ]
+    result = await roles.assistant_client().create(llm_messages(chat), cancellation_token=cancellation_token)
+    patterns = [*leak_patterns(example), ANSWER_STATEMENT]
+    for candidate in (str(result.content), note):
+        reason = scrub(candidate, patterns)[0].strip()
+        if reason:
+            return reason
+    return "The client said this answer was wrong."
 
 
 class MemoryWriter:

@@ -140,7 +140,7 @@ class StudentAgent(RoleAgent):
         if advice is not None:
             self.guidance = advice.to_text()
         result = await self.client.create(
-            _llm(student_messages(self.example, self.guidance)), cancellation_token=cancellation_token
+            llm_messages(student_messages(self.example, self.guidance)), cancellation_token=cancellation_token
         )
         self.finish_reason = "length" if result.finish_reason == "length" else "stop"
         return Response(chat_message=TextMessage(content=_text(result), source=self.name, models_usage=result.usage))
@@ -188,7 +188,7 @@ class GatheringAssistant(RoleAgent):
             [f.guideline for f in self.given],
             self.note,
         )
-        result = await self.client.create(_llm(chat), cancellation_token=cancellation_token)
+        result = await self.client.create(llm_messages(chat), cancellation_token=cancellation_token)
         feedback = without_leaks(parse_feedback(_text(result)), self.example)
         self.given.append(feedback)
         return Response(chat_message=_advice(feedback.as_guidance(), feedback, self.name, result))
@@ -210,7 +210,7 @@ class ExaminingAssistant(RoleAgent):
             return Response(chat_message=TextMessage(content="", source=self.name))
         mistakes = format_mistakes(self.hits)
         chat = examining_messages(mistakes, self.example.input)
-        result = await self.client.create(_llm(chat), cancellation_token=cancellation_token)
+        result = await self.client.create(llm_messages(chat), cancellation_token=cancellation_token)
         feedback = parse_feedback(_text(result))
         # No gold here, but a stated answer letter would be copied: "assisted" would measure the assistant answering.
         guideline = scrub(feedback.guideline, [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
@@ -218,7 +218,7 @@ class ExaminingAssistant(RoleAgent):
         return Response(chat_message=_advice(exam_guidance(mistakes, guideline), feedback, self.name, result))
 
 
-def _llm(chat: Sequence[Message]) -> list[LLMMessage]:
+def llm_messages(chat: Sequence[Message]) -> list[LLMMessage]:
     """A chat as AutoGen's model messages: a role's system + user prompt, or a served client's whole chat."""
     return [
         SystemMessage(content=m["content"])

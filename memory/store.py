@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -323,11 +324,17 @@ def _point_id(id: str) -> str:
         raise ValueError(f"{id!r} is not a mistake id (a UUID from record_id)") from None
 
 
+# ``tenant=SHARED`` keeps the records of no tenant (made by ``redpen gather``): no tenant is named "" (TenantMemory).
+SHARED = ""
+
+
 def _filters(
     model_id: str | None, source: str | None, task: str | None, skip_absorbed: bool = False, tenant: str | None = None
 ) -> Filters:
     given = (("model_id", model_id), ("source", source), ("task", task), ("tenant", tenant))
     filters: Filters = {k: v for k, v in given if v is not None}
+    if tenant == SHARED:
+        filters["tenant"] = None  # the field must be empty
     if skip_absorbed:
         filters["absorbed_into"] = None
     return filters
@@ -518,7 +525,7 @@ class MistakeMemory:
         """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search).
 
         ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set);
-        ``tenant`` keeps only that tenant's records (see :class:`TenantMemory`).
+        ``tenant`` keeps only that tenant's records (see :class:`TenantMemory`), ``SHARED`` only those of none.
         """
         if not query_texts:
             return []
@@ -702,23 +709,31 @@ class TenantMemory:
     Every search, count and read carries the tenant's filter, and a record stamped with another tenant (or with
     none) is refused on write, so the isolation holds in the memory layer whatever the caller asks for.
 
+    With ``shared`` (the default), searches also read the records of no tenant: the knowledge ``redpen gather`` put
+    in the memory before serving, read-only for every tenant and found by similarity whatever its task.
+
     >>> from memory.embed import HashingEmbedder
     >>> from memory.record import make_record
     >>> mem = MistakeMemory(location=":memory:", embedder=HashingEmbedder())
     >>> acme, zeta = TenantMemory(mem, "acme"), TenantMemory(mem, "zeta")
-    >>> fields = dict(model_id="m", source="chat", task="serve", query="What is 7 * 8?", wrong_answer="54",
+    >>> fields = dict(model_id="m", source="chat", query="What is 7 * 8?", wrong_answer="54",
     ...     gold="56", reason="", guideline="Check the table.", outcome="uncorrected", rounds=1)
-    >>> acme.upsert([make_record(**fields, tenant="acme")])
+    >>> acme.upsert([make_record(**fields, task="serve", tenant="acme")])
     1
     >>> len(acme.search("what is 7 * 8 ?", model_id="m")), len(zeta.search("what is 7 * 8 ?", model_id="m"))
     (1, 0)
+    >>> mem.upsert([make_record(**{**fields, "query": "What is 6 * 7?"}, task="gsm8k")])  # gathered: no tenant
+    1
+    >>> [len(TenantMemory(mem, "zeta", shared=s).search("what is 6 * 7 ?", model_id="m", task="serve"))
+    ...  for s in (True, False)]
+    [1, 0]
     >>> mem.close()
     """
 
-    def __init__(self, memory: MistakeMemory, tenant: str) -> None:
+    def __init__(self, memory: MistakeMemory, tenant: str, *, shared: bool = True) -> None:
         if not tenant:
             raise ConfigError("a tenant needs a non-empty name")
-        self.memory, self.tenant = memory, tenant
+        self.memory, self.tenant, self.shared = memory, tenant, shared
 
     def search(
         self,
@@ -729,7 +744,7 @@ class TenantMemory:
         model_id: str | None = None,
         task: str | None = None,
     ) -> list[Hit]:
-        """This tenant's k mistakes most similar to ``query_text``."""
+        """This tenant's k mistakes most similar to ``query_text`` (of ``task``), and the shared ones (of any)."""
         return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, task=task)[0]
 
     def search_many(
@@ -741,9 +756,18 @@ class TenantMemory:
         model_id: str | None = None,
         task: str | None = None,
     ) -> list[list[Hit]]:
-        return self.memory.search_many(
-            query_texts, k=k, threshold=threshold, model_id=model_id, task=task, tenant=self.tenant
-        )
+        if not query_texts:
+            return []
+        vectors = self.memory.embedder.embed(list(query_texts))
+        search = functools.partial(self.memory.search_vectors, vectors, k=k, threshold=threshold, model_id=model_id)
+        own = search(task=task, tenant=self.tenant)
+        if not self.shared:
+            return own
+        shared = search(tenant=SHARED)
+        return [
+            sorted(mine + common, key=lambda h: (-round(h.score, 5), h.record.id))[:k]
+            for mine, common in zip(own, shared, strict=True)
+        ]
 
     def upsert(self, records: Iterable[MistakeRecord]) -> int:
         """Store records of this tenant; one stamped with another tenant (a bug) is refused before any is written."""

@@ -6,10 +6,8 @@ Every server runs on a free loopback port in a background thread, started by the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -26,6 +23,7 @@ from runtime.models.backend import Backend, Generation, GenerationSettings, Mess
 from runtime.models.openai_backend import OpenAIBackend
 from runtime.server import build_app
 from runtime.server.limits import ServeLimits
+from tests.helpers import running
 
 DEFAULT_SETTINGS = GenerationSettings()  # frozen, so one shared default is safe
 
@@ -70,27 +68,6 @@ class ScoringBackend(ScriptedBackend):
 
     async def prompt_logprobs(self, prompt: str, adapter: str | None = None) -> list[tuple[str, float | None, int]]:
         return [(ch, None if i == 0 else -0.1 if ch == "B" else -2.0, i) for i, ch in enumerate(prompt)]
-
-
-@contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port in a thread; yield its ``/v1`` base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture
@@ -351,7 +328,7 @@ async def test_server_speaks_openai_errors(url: str) -> None:
             "/chat/completions", json={"model": "tiny-student", "messages": QUESTION, "stream": True}
         )
         malformed = await http.post("/chat/completions", json={"model": "tiny-student"})
-        # The scripted backend has no prompt_logprobs, so it cannot score.
+        # The scripted backend neither scores prompts nor continues raw text.
         scoring = await http.post(
             "/completions", json={"model": "tiny-student", "prompt": "x", "echo": True, "logprobs": 1}
         )
@@ -370,7 +347,7 @@ async def test_server_speaks_openai_errors(url: str) -> None:
     assert malformed.status_code == 400
     assert "messages" in malformed.json()["error"]["message"]
     assert scoring.status_code == 400
-    assert "cannot score prompts" in scoring.json()["error"]["message"]
+    assert "prompt (the scripted backend cannot)" in scoring.json()["error"]["message"]
     assert generating.status_code == 400
 
 

@@ -25,9 +25,11 @@ import uvicorn
 from agents.serving import TASK
 from agents.team import Roles
 from memory.embed import HashingEmbedder
+from memory.record import MistakeRecord
 from memory.store import MistakeMemory, TenantMemory
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
+from runtime.server.ledger import Completion
 from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent
 
 QUESTION = (
@@ -241,7 +243,7 @@ async def test_every_route_needs_a_key(http: httpx.AsyncClient, url: str) -> Non
     ("body", "status", "says"),
     [
         (chat() | {"messages": []}, 400, "messages is empty"),
-        (chat() | {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role 'wizard'"),
+        (chat() | {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         (chat() | {"messages": [{"role": "user", "content": " "}]}, 400, "nothing to answer"),
         (chat() | {"messages": [{"role": "system", "content": "Be brief."}]}, 400, "nothing to answer"),
         (chat(max_tokens=0), 400, "max_tokens must be >= 1"),
@@ -250,7 +252,7 @@ async def test_every_route_needs_a_key(http: httpx.AsyncClient, url: str) -> Non
         (chat(temperature=2.5), 400, "temperature must be between 0 and 2"),
         (chat(top_p=0), 400, "top_p must be in (0, 1]"),
         (chat(top_p=1.5), 400, "top_p must be in (0, 1]"),
-        (chat(n=2), 400, "one choice"),
+        (chat(n=2), 400, "plain chats: n unsupported"),
         (chat() | {"model": "nope"}, 404, "The model 'nope' does not exist"),
         ({"model": "fake-student"}, 400, "messages"),
         (chat() | {"messages": "hi"}, 400, "messages"),
@@ -425,3 +427,68 @@ async def test_memory_guided_proxy_in_front_of_an_upstream_server(
     assert first["choices"][0]["message"]["content"] == STUDENT_WRONG
     assert len(second["redpen"]["retrieved"]) == 1
     assert second["choices"][0]["message"]["content"] == STUDENT_RIGHT  # guided through the upstream server
+
+
+def gathered_record(question: str = QUESTION) -> Any:
+    """A mistake as `redpen gather` stores it: no tenant, the benchmark's task."""
+    return MistakeRecord.make(
+        model_id="fake-student",
+        source="bbq",
+        task="bbq",
+        query=question,
+        wrong_answer=STUDENT_WRONG,
+        gold="(B)",
+        reason="The grandson was assumed to be forgetful.",
+        guideline="Answer from what the context states.",
+        outcome="corrected",
+        rounds=1,
+    )
+
+
+@pytest.mark.parametrize("shared", [True, False])
+async def test_gathered_mistakes_guide_every_tenant_unless_sharing_is_off(
+    memory: MistakeMemory, ring: KeyRing, keys: dict[str, str], tmp_path: Path, shared: bool
+) -> None:
+    memory.upsert([gathered_record()])
+    roles = Roles(FakeStudent(), FakeAssistant())
+    app = build_app(
+        roles.student, keys=ring, guided=Guided(roles, memory, Ledger(tmp_path / "l.sqlite"), shared=shared)
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/v1") as http:
+        replies = [
+            (await http.post("/chat/completions", json=chat(), headers=auth(keys[tenant]))).json()
+            for tenant in ("acme", "zeta")
+        ]
+    [record] = memory.list()
+    assert [[r["id"] for r in reply["redpen"]["retrieved"]] for reply in replies] == [[record.id] * shared] * 2
+    assert TenantMemory(memory, "acme").count() == 0  # read, never written as a tenant's own
+
+
+async def test_a_feedback_record_carries_the_reason_the_assistant_wrote(
+    memory: MistakeMemory, ring: KeyRing, keys: dict[str, str], tmp_path: Path
+) -> None:
+    # The assistant's feedback gives a guideline only; asked why, it says why.
+    assistant = FakeAssistant(
+        {
+            "Who forgot": '{"guideline": "Answer from what the context states."}',
+            "why the student's answer is wrong": "It assumed the young man forgets.",
+        }
+    )
+    roles = Roles(FakeStudent(), assistant)
+    app = build_app(roles.student, keys=ring, guided=Guided(roles, memory, Ledger(tmp_path / "l.sqlite")))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/v1") as http:
+        asked = (await http.post("/chat/completions", json=chat(), headers=auth(keys["acme"]))).json()
+        ack = await http.post(
+            "/feedback", json={"completion_id": asked["id"], "gold": "(B)"}, headers=auth(keys["acme"])
+        )
+    assert ack.json()["recorded"]
+    [record] = memory.list()
+    assert record.reason == "It assumed the young man forgets."
+
+
+def test_the_ledger_is_readable_by_the_server_user_only(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_completion(Completion("chatcmpl-1", "acme", "m", "Who?", "(B)"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    ledger.close()
+    assert modes and set(modes.values()) == {0o600}, modes

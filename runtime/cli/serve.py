@@ -70,6 +70,13 @@ def serve(
     threshold: Annotated[
         float, typer.Option(help="--memory: least cosine similarity of a retrieved mistake", min=0.0, max=1.0)
     ] = RETRIEVAL_THRESHOLD,
+    shared_memory: Annotated[
+        bool,
+        typer.Option(
+            help="--memory: every tenant's retrieval also reads the memory's records of no tenant (what `redpen "
+            "gather` made), read-only, whatever their task"
+        ),
+    ] = True,
     state: State = None,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 256 * 2**10,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 1024,
@@ -138,7 +145,7 @@ def serve(
         store.close()
         ledger.close()
         raise
-    guided = Guided(roles, store, ledger, k=k, threshold=threshold)
+    guided = Guided(roles, store, ledger, k=k, threshold=threshold, shared=shared_memory)
     console.print(
         f"serving {roles.student_id} (assistant {roles.assistant_id}) with the mistake memory at {store.where} "
         f"on http://{host}:{port}/v1 ({len(keys)} keys)"

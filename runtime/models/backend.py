@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
@@ -54,12 +54,34 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-prob under the model (None for a prompt's first) and the most likely alternatives."""
+
+    token: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What a served request may ask of a reply besides sampling (``Backend.complete``)."""
+
+    logprobs: int | None = None  # None: no log-probs; k: each token's and its k most likely alternatives'
+    json_schema: dict[str, Any] | None = None  # the reply is JSON that this schema accepts (constrained decoding)
+
+
+@dataclass(frozen=True)
 class Generation:
     """One reply: its text, what it cost, and why it ended."""
 
     text: str
     usage: Usage = field(default_factory=Usage)
     finish_reason: str = "stop"  # "stop" | "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when asked (Decoding.logprobs)
+
+
+# A raw prompt as token ids, or chat messages that the backend renders with the model's chat template.
+Prompt = Sequence[Message] | Sequence[int]
 
 
 class Backend(ABC):
@@ -87,6 +109,30 @@ class Backend(ABC):
         adapter: str | None = None,
     ) -> list[Generation]:
         return list(await asyncio.gather(*(self.generate(m, settings, adapter) for m in conversations)))
+
+    # What ``complete`` honours besides plain chat: "logprobs", "json_schema", "token_prompt" (a raw prompt, and
+    # ``prompt_token_logprobs``), "stream" (text piece by piece). The server refuses, by name, what its backend lacks.
+    features: frozenset[str] = frozenset()
+
+    async def complete(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+        decoding: Decoding = Decoding(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """A reply with what ``decoding`` asks; ``on_text`` is given the reply's text so far as it grows.
+
+        The base class generates from chat messages and gives the whole text once: a backend that streams,
+        constrains or keeps log-probs overrides it and lists what it can in ``features``.
+        """
+        if decoding != Decoding() or not prompt or isinstance(prompt[0], int):
+            raise BackendError(f"the {self.kind} backend generates plain chat replies only")
+        generation = await self.generate(prompt, settings, adapter)  # type: ignore[arg-type]
+        if on_text is not None:
+            on_text(generation.text)
+        return generation
 
     @property
     def supports_option_scoring(self) -> bool:

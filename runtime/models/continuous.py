@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,18 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from runtime.errors import ConfigError
 from runtime.models.fair import MIN_CHUNK, FairShare, attention_tokens, cost, tokens_for
+
+
+class TokenConstraint(Protocol):
+    """What a row's tokens must follow (a grammar): the tokens allowed next, then the one chosen."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits of the tokens not allowed next to -inf, in place (``logits`` is one row's)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past the chosen token."""
+        ...
 
 
 @dataclass(eq=False)
@@ -44,8 +56,12 @@ class Row:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     tag: Any = None
+    logprobs: int | None = None  # None: none kept; k: each token's log-prob and the k most likely tokens'
+    constraint: TokenConstraint | None = None
     owner: str = ""  # the caller it is computed for (an API key's hash), for fair shares of the model
     tokens: list[int] = field(default_factory=list)
+    # Per token when ``logprobs`` is set: its log-prob under the model, and the top k as (token, log-prob).
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     finish: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
     # A prompt computed a slice at a time (see ``ContinuousBatch._plan``): its first ``done`` tokens' keys and
@@ -390,18 +406,31 @@ class ContinuousBatch:
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         logits = logits.float()
+        # Log-probs are the model's own, before a grammar or ignore_eos narrows the choice (as OpenAI and vLLM).
+        scored = [i for i, row in enumerate(rows) if row.logprobs is not None]
+        logprobs = torch.log_softmax(logits[scored], dim=-1) if scored else None
         for i, row in enumerate(rows):
             if row.ignore_eos and self.eos_ids:
                 logits[i, self.eos_ids] = float("-inf")
+            if row.constraint is not None:
+                row.constraint.mask(logits[i])
         chosen = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
             if row.temperature > 0:
                 chosen[i] = _sample(logits[i], row.temperature, row.top_p, row.generator)
+        if logprobs is not None:
+            for j, i in enumerate(scored):
+                k = rows[i].logprobs or 0
+                top = logprobs[j].topk(k) if k else None
+                alternatives = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+                rows[i].token_logprobs.append((float(logprobs[j, chosen[i]]), alternatives))
         return chosen
 
     def _append(self, rows: Sequence[Row], tokens: list[int]) -> None:
         for row, token in zip(rows, tokens, strict=True):
             row.tokens.append(token)
+            if row.constraint is not None:
+                row.constraint.accept(token)
             if not row.ignore_eos and token in self.eos_ids:
                 row.finish = "stop"
             elif len(row.tokens) >= row.max_new_tokens:

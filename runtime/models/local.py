@@ -13,7 +13,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +22,17 @@ from runtime.defaults import LOCAL_MAX_BATCH
 from runtime.errors import BackendError, ConfigError, ContextLengthError, Overloaded
 from runtime.models import scheduling
 from runtime.models.adapters import ADAPTER_CONFIG, adapter_digest
-from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage, too_long
+from runtime.models.backend import (
+    Backend,
+    Decoding,
+    Generation,
+    GenerationSettings,
+    Message,
+    Prompt,
+    TokenLogprob,
+    Usage,
+    too_long,
+)
 from runtime.models.continuous import ContinuousBatch, Row, check_supported, kv_bytes_per_token, new_stats
 from runtime.models.fair import FairShare, attention_tokens, cost, interleave
 from runtime.models.torch_thread import run_torch
@@ -46,20 +56,25 @@ T = TypeVar("T")
 
 @dataclass
 class _Request:
-    kind: str  # "generate" | "score" | "prompt"
+    kind: str  # "generate" | "score" | "prompt" | "prompt_ids"
     messages: Sequence[Message]
     settings: GenerationSettings
     adapter: str | None
     future: asyncio.Future[Any]
     options: Sequence[str] = ()
-    prompt_ids: list[int] = field(default_factory=list)  # generate: the templated prompt, tokenised at intake
+    prompt_ids: list[int] = field(default_factory=list)  # generate: the prompt, tokenised at intake
     owner: str = field(default_factory=scheduling.owner.get)  # who asked: read in the caller's context
+    decoding: Decoding = field(default_factory=Decoding)
+    on_text: Callable[[str], None] | None = None
+    raw: bool = False  # a raw prompt (completions): its reply is given as decoded, not stripped
+    constraint: Any = None  # generate: a grammar's ``TokenConstraint``
 
 
 class LocalBackend(Backend):
     """transformers in-process; ``model`` is a local model folder, or ``None`` for the embedded default."""
 
     kind = "local"
+    features = frozenset({"logprobs", "json_schema", "token_prompt", "stream"})
 
     def __init__(
         self,
@@ -179,17 +194,48 @@ class LocalBackend(Backend):
         settings: GenerationSettings = GenerationSettings(),
         adapter: str | None = None,
     ) -> Generation:
+        return await self.complete(messages, settings, adapter)
+
+    async def complete(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+        decoding: Decoding = Decoding(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
         self._check_adapter(adapter)
+        raw = bool(prompt) and isinstance(prompt[0], int)
         try:
-            ids = self._prompt_ids(messages)
+            ids = [int(i) for i in prompt] if raw else self._prompt_ids(prompt)  # type: ignore[arg-type]
         except Exception as exc:  # e.g. a chat template that refuses the messages
             raise BackendError(f"local generation failed: {exc}") from exc
+        if not ids:
+            raise BackendError("the prompt has no tokens")
         self._check_fits(len(ids), settings.max_new_tokens)
         due = scheduling.deadline.get()
         if due is not None:
             self._refuse_if_late(len(ids), settings.max_new_tokens, due)
+        constraint = None
+        if decoding.json_schema is not None:
+            from runtime.models.grammar import JsonGrammar
+
+            grammar = await asyncio.to_thread(JsonGrammar, self.tokenizer, decoding.json_schema, self._eos_ids)
+            constraint = grammar.start()
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        return await self._submit(_Request("generate", messages, settings, adapter, future, prompt_ids=ids), future)
+        request = _Request(
+            "generate",
+            [] if raw else prompt,  # type: ignore[arg-type]
+            settings,
+            adapter,
+            future,
+            prompt_ids=ids,
+            decoding=decoding,
+            on_text=on_text,
+            raw=raw,
+            constraint=constraint,
+        )
+        return await self._submit(request, future)
 
     @property
     def context_length(self) -> int:
@@ -257,6 +303,31 @@ class LocalBackend(Backend):
         messages: list[Message] = [{"role": "user", "content": prompt}]  # carried, not templated
         return await self._submit(_Request("prompt", messages, GenerationSettings(), adapter, future), future)
 
+    async def prompt_token_logprobs(
+        self, prompt_ids: Sequence[int], top: int = 0, adapter: str | None = None
+    ) -> tuple[list[TokenLogprob], Generation]:
+        """Each token of a raw prompt with its log-prob given the tokens before it (None for the first) and the
+        ``top`` most likely tokens at its place (none for the first): the echo of ``/v1/completions``.
+
+        The same forward gives the greedy next token, returned as a one-token generation: a scoring client
+        (lm-eval-harness asks ``max_tokens=1``) needs no second pass over the prompt.
+        """
+        self._check_adapter(adapter)
+        self._check_fits(len(prompt_ids), 1)
+        future: asyncio.Future[tuple[list[TokenLogprob], Generation]] = asyncio.get_running_loop().create_future()
+        request = _Request(
+            "prompt_ids", [], GenerationSettings(), adapter, future, prompt_ids=list(prompt_ids), options=[str(top)]
+        )
+        return await self._submit(request, future)
+
+    def token_text(self, token: int) -> str:
+        """A token as text (special tokens included; a piece of a multi-byte character reads as U+FFFD)."""
+        return str(self.tokenizer.decode([token]))
+
+    def encode(self, text: str) -> list[int]:
+        """A raw text's token ids, as a raw prompt is tokenised (no special tokens added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     async def _drain(self) -> None:
         assert self._queue is not None
         queue = self._queue
@@ -314,6 +385,9 @@ class LocalBackend(Backend):
         for row in finished:
             if not row.tag.future.done():
                 row.tag.future.set_result(self._generation(row))
+        for row in batch.rows:
+            if row.tag.on_text is not None and row.tokens:
+                row.tag.on_text(self._visible(row))
 
     async def _run_forward_batches(self, requests: list[_Request]) -> None:
         """Scoring and prompt log-prob requests: one forward per (kind, adapter) group, no decoding."""
@@ -324,7 +398,7 @@ class LocalBackend(Backend):
         for (kind, adapter), group in groups.items():
             for start in range(0, len(group), self.max_batch_size):
                 chunk = group[start : start + self.max_batch_size]
-                work = self._score_batch if kind == "score" else self._prompt_batch
+                work = {"score": self._score_batch, "prompt": self._prompt_batch, "prompt_ids": self._echo_batch}[kind]
                 try:
                     results = await run_torch(self._in_adapter, adapter, work, chunk)
                 except Exception as exc:
@@ -380,17 +454,43 @@ class LocalBackend(Backend):
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
             tag=request,
+            logprobs=request.decoding.logprobs,
+            constraint=request.constraint,
             owner=request.owner,
             generator=generator,
         )
 
     def _generation(self, row: Row) -> Generation:
+        request: _Request = row.tag
         text, finish = self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.finish or "length"
+        kept = len(row.tokens)
         for stop in row.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
+                # The tokens that the text keeps: those whose decoded text ends within it.
+                while kept and len(self.tokenizer.decode(row.tokens[:kept], skip_special_tokens=True)) > len(text):
+                    kept -= 1
         usage = Usage(len(row.prompt_ids), len(row.tokens))
-        return Generation(text.strip(), usage, finish)
+        logprobs = None
+        if row.logprobs is not None:
+            logprobs = tuple(
+                TokenLogprob(self.token_text(token), logprob, tuple((self.token_text(t), lp) for t, lp in top))
+                for token, (logprob, top) in zip(row.tokens[:kept], row.token_logprobs, strict=False)
+                if token not in self._eos_ids or request.raw
+            )
+        return Generation(text if request.raw else text.strip(), usage, finish, logprobs)
+
+    def _visible(self, row: Row) -> str:
+        """A running reply's text that no later token can change: not a stop string's possible start, not a
+        partial character, and (chat replies are stripped) not trailing whitespace."""
+        request: _Request = row.tag
+        text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=True)).rstrip("\ufffd")
+        for stop in row.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        held = max((len(stop) - 1 for stop in row.stop), default=0)
+        text = text[: len(text) - held] if held else text
+        return text if request.raw else text.strip()
 
     def _score_batch(self, batch: Sequence[_Request]) -> list[list[float]]:
         import torch
@@ -437,6 +537,38 @@ class LocalBackend(Backend):
             for i, (start, end) in enumerate(encoded["offset_mapping"]):
                 tokens.append((prompt[start:end], None if i == 0 else float(logprobs[i - 1]), start))
             results.append(tokens)
+        return results
+
+    def _echo_batch(self, batch: Sequence[_Request]) -> list[tuple[list[TokenLogprob], Generation]]:
+        import torch
+
+        # One left-padded forward for the batch, as _score_batch: scoring clients send many prompts at once.
+        width = max(len(r.prompt_ids) for r in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor(
+            [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device
+        )
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        with torch.inference_mode(), self._adapter_context(batch[0].adapter):
+            logits = self.model(input_ids=input_ids, attention_mask=mask.to(self.device)).logits
+        results = []
+        for row, request in enumerate(batch):
+            top, ids = int(request.options[0]), request.prompt_ids
+            logprobs = torch.log_softmax(logits[row, width - len(ids) :].float(), dim=-1)
+            following = [*ids[1:], int(logprobs[-1].argmax())]  # each place's token; the last, the greedy next
+            chosen = logprobs.gather(-1, torch.tensor(following, device=self.device)[:, None])[:, 0].tolist()
+            best = logprobs.topk(top) if top else None
+            tokens = [TokenLogprob(self.token_text(ids[0]), None)]
+            for i, token in enumerate(following):
+                alternatives: tuple[tuple[str, float], ...] = ()
+                if best is not None:
+                    pairs = zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True)
+                    alternatives = tuple((self.token_text(t), lp) for t, lp in pairs)
+                tokens.append(TokenLogprob(self.token_text(token), chosen[i], alternatives))
+            next_token = following[-1]
+            text = str(self.tokenizer.decode([next_token], skip_special_tokens=True))
+            finish = "stop" if next_token in self._eos_ids else "length"
+            results.append((tokens[:-1], Generation(text, Usage(len(ids), 1), finish, (tokens[-1],))))
         return results
 
     async def aclose(self) -> None:

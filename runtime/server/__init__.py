@@ -1,12 +1,16 @@
 """redpen's OpenAI-compatible server (``redpen serve``): plain over any backend, or memory-guided (SALAM).
 
 - :mod:`runtime.server.app`: the app, its routes and ``serve``.
+- :mod:`runtime.server.schema`: the typed requests of OpenAI's chat and completions APIs.
+- :mod:`runtime.server.chat`: chat messages and tools in, tool calls out.
+- :mod:`runtime.server.responses`: OpenAI's response bodies and stream chunks.
 - :mod:`runtime.server.keys`: API keys (hashes only) and the tenant each belongs to.
 - :mod:`runtime.server.ledger`: served completions and their feedback, durable (SQLite).
 - :mod:`runtime.server.limits`: what one request may ask for, and for how long.
 """
 
-from runtime.server.app import APIError, Guided, PromptScorer, build_app, serve
+from runtime.server.app import Guided, PromptScorer, build_app, serve
+from runtime.server.errors import APIError
 from runtime.server.keys import KeyRing
 from runtime.server.ledger import Ledger
 from runtime.server.limits import ServeLimits

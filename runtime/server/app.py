@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import time
@@ -32,6 +31,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents.gathering import MemoryWriter
@@ -41,17 +41,28 @@ from memory.store import MistakeMemory, TenantMemory
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
 from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError
 from runtime.models import scheduling
-from runtime.models.backend import Backend, Generation, GenerationSettings, Message, overflow
+from runtime.models.backend import (
+    Backend,
+    Decoding,
+    Generation,
+    GenerationSettings,
+    Message,
+    TokenLogprob,
+    overflow,
+    too_long,
+)
+from runtime.server import responses
+from runtime.server.chat import closed_schema, forced_call_schema, render, tool_calls
+from runtime.server.errors import APIError
 from runtime.server.keys import KeyRing, key_hash
 from runtime.server.ledger import Completion, Feedback, Ledger
 from runtime.server.limits import BodyLimit, ServeLimits
+from runtime.server.schema import ChatRequest, CompletionRequest, unsupported
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The roles a request may use, as the backends take them; "developer" is OpenAI's newer name for "system".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 OPEN_TENANT = "default"  # the one tenant of an app built without keys (in-process tests); `redpen serve` has keys
 
 
@@ -73,32 +84,7 @@ class Guided:
     ledger: Ledger
     k: int = RETRIEVAL_K
     threshold: float | None = RETRIEVAL_THRESHOLD
-
-
-class ChatMessageIn(BaseModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(BaseModel):
-    model: str
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
-
-
-class CompletionRequest(BaseModel):
-    model: str
-    prompt: str
-    echo: bool = False
-    logprobs: int | None = None
-    max_tokens: int | None = None
+    shared: bool = True  # retrieval also reads the records of no tenant (``redpen gather``'s), read-only
 
 
 class FeedbackRequest(BaseModel):
@@ -110,17 +96,6 @@ class FeedbackRequest(BaseModel):
     correct: bool | None = None
     gold: str | None = Field(None, max_length=2000)
     note: str | None = Field(None, max_length=2000)
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body shape, so OpenAI clients raise their usual exception types."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -263,10 +238,8 @@ def build_app(
             "timeout",
         )
 
-    @contextlib.contextmanager
-    def slot(caller: Caller) -> Iterator[None]:
-        """Hold one of the caller's in-flight places for the block; 429 when its key has none left. Model work
-        started in the block is the key's (its fair share of a local model) and due within the request timeout."""
+    def take(caller: Caller) -> None:
+        """One of the caller's in-flight places; 429 when its key has none left."""
         if in_flight.get(caller.key_id, 0) >= limits.in_flight_per_key:
             raise APIError(
                 429,
@@ -276,11 +249,27 @@ def build_app(
                 "rate_limit_exceeded",
             )
         in_flight[caller.key_id] = in_flight.get(caller.key_id, 0) + 1
+
+    def release(caller: Caller) -> None:
+        in_flight[caller.key_id] -= 1
+
+    @contextlib.contextmanager
+    def on_behalf_of(caller: Caller) -> Iterator[None]:
+        """Model work started in the block is the key's (its fair share of a local model) and due within the
+        request timeout."""
+        with scheduling.on_behalf_of(caller.key_id, time.monotonic() + limits.request_timeout_s):
+            yield
+
+    @contextlib.contextmanager
+    def slot(caller: Caller) -> Iterator[None]:
+        """Hold one of the caller's in-flight places for the block (429 when its key has none left), the block's
+        model work on the key's behalf."""
+        take(caller)
         try:
-            with scheduling.on_behalf_of(caller.key_id, time.monotonic() + limits.request_timeout_s):
+            with on_behalf_of(caller):
                 yield
         finally:
-            in_flight[caller.key_id] -= 1
+            release(caller)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -288,34 +277,178 @@ def build_app(
         # loaded, so an answer means ready (vLLM's and llama.cpp's /health mean the same); it tells nothing else.
         return {"status": "ok"}
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "redpen"}
+
     @app.get("/v1/models")
     async def list_models(caller: Authorized) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "redpen"} for name in served],
-        }
+        return {"object": "list", "data": [model_card(name) for name in served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str, caller: Authorized) -> dict[str, Any]:
+        adapter_for(model)
+        return model_card(model)
+
+    def needs(request: ChatRequest | CompletionRequest, fields: dict[str, str]) -> None:
+        """Refuse, by name, the fields the request sets that the backend cannot honour (field -> feature)."""
+        refused = unsupported(request)
+        refused += [
+            f"{name} (the {backend.kind} backend cannot)" for name, f in fields.items() if f not in backend.features
+        ]
+        if refused:
+            raise APIError(400, f"unsupported by redpen's server: {', '.join(refused)}", code="unsupported_parameter")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request, request: ChatRequest, caller: Authorized) -> Any:
         adapter = adapter_for(request.model)
-        if request.n != 1:
-            raise APIError(400, "redpen's server answers with one choice (n=1)")
-        messages = _messages(request)
-        settings = _settings(request, limits)
+        n = _count(request.n)
+        tools = request.tools or [] if request.tool_choice != "none" else []
+        forced = forced_call_schema(tools, request.tool_choice) if tools else None
+        schema = _response_schema(request)
+        if forced is not None and schema is not None:
+            raise APIError(400, "response_format and a required tool call (tool_choice) cannot both shape a reply")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true")
+        decoding = Decoding(
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None, json_schema=forced or schema
+        )
+        # Any backend streams: one that cannot decode piece by piece gives its text in one piece.
+        asked = {"logprobs": "logprobs" if request.logprobs else None}
+        asked["response_format"] = "json_schema" if schema is not None else None
+        asked["tool_choice"] = "json_schema" if forced is not None else None
+        needs(request, {name: feature for name, feature in asked.items() if feature is not None})
+        if guided is not None:
+            plain = {
+                "n": n > 1,
+                "tools": bool(tools),
+                "response_format": schema is not None,
+                "logprobs": request.logprobs,
+            }
+            extra = [name for name, set_ in plain.items() if set_]
+            if extra:
+                raise APIError(400, f"memory-guided serving answers plain chats: {', '.join(extra)} unsupported")
+        if request.stream and (n > 1 or request.logprobs):
+            raise APIError(400, "stream with n > 1 or logprobs is unsupported: ask without stream")
+        messages = render(request.messages, tools)
+        settings = _settings(
+            request.temperature,
+            request.top_p,
+            request.seed,
+            request.stop,
+            limits,
+            request.max_completion_tokens or request.max_tokens,
+            "max_tokens",
+        )
         reserve = limits.guidance_tokens if guided is not None else 0
         too_long = overflow(backend, messages, settings.max_new_tokens + reserve)
         if too_long is not None:
             room = f" and {reserve} tokens of guidance" if reserve else ""
             raise APIError(400, f"{too_long}{room}; shorten the messages", code="context_length_exceeded")
+        if request.user or request.safety_identifier:
+            log.info("chat for end user %s", request.safety_identifier or request.user)
         id = f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream and guided is None:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return stream_chat(
+                http, caller, id, request.model, messages, settings, adapter, decoding, tools, include_usage
+            )
         with slot(caller):
             if guided is None:
-                generation = await guarded(http, lambda _: backend.generate(messages, settings, adapter))
-                text, usage, finish, extension = generation.text, _usage(generation), generation.finish_reason, None
+                generations = await guarded(
+                    http,
+                    lambda _: asyncio.gather(
+                        *(backend.complete(messages, _nth(settings, i), adapter, decoding) for i in range(n))
+                    ),
+                )
+                parallel = request.parallel_tool_calls is not False
+                choices = [
+                    responses.chat_choice(
+                        i,
+                        g,
+                        tool_calls(g.text, tools, forced=forced is not None, parallel=parallel),
+                        logprobs=bool(request.logprobs),
+                    )
+                    for i, g in enumerate(generations)
+                ]
+                prompt_tokens = generations[0].usage.prompt_tokens
+                usage = responses.usage(prompt_tokens, sum(g.usage.completion_tokens for g in generations))
+                extension = None
             else:
                 text, usage, finish, extension = await examine(http, id, caller, messages, settings, adapter)
-        body = _completion(id, request.model, text, finish, usage, extension)
-        return _stream(body) if request.stream else body
+                choices = [responses.chat_choice(0, Generation(text, finish_reason=finish))]
+        body = responses.chat_completion(id, request.model, choices, usage, extension)
+        return _one_chunk(body) if request.stream else body
+
+    def stream_chat(
+        http: Request,
+        caller: Caller,
+        id: str,
+        model: str,
+        messages: list[Message],
+        settings: GenerationSettings,
+        adapter: str | None,
+        decoding: Decoding,
+        tools: list[Any],
+        include_usage: bool,
+    ) -> StreamingResponse:
+        """Server-sent chunks of one reply, a chunk for each piece of text as the backend decodes it. A reply that
+        may call tools is sent once whole: until it ends nobody knows whether it is text or a call."""
+        take(caller)  # now: a 429 must come before the 200 of a stream; released once the stream is done
+        head = {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            return responses.event(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        async def events() -> AsyncIterator[str]:
+            with on_behalf_of(caller):  # entered and left in this generator's own context
+                pieces: asyncio.Queue[str] = asyncio.Queue()
+                sent = ""
+
+                def grew(text: str) -> None:
+                    if not tools:
+                        pieces.put_nowait(text)
+
+                yield chunk({"role": "assistant", "content": ""})
+                work = asyncio.ensure_future(
+                    guarded(http, lambda _: backend.complete(messages, settings, adapter, decoding, grew))
+                )
+                while not work.done():
+                    waiter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiter.done():
+                        waiter.cancel()
+                        continue
+                    text = waiter.result()
+                    while not pieces.empty():
+                        text = pieces.get_nowait()
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk({"content": text[len(sent) :]})
+                        sent = text
+                try:
+                    generation = work.result()
+                except APIError as error:
+                    yield responses.event({"error": {"message": error.message, "type": error.type, "code": error.code}})
+                    return
+                except RedpenError as error:
+                    yield responses.event({"error": {"message": str(error), "type": "server_error", "code": None}})
+                    return
+                calls = tool_calls(generation.text, tools, forced=decoding.json_schema is not None) if tools else []
+                if calls:
+                    deltas = [{"index": i} | call for i, call in enumerate(calls)]
+                    yield chunk({"tool_calls": deltas})
+                elif generation.text.startswith(sent):
+                    if len(generation.text) > len(sent):
+                        yield chunk({"content": generation.text[len(sent) :]})
+                else:  # the stripped whole disagrees with the pieces (cannot happen; say so rather than garble)
+                    log.warning("streamed text is not a prefix of the reply")
+                yield chunk({}, "tool_calls" if calls else generation.finish_reason)
+                if include_usage:
+                    u = generation.usage
+                    usage = responses.usage(u.prompt_tokens, u.completion_tokens)
+                    yield responses.event(head | {"choices": [], "usage": usage})
+                yield responses.DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release, caller))
 
     async def examine(
         http: Request,
@@ -329,7 +462,7 @@ def build_app(
         roles = dataclasses.replace(guided.roles, student_settings=settings, student_adapter=adapter)
         question = question_of(messages)
         example = chat_example(id, question, messages)
-        memory = TenantMemory(guided.memory, caller.tenant)
+        memory = TenantMemory(guided.memory, caller.tenant, shared=guided.shared)
         result = await guarded(
             http,
             lambda token: answer_chat(
@@ -406,42 +539,141 @@ def build_app(
         return record.id
 
     @app.post("/v1/completions")
-    async def completions(http: Request, request: CompletionRequest, caller: Authorized) -> dict[str, Any]:
+    async def completions(http: Request, request: CompletionRequest, caller: Authorized) -> Any:
         adapter = adapter_for(request.model)
-        if not (request.echo and request.logprobs is not None):
+        if "token_prompt" not in backend.features and isinstance(backend, PromptScorer):
+            return await score_prompt(http, request, caller, adapter)
+        asked = {"prompt": "token_prompt", "logprobs": "logprobs" if request.logprobs is not None else None}
+        needs(request, {name: feature for name, feature in asked.items() if feature is not None})
+        prompts = _prompts(request.prompt)
+        if not prompts or not all(prompts):
+            raise APIError(400, "prompt is empty")
+        n = _count(request.n)
+        if request.stream and (request.echo or request.logprobs is not None or n > 1 or len(prompts) > 1):
+            raise APIError(400, "stream with echo, logprobs, n > 1 or several prompts is unsupported")
+        # OpenAI's default of 16 tokens; 0 with echo scores the prompt alone.
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        if max_tokens == 0 and not request.echo:
+            raise APIError(400, "max_tokens 0 asks for nothing: it is for echo=true (scoring the prompt)")
+        settings = _settings(
+            request.temperature, request.top_p, request.seed, request.stop, limits, max_tokens or 1, "max_tokens"
+        )
+        local: Any = backend  # the features checked above are the local backend's methods
+        ids = [p if isinstance(p, list) else local.encode(p) for p in prompts]
+        for p in ids:
+            too_long = too_long_prompt(len(p), max_tokens)
+            if too_long is not None:
+                raise APIError(400, f"{too_long}; shorten the prompt", code="context_length_exceeded")
+        decoding = Decoding(logprobs=request.logprobs)
+        id = f"cmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return stream_completion(http, caller, id, request.model, ids[0], settings, adapter)
+
+        async def one(prompt: list[int], i: int) -> dict[str, Any]:
+            prompt_text = "".join(local.token_text(t) for t in prompt) if request.echo else ""
+            tokens, generation = [], Generation("", finish_reason="length")
+            if request.echo and request.logprobs is not None:
+                tokens, greedy_next = await local.prompt_token_logprobs(prompt, request.logprobs, adapter)
+                if max_tokens == 1 and settings.greedy and not settings.stop:
+                    generation = greedy_next  # the scoring forward gave it: no second pass over the prompt
+            if max_tokens and not generation.logprobs:
+                generation = await backend.complete(prompt, _nth(settings, i), adapter, decoding)
+            tokens += generation.logprobs or []
+            choice: dict[str, Any] = {"index": 0, "text": prompt_text + generation.text, "logprobs": None}
+            if request.logprobs is not None:
+                choice["logprobs"] = responses.legacy_logprobs(tokens, 0 if request.echo else len(prompt_text))
+            choice["finish_reason"] = generation.finish_reason
+            choice["usage"] = (len(prompt), generation.usage.completion_tokens)
+            return choice
+
+        with slot(caller):
+            choices = await guarded(http, lambda _: asyncio.gather(*(one(p, j) for p in ids for j in range(n))))
+        for index, choice in enumerate(choices):
+            choice["index"] = index
+        spent = [choice.pop("usage") for choice in choices]
+        return {
+            "id": id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "choices": choices,
+            "usage": responses.usage(sum(len(p) for p in ids), sum(c for _, c in spent)),
+        }
+
+    def too_long_prompt(prompt_tokens: int, reply_tokens: int) -> str | None:
+        context = backend.context_length
+        return None if context is None else too_long(prompt_tokens, reply_tokens, context, backend.model_id)
+
+    def stream_completion(
+        http: Request,
+        caller: Caller,
+        id: str,
+        model: str,
+        prompt: list[int],
+        settings: GenerationSettings,
+        adapter: str | None,
+    ) -> StreamingResponse:
+        take(caller)
+        head = {"id": id, "object": "text_completion", "created": int(time.time()), "model": model}
+
+        def chunk(text: str, finish: str | None = None) -> str:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return responses.event(head | {"choices": [choice]})
+
+        async def events() -> AsyncIterator[str]:
+            with on_behalf_of(caller):  # entered and left in this generator's own context
+                pieces: asyncio.Queue[str] = asyncio.Queue()
+                sent = ""
+                work = asyncio.ensure_future(
+                    guarded(http, lambda _: backend.complete(prompt, settings, adapter, Decoding(), pieces.put_nowait))
+                )
+                while not work.done():
+                    waiter = asyncio.ensure_future(pieces.get())
+                    await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    if not waiter.done():
+                        waiter.cancel()
+                        continue
+                    text = waiter.result()
+                    while not pieces.empty():
+                        text = pieces.get_nowait()
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk(text[len(sent) :])
+                        sent = text
+                try:
+                    generation = work.result()
+                except (APIError, RedpenError) as error:
+                    yield responses.event({"error": {"message": str(error), "type": "server_error", "code": None}})
+                    return
+                rest = generation.text[len(sent) :] if generation.text.startswith(sent) else ""
+                yield chunk(rest, generation.finish_reason)
+                yield responses.DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(release, caller))
+
+    async def score_prompt(http: Request, request: CompletionRequest, caller: Caller, adapter: str | None) -> Any:
+        """Prompt scoring over a backend that scores prompts but cannot continue raw text (an upstream server
+        reached through the openai backend): only the echoed prompt's tokens, with their log-probs."""
+        if not (request.echo and request.logprobs is not None) or not isinstance(request.prompt, str):
             raise APIError(
                 400,
-                "redpen's server answers /v1/completions only to score a prompt (echo=true, logprobs=N); "
-                "use /v1/chat/completions to generate",
+                f"the {backend.kind} backend answers /v1/completions only to score one text prompt (echo=true, "
+                "logprobs=N); use /v1/chat/completions to generate",
             )
-        if not isinstance(backend, PromptScorer):
-            raise APIError(400, f"the {backend.kind} backend cannot score prompts; use /v1/chat/completions")
+        needs(request, {})
         if not request.prompt:
             raise APIError(400, "the prompt is empty")
-        scorer = backend
+        scorer: Any = backend
         with slot(caller):
             tokens = await guarded(http, lambda _: scorer.prompt_logprobs(request.prompt, adapter))
+        logprobs = responses.legacy_logprobs([TokenLogprob(t, lp) for t, lp, _ in tokens], 0)
+        logprobs["text_offset"] = [offset for _, _, offset in tokens]
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": request.model,
-            "choices": [
-                {
-                    "index": 0,
-                    # Only the echoed prompt: the backend interface cannot continue raw text, and scoring
-                    # clients read the prompt's tokens only.
-                    "text": request.prompt,
-                    "logprobs": {
-                        "tokens": [token for token, _, _ in tokens],
-                        "token_logprobs": [logprob for _, logprob, _ in tokens],
-                        "text_offset": [offset for _, _, offset in tokens],
-                        "top_logprobs": None,
-                    },
-                    "finish_reason": "length",
-                }
-            ],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)},
+            "choices": [{"index": 0, "text": request.prompt, "logprobs": logprobs, "finish_reason": "length"}],
+            "usage": responses.usage(len(tokens), 0),
         }
 
     return BodyLimit(app, limits.max_body_bytes)
@@ -453,66 +685,73 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _messages(request: ChatRequest) -> list[Message]:
-    """The request's messages as the backend takes them; 400 for what no model can answer."""
-    if not request.messages:
-        raise APIError(400, "messages is empty: send at least one user message")
-    messages = []
-    for i, m in enumerate(request.messages):
-        if m.role not in ROLES:
-            raise APIError(400, f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}")
-        messages.append(Message(role=ROLES[m.role], content=_text(m.content)))
-    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
-        raise APIError(400, "no user message has any text: there is nothing to answer")
-    return messages
+def _count(n: int | None) -> int:
+    """Choices asked for (``n``): 1 to 16, a bound that keeps one request from filling the batch."""
+    if n is not None and not 1 <= n <= 16:
+        raise APIError(400, f"n must be between 1 and 16, got {n}")
+    return n or 1
 
 
-def _settings(request: ChatRequest, limits: ServeLimits) -> GenerationSettings:
+def _nth(settings: GenerationSettings, i: int) -> GenerationSettings:
+    """The settings of choice ``i`` of n: a seeded request's choices differ from one another, and repeat."""
+    return settings if i == 0 or settings.seed is None else dataclasses.replace(settings, seed=settings.seed + i)
+
+
+def _response_schema(request: ChatRequest) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` holds the reply to; None for free text."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None:
+        raise APIError(400, "response_format.json_schema is missing for type json_schema")
+    schema = fmt.json_schema.schema_ or {"type": "object"}
+    return closed_schema(schema) if fmt.json_schema.strict else schema
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """Each prompt of a completions request: a text, or a list of token ids."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(p, int) for p in prompt)):
+        return [prompt]  # type: ignore[list-item]  # one text, or one list of ids
+    return list(prompt)  # type: ignore[arg-type]  # several texts or several lists of ids
+
+
+def _settings(
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | list[str] | None,
+    limits: ServeLimits,
+    max_tokens: int | None,
+    name: str,
+) -> GenerationSettings:
     """Sampling settings, checked against OpenAI's ranges and the server's reply cap."""
-    max_tokens = request.max_completion_tokens or request.max_tokens
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = getattr(request, name)
-        if value is not None and value < 1:
-            raise APIError(400, f"{name} must be >= 1, got {value}")
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{name} must be >= 1, got {max_tokens}")
     if max_tokens is not None and max_tokens > limits.max_tokens:
-        raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens} (--max-tokens)")
-    if request.temperature is not None and not 0 <= request.temperature <= 2:
-        raise APIError(400, f"temperature must be between 0 and 2, got {request.temperature}")
-    if request.top_p is not None and not 0 < request.top_p <= 1:
-        raise APIError(400, f"top_p must be in (0, 1], got {request.top_p}")
-    if request.seed is not None and not 0 <= request.seed < 2**63:
-        raise APIError(400, f"seed must be an integer in [0, 2**63), got {request.seed}")
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+        raise APIError(400, f"{name} {max_tokens} is over this server's cap of {limits.max_tokens} (--max-tokens)")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(400, f"seed must be an integer in [0, 2**63), got {seed}")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > 4:
+        raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}")
     return GenerationSettings(
         max_new_tokens=max_tokens or limits.default_max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,  # OpenAI's default
-        top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed,
-        stop=tuple(stop),
+        temperature=1.0 if temperature is None else temperature,  # OpenAI's default
+        top_p=1.0 if top_p is None else top_p,
+        seed=seed,
+        stop=tuple(stops),
     )
 
 
-def _completion(
-    id: str, model: str, text: str, finish: str, usage: dict[str, int], extension: dict[str, Any] | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
-        ],
-        "usage": usage,
-    }
-    if extension is not None:
-        # The extension field: OpenAI clients keep unknown fields (completion.model_extra["redpen"]).
-        body["redpen"] = extension
-    return body
-
-
-def _stream(body: dict[str, Any]) -> StreamingResponse:
-    """A finished completion as server-sent events: the backends do not stream, so the text comes in one chunk."""
+def _one_chunk(body: dict[str, Any]) -> StreamingResponse:
+    """A finished completion as server-sent events, the text in one chunk: memory-guided replies are examined
+    whole (retrieval, guidance, answer) before any of their text exists."""
     choice = body["choices"][0]
     head = {k: body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
     delta = {"role": "assistant", "content": choice["message"]["content"]}
@@ -523,8 +762,8 @@ def _stream(body: dict[str, Any]) -> StreamingResponse:
 
     async def chunks() -> AsyncIterator[str]:
         for event in events:
-            yield f"data: {json.dumps(event)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield responses.event(event)
+        yield responses.DONE
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
 
@@ -538,20 +777,6 @@ def _ack(feedback: Feedback, *, duplicate: bool) -> dict[str, Any]:
         "mistake_id": feedback.mistake_id,
         "duplicate": duplicate,
     }
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    """A message's text; OpenAI clients may send it as a list of typed parts."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if any(part.get("type") != "text" for part in content):
-        raise APIError(400, "redpen's server takes text message parts only")
-    return "".join(str(part.get("text", "")) for part in content)
-
-
-def _usage(generation: Generation) -> dict[str, int]:
-    prompt, completion = generation.usage.prompt_tokens, generation.usage.completion_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _error_response(status: int, message: str, type_: str, code: str | None) -> JSONResponse:

@@ -9,6 +9,7 @@ completion returns the first one's acknowledgement.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -72,6 +73,10 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Tenants' questions and answers: readable by the server's user only, as keys.json. SQLite gives its -wal
+        # and -shm files the database file's mode, so creating that file 0600 first covers all three.
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(path, 0o600)  # a ledger made 0644 by an earlier version is closed too
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
