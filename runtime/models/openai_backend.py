@@ -43,6 +43,8 @@ class OpenAIBackend(Backend):
     """
 
     kind = "openai"
+    # ``ignore_eos`` is no OpenAI field: vLLM and llama-server take it, another server may refuse the request.
+    takes_ignore_eos = False
 
     def __init__(
         self,
@@ -115,7 +117,7 @@ class OpenAIBackend(Backend):
             optional["seed"] = settings.seed
         if settings.stop:
             optional["stop"] = list(settings.stop)
-        if settings.ignore_eos:  # benchmarks: vLLM and llama-server both take it beside the OpenAI fields
+        if settings.ignore_eos and self.takes_ignore_eos:  # benchmarks: always max_new_tokens
             optional["extra_body"] = {"ignore_eos": True}
         response = await self._call(
             lambda client: client.chat.completions.create(

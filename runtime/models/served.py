@@ -19,6 +19,8 @@ class ServedBackend(OpenAIBackend):
     """Chat completions from a server this backend started; ``identity`` is what its replies depend on (the
     model file's checksum, not the random port), so the response cache survives a restart."""
 
+    takes_ignore_eos = True  # llama-server and vLLM, the servers redpen runs, both take it
+
     def __init__(self, kind: str, server: ManagedServer, model: str, identity: dict[str, Any], capacity: int) -> None:
         # 600 s: a laptop server is slow but alone; a retry would only queue the same work again behind itself.
         super().__init__(
