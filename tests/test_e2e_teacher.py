@@ -69,4 +69,4 @@ def test_teacher_instructs_lec(tmp_path: Path, data_dir: Path) -> None:
     assert supply["cases"] >= 1 and supply["asked"] >= 1
     assert {"parsed", "answer_check_failed", "kept"} <= set(supply)
     config = json.loads((out / "config.json").read_text())
-    assert config["instructor"]["kind"] == "teacher"
+    assert config["identity"]["instructor"]["kind"] == "teacher"
