@@ -412,18 +412,9 @@ def build_app(
                 work = asyncio.ensure_future(
                     guarded(http, lambda _: backend.complete(messages, settings, adapter, decoding, grew))
                 )
-                while not work.done():
-                    waiter = asyncio.ensure_future(pieces.get())
-                    await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    if not waiter.done():
-                        waiter.cancel()
-                        continue
-                    text = waiter.result()
-                    while not pieces.empty():
-                        text = pieces.get_nowait()
-                    if text.startswith(sent) and len(text) > len(sent):
-                        yield chunk({"content": text[len(sent) :]})
-                        sent = text
+                async for piece in grown_text(work, pieces):
+                    yield chunk({"content": piece})
+                    sent += piece
                 try:
                     generation = work.result()
                 except APIError as error:
@@ -627,18 +618,9 @@ def build_app(
                 work = asyncio.ensure_future(
                     guarded(http, lambda _: backend.complete(prompt, settings, adapter, Decoding(), pieces.put_nowait))
                 )
-                while not work.done():
-                    waiter = asyncio.ensure_future(pieces.get())
-                    await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    if not waiter.done():
-                        waiter.cancel()
-                        continue
-                    text = waiter.result()
-                    while not pieces.empty():
-                        text = pieces.get_nowait()
-                    if text.startswith(sent) and len(text) > len(sent):
-                        yield chunk(text[len(sent) :])
-                        sent = text
+                async for piece in grown_text(work, pieces):
+                    yield chunk(piece)
+                    sent += piece
                 try:
                     generation = work.result()
                 except (APIError, RedpenError) as error:
@@ -848,3 +830,21 @@ def serve(
                 guided.ledger.close()
 
     asyncio.run(run())
+
+
+async def grown_text(work: asyncio.Future[Any], pieces: asyncio.Queue[str]) -> AsyncIterator[str]:
+    """What a streamed reply's text gained since the last piece, while ``work`` runs; ``pieces`` receives the
+    whole text so far each time it grows (only the latest of those waiting counts)."""
+    sent = ""
+    while not work.done():
+        waiter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            continue
+        text = waiter.result()
+        while not pieces.empty():
+            text = pieces.get_nowait()
+        if text.startswith(sent) and len(text) > len(sent):
+            yield text[len(sent) :]
+            sent = text
