@@ -203,13 +203,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
-def make_loop(run_path: Path, tiny: Path) -> InstructLoop:
+def make_loop(run_path: Path, tiny: Path, baselines: tuple[str, ...] = ("plain",)) -> InstructLoop:
     pool = [item(i, "toy/a", f"({'ABC'[i % 3]})") for i in range(40)]
     plan = Plan([Target("toy", pool, [])], {"toy": [item(100 + i, "toy/a", "(B)") for i in range(6)]}, ["toy"])
     settings = InstructSettings(
         targets=["toy"],
         strategies=["replay", "replay"],
-        baselines=["plain"],
+        baselines=list(baselines),
         select=8,
         budget=6,
         eval_limit=6,
@@ -221,12 +221,16 @@ def make_loop(run_path: Path, tiny: Path) -> InstructLoop:
 
 
 async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: Path) -> None:
-    loop = make_loop(tmp_path / "run", tiny)
+    loop = make_loop(tmp_path / "run", tiny, ("plain", "replay"))
     outcome = await loop.run_all()
     # A model per condition, but only the base and the chain's last model stay loaded: the rest were released.
     assert isinstance(loop.backends, ModelPool) and len(loop.backends.loaded) == 2 and None in loop.backends.loaded
-    assert list(outcome["results"]) == ["base", "iter1", "plain1", "iter2", "plain2"]
-    assert outcome["supplies"]["plain1"]["rows"] == outcome["supplies"]["iter1"]["rows"]  # equal rows
+    assert list(outcome["results"]) == ["base", "iter1", "plain1", "replay1", "iter2", "plain2", "replay2"]
+    supplies = outcome["supplies"]
+    assert supplies["plain1"]["rows"] == supplies["replay1"]["rows"] == supplies["iter1"]["rows"]  # equal rows
+    # replay as a baseline answers the iteration's own errors: the same items as the replay strategy's rows
+    assert supplies["replay1"]["items"] == supplies["iter1"]["items"]
+    assert set(supplies["replay1"]["items"]) <= set(json.loads((tmp_path / "run/iter1/selection.json").read_text()))
     selections = [json.loads((tmp_path / "run" / f"iter{i}" / "selection.json").read_text()) for i in (1, 2)]
     assert not set(selections[0]) & set(selections[1])  # a fresh sample each iteration
     lrs = [json.loads((tmp_path / "run" / f"iter{i}" / "adapter" / "redpen_adapter.json").read_text()) for i in (1, 2)]
@@ -246,11 +250,14 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     md, html = render(
         figs,
         outcome["results"],
-        {"targets": ["toy"], "strategies": ["replay"], "baselines": ["plain"], "eval_split": "examine"},
+        {"targets": ["toy"], "strategies": ["replay"], "baselines": ["plain", "replay"], "eval_split": "examine"},
         tmp_path / "run",
     )
     text = md.read_text()
     assert "iter2 vs base" in text and "McNemar p" in text and "forgotten rate" in text
+    assert "replay1 vs plain1" in text and "replay2 vs plain2" in text and "replay1 vs plain2" not in text
+    shared = len(set(supplies["iter1"]["items"]) & set(supplies["replay1"]["items"]))
+    assert f"| iter1 & replay1 | {len(supplies['iter1']['items'])} | {len(supplies['replay1']['items'])} | {shared} |" in text
     assert "data:image/png;base64" in html.read_text()
 
 

@@ -272,6 +272,7 @@ class InstructLoop:
             counts["gold_of_rows"] = self._choice_golds(rows)
             counts["gold_of_selection"] = _distribution(e.target for e in selection if e.answer_kind == "choice")
         counts["accuracy_on_selection"] = round(sum(v == "correct" for v in verdicts.values()) / len(verdicts), 4)
+        counts["items"] = supply.source_items(rows)
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
         self.stages.add(f"{condition} supply", time.perf_counter() - started, counts.get("instructor_tokens", 0))
@@ -290,6 +291,19 @@ class InstructLoop:
         if baseline == "plain":
             rows = supply.plain_rows(selection, n_rows, rng, self.style)
             counts: dict[str, Any] = {"rows": len(rows)}
+        elif baseline == "replay":  # the iteration's own verdicts, so replay answers the same errors at equal rows
+            verdicts = {r["id"]: r["verdict"] for r in self.run.records(f"iter{iteration}/collect.jsonl")}
+            rows, counts = supply.replay_rows(
+                selection,
+                verdicts,
+                contrast=self.s.contrast,
+                balance=self.s.balance,
+                k=self.s.k,
+                budget=n_rows,
+                embedder=self.embedder,
+                rng=rng,
+                style=self.style,
+            )
         else:
             cases = rng.sample(list(selection), min(self.s.max_cases, len(selection)))
             rows, counts = await self.instructed(name, "augment", cases, [], rng, budget=n_rows)
@@ -297,6 +311,7 @@ class InstructLoop:
         if any(e.answer_kind == "choice" for e in selection):
             counts["gold_of_rows"] = self._choice_golds(rows)
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
+        counts["items"] = supply.source_items(rows)
         self._write_rows(rows_path, rows)
         self.run.write_json(counts_path, counts)
         return rows_path, counts

@@ -147,7 +147,10 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
     report.heading("Paired comparisons")
     report.paragraph(PAIRED_NOTE)
     pairs = [(c, "base") for c in order if c != "base"]
-    pairs += [(c, "iter" + c[len(c.rstrip("0123456789")) :]) for c in order if not c.startswith(("iter", "base"))]
+    baselines = [c for c in order if not c.startswith(("iter", "base"))]
+    pairs += [(c, "iter" + c[len(c.rstrip("0123456789")) :]) for c in baselines]
+    # Baselines of one iteration against each other (e.g. replay1 vs plain1): same rows, other choice of items.
+    pairs += [(a, b) for i, b in enumerate(baselines) for a in baselines[i + 1 :] if _iteration(a) == _iteration(b)]
     for b in figs["benchmarks"]:
         table_rows = []
         for after, before in pairs:
@@ -240,6 +243,21 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
             "Rejected instructor blocks by reason: " + "; ".join(f"{c}: {_dist(r)}" for c, r in rejected.items())
         )
 
+    items = {c: set(s["items"]) for c, s in figs["supplies"].items() if "items" in s}
+    shared = [
+        [f"{a} & {b}", len(items[a]), len(items[b]), len(items[a] & items[b])]
+        for i, a in enumerate(items)
+        for b in list(items)[i + 1 :]
+        if _iteration(a) == _iteration(b)
+    ]
+    if shared:
+        # When two conditions train on the same items, their difference says nothing about which items were chosen.
+        report.paragraph(
+            "Selection items behind each condition's rows, and how many two conditions share (an instructor's "
+            "sample counts as the case it was written for):"
+        )
+        report.table(["conditions", "items A", "items B", "shared"], shared)
+
     untrained = [c for c, s in figs["supplies"].items() if s.get("rows") == 0]
     if untrained:
         # Said in words: identical columns above would otherwise read as "trained, and learned nothing".
@@ -252,6 +270,10 @@ def render(figs: dict[str, Any], results: Results, settings: dict[str, Any], fol
     st = figs["stages"]
     report.table(["stage", "seconds", "tokens"], [[k, v, st["tokens"].get(k, 0)] for k, v in st["seconds"].items()])
     return report.write(folder)
+
+
+def _iteration(condition: str) -> str:
+    return condition[len(condition.rstrip("0123456789")) :]
 
 
 def _verdicts(records: Sequence[dict[str, Any]]) -> dict[str, bool]:

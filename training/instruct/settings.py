@@ -12,7 +12,7 @@ from runtime.errors import ConfigError
 from training.instruct.benchmarks import is_jsonl
 
 STRATEGIES = ("replay", "le", "lec", "memory")
-BASELINES = ("plain", "augment")
+BASELINES = ("plain", "replay", "augment")
 
 
 @dataclass
@@ -23,7 +23,7 @@ class InstructSettings:
     strategies: list[str] = field(
         default_factory=lambda: ["replay"], metadata={"help": "One strategy per iteration: replay, le, lec, memory."}
     )
-    baselines: list[str] = field(default_factory=list, metadata={"help": "plain and/or augment, at equal rows."})
+    baselines: list[str] = field(default_factory=list, metadata={"help": "plain, replay and/or augment, at equal rows."})
     ood: list[str] | None = field(
         default=None, metadata={"help": "Out-of-domain benchmarks; None = the pairs of the targets, and BBH."}
     )

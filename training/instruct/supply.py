@@ -177,6 +177,11 @@ def plain_rows(selection: Sequence[Example], n: int, rng: random.Random, style: 
     return [style.row(e, "random", rng) for e in chosen]
 
 
+def source_items(rows: Sequence[Row]) -> list[str]:
+    """The selection items a set of rows was made from: an instructor's sample counts as its case (``id/genN``)."""
+    return sorted({str(r["id"]).split("/gen")[0] for r in rows})
+
+
 def samples_per_case(budget: int, cases: int) -> int:
     """The paper's rule: ceil(budget / #wrong cases) + 1 samples asked per case (some will be dropped).
 
