@@ -20,7 +20,7 @@ from agents.experiment import ExperimentSettings, Progress, counter, memory_loca
 from agents.gathering import run_gathering
 from agents.student import check_prompts_fit
 from agents.team import Roles
-from memory.store import MistakeMemory
+from memory.store import MistakeMemory, RecordFilter
 from runtime.data import sandbox
 from runtime.data.records import (
     BackendInfo,
@@ -165,7 +165,7 @@ async def gather(
             concurrency=concurrency,
             on_episode=counter(progress, "gathering", len(examples)),
         )
-        stored = store.count(model_id=roles.student_id, task=task)
+        stored = store.count(RecordFilter(model_id=roles.student_id, task=task))
     figures = {
         "episodes": len(episodes),
         "first_answer_wrong": sum(e["first_verdict"] != "correct" for e in episodes),
@@ -217,7 +217,7 @@ async def examine(
         # An exam reads the memory: one that does not exist, or holds nothing of this student on this task (a
         # mistyped path, another --memory-task), is an error, not an "assisted" exam with nothing retrieved.
         with MistakeMemory(**location, create=False) as store:
-            if store.count(model_id=roles.student_id, task=memory_task or task) == 0:
+            if store.count(RecordFilter(model_id=roles.student_id, task=memory_task or task)) == 0:
                 raise ConfigError(
                     f"the memory at {store.where} holds no mistakes of {roles.student_id} on task "
                     f"{memory_task or task!r} ({store.count()} in all); gather them first, or give the --memory "

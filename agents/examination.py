@@ -29,7 +29,7 @@ from agents.roles import (
     run_team,
 )
 from agents.team import Roles, usage_of
-from memory.store import Hit, MistakeMemory
+from memory.store import Hit, MistakeMemory, RecordFilter
 from runtime.data.graders import grade
 from runtime.data.records import ItemResult, Retrieved
 from runtime.data.rundir import RunDir, complete_pending
@@ -92,9 +92,8 @@ def retrieve(
     are the examples' queries embedded beforehand (``embed_queries``), else they are embedded here.
     """
     vectors = memory.embedder.embed([e.input for e in examples]) if queries is None else queries
-    found = memory.search_vectors(
-        vectors, k=k, threshold=threshold, model_id=model_id, task=task, skip_absorbed=skip_absorbed
-    )
+    where = RecordFilter(model_id=model_id, task=task, skip_absorbed=skip_absorbed)
+    found = memory.search_vectors(vectors, k=k, threshold=threshold, where=where)
     return {e.id: hits for e, hits in zip(examples, found, strict=True)}
 
 

@@ -25,7 +25,7 @@ from agents.evaluation import condition_summary
 from agents.examination import embed_queries, retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
-from memory.store import MistakeMemory
+from memory.store import MistakeMemory, RecordFilter
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
@@ -156,7 +156,7 @@ async def run_experiment(
         "near_duplicates": len(duplicated),
         "near_duplicate_threshold": NEAR_DUPLICATE,
         "gathering": _gathering_figures(episodes),
-        "mistakes_stored": memory.count(model_id=roles.student_id, task=settings.task),
+        "mistakes_stored": memory.count(RecordFilter(model_id=roles.student_id, task=settings.task)),
         "retrieved_per_item": round(float(np.mean([len(h) for h in hits.values()])), 2) if hits else 0.0,
         "examples": _guidance_examples(assisted, examine),
         "time_s": {k: round(v, 1) for k, v in times.items()},

@@ -21,7 +21,7 @@ from agents.gathering import mistake_from_feedback
 from agents.student import CHAT
 from agents.team import Roles
 from memory.record import MistakeRecord
-from memory.store import TenantMemory
+from memory.store import RecordFilter, TenantMemory
 from runtime.data.graders import grade
 from runtime.data.records import ItemResult
 from runtime.data.tasks import AnswerKind, Example, parse_options
@@ -78,7 +78,8 @@ async def answer_chat(
 
     With nothing similar in memory the assistant says nothing and the student answers the chat as it is.
     """
-    search = functools.partial(memory.search, k=k, threshold=threshold, model_id=roles.student_id, task=TASK)
+    where = RecordFilter(model_id=roles.student_id, task=TASK)
+    search = functools.partial(memory.search, k=k, threshold=threshold, where=where)
     hits = await run_torch(search, example.input)
     return await exam_item(example, roles, "assisted", hits, cancellation_token)
 

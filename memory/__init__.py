@@ -7,7 +7,7 @@ Qdrant server. ``MistakeMemoryAdapter`` plugs it into any AutoGen agent as an ``
 from memory.autogen_memory import MistakeMemoryAdapter, format_mistakes
 from memory.embed import Embedder, HashingEmbedder, TextEmbedder, packaged_model_path
 from memory.record import MistakeRecord, Outcome, make_record, normalise_query, record_id
-from memory.store import FILTER_FIELDS, Hit, MistakeMemory
+from memory.store import FILTER_FIELDS, Hit, MistakeMemory, RecordFilter
 
 __all__ = [
     "FILTER_FIELDS",
@@ -17,6 +17,7 @@ __all__ = [
     "MistakeMemory",
     "MistakeMemoryAdapter",
     "MistakeRecord",
+    "RecordFilter",
     "Outcome",
     "TextEmbedder",
     "format_mistakes",

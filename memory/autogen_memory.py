@@ -17,7 +17,7 @@ from autogen_core.model_context import ChatCompletionContext
 from autogen_core.models import SystemMessage, UserMessage
 
 from memory.record import MistakeRecord, make_record
-from memory.store import Hit, MistakeMemory
+from memory.store import Hit, MistakeMemory, RecordFilter
 from runtime.defaults import RETRIEVAL_K
 from runtime.models.torch_thread import run_torch
 
@@ -93,12 +93,13 @@ class MistakeMemoryAdapter(Memory):
         self.store = store
         self.model_id = model_id
         self.source = source
+        self.scope = RecordFilter(model_id=model_id, source=source)
         self.k = k
         self.threshold = threshold
         self.name = name
 
     def _search(self, text: str) -> list[Hit]:
-        return self.store.search(text, k=self.k, threshold=self.threshold, model_id=self.model_id, source=self.source)
+        return self.store.search(text, k=self.k, threshold=self.threshold, where=self.scope)
 
     async def update_context(self, model_context: ChatCompletionContext) -> UpdateContextResult:
         """Search with the latest user message and, if anything matches, add the mistakes as a system message."""
@@ -143,7 +144,7 @@ class MistakeMemoryAdapter(Memory):
         if self.model_id is None and self.source is None:
             await asyncio.to_thread(self.store.clear)
         else:
-            await asyncio.to_thread(self.store.delete, model_id=self.model_id, source=self.source)
+            await asyncio.to_thread(self.store.delete, where=self.scope)
 
     async def close(self) -> None:
         """Nothing to release: the store belongs to whoever opened it."""

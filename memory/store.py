@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,8 +46,43 @@ _EDGE_CONFIG = "edge_config.json"  # what an embedded shard's folder holds once 
 # A new collection's layout on a Qdrant cluster, when the caller gives none (see MistakeMemory).
 SHARDS_ENV, REPLICATION_ENV = "REDPEN_MEMORY_SHARDS", "REDPEN_MEMORY_REPLICATION"
 
-Filters = dict[str, str | None]  # field -> required value; None: the field must be empty (unset or null)
+Conditions = dict[str, str | None]  # field -> required value; None: the field must be empty (unset or null)
 Payload = dict[str, Any]
+
+# ``tenant=SHARED`` keeps the records of no tenant (made by ``redpen gather``): no tenant is named "" (TenantMemory).
+SHARED = ""
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which records a search, count or listing reads: built once by the caller and passed through whole, as
+    qdrant-client's one ``Filter``; each engine turns it into its own. A field left None does not filter.
+
+    ``tenant`` keeps only that tenant's records (see :class:`TenantMemory`), ``SHARED`` only those of none;
+    ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set).
+
+    >>> RecordFilter(model_id="m", tenant=SHARED, skip_absorbed=True).conditions()
+    {'model_id': 'm', 'tenant': None, 'absorbed_into': None}
+    """
+
+    model_id: str | None = None
+    source: str | None = None
+    task: str | None = None
+    tenant: str | None = None
+    skip_absorbed: bool = False
+
+    def conditions(self) -> Conditions:
+        """Field -> the value it must hold; None: the field must be empty. No conditions: every record."""
+        given = (("model_id", self.model_id), ("source", self.source), ("task", self.task))
+        conditions: Conditions = {k: v for k, v in given if v is not None}
+        if self.tenant is not None:
+            conditions["tenant"] = None if self.tenant == SHARED else self.tenant
+        if self.skip_absorbed:
+            conditions["absorbed_into"] = None
+        return conditions
+
+
+EVERY = RecordFilter()  # no conditions: every record
 
 
 @dataclass(frozen=True)
@@ -63,13 +98,13 @@ class _Engine(Protocol):
 
     def upsert(self, ids: list[str], vectors: np.ndarray, payloads: list[Payload]) -> None: ...
     def query(
-        self, vector: np.ndarray, limit: int, threshold: float | None, filters: Filters
+        self, vector: np.ndarray, limit: int, threshold: float | None, where: RecordFilter
     ) -> list[tuple[float, Payload]]: ...
-    def count(self, filters: Filters) -> int: ...
-    def scroll(self, filters: Filters, limit: int, offset: str | None) -> tuple[list[Payload], str | None]: ...
+    def count(self, where: RecordFilter) -> int: ...
+    def scroll(self, where: RecordFilter, limit: int, offset: str | None) -> tuple[list[Payload], str | None]: ...
     def retrieve(self, ids: list[str]) -> list[Payload]: ...
     def delete_ids(self, ids: list[str]) -> None: ...
-    def delete_where(self, filters: Filters) -> None: ...
+    def delete_where(self, where: RecordFilter) -> None: ...
     def close(self) -> None: ...
 
 
@@ -99,12 +134,16 @@ class _EdgeEngine:
                 ) from e
             raise MemoryStoreError(f"cannot open memory at {shard_dir}: {e}") from e
 
-    def _filter(self, filters: Filters) -> Any:
+    def _filter(self, where: RecordFilter) -> Any:
+        """Qdrant Edge's filter for ``where``; None (no filter) when it has no conditions."""
         qe = self.qe
+        conditions = where.conditions()
+        if not conditions:
+            return None
         return qe.Filter(
             must=[
                 qe.IsEmptyCondition(key=k) if v is None else qe.FieldCondition(key=k, match=qe.MatchValue(v))
-                for k, v in filters.items()
+                for k, v in conditions.items()
             ]
         )
 
@@ -114,25 +153,23 @@ class _EdgeEngine:
         self.shard.update(qe.UpdateOperation.upsert_points(points))
 
     def query(
-        self, vector: np.ndarray, limit: int, threshold: float | None, filters: Filters
+        self, vector: np.ndarray, limit: int, threshold: float | None, where: RecordFilter
     ) -> list[tuple[float, Payload]]:
         qe = self.qe
         request = qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(vector.tolist()),
-            filter=self._filter(filters) if filters else None,
+            filter=self._filter(where),
             score_threshold=threshold,
             with_payload=True,
         )
         return [(p.score, p.payload or {}) for p in self.shard.query(request)]  # with_payload: never None
 
-    def count(self, filters: Filters) -> int:
-        return self.shard.count(self.qe.CountRequest(exact=True, filter=self._filter(filters) if filters else None))
+    def count(self, where: RecordFilter) -> int:
+        return self.shard.count(self.qe.CountRequest(exact=True, filter=self._filter(where)))
 
-    def scroll(self, filters: Filters, limit: int, offset: str | None) -> tuple[list[Payload], str | None]:
-        request = self.qe.ScrollRequest(
-            offset=offset, limit=limit, filter=self._filter(filters) if filters else None, with_payload=True
-        )
+    def scroll(self, where: RecordFilter, limit: int, offset: str | None) -> tuple[list[Payload], str | None]:
+        request = self.qe.ScrollRequest(offset=offset, limit=limit, filter=self._filter(where), with_payload=True)
         records, next_offset = self.shard.scroll(request)
         return [r.payload or {} for r in records], None if next_offset is None else str(next_offset)
 
@@ -142,9 +179,9 @@ class _EdgeEngine:
     def delete_ids(self, ids: list[str]) -> None:
         self.shard.update(self.qe.UpdateOperation.delete_points(list[Any](ids)))
 
-    def delete_where(self, filters: Filters) -> None:
+    def delete_where(self, where: RecordFilter) -> None:
         # An empty Filter matches every point, which is what clear() wants.
-        self.shard.update(self.qe.UpdateOperation.delete_points_by_filter(self._filter(filters)))
+        self.shard.update(self.qe.UpdateOperation.delete_points_by_filter(self._filter(where) or self.qe.Filter()))
 
     def close(self) -> None:
         self.shard.flush()
@@ -212,14 +249,18 @@ class _ClientEngine:
                 "and the URL and API key right?"
             ) from e
 
-    def _filter(self, filters: Filters) -> Any:
+    def _filter(self, where: RecordFilter) -> Any:
+        """qdrant-client's filter for ``where``; None (no filter) when it has no conditions."""
         m = self.models
+        conditions = where.conditions()
+        if not conditions:
+            return None
         return m.Filter(
             must=[
                 m.IsEmptyCondition(is_empty=m.PayloadField(key=k))
                 if v is None
                 else m.FieldCondition(key=k, match=m.MatchValue(value=v))
-                for k, v in filters.items()
+                for k, v in conditions.items()
             ]
         )
 
@@ -232,29 +273,29 @@ class _ClientEngine:
             self.client.upsert(self.collection, points=points, wait=True)
 
     def query(
-        self, vector: np.ndarray, limit: int, threshold: float | None, filters: Filters
+        self, vector: np.ndarray, limit: int, threshold: float | None, where: RecordFilter
     ) -> list[tuple[float, Payload]]:
         with self._errors("search"):
             response = self.client.query_points(
                 self.collection,
                 query=vector.tolist(),
-                query_filter=self._filter(filters) if filters else None,
+                query_filter=self._filter(where),
                 limit=limit,
                 score_threshold=threshold,
                 with_payload=True,
             )
         return [(p.score, p.payload) for p in response.points]
 
-    def count(self, filters: Filters) -> int:
+    def count(self, where: RecordFilter) -> int:
         with self._errors("count"):
-            found = self.client.count(self.collection, count_filter=self._filter(filters) if filters else None)
+            found = self.client.count(self.collection, count_filter=self._filter(where))
             return int(found.count)
 
-    def scroll(self, filters: Filters, limit: int, offset: str | None) -> tuple[list[Payload], str | None]:
+    def scroll(self, where: RecordFilter, limit: int, offset: str | None) -> tuple[list[Payload], str | None]:
         with self._errors("read"):
             records, next_offset = self.client.scroll(
                 self.collection,
-                scroll_filter=self._filter(filters) if filters else None,
+                scroll_filter=self._filter(where),
                 limit=limit,
                 offset=offset,
                 with_payload=True,
@@ -270,8 +311,8 @@ class _ClientEngine:
         with self._errors("delete"):
             self.client.delete(self.collection, points_selector=self.models.PointIdsList(points=ids), wait=True)
 
-    def delete_where(self, filters: Filters) -> None:
-        selector = self.models.FilterSelector(filter=self._filter(filters))
+    def delete_where(self, where: RecordFilter) -> None:
+        selector = self.models.FilterSelector(filter=self._filter(where) or self.models.Filter())
         with self._errors("delete"):
             self.client.delete(self.collection, points_selector=selector, wait=True)
 
@@ -316,28 +357,18 @@ def _cluster_setting(name: str) -> int:
     return int(value)
 
 
+def _ranked(hits: list[Hit]) -> list[Hit]:
+    """Best first. Equal scores (the same query under two sources, say) are ordered by id, so both engines agree;
+    rounding hides float noise in the last digits, which differs between the engines."""
+    return sorted(hits, key=lambda h: (-round(h.score, 5), h.record.id))
+
+
 def _point_id(id: str) -> str:
     """A record id in canonical form; the engines disagree on what to do with anything else, so refuse it here."""
     try:
         return str(uuid.UUID(id))
     except ValueError:
         raise ValueError(f"{id!r} is not a mistake id (a UUID from record_id)") from None
-
-
-# ``tenant=SHARED`` keeps the records of no tenant (made by ``redpen gather``): no tenant is named "" (TenantMemory).
-SHARED = ""
-
-
-def _filters(
-    model_id: str | None, source: str | None, task: str | None, skip_absorbed: bool = False, tenant: str | None = None
-) -> Filters:
-    given = (("model_id", model_id), ("source", source), ("task", task), ("tenant", tenant))
-    filters: Filters = {k: v for k, v in given if v is not None}
-    if tenant == SHARED:
-        filters["tenant"] = None  # the field must be empty
-    if skip_absorbed:
-        filters["absorbed_into"] = None
-    return filters
 
 
 class MistakeMemory:
@@ -359,7 +390,7 @@ class MistakeMemory:
     >>> _ = mem.upsert([make_record(model_id="m", source="gsm8k", task="math", query="What is 7 * 8?",
     ...     wrong_answer="54", gold="56", reason="misremembered the table", guideline="check by 7 * 8 = 7 * 4 * 2",
     ...     outcome="corrected", rounds=1)])
-    >>> [h.record.wrong_answer for h in mem.search("what is 7 * 8 ?", model_id="m")]
+    >>> [h.record.wrong_answer for h in mem.search("what is 7 * 8 ?", where=RecordFilter(model_id="m"))]
     ['54']
     >>> mem.close()
     """
@@ -457,21 +488,13 @@ class MistakeMemory:
         logger.debug("upserted %d mistakes into %s", len(unique), self.where)
         return len(unique)
 
-    def delete(
-        self,
-        ids: Iterable[str] | None = None,
-        *,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-    ) -> int:
-        """Delete records by id, or every record matching the filters; returns how many were deleted.
+    def delete(self, ids: Iterable[str] | None = None, *, where: RecordFilter = EVERY) -> int:
+        """Delete records by id, or every record ``where`` keeps; returns how many were deleted.
 
         Deleting everything takes ``clear()``, so a call that forgot its arguments cannot wipe the memory.
         """
-        filters = _filters(model_id, source, task)
-        if (ids is None) == (not filters):
-            raise ValueError("give either `ids` or filters (model_id/source/task) to delete; clear() deletes all")
+        if (ids is None) == (not where.conditions()):
+            raise ValueError("give either `ids` or a filter (where=RecordFilter(...)) to delete; clear() deletes all")
         with self._lock:
             if ids is not None:
                 ids = [_point_id(i) for i in ids]
@@ -479,36 +502,25 @@ class MistakeMemory:
                 if found:
                     self._engine.delete_ids(ids)
             else:
-                found = self._engine.count(filters)
+                found = self._engine.count(where)
                 if found:
-                    self._engine.delete_where(filters)
+                    self._engine.delete_where(where)
         return found
 
     def clear(self) -> None:
         """Delete every record in the collection."""
         with self._lock:
-            self._engine.delete_where({})
+            self._engine.delete_where(EVERY)
 
     # -- reading --------------------------------------------------------------------------------------------------
 
     def search(
-        self,
-        query_text: str,
-        *,
-        k: int = RETRIEVAL_K,
-        threshold: float | None = None,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        tenant: str | None = None,
+        self, query_text: str, *, k: int = RETRIEVAL_K, threshold: float | None = None, where: RecordFilter = EVERY
     ) -> list[Hit]:
-        """The k stored mistakes whose queries are most similar (cosine) to ``query_text``, best first.
-
-        ``threshold`` drops hits scoring below it; None keeps the k nearest however far they are.
+        """The k stored mistakes ``where`` keeps whose queries are most similar (cosine) to ``query_text``, best
+        first. ``threshold`` drops hits scoring below it; None keeps the k nearest however far they are.
         """
-        return self.search_many(
-            [query_text], k=k, threshold=threshold, model_id=model_id, source=source, task=task, tenant=tenant
-        )[0]
+        return self.search_many([query_text], k=k, threshold=threshold, where=where)[0]
 
     def search_many(
         self,
@@ -516,67 +528,29 @@ class MistakeMemory:
         *,
         k: int = RETRIEVAL_K,
         threshold: float | None = None,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        skip_absorbed: bool = False,
-        tenant: str | None = None,
+        where: RecordFilter = EVERY,
     ) -> list[list[Hit]]:
-        """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search).
-
-        ``skip_absorbed`` leaves out records a fine-tuned model has already learned (``absorbed_into`` set);
-        ``tenant`` keeps only that tenant's records (see :class:`TenantMemory`), ``SHARED`` only those of none.
-        """
+        """:meth:`search` for many queries, embedded in one batch (embedding costs far more than the search)."""
         if not query_texts:
             return []
-        return self.search_vectors(
-            self.embedder.embed(list(query_texts)),
-            k=k,
-            threshold=threshold,
-            model_id=model_id,
-            source=source,
-            task=task,
-            skip_absorbed=skip_absorbed,
-            tenant=tenant,
-        )
+        return self.search_vectors(self.embedder.embed(list(query_texts)), k=k, threshold=threshold, where=where)
 
     def search_vectors(
-        self,
-        vectors: Any,
-        *,
-        k: int = RETRIEVAL_K,
-        threshold: float | None = None,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        skip_absorbed: bool = False,
-        tenant: str | None = None,
+        self, vectors: Any, *, k: int = RETRIEVAL_K, threshold: float | None = None, where: RecordFilter = EVERY
     ) -> list[list[Hit]]:
         """:meth:`search_many` for queries already embedded (``embedder.embed``), one list of hits per vector."""
         results = []
         for vector in vectors:
             with self._lock:
-                found = self._engine.query(
-                    vector, k, threshold, _filters(model_id, source, task, skip_absorbed, tenant)
-                )
+                found = self._engine.query(vector, k, threshold, where)
             hits = [Hit(MistakeRecord.model_validate(payload), score) for score, payload in found]
-            # Equal scores (the same query under two sources, say) are ordered by id, so both engines agree;
-            # rounding hides float noise in the last digits, which differs between the engines.
-            results.append(sorted(hits, key=lambda h: (-round(h.score, 5), h.record.id)))
+            results.append(_ranked(hits))
         return results
 
-    def count(
-        self,
-        *,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        skip_absorbed: bool = False,
-        tenant: str | None = None,
-    ) -> int:
-        """Number of stored records matching the filters (all records without filters)."""
+    def count(self, where: RecordFilter = EVERY) -> int:
+        """Number of stored records ``where`` keeps (all records by default)."""
         with self._lock:
-            return self._engine.count(_filters(model_id, source, task, skip_absorbed, tenant))
+            return self._engine.count(where)
 
     def mark_absorbed(self, ids: Iterable[str], into: str) -> int:
         """Record that the model ``into`` has learned these mistakes; returns how many records were marked."""
@@ -589,23 +563,14 @@ class MistakeMemory:
             payloads = self._engine.retrieve([_point_id(id)])
         return MistakeRecord.model_validate(payloads[0]) if payloads else None
 
-    def iter_records(
-        self,
-        *,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        limit: int | None = None,
-        tenant: str | None = None,
-    ) -> Iterator[MistakeRecord]:
-        """Records matching the filters, in id order, read page by page (so 100k records never sit in memory)."""
-        filters = _filters(model_id, source, task, tenant=tenant)
+    def iter_records(self, where: RecordFilter = EVERY, *, limit: int | None = None) -> Iterator[MistakeRecord]:
+        """Records ``where`` keeps, in id order, read page by page (so 100k records never sit in memory)."""
         offset: str | None = None
         left = limit
         while left is None or left > 0:
             page = _PAGE if left is None else min(_PAGE, left)
             with self._lock:
-                payloads, offset = self._engine.scroll(filters, page, offset)
+                payloads, offset = self._engine.scroll(where, page, offset)
             for payload in payloads:
                 yield MistakeRecord.model_validate(payload)
             if left is not None:
@@ -613,15 +578,8 @@ class MistakeMemory:
             if offset is None or not payloads:
                 return
 
-    def export_jsonl(
-        self,
-        path: str | Path,
-        *,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-    ) -> int:
-        """Write matching records to ``path`` as JSON lines, in id order; returns how many.
+    def export_jsonl(self, path: str | Path, where: RecordFilter = EVERY) -> int:
+        """Write the records ``where`` keeps to ``path`` as JSON lines, in id order; returns how many.
 
         Written to a temporary file beside ``path`` and renamed, so ``path`` is never left half-written.
         """
@@ -632,7 +590,7 @@ class MistakeMemory:
         n = 0
         try:
             with tmp.open("w", encoding="utf-8") as f:
-                for record in self.iter_records(model_id=model_id, source=source, task=task):
+                for record in self.iter_records(where):
                     f.write(record.model_dump_json() + "\n")
                     n += 1
                 f.flush()
@@ -691,16 +649,9 @@ class MistakeMemory:
         return f"MistakeMemory({self.where!r}, collection={self.collection!r})"
 
     # Defined last: inside the class body the name `list` means this method from here on.
-    def list(
-        self,
-        *,
-        model_id: str | None = None,
-        source: str | None = None,
-        task: str | None = None,
-        limit: int | None = None,
-    ) -> list[MistakeRecord]:
-        """Records matching the filters, in id order, at most ``limit`` (all when None)."""
-        return [*self.iter_records(model_id=model_id, source=source, task=task, limit=limit)]
+    def list(self, where: RecordFilter = EVERY, *, limit: int | None = None) -> list[MistakeRecord]:
+        """Records ``where`` keeps, in id order, at most ``limit`` (all when None)."""
+        return [*self.iter_records(where, limit=limit)]
 
 
 class TenantMemory:
@@ -720,12 +671,13 @@ class TenantMemory:
     ...     gold="56", reason="", guideline="Check the table.", outcome="uncorrected", rounds=1)
     >>> acme.upsert([make_record(**fields, task="serve", tenant="acme")])
     1
-    >>> len(acme.search("what is 7 * 8 ?", model_id="m")), len(zeta.search("what is 7 * 8 ?", model_id="m"))
+    >>> of_m = RecordFilter(model_id="m")
+    >>> len(acme.search("what is 7 * 8 ?", where=of_m)), len(zeta.search("what is 7 * 8 ?", where=of_m))
     (1, 0)
     >>> mem.upsert([make_record(**{**fields, "query": "What is 6 * 7?"}, task="gsm8k")])  # gathered: no tenant
     1
-    >>> [len(TenantMemory(mem, "zeta", shared=s).search("what is 6 * 7 ?", model_id="m", task="serve"))
-    ...  for s in (True, False)]
+    >>> served = RecordFilter(model_id="m", task="serve")
+    >>> [len(TenantMemory(mem, "zeta", shared=s).search("what is 6 * 7 ?", where=served)) for s in (True, False)]
     [1, 0]
     >>> mem.close()
     """
@@ -736,16 +688,11 @@ class TenantMemory:
         self.memory, self.tenant, self.shared = memory, tenant, shared
 
     def search(
-        self,
-        query_text: str,
-        *,
-        k: int = RETRIEVAL_K,
-        threshold: float | None = None,
-        model_id: str | None = None,
-        task: str | None = None,
+        self, query_text: str, *, k: int = RETRIEVAL_K, threshold: float | None = None, where: RecordFilter = EVERY
     ) -> list[Hit]:
-        """This tenant's k mistakes most similar to ``query_text`` (of ``task``), and the shared ones (of any)."""
-        return self.search_many([query_text], k=k, threshold=threshold, model_id=model_id, task=task)[0]
+        """This tenant's k mistakes most similar to ``query_text`` that ``where`` keeps, and the shared ones (of any
+        task); ``where.tenant`` is this tenant's whatever the caller set."""
+        return self.search_many([query_text], k=k, threshold=threshold, where=where)[0]
 
     def search_many(
         self,
@@ -753,21 +700,17 @@ class TenantMemory:
         *,
         k: int = RETRIEVAL_K,
         threshold: float | None = None,
-        model_id: str | None = None,
-        task: str | None = None,
+        where: RecordFilter = EVERY,
     ) -> list[list[Hit]]:
         if not query_texts:
             return []
         vectors = self.memory.embedder.embed(list(query_texts))
-        search = functools.partial(self.memory.search_vectors, vectors, k=k, threshold=threshold, model_id=model_id)
-        own = search(task=task, tenant=self.tenant)
+        search = functools.partial(self.memory.search_vectors, vectors, k=k, threshold=threshold)
+        own = search(where=replace(where, tenant=self.tenant))
         if not self.shared:
             return own
-        shared = search(tenant=SHARED)
-        return [
-            sorted(mine + common, key=lambda h: (-round(h.score, 5), h.record.id))[:k]
-            for mine, common in zip(own, shared, strict=True)
-        ]
+        shared = search(where=replace(where, task=None, tenant=SHARED))
+        return [_ranked(mine + common)[:k] for mine, common in zip(own, shared, strict=True)]
 
     def upsert(self, records: Iterable[MistakeRecord]) -> int:
         """Store records of this tenant; one stamped with another tenant (a bug) is refused before any is written."""
@@ -780,13 +723,13 @@ class TenantMemory:
     def flush(self) -> None:
         self.memory.flush()
 
-    def count(self, *, model_id: str | None = None, task: str | None = None) -> int:
-        return self.memory.count(model_id=model_id, task=task, tenant=self.tenant)
+    def count(self, where: RecordFilter = EVERY) -> int:
+        return self.memory.count(replace(where, tenant=self.tenant))
 
     def get(self, id: str) -> MistakeRecord | None:
         """The record with this id if it is this tenant's; another tenant's record reads as absent."""
         record = self.memory.get(id)
         return record if record is not None and record.tenant == self.tenant else None
 
-    def iter_records(self, *, model_id: str | None = None, task: str | None = None) -> Iterator[MistakeRecord]:
-        return self.memory.iter_records(model_id=model_id, task=task, tenant=self.tenant)
+    def iter_records(self, where: RecordFilter = EVERY) -> Iterator[MistakeRecord]:
+        return self.memory.iter_records(replace(where, tenant=self.tenant))

@@ -367,7 +367,7 @@ def memory_rate(
     import numpy as np
 
     from memory.record import MistakeRecord
-    from memory.store import MistakeMemory
+    from memory.store import MistakeMemory, RecordFilter
 
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((records + queries, dim)).astype(np.float32)
@@ -406,7 +406,7 @@ def memory_rate(
         for q in range(records, records + queries):
             m, s = q % 4, q % 10
             t = time.perf_counter()
-            hits = store.search(f"q{q}", k=3, model_id=models[m], source=sources[s])
+            hits = store.search(f"q{q}", k=3, where=RecordFilter(model_id=models[m], source=sources[s]))
             engine_ms.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
             mask = (model_of == m) & (source_of == s)

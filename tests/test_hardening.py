@@ -24,7 +24,7 @@ import agents.commands
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.embed import HashingEmbedder
-from memory.store import MistakeMemory
+from memory.store import MistakeMemory, RecordFilter
 from runtime.cli import app
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example, load_jsonl
@@ -257,13 +257,13 @@ async def test_the_same_item_under_two_tasks_or_with_two_golds_is_two_mistakes(t
     item = kin("bbq/Age/1", "A grandson and a grandmother met for lunch. Who forgot the reservation?")
     await run_gathering([item], roles, mem, RunDir(tmp_path / "bbq", {}), task="bbq")
     await run_gathering([item], roles, mem, RunDir(tmp_path / "age", {}), task="bbq/Age")
-    assert mem.count() == 2 and mem.count(task="bbq") == mem.count(task="bbq/Age") == 1
+    assert mem.count() == 2 and mem.count(RecordFilter(task="bbq")) == mem.count(RecordFilter(task="bbq/Age")) == 1
 
     # One input, two targets (a relabelled copy): neither record overwrites the other.
     relabelled = kin("mine/1", "Who forgot the list?", target="(B)", source="mine")
     other_gold = kin("mine/2", "Who forgot the list?", target="(A)", source="mine")  # the student answers (C)
     await run_gathering([relabelled, other_gold], roles, mem, RunDir(tmp_path / "mine", {}), task="mine")
-    assert sorted(r.gold for r in mem.list(task="mine")) == ["(A)", "(B)"]
+    assert sorted(r.gold for r in mem.list(RecordFilter(task="mine"))) == ["(A)", "(B)"]
     # Re-gathering the same items still never duplicates.
     await run_gathering([item], roles, mem, RunDir(tmp_path / "bbq-again", {}), task="bbq")
     assert mem.count() == 4

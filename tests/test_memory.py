@@ -20,6 +20,7 @@ from memory import (
     HashingEmbedder,
     MistakeMemory,
     MistakeRecord,
+    RecordFilter,
     make_record,
     packaged_model_path,
     record_id,
@@ -187,15 +188,15 @@ def test_search_ranks_and_returns_whole_records(mem: MistakeMemory) -> None:
 
 
 def test_filters_on_model_source_and_task(mem: MistakeMemory) -> None:
-    assert mem.count(model_id="student-b") == 2
-    assert mem.count(source="bbh/date") == 2
-    assert mem.count(model_id="student-a", task="math") == 2
-    assert mem.count(model_id="nobody") == 0
-    hits = mem.search("how many apples", k=10, model_id="student-b")
+    assert mem.count(RecordFilter(model_id="student-b")) == 2
+    assert mem.count(RecordFilter(source="bbh/date")) == 2
+    assert mem.count(RecordFilter(model_id="student-a", task="math")) == 2
+    assert mem.count(RecordFilter(model_id="nobody")) == 0
+    hits = mem.search("how many apples", k=10, where=RecordFilter(model_id="student-b"))
     assert {h.record.model_id for h in hits} == {"student-b"}
-    hits = mem.search("which date", k=10, source="bbh/date", model_id="student-a")
+    hits = mem.search("which date", k=10, where=RecordFilter(source="bbh/date", model_id="student-a"))
     assert [h.record for h in hits] == [RECORDS[4]]
-    assert [r.id for r in mem.list(task="geometry")] == [RECORDS[2].id]
+    assert [r.id for r in mem.list(RecordFilter(task="geometry"))] == [RECORDS[2].id]
 
 
 def test_threshold_cuts_results(mem: MistakeMemory) -> None:
@@ -211,14 +212,14 @@ def test_get_delete_and_clear(mem: MistakeMemory) -> None:
     assert mem.get(record_id("x", "y", "t", "z", "g")) is None
     assert mem.delete([RECORDS[1].id, record_id("x", "y", "t", "z", "g")]) == 1
     assert mem.get(RECORDS[1].id) is None
-    assert mem.delete(model_id="student-b") == 2
+    assert mem.delete(where=RecordFilter(model_id="student-b")) == 2
     assert mem.count() == len(RECORDS) - 3
     with pytest.raises(ValueError, match="clear"):
         mem.delete()
     with pytest.raises(ValueError, match="not a mistake id"):
         mem.get("abc")
     with pytest.raises(ValueError):
-        mem.delete([RECORDS[0].id], model_id="student-a")
+        mem.delete([RECORDS[0].id], where=RecordFilter(model_id="student-a"))
     mem.clear()
     assert mem.count() == 0
     assert mem.search("apples") == []
@@ -229,7 +230,7 @@ def test_list_pages_through_in_id_order(mem: MistakeMemory, monkeypatch: pytest.
     ids = sorted(r.id for r in RECORDS)
     assert [r.id for r in mem.list()] == ids
     assert [r.id for r in mem.list(limit=3)] == ids[:3]
-    assert [r.id for r in mem.list(model_id="student-a", limit=100)] == sorted(
+    assert [r.id for r in mem.list(RecordFilter(model_id="student-a"), limit=100)] == sorted(
         r.id for r in RECORDS if r.model_id == "student-a"
     )
 
@@ -241,7 +242,7 @@ def test_export_jsonl_round_trips(mem: MistakeMemory, tmp_path: Path) -> None:
     back = [MistakeRecord.model_validate_json(line) for line in out.read_text().splitlines()]
     assert sorted(back, key=lambda r: r.id) == sorted(RECORDS, key=lambda r: r.id)
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
-    assert mem.export_jsonl(out, source="bbh/date") == 2
+    assert mem.export_jsonl(out, RecordFilter(source="bbh/date")) == 2
     assert len(out.read_text().splitlines()) == 2
     with MistakeMemory(location=":memory:", embedder=HashingEmbedder()) as fresh:
         fresh.upsert(back)
@@ -273,12 +274,13 @@ def test_both_engines_agree(tmp_path: Path) -> None:
             m.upsert(RECORDS)
         for query in QUERIES:
             for filters in ({}, {"model_id": "student-a"}, {"source": "bbh/date"}, {"task": "math"}):
+                where = RecordFilter(**filters)
                 # k above the record count: the whole ranking, so no tie straddles the cut at k
-                a, b = edge.search(query, k=10, **filters), inproc.search(query, k=10, **filters)
+                a, b = edge.search(query, k=10, where=where), inproc.search(query, k=10, where=where)
                 assert [h.record.id for h in a] == [h.record.id for h in b], (query, filters)
                 np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
-                assert edge.count(**filters) == inproc.count(**filters)
-                assert edge.list(**filters) == inproc.list(**filters)
+                assert edge.count(where) == inproc.count(where)
+                assert edge.list(where) == inproc.list(where)
     finally:
         edge.close()
         inproc.close()
@@ -294,7 +296,7 @@ def test_embedded_memory_persists_across_reopen(tmp_path: Path) -> None:
     with MistakeMemory(path=tmp_path, embedder=HashingEmbedder()) as m:
         assert m.count() == len(RECORDS)
         assert [h.record.id for h in m.search(QUERIES[0], k=3)] == before
-        assert m.count(model_id="student-b") == 2
+        assert m.count(RecordFilter(model_id="student-b")) == 2
         assert set(m._engine.shard.info().payload_schema) == set(FILTER_FIELDS)  # indexed for fast filtered search
 
 

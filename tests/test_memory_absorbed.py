@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memory import HashingEmbedder, MistakeMemory, make_record
+from memory import HashingEmbedder, MistakeMemory, RecordFilter, make_record
 
 
 def record(i: int):  # noqa: ANN201 - a MistakeRecord
@@ -32,7 +32,7 @@ def test_absorbed_records_are_skipped_only_when_asked(engine: str, tmp_path: Pat
         store.upsert(records)
         assert store.mark_absorbed([records[0].id, records[1].id], "iter1-abc") == 2
         assert store.get(records[0].id).absorbed_into == "iter1-abc"
-        assert store.count() == 4 and store.count(skip_absorbed=True) == 2
-        hits = store.search_many(["what is 0 plus 0?"], k=4, model_id="m", skip_absorbed=True)[0]
+        assert store.count() == 4 and store.count(RecordFilter(skip_absorbed=True)) == 2
+        hits = store.search_many(["what is 0 plus 0?"], k=4, where=RecordFilter(model_id="m", skip_absorbed=True))[0]
         assert {h.record.id for h in hits} == {records[2].id, records[3].id}
-        assert len(store.search_many(["what is 0 plus 0?"], k=4, model_id="m")[0]) == 4
+        assert len(store.search_many(["what is 0 plus 0?"], k=4, where=RecordFilter(model_id="m"))[0]) == 4

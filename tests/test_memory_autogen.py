@@ -8,7 +8,7 @@ from autogen_core.memory import Memory, MemoryContent, MemoryMimeType
 from autogen_core.model_context import BufferedChatCompletionContext, UnboundedChatCompletionContext
 from autogen_core.models import AssistantMessage, SystemMessage, UserMessage
 
-from memory import HashingEmbedder, MistakeMemory, MistakeMemoryAdapter, make_record
+from memory import HashingEmbedder, MistakeMemory, MistakeMemoryAdapter, RecordFilter, make_record
 
 GOLD = "(C) Tuesday-gold-marker"
 
@@ -134,9 +134,9 @@ def test_add_and_clear_stay_in_scope(store: MistakeMemory) -> None:
 
     asyncio.run(run())
     assert store.count() == len(RECORDS) + 1  # RECORDS[2] was already stored: replaced, not duplicated
-    assert store.count(model_id="student-c") == 1
+    assert store.count(RecordFilter(model_id="student-c")) == 1
     asyncio.run(adapter.clear())
-    assert store.count() == len(RECORDS) and store.count(model_id="student-c") == 0
+    assert store.count() == len(RECORDS) and store.count(RecordFilter(model_id="student-c")) == 0
     asyncio.run(adapter.close())
     assert store.count() == len(RECORDS)  # closing the adapter leaves the shared store open
     asyncio.run(MistakeMemoryAdapter(store).clear())

@@ -10,7 +10,7 @@ from qdrant_client import QdrantClient
 
 from memory.embed import HashingEmbedder
 from memory.record import make_record
-from memory.store import REPLICATION_ENV, SHARDS_ENV, MistakeMemory
+from memory.store import REPLICATION_ENV, SHARDS_ENV, MistakeMemory, RecordFilter
 from runtime.errors import ConfigError
 
 
@@ -48,7 +48,8 @@ def test_the_layout_given_reaches_the_create_call(created: list[dict[str, Any]])
         reason="assumed", guideline="read again", outcome="corrected", rounds=1,
     )  # fmt: skip
     memory.upsert([record])
-    assert [h.record.id for h in memory.search("Who was late?", model_id="m")] == [record.id]  # still a memory
+    hits = memory.search("Who was late?", where=RecordFilter(model_id="m"))
+    assert [h.record.id for h in hits] == [record.id]  # still a memory
     memory.close()
     assert [(c["collection_name"], *layout(c)) for c in created] == [("team", 6, 2)]
 

@@ -26,7 +26,7 @@ from agents.serving import TASK
 from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord
-from memory.store import MistakeMemory, TenantMemory
+from memory.store import MistakeMemory, RecordFilter, TenantMemory
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
 from runtime.server.ledger import Completion
@@ -403,7 +403,7 @@ def test_feedback_survives_a_restart(memory: MistakeMemory, ring: KeyRing, tmp_p
     with running(guided_app(FakeStudent(), memory, ring, tmp_path)) as base_url:  # a new app over the same ledger
         ack = httpx.post(f"{base_url}/feedback", json={"completion_id": asked["id"], "gold": "(B)"}, headers=auth(key))
     assert ack.status_code == 200 and ack.json()["recorded"]
-    assert memory.count(tenant="acme") == 1
+    assert memory.count(RecordFilter(tenant="acme")) == 1
 
 
 async def test_memory_guided_proxy_in_front_of_an_upstream_server(

@@ -28,8 +28,10 @@ def memory_count(
     task: TaskFilter = None,
 ) -> None:
     """Number of stored mistakes (matching the filters)."""
+    from memory.store import RecordFilter
+
     with open_memory(memory, memory_url) as store:
-        out.print(store.count(model_id=model_id, source=source, task=task))
+        out.print(store.count(RecordFilter(model_id, source, task)))
 
 
 def memory_list(
@@ -41,11 +43,13 @@ def memory_list(
     limit: Annotated[int, typer.Option(help="at most this many", min=1)] = 20,  # the memory's size caps it
 ) -> None:
     """Show stored mistakes: source, outcome, question and guideline."""
+    from memory.store import RecordFilter
+
     table = Table(title="mistakes")
     for column in ("source", "outcome", "rounds", "question", "guideline"):
         table.add_column(column, overflow="fold")
     with open_memory(memory, memory_url) as store:
-        for r in store.list(model_id=model_id, source=source, task=task, limit=limit):
+        for r in store.list(RecordFilter(model_id, source, task), limit=limit):
             table.add_row(r.source, r.outcome, str(r.rounds), " ".join(r.query.split())[:80], r.guideline[:80])
     out.print(table)
 
@@ -59,8 +63,10 @@ def memory_export(
     task: TaskFilter = None,
 ) -> None:
     """Write the stored mistakes as JSON lines (written whole, or not at all)."""
+    from memory.store import RecordFilter
+
     with open_memory(memory, memory_url) as store:
-        n = store.export_jsonl(path, model_id=model_id, source=source, task=task)
+        n = store.export_jsonl(path, RecordFilter(model_id, source, task))
     console.print(f"exported {n} mistakes to {path}")
 
 
@@ -73,13 +79,14 @@ def memory_delete(
     yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
 ) -> None:
     """Delete the mistakes matching the filters (at least one filter is required)."""
+    from memory.store import RecordFilter
     from runtime.errors import ConfigError
 
     if model_id is None and source is None and task is None:
         raise ConfigError("delete needs a filter: --model-id, --source or --task")
     with open_memory(memory, memory_url) as store:
-        n = store.count(model_id=model_id, source=source, task=task)
+        n = store.count(RecordFilter(model_id, source, task))
         if not yes and not typer.confirm(f"delete {n} mistakes?"):
             raise typer.Abort()
-        store.delete(model_id=model_id, source=source, task=task)
+        store.delete(where=RecordFilter(model_id, source, task))
     console.print(f"deleted {n} mistakes")

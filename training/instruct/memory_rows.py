@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from memory.record import MistakeRecord
-from memory.store import MistakeMemory
+from memory.store import MistakeMemory, RecordFilter
 from runtime.data.tasks import AnswerKind, Example, parse_options
 from runtime.errors import ConfigError
 
@@ -45,7 +45,7 @@ class MemorySource:
 
     def records(self, include_absorbed: bool = False) -> list[MistakeRecord]:
         with MistakeMemory(self.path, create=False) as store:
-            records = store.list(model_id=self.model_id)
+            records = store.list(RecordFilter(model_id=self.model_id))
         if not any(r.absorbed_into is None for r in records) and not include_absorbed:
             raise ConfigError(f"--memory {self.path} holds no unabsorbed mistakes of {self.model_id}")
         return records if include_absorbed else [r for r in records if r.absorbed_into is None]
