@@ -16,6 +16,7 @@ from typing import Any
 
 from runtime.models.backend import Message
 from runtime.server.errors import APIError
+from runtime.server.responses import FunctionCallOut, ToolCallOut
 from runtime.server.schema import ChatMessageIn, NamedToolChoice, Tool
 
 # OpenAI's roles as the backends take them: "developer" is the newer name for "system", and a tool's result is
@@ -119,14 +120,14 @@ def closed_schema(schema: Any) -> Any:
     return closed
 
 
-def tool_calls(text: str, tools: Sequence[Tool], *, forced: bool, parallel: bool = True) -> list[dict[str, Any]]:
+def tool_calls(text: str, tools: Sequence[Tool], *, forced: bool, parallel: bool = True) -> list[ToolCallOut]:
     """The calls of offered tools in a reply, in OpenAI's shape; none when it calls nothing (or nothing offered).
 
     >>> from runtime.server.schema import FunctionDef
     >>> tools = [Tool(type="function", function=FunctionDef(name="add"))]
     >>> calls = tool_calls('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', tools, forced=False)
-    >>> calls[0]["function"]
-    {'name': 'add', 'arguments': '{"a": 1}'}
+    >>> calls[0].function
+    FunctionCallOut(name='add', arguments='{"a": 1}')
     """
     offered = {t.function.name for t in tools}
     bodies = [text] if forced else _CALL.findall(text)
@@ -141,13 +142,8 @@ def tool_calls(text: str, tools: Sequence[Tool], *, forced: bool, parallel: bool
         if not isinstance(call, dict) or call.get("name") not in offered:
             continue
         arguments = call.get("arguments", call.get("parameters", {}))
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": call["name"], "arguments": json.dumps(arguments)},
-            }
-        )
+        function = FunctionCallOut(name=call["name"], arguments=json.dumps(arguments))
+        calls.append(ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}", function=function))
     return calls if parallel else calls[:1]
 
 

@@ -3,6 +3,9 @@
 Each key belongs to a tenant (its name, unless given), and a tenant sees and feeds only its own mistake memory.
 Keys are 256 random bits, so one SHA-256 is enough to store them: nobody can search that space from a hash, and
 a slow password hash would only slow down every request.
+
+Every route but ``/health`` takes its caller through ``Authorized``: the bearer key's tenant, or 401. Keys are
+managed by ``redpen serve keys`` on the server's machine, never over HTTP (that would need a key above the keys).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from runtime.errors import ConfigError, DataError
+from runtime.server.errors import APIError
 
 PREFIX = "rp-"  # so a leaked redpen key is recognisable (secret scanners match on prefixes)
+OPEN_TENANT = "default"  # the one tenant of an app built without keys (in-process tests); `redpen serve` has keys
 
 
 @dataclass(frozen=True)
@@ -97,3 +105,32 @@ class KeyRing:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str  # the key's hash: what in-flight requests are counted by
+    tenant: str
+
+
+def authenticate(request: Request) -> Caller:
+    """The caller of a request, by its bearer key (the app's ``state.keys``); 401 for a missing or unknown key."""
+    keys: KeyRing | None = request.app.state.keys
+    if keys is None:
+        return Caller(key_id="", tenant=OPEN_TENANT)
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise APIError(
+            401,
+            "You didn't provide an API key: send it as 'Authorization: Bearer KEY' "
+            "(make one with `redpen serve keys add NAME`)",
+            code="invalid_api_key",
+        )
+    tenant = keys.tenant_of(key)
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+    return Caller(key_id=key_hash(key), tenant=tenant)
+
+
+Authorized = Annotated[Caller, Depends(authenticate)]

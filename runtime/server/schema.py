@@ -8,9 +8,14 @@ asked" (``n: 1``, ``presence_penalty: 0``, ``store: false``), and a field OpenAI
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.models.backend import GenerationSettings
+from runtime.server.errors import APIError
+from runtime.server.limits import ServeLimits
 
 
 class _Strict(BaseModel):
@@ -194,3 +199,42 @@ def unsupported(request: ChatRequest | CompletionRequest) -> list[str]:
                 if getattr(message, name) is not None
             ]
     return problems
+
+
+def choice_count(n: int | None) -> int:
+    """Choices asked for (``n``): 1 to 16, a bound that keeps one request from filling the batch."""
+    if n is not None and not 1 <= n <= 16:
+        raise APIError(400, f"n must be between 1 and 16, got {n}")
+    return n or 1
+
+
+def nth(settings: GenerationSettings, i: int) -> GenerationSettings:
+    """The settings of choice ``i`` of n: a seeded request's choices differ from one another, and repeat."""
+    return settings if i == 0 or settings.seed is None else dataclasses.replace(settings, seed=settings.seed + i)
+
+
+def sampling(
+    request: ChatRequest | CompletionRequest, limits: ServeLimits, max_tokens: int | None
+) -> GenerationSettings:
+    """A request's sampling settings, checked against OpenAI's ranges and the server's reply cap."""
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens} (--max-tokens)")
+    temperature, top_p, seed = request.temperature, request.top_p, request.seed
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(400, f"seed must be an integer in [0, 2**63), got {seed}")
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > 4:
+        raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}")
+    return GenerationSettings(
+        max_new_tokens=max_tokens or limits.default_max_tokens,
+        temperature=1.0 if temperature is None else temperature,  # OpenAI's default
+        top_p=1.0 if top_p is None else top_p,
+        seed=seed,
+        stop=tuple(stops),
+    )
