@@ -242,3 +242,51 @@ def test_the_first_streamed_piece_comes_before_the_whole_reply(url: str) -> None
     first = sorted(t for t, _ in times)[2]
     whole = sorted(t for _, t in times)[2]
     assert 0 < first < whole / 2
+
+
+def test_an_upstream_server_honours_what_the_openai_backend_passes_on(url: str, client: openai.OpenAI) -> None:
+    """redpen in front of redpen: the second server's model is the first's, reached through the openai backend;
+    response_format, a required tool call, logprobs and streaming are honoured upstream and come back the same."""
+    from runtime.models.openai_backend import OpenAIBackend
+
+    upstream = OpenAIBackend(MODEL, base_url=url, api_key="unused", max_retries=0)
+    with running(build_app(upstream)) as proxy_url:
+        proxy = openai.OpenAI(base_url=proxy_url, api_key="unused", max_retries=0)
+        schema = {
+            "type": "object",
+            "properties": {"answer": {"type": "string", "maxLength": 12}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        }
+        shaped = proxy.chat.completions.create(
+            model=MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=40,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        )
+        called = proxy.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice="required",
+            max_tokens=60,
+            temperature=0,
+        )
+        ask: Any = {"model": MODEL, "messages": CHAT, "max_tokens": 6, "temperature": 0}
+        scored = proxy.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+        direct = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+        chunks = list(proxy.chat.completions.create(**ask | {"max_tokens": 24}, stream=True))
+        whole = client.chat.completions.create(**ask | {"max_tokens": 24})
+
+    assert set(json.loads(shaped.choices[0].message.content or "")) == {"answer"}
+    call = (called.choices[0].message.tool_calls or [])[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert set(json.loads(call.function.arguments)) == {"city"}  # type: ignore[union-attr]
+    through, here = scored.choices[0].logprobs, direct.choices[0].logprobs
+    assert through is not None and here is not None and through.content and here.content
+    assert [t.token for t in through.content] == [t.token for t in here.content]
+    assert [t.logprob for t in through.content] == pytest.approx([t.logprob for t in here.content], abs=1e-4)
+    assert all(len(t.top_logprobs) == 2 for t in through.content)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content  # streamed upstream too

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory, RecordFilter, TenantMemory
-from runtime.models.backend import Backend, Generation, GenerationSettings, Message
+from runtime.models.backend import Backend, Decoding, Generation, GenerationSettings, Message, Prompt
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
 from runtime.server.ledger import Completion
 from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent
@@ -82,6 +83,34 @@ class SlowStudent(FakeStudent):
             self.gone.set()
             raise
         return await super().generate(messages, settings, adapter)
+
+
+class TrickleStudent(FakeStudent):
+    """The fake student, its reply decoded a word every ``step_s`` and handed on as it grows, as the local backend
+    streams; ``finished`` is when the last word was decoded."""
+
+    features = frozenset({"stream"})
+
+    def __init__(self, step_s: float) -> None:
+        super().__init__()
+        self.step_s, self.finished = step_s, 0.0
+
+    async def complete(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings = GenerationSettings(),
+        adapter: str | None = None,
+        decoding: Decoding = Decoding(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        whole = await self.generate(prompt, settings, adapter)  # type: ignore[arg-type]  # chat messages here
+        words = whole.text.split(" ")
+        for i in range(len(words)):
+            await asyncio.sleep(self.step_s)
+            if on_text is not None:
+                on_text(" ".join(words[: i + 1]))
+        self.finished = time.perf_counter()
+        return whole
 
 
 class SmallContext(FakeStudent):
@@ -353,6 +382,26 @@ def test_streaming_gives_the_same_answer_in_chunks(url: str, keys: dict[str, str
     assert (
         len({c.id for c in chunks}) == 1 and chunks[-1].model_extra is not None and "redpen" in chunks[-1].model_extra
     )
+
+
+async def test_a_memory_guided_stream_sends_the_reply_as_the_student_decodes_it(
+    memory: MistakeMemory, ring: KeyRing, tmp_path: Path
+) -> None:
+    key, student = ring.add("acme"), TrickleStudent(step_s=0.05)
+    events: list[tuple[float, dict[str, Any]]] = []  # each chunk, with when it arrived
+    with running(guided_app(student, memory, ring, tmp_path)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, headers=auth(key), timeout=10) as http:
+            async with http.stream("POST", "/chat/completions", json=chat(stream=True)) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        events.append((time.perf_counter(), json.loads(line[6:])))
+            ack = await http.post("/feedback", json={"completion_id": events[0][1]["id"], "correct": True})
+    pieces = [(at, e["choices"][0]["delta"]["content"]) for at, e in events if e["choices"][0]["delta"].get("content")]
+    assert len(pieces) > 1 and "".join(text for _, text in pieces) == STUDENT_WRONG
+    assert pieces[0][0] < student.finished  # the first piece came while the student was still decoding
+    last = events[-1][1]
+    assert "redpen" in last and last["choices"][0]["finish_reason"] == "stop" and last["usage"]["completion_tokens"]
+    assert ack.status_code == 200  # the streamed completion is in the ledger
 
 
 async def test_autogen_openai_client_talks_to_the_server(url: str, keys: dict[str, str]) -> None:

@@ -21,7 +21,16 @@ from openai import AsyncOpenAI
 
 from runtime.defaults import SERVER_MAX_CONCURRENCY
 from runtime.errors import BackendError, ConfigError
-from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.models.backend import (
+    Backend,
+    Decoding,
+    Generation,
+    GenerationSettings,
+    Message,
+    Prompt,
+    TokenLogprob,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,8 @@ class OpenAIBackend(Backend):
     """
 
     kind = "openai"
+    # Passed on to the upstream server, which honours them or answers why not (see ``complete``).
+    features = frozenset({"logprobs", "json_schema", "stream"})
     # ``ignore_eos`` is no OpenAI field: vLLM and llama-server take it, another server may refuse the request.
     takes_ignore_eos = False
 
@@ -111,6 +122,22 @@ class OpenAIBackend(Backend):
         settings: GenerationSettings = DEFAULT_SETTINGS,
         adapter: str | None = None,
     ) -> Generation:
+        return await self.complete(messages, settings, adapter)
+
+    async def complete(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings = DEFAULT_SETTINGS,
+        adapter: str | None = None,
+        decoding: Decoding = Decoding(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """A chat reply shaped by the upstream server: ``decoding.json_schema`` goes as its ``response_format``,
+        ``decoding.logprobs`` as ``logprobs`` and ``top_logprobs``; with ``on_text`` the reply is streamed from
+        the server and handed on, whole so far, each time it grows."""
+        if not prompt or isinstance(prompt[0], int):
+            raise BackendError("the openai backend takes chat messages, not token ids")
+        messages: Sequence[Message] = prompt  # type: ignore[assignment]  # not ids, checked above
         model = adapter or self.model
         optional: dict[str, Any] = {}
         if settings.seed is not None:
@@ -119,23 +146,38 @@ class OpenAIBackend(Backend):
             optional["stop"] = list(settings.stop)
         if settings.ignore_eos and self.takes_ignore_eos:  # benchmarks: always max_new_tokens
             optional["extra_body"] = {"ignore_eos": True}
-        response = await self._call(
-            lambda client: client.chat.completions.create(
-                model=model,
-                messages=[{"role": m["role"], "content": m["content"]} for m in messages],  # type: ignore[misc]
-                max_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                **optional,
-            ),
-            model,
-        )
+        if decoding.json_schema is not None:
+            # Not strict: OpenAI's strict mode refuses schemas outside its subset (a forced tool call's anyOf at the
+            # root); vLLM, llama-server and redpen serve hold a reply to the schema either way.
+            schema = {"name": "reply", "schema": decoding.json_schema, "strict": False}
+            optional["response_format"] = {"type": "json_schema", "json_schema": schema}
+        if decoding.logprobs is not None:
+            optional["logprobs"] = True
+            optional["top_logprobs"] = decoding.logprobs
+        request: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            **optional,
+        }
+        if on_text is not None:
+            return await self._call(lambda client: _streamed(client, request, on_text), model)
+        response = await self._call(lambda client: client.chat.completions.create(**request), model)
         choice = response.choices[0]
         usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens) if response.usage else Usage()
+        tokens = None
+        if decoding.logprobs is not None:
+            tokens = tuple(
+                TokenLogprob(t.token, t.logprob, tuple((top.token, top.logprob) for top in t.top_logprobs))
+                for t in (choice.logprobs.content if choice.logprobs and choice.logprobs.content else [])
+            )
         return Generation(
             text=choice.message.content or "",
             usage=usage,
             finish_reason="length" if choice.finish_reason == "length" else "stop",
+            logprobs=tokens,
         )
 
     @property
@@ -300,6 +342,22 @@ class OpenAIBackend(Backend):
         except openai.OpenAIError:
             return None
         return [m.id for m in page.data]
+
+
+async def _streamed(client: AsyncOpenAI, request: dict[str, Any], on_text: Callable[[str], None]) -> Generation:
+    """A chat reply streamed from the server, ``on_text`` given the text so far as each piece arrives."""
+    text, finish, usage = "", "stop", Usage()
+    stream = await client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text += choice.delta.content
+                on_text(text)
+            if choice.finish_reason is not None:
+                finish = "length" if choice.finish_reason == "length" else "stop"
+    return Generation(text=text, usage=usage, finish_reason=finish)
 
 
 def _transient(error: openai.APIConnectionError | openai.APIStatusError) -> bool:
