@@ -4,10 +4,15 @@ sandbox's check: canonical solutions pass, broken ones fail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -678,4 +683,125 @@ async def starvation_rate(
         "alone_latencies_s": [round(s, 3) for s in alone],
         "alone_p50_s": round(alone_p50, 3),
         "phases": phases,
+    }
+
+
+@contextlib.contextmanager
+def serve_on_loopback(state: Path, key: str, args: Sequence[str] = ()) -> Iterator[tuple[str, str]]:
+    """``redpen serve`` in a subprocess on a free loopback port, its keys in ``state`` (``key`` among them), with
+    ``args``; yields its ``/v1`` URL and the model it serves once it answers, and stops it after. Its output goes
+    to ``state/server.log``."""
+    import httpx
+
+    from runtime.errors import BackendError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--port", str(port)]
+    log_path = state / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([*command, "--state", str(state), *args], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300  # the default model loads in seconds; a loaded machine takes longer
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise BackendError(f"the server did not start: {log_path.read_text()[-2000:]}")
+            try:
+                listed = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"})
+                served = str(listed.json()["data"][0]["id"])
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        yield url, served
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+_QUESTIONS = ["Who was late to the meeting?", "Name a colour.", "What is 2 + 2?", "Say hello."]
+
+
+async def first_token_rate(
+    url: str, key: str, model: str, *, streams: int = 20, max_tokens: int = 64
+) -> dict[str, Any]:
+    """Streamed chats one at a time (greedy, ``max_tokens`` each): the median time to the first streamed text, the
+    median time to the whole reply, and their ratio (small: the reader sees text long before the reply ends)."""
+    import httpx
+
+    firsts, wholes = [], []
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
+        for i in range(streams):
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"{_QUESTIONS[i % len(_QUESTIONS)]} ({i})"}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+            started, first = time.perf_counter(), None
+            async with http.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"stream {i} answered {response.status_code}: {(await response.aread())!r}")
+                async for line in response.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["delta"].get("content"):
+                            first = time.perf_counter() - started
+            wholes.append(time.perf_counter() - started)
+            firsts.append(first if first is not None else wholes[-1])
+    first_s, whole_s = statistics.median(firsts), statistics.median(wholes)
+    return {
+        "streams": streams,
+        "first_token_s": round(first_s, 4),
+        "whole_s": round(whole_s, 4),
+        "first_token_ratio": round(first_s / whole_s, 3),
+    }
+
+
+async def chat_load(
+    url: str, key: str, model: str, *, users: int = 20, seconds: float = 60.0, max_tokens: int = 20
+) -> dict[str, Any]:
+    """``users`` clients, each sending chats (``max_tokens`` each) one after another for ``seconds``: p50 and p95
+    latency of the answered ones, and the others counted by status (429 and 504 included) or by client error."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop = time.monotonic() + seconds
+
+    async def user(i: int, http: httpx.AsyncClient) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"{_QUESTIONS[(i + n) % len(_QUESTIONS)]} ({i}.{n})"}],
+                "max_tokens": max_tokens,
+            }
+            started = time.perf_counter()
+            try:
+                status = str((await http.post("/chat/completions", json=body)).status_code)
+            except httpx.HTTPError as error:
+                status = type(error).__name__
+            if status == "200":
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors[status] = errors.get(status, 0) + 1
+            n += 1
+
+    started = time.perf_counter()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as http:
+        await asyncio.gather(*(user(i, http) for i in range(users)))
+    elapsed = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+    return {
+        "users": users,
+        "seconds": round(elapsed, 1),  # the last requests end after ``seconds``
+        "answered": len(latencies),
+        "errors": errors,
+        "requests_per_s": round(len(latencies) / elapsed, 2),
+        "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "p95_s": round(cuts[18], 3) if latencies else None,
     }

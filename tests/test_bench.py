@@ -30,3 +30,21 @@ def test_pipeline_against_a_simulated_server_keeps_every_item_in_flight(data_dir
     assert client["requests"] == figures["server"]["requests"] and client["cpu_s"] >= client["loop_cpu_s"] > 0
     assert client["cpu_ms_per_request"] == pytest.approx(1000 * client["cpu_s"] / client["requests"], rel=0.01)
     assert "on the event loop" in printed
+
+
+def test_bench_serve_times_the_first_streamed_token_and_a_load_of_users(tmp_path: Path) -> None:
+    from tests.helpers import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    command = [sys.executable, "-c", "from runtime.cli import main; main()", "bench", "serve", "--model", str(model)]
+    args = ["--streams", "2", "--stream-tokens", "8", "--users", "2", "--seconds", "1", "--chat-tokens", "4", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert 0 < figures["first_token_s"] <= figures["whole_s"] and 0 < figures["first_token_ratio"] <= 1
+    load = figures["load"]
+    assert load["users"] == 2 and load["answered"] >= 2 and load["errors"] == {}
+    assert 0 < load["p50_s"] <= load["p95_s"]
+    printed = " ".join(result.stderr.split())  # the console wraps lines at its width
+    assert "first token" in printed and "p95" in printed

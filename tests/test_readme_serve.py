@@ -28,10 +28,13 @@ PRELUDE = 'set -eo pipefail\ncurl() { command curl --fail-with-body "$@"; echo; 
 
 
 def serving_blocks() -> list[str]:
+    """The Serving section's bash blocks that send requests (one only of `redpen` commands, a bench, has none)."""
     section = README.read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     return [
-        "\n".join(line for line in block.splitlines() if not re.match(r"(KEY=\$\()?redpen ", line)) for block in blocks
+        "\n".join(line for line in block.splitlines() if not re.match(r"(KEY=\$\()?redpen ", line))
+        for block in blocks
+        if "curl " in block
     ]
 
 

@@ -55,6 +55,7 @@ bench_app.command("memory")(bench.bench_memory)
 bench_app.command("sandbox")(bench.bench_sandbox)
 bench_app.command("train")(bench.bench_train)
 bench_app.command("starvation")(bench.bench_starvation)
+bench_app.command("serve")(bench.bench_serve)
 
 
 REDPEN_PACKAGES = ("runtime", "agents", "memory", "training")

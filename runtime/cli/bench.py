@@ -513,3 +513,50 @@ def bench_starvation(
         )
     if json_out:
         print(json.dumps(result))
+
+
+def bench_serve(
+    streams: Annotated[
+        int, typer.Option(help="streamed chats timed one at a time; medians are reported", min=1, max=MOST_REPEATS)
+    ] = 20,
+    stream_tokens: Annotated[int, typer.Option(help="max_tokens of a streamed chat", min=1, max=MOST_NEW_TOKENS)] = 64,
+    users: Annotated[
+        int,
+        typer.Option(help="users of the load test, each sending chats one after another (0: none)", min=0, max=1000),
+    ] = 20,
+    seconds: Annotated[float, typer.Option(help="length of the load test", min=1.0, max=3600.0)] = 60.0,
+    chat_tokens: Annotated[int, typer.Option(help="max_tokens of a load-test chat", min=1, max=MOST_NEW_TOKENS)] = 20,
+    model: Model = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Streaming's time to the first token against the whole reply (medians), then chat latency under --users users
+    (p50, p95, errors), through `redpen serve` on loopback."""
+    import contextlib
+    import tempfile
+
+    from runtime.bench import chat_load, first_token_rate, serve_on_loopback
+    from runtime.server import KeyRing
+
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, contextlib.ExitStack() as server:
+        key = KeyRing(Path(tmp) / "keys.json").add("bench")
+        with console.status("starting the server ..."):
+            url, served = server.enter_context(serve_on_loopback(Path(tmp), key, ["--model", model] if model else []))
+        with console.status(f"{streams} streamed chats ..."):
+            result = asyncio.run(first_token_rate(url, key, served, streams=streams, max_tokens=stream_tokens))
+        console.print(
+            f"streaming ({served}, max_tokens {stream_tokens}, median of {streams}): first token "
+            f"{result['first_token_s']:.3f} s, whole reply {result['whole_s']:.3f} s, "
+            f"ratio {result['first_token_ratio']:.3f}"
+        )
+        if users:
+            with console.status(f"{users} users for {seconds:g} s ..."):
+                load = asyncio.run(chat_load(url, key, served, users=users, seconds=seconds, max_tokens=chat_tokens))
+            result["load"] = load
+            console.print(
+                f"load ({users} users, {load['seconds']:g} s, max_tokens {chat_tokens}): {load['answered']} answered, "
+                f"{load['requests_per_s']} requests/s, p50 {load['p50_s']} s, p95 {load['p95_s']} s, "
+                f"errors {load['errors'] or 0}"
+            )
+    result["cpu_count"] = os.cpu_count()
+    if json_out:
+        print(json.dumps(result))
