@@ -35,3 +35,8 @@ class Overloaded(BackendError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RequestRefused(BackendError):
+    """An upstream server refused a request as it was asked (400 or 422): what was asked, not the server, is at
+    fault; the message is the server's own."""

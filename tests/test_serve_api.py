@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runtime.models.local import LocalBackend
-from runtime.server import build_app
+from runtime.server import ServeLimits, build_app
 from tests.helpers import build_tiny_model, running
 
 MODEL = "tiny"
@@ -250,7 +250,7 @@ def test_an_upstream_server_honours_what_the_openai_backend_passes_on(url: str, 
     from runtime.models.openai_backend import OpenAIBackend
 
     upstream = OpenAIBackend(MODEL, base_url=url, api_key="unused", max_retries=0)
-    with running(build_app(upstream)) as proxy_url:
+    with running(build_app(upstream, limits=ServeLimits(max_tokens=4096))) as proxy_url:
         proxy = openai.OpenAI(base_url=proxy_url, api_key="unused", max_retries=0)
         schema = {
             "type": "object",
@@ -278,6 +278,7 @@ def test_an_upstream_server_honours_what_the_openai_backend_passes_on(url: str, 
         direct = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
         chunks = list(proxy.chat.completions.create(**ask | {"max_tokens": 24}, stream=True))
         whole = client.chat.completions.create(**ask | {"max_tokens": 24})
+        refused = post(proxy_url, "/chat/completions", ask | {"max_tokens": 2048})  # over the upstream's cap
 
     assert set(json.loads(shaped.choices[0].message.content or "")) == {"answer"}
     call = (called.choices[0].message.tool_calls or [])[0]
@@ -290,3 +291,4 @@ def test_an_upstream_server_honours_what_the_openai_backend_passes_on(url: str, 
     assert all(len(t.top_logprobs) == 2 for t in through.content)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content  # streamed upstream too
+    assert refused.status_code == 400 and "max_tokens 2048" in refused.json()["error"]["message"]

@@ -20,7 +20,7 @@ import openai
 from openai import AsyncOpenAI
 
 from runtime.defaults import SERVER_MAX_CONCURRENCY
-from runtime.errors import BackendError, ConfigError
+from runtime.errors import BackendError, ConfigError, RequestRefused
 from runtime.models.backend import (
     Backend,
     Decoding,
@@ -334,6 +334,8 @@ class OpenAIBackend(Backend):
                 )
             if model not in served:
                 return BackendError(f"model '{model}' is not served at {self.base_url}; served: {', '.join(served)}")
+        if error.status_code in (400, 422):
+            return RequestRefused(f"the server at {self.base_url} answered {error.status_code}: {_short(error)}")
         return BackendError(f"the server at {self.base_url} answered {error.status_code}: {_short(error)}")
 
     async def _served_models(self) -> list[str] | None:

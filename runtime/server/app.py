@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError
+from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError, RequestRefused
 from runtime.models.backend import Backend
 from runtime.server import responses, routes
 from runtime.server.errors import APIError
@@ -102,6 +102,11 @@ async def _context_exceeded(_: Request, error: Exception) -> Response:
     return _error_response(400, str(error), "invalid_request_error", "context_length_exceeded")
 
 
+async def _refused_upstream(_: Request, error: Exception) -> Response:
+    # The upstream server's 400 (through the openai backend) is the client's: what it asked was passed on as asked.
+    return _error_response(400, str(error), "invalid_request_error", None)
+
+
 async def _overloaded(_: Request, error: Exception) -> Response:
     assert isinstance(error, Overloaded)
     response = _error_response(429, str(error), "rate_limit_error", "overloaded")
@@ -124,6 +129,7 @@ _HANDLERS = {
     RequestValidationError: _invalid_request,
     StarletteHTTPException: _http_error,
     ContextLengthError: _context_exceeded,
+    RequestRefused: _refused_upstream,
     Overloaded: _overloaded,
     RedpenError: _backend_failed,
     ClientGone: _client_gone,
