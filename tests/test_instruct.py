@@ -257,7 +257,10 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     assert "iter2 vs base" in text and "McNemar p" in text and "forgotten rate" in text
     assert "replay1 vs plain1" in text and "replay2 vs plain2" in text and "replay1 vs plain2" not in text
     shared = len(set(supplies["iter1"]["items"]) & set(supplies["replay1"]["items"]))
-    assert f"| iter1 & replay1 | {len(supplies['iter1']['items'])} | {len(supplies['replay1']['items'])} | {shared} |" in text
+    assert (
+        f"| iter1 & replay1 | {len(supplies['iter1']['items'])} | {len(supplies['replay1']['items'])} | {shared} |"
+        in text
+    )
     assert "data:image/png;base64" in html.read_text()
 
 

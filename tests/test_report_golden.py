@@ -7,6 +7,7 @@ Regenerate after a deliberate change with ``REDPEN_GOLDEN=write pytest tests/tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,13 +16,22 @@ from typing import Any
 
 import pytest
 
-from agents.evaluation import condition_summary, render_report, summarize
-from agents.experiment import _gathering_figures, _guidance_examples
+from agents.evaluation import condition_summary, summarize
+from agents.experiment import gathering_figures, guidance_examples
 from runtime.data.records import Action, Episode, ItemResult, SampleResult, State, Turn
 from runtime.data.tasks import Example
-from runtime.report import render_comparison, render_experiment
+from runtime.report import (
+    ComparisonFigures,
+    Condition,
+    ExperimentFigures,
+    Stages,
+    render_comparison,
+    render_evaluation,
+    render_experiment,
+    render_instruct,
+)
+from training.instruct.report import Results, verdicts_of
 from training.instruct.report import figures as instruct_figures
-from training.instruct.report import render as render_instruct
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -113,63 +123,65 @@ def episodes() -> list[Episode]:
 EXAMINE = [Example(f"bbq/Age/{i}", "bbq/Age", f"Question {i}?", "(A)", "choice", ("a", "b", "c")) for i in range(4)]
 
 
-def _conditions(results: dict[str, list[ItemResult]]) -> dict[str, Any]:
-    return {name: condition_summary([r.to_json() for r in rs]) for name, rs in results.items()}
+def _conditions(results: dict[str, list[ItemResult]]) -> dict[str, Condition]:
+    return {name: condition_summary(rs) for name, rs in results.items()}
 
 
-def experiment_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
+def experiment_inputs() -> tuple[ExperimentFigures, dict[str, Any]]:
     baseline = choice_results("cwnwcwwc", mode="baseline")
     assisted = choice_results("ccwccwcc", mode="assisted", guidance="Guideline: read twice.")
     control = choice_results("cwwwcccw", mode="retrieval_only")
     conditions = {"baseline": baseline, "assisted": assisted, "retrieval_only": control}
     duplicated = {"bbq/Age/0", "bbq/Travel/5"}
     eps = episodes()
-    figures = {
-        "task": "kin",
-        "student": "student",
-        "assistant": "assistant",
-        "n_gather": 3,
-        "n_examine": 8,
-        "conditions": _conditions(conditions),
-        "without_near_duplicates": _conditions(
+    tokens = {
+        "baseline": sum(r.prompt_tokens + r.completion_tokens for r in baseline),
+        "gathering": sum(e.prompt_tokens + e.completion_tokens for e in eps),
+        "assisted": sum(r.prompt_tokens + r.completion_tokens for r in assisted),
+    }
+    figures = ExperimentFigures(
+        task="kin",
+        student="student",
+        assistant="assistant",
+        n_gather=3,
+        n_examine=8,
+        conditions=_conditions(conditions),
+        without_near_duplicates=_conditions(
             {k: [r for r in rs if r.id not in duplicated] for k, rs in conditions.items()}
         ),
-        "near_duplicates": len(duplicated),
-        "near_duplicate_threshold": 0.95,
-        "gathering": _gathering_figures([e.to_json() for e in eps]),
-        "mistakes_stored": 2,
-        "retrieved_per_item": 1.5,
-        "examples": _guidance_examples([r.to_json() for r in assisted], EXAMINE, n=2),
-        "time_s": {"baseline": 1.5, "gathering": 12.25, "assisted": 2.0},
-        "tokens": {
-            name: sum(r.prompt_tokens + r.completion_tokens for r in rs)
-            for name, rs in (("baseline", baseline), ("gathering", eps), ("assisted", assisted))
-        },
-    }
+        near_duplicates=len(duplicated),
+        near_duplicate_threshold=0.95,
+        gathering=gathering_figures(eps),
+        mistakes_stored=2,
+        retrieved_per_item=1.5,
+        examples=guidance_examples(assisted, EXAMINE, n=2),
+        time_s={"baseline": 1.5, "gathering": 12.25, "assisted": 2.0},
+        tokens=tokens,
+    )
     config = {"command": "run", "task": "kin", "rounds": 3, "k": 3}
     return figures, config
 
 
-def comparison_inputs() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def comparison_inputs() -> tuple[ComparisonFigures, dict[str, Any], dict[str, Any]]:
     general = choice_results("cwnwcwwc", mode="assisted")
     trained = choice_results("ccwccwcc", mode="assisted")
     control = choice_results("cwwwcccw", mode="retrieval_only")
     answers = {r.id: r.predicted for r in trained}
-    figures = {
-        "task": "kin",
-        "student": "student",
-        "general_assistant": "general",
-        "trained_assistant": "trained",
-        "n_examine": 8,
-        "conditions": _conditions({"general": general, "trained": trained, "retrieval_only": control}),
-        "changed_answers": sum(r.predicted != answers[r.id] for r in general),
-    }
+    figures = ComparisonFigures(
+        task="kin",
+        student="student",
+        general_assistant="general",
+        trained_assistant="trained",
+        n_examine=8,
+        conditions=_conditions({"general": general, "trained": trained, "retrieval_only": control}),
+        changed_answers=sum(r.predicted != answers[r.id] for r in general),
+    )
     training = {"steps": 12, "final_loss": 0.123456, "dataset_hash": "0123456789abcdef", "adapter_dir": "adapter"}
     replay = {"steps": 5, "kept": 3, "by_task": {"kin": {"steps": 5, "kept": 3}}}
     return figures, training, replay
 
 
-def instruct_inputs() -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, Any], dict[str, Any]]:
+def instruct_inputs() -> tuple[Results, dict[str, Any], dict[str, Any]]:
     patterns = {
         "base": ("cwnwcwwc", "cwwc"),
         "iter1": ("ccwwcwcc", "cwcc"),
@@ -178,15 +190,13 @@ def instruct_inputs() -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[
         "plain2": ("cwwwcwcc", "cwwc"),
     }
 
-    def code(pattern: str) -> list[dict[str, Any]]:
+    def code(pattern: str) -> list[ItemResult]:
         return [
-            _item(i, "mbpp", "correct" if v == "c" else "wrong", "def f(): ...", f"gold {i}", n_options=0).to_json()
+            _item(i, "mbpp", "correct" if v == "c" else "wrong", "def f(): ...", f"gold {i}", n_options=0)
             for i, v in enumerate(pattern)
         ]
 
-    results = {
-        c: {"bbq": [r.to_json() for r in choice_results(mc)], "mbpp": code(cd)} for c, (mc, cd) in patterns.items()
-    }
+    results = {c: {"bbq": choice_results(mc), "mbpp": code(cd)} for c, (mc, cd) in patterns.items()}
     supplies = {
         "iter1": {
             "wrong_cases": 4,
@@ -202,7 +212,7 @@ def instruct_inputs() -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[
         "iter2": {"cases": 3, "rows": 0, "items": []},
         "plain2": {"strategy": "plain", "rows": 0},
     }
-    stages = {"seconds": {"base eval": 1.5, "iter1 train": 20.25}, "tokens": {"base eval": 321}}
+    stages = Stages(seconds={"base eval": 1.5, "iter1 train": 20.25}, tokens={"base eval": 321})
     settings = {"targets": ["bbq"], "strategies": ["le"], "baselines": ["plain"], "eval_split": "examine"}
     return results, {"supplies": supplies, "stages": stages}, settings
 
@@ -230,26 +240,24 @@ def _json(obj: Any) -> str:
 
 @pytest.mark.parametrize("kind", ["choice", "code"])
 def test_the_eval_report_is_as_before(kind: str, tmp_path: Path) -> None:
-    results = [r.to_json() for r in (choice_results("cwnwcwwc") if kind == "choice" else code_results())]
-    metrics = summarize(results)
-    metrics["elapsed_s"] = 3.25
-    metrics["run_dir"] = "runs/eval"
-    _check(f"eval_{kind}.json", _json(metrics))
+    results = choice_results("cwnwcwwc") if kind == "choice" else code_results()
+    metrics = dataclasses.replace(summarize(results), elapsed_s=3.25, run_dir="runs/eval")
+    _check(f"eval_{kind}.json", _json(metrics.to_dict()))
     config = {"command": "eval", "task": "bbq", "limit": None, "max_new_tokens": 64}
-    md, page = render_report(f"redpen eval: {kind}", config, metrics, results).write(tmp_path)
+    md, page = render_evaluation(f"redpen eval: {kind}", config, metrics, results).write(tmp_path)
     _check_written(f"eval_{kind}", md, page)
 
 
 def test_the_experiment_report_is_as_before(tmp_path: Path) -> None:
     figures, config = experiment_inputs()
-    _check("experiment.json", _json(figures))
+    _check("experiment.json", _json(figures.to_dict()))
     md, page = render_experiment(figures, config).write(tmp_path)
     _check_written("experiment", md, page)
 
 
 def test_the_comparison_report_is_as_before(tmp_path: Path) -> None:
     figures, training, replay = comparison_inputs()
-    _check("comparison.json", _json(figures))
+    _check("comparison.json", _json(figures.to_dict()))
     md, page = render_comparison(figures, training, replay).write(tmp_path)
     _check_written("comparison", md, page)
 
@@ -257,6 +265,6 @@ def test_the_comparison_report_is_as_before(tmp_path: Path) -> None:
 def test_the_instruct_report_is_as_before(tmp_path: Path) -> None:
     results, run, settings = instruct_inputs()
     figs = instruct_figures(results, run["supplies"], run["stages"], ["bbq"], open_answers=["mbpp"])
-    _check("instruct.json", _json(figs))
-    md, page = render_instruct(figs, results, settings, tmp_path)
+    _check("instruct.json", _json(figs.to_dict()))
+    md, page = render_instruct(figs, verdicts_of(results), settings).write(tmp_path)
     _check_written("instruct", md, page)

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from agents.gathering import EPISODES
 from agents.prompts import gathering_messages
 from runtime.data.records import Episode, GatherIdentity, RunConfig, RunIdentity
-from runtime.data.rundir import read_jsonl, write_atomic
+from runtime.data.rundir import read_records, write_atomic
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import Message
 
@@ -128,14 +126,7 @@ def read_steps(run_dirs: Sequence[Path], model_id: str | None = None) -> Iterato
         path = run_dir / EPISODES
         if not path.is_file():
             raise DataError(f"{path} does not exist: run `redpen gather` (or `redpen run`) into {run_dir} first")
-        for number, record in enumerate(read_jsonl(path), 1):
-            try:
-                episode = Episode.model_validate(record)
-            except ValidationError as exc:
-                where = ".".join(str(p) for p in exc.errors()[0]["loc"])
-                raise DataError(
-                    f"{path}: episode {number} is not a gathering episode (bad or missing {where})"
-                ) from None
+        for episode in read_records(path, Episode):
             yield from steps_of(episode)
 
 
