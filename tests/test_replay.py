@@ -157,7 +157,7 @@ def test_a_malformed_line_is_named_by_file_and_line(run: Path, tmp_path: Path) -
 
 def test_a_record_that_is_no_episode_is_a_data_error(run: Path, tmp_path: Path) -> None:
     (run / EPISODES).write_text(json.dumps({"id": "x", "turns": [{"round": 1}]}) + "\n")
-    with pytest.raises(DataError, match=f"{run / EPISODES}: episode 1 is not a gathering episode"):
+    with pytest.raises(DataError, match=rf"{run / EPISODES}:1: the line is no Episode \(source: Field required"):
         export_replay([run], tmp_path / "out")
 
 
