@@ -8,13 +8,14 @@ and makes one of these calls; only the command line prints.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from agents.evaluation import RESULTS, render_report, run_eval, summarize
+from agents.evaluation import RESULTS, run_eval, summarize
 from agents.examination import Mode, retrieve, run_exam
 from agents.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
 from agents.gathering import run_gathering
@@ -24,9 +25,12 @@ from memory.store import MistakeMemory, RecordFilter
 from runtime.data import sandbox
 from runtime.data.records import (
     BackendInfo,
+    Episode,
     EvalIdentity,
     ExamIdentity,
     GatherIdentity,
+    ItemResult,
+    Record,
     RunConfig,
     RunIdentity,
 )
@@ -35,19 +39,28 @@ from runtime.data.tasks import Example
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend, GenerationSettings
-from runtime.report import render_experiment
+from runtime.report import (
+    ExperimentFigures,
+    Figures,
+    GatherFigures,
+    Summary,
+    render_evaluation,
+    render_experiment,
+)
 
 METRICS, FIGURES = "metrics.json", "figures.json"
-OnRecord = Callable[[dict[str, Any]], None]
+OnRecord = Callable[[ItemResult], None]
+F = TypeVar("F", bound=Figures)
+R = TypeVar("R", bound=Record)
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Outcome(Generic[F, R]):
     """Where a command wrote its run, and its figures (``metrics.json`` or ``figures.json``, as written)."""
 
     run_dir: Path
-    figures: dict[str, Any]
-    results: list[dict[str, Any]]  # the per-item records (results or episodes), in input order
+    figures: F
+    results: list[R]  # the per-item records (results or episodes), in input order
 
 
 async def evaluate(
@@ -65,7 +78,7 @@ async def evaluate(
     concurrency: int | None = None,
     progress: Progress | None = None,
     on_result: OnRecord | None = None,
-) -> Outcome:
+) -> Outcome[Summary, ItemResult]:
     """``redpen eval``: the model alone on ``examples``; ``adapter``: a LoRA folder the backend loaded as "adapter".
 
     ``samples`` > 1 samples that many replies per item (at ``settings.temperature``, which must be above 0) and
@@ -103,7 +116,7 @@ async def evaluate(
         n_examples=len(examples),
     )
     run = RunDir.create(out, config)
-    done = len(run.done_ids(RESULTS) & {e.id for e in examples})
+    done = len(run.done_ids(RESULTS, ItemResult) & {e.id for e in examples})
     tick = counter(progress, f"eval {task}", len(examples), done)
     started = time.perf_counter()
     with run.removed_on_failure():
@@ -118,11 +131,11 @@ async def evaluate(
             on_result=_both(tick, on_result),
             samples=samples,
         )
-    metrics = summarize(results)
-    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
-    metrics["run_dir"] = str(run.path)
-    run.write_json(METRICS, metrics)
-    render_report(f"redpen eval: {task} ({split})", identity.model_dump(), metrics, results).write(run.path)
+    metrics = dataclasses.replace(
+        summarize(results), elapsed_s=round(time.perf_counter() - started, 2), run_dir=str(run.path)
+    )
+    run.write_json(METRICS, metrics.to_dict())
+    render_evaluation(f"redpen eval: {task} ({split})", identity.model_dump(), metrics, results).write(run.path)
     return Outcome(run.path, metrics, results)
 
 
@@ -138,7 +151,7 @@ async def gather(
     memory_url: str | None = None,
     concurrency: int | None = None,
     progress: Progress | None = None,
-) -> Outcome:
+) -> Outcome[GatherFigures, Episode]:
     """``redpen gather``: gathering episodes into ``out``, their mistakes into the memory (default: ``out/memory``).
 
     The figures are the episode counts and how many of this student's mistakes the memory now holds.
@@ -166,12 +179,12 @@ async def gather(
             on_episode=counter(progress, "gathering", len(examples)),
         )
         stored = store.count(RecordFilter(model_id=roles.student_id, task=task))
-    figures = {
-        "episodes": len(episodes),
-        "first_answer_wrong": sum(e["first_verdict"] != "correct" for e in episodes),
-        "corrected": sum(e["corrected"] for e in episodes),
-        "mistakes_stored": stored,
-    }
+    figures = GatherFigures(
+        episodes=len(episodes),
+        first_answer_wrong=sum(e.first_verdict != "correct" for e in episodes),
+        corrected=sum(e.corrected for e in episodes),
+        mistakes_stored=stored,
+    )
     return Outcome(run.path, figures, episodes)
 
 
@@ -192,7 +205,7 @@ async def examine(
     skip_absorbed: bool = False,
     concurrency: int | None = None,
     progress: Progress | None = None,
-) -> Outcome:
+) -> Outcome[Summary, ItemResult]:
     """``redpen exam``: without the gold, as a baseline or assisted by this student's mistakes on ``memory_task``."""
     if mode not in ("baseline", "assisted"):
         raise ConfigError(f"unknown --mode {mode!r}: choose baseline or assisted")
@@ -237,10 +250,9 @@ async def examine(
             concurrency=concurrency,
             on_result=counter(progress, f"{mode} exam", len(examples)),
         )
-    metrics = summarize(results)
-    metrics["elapsed_s"] = round(time.perf_counter() - started, 2)
-    run.write_json(METRICS, metrics)
-    render_report(f"redpen exam: {task} ({mode})", identity.model_dump(), metrics, results).write(run.path)
+    metrics = dataclasses.replace(summarize(results), elapsed_s=round(time.perf_counter() - started, 2))
+    run.write_json(METRICS, metrics.to_dict())
+    render_evaluation(f"redpen exam: {task} ({mode})", identity.model_dump(), metrics, results).write(run.path)
     return Outcome(run.path, metrics, results)
 
 
@@ -256,7 +268,7 @@ async def experiment(
     memory_path: Path | None = None,
     memory_url: str | None = None,
     progress: Progress | None = None,
-) -> Outcome:
+) -> Outcome[ExperimentFigures, ItemResult]:
     """``redpen run``: every SALAM phase with its controls (``agents.experiment``), then the figures and report."""
     if not gather_set or not examine_set:
         raise ConfigError(f"{settings.task}: the gather and examine sets must both have examples")
@@ -278,7 +290,7 @@ async def experiment(
     run = RunDir.create(out, _salam_config(identity, roles, location))
     with run.removed_on_failure(), MistakeMemory(**location) as store:
         figures = await run_experiment(gather_set, examine_set, roles, store, run, settings, progress=progress)
-    run.write_json(FIGURES, figures)
+    run.write_json(FIGURES, figures.to_dict())
     render_experiment(figures, identity.model_dump()).write(run.path)
     return Outcome(run.path, figures, [])
 
@@ -295,8 +307,8 @@ def _salam_config(
     )
 
 
-def _both(first: OnRecord, second: OnRecord | None) -> OnRecord:
-    def call(record: dict[str, Any]) -> None:
+def _both(first: Callable[[Record], None], second: OnRecord | None) -> OnRecord:
+    def call(record: ItemResult) -> None:
         first(record)
         if second is not None:
             second(record)

@@ -115,21 +115,21 @@ async def run_exam(
     mode: Mode,
     hits: dict[str, list[Hit]] | None = None,
     concurrency: int | None = None,
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_result: Callable[[ItemResult], None] | None = None,
+) -> list[ItemResult]:
     """Examine every example not yet in ``results_file``; return all results of ``examples`` in input order.
 
     ``concurrency``: items in flight, by default as many as the student's backend serves at once.
     """
 
-    async def one(example: Example) -> dict[str, Any]:
-        return (await exam_item(example, roles, mode, (hits or {}).get(example.id, []))).to_json()
+    async def one(example: Example) -> ItemResult:
+        return await exam_item(example, roles, mode, (hits or {}).get(example.id, []))
 
     width = concurrency or roles.student.capacity
-    return await complete_pending(run, results_file, examples, one, concurrency=width, on_record=on_result)
+    return await complete_pending(run, results_file, ItemResult, examples, one, concurrency=width, on_record=on_result)
 
 
-def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[dict[str, Any]]:
+def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> list[ItemResult]:
     """The control with no model: answer with the most common gold among the retrieved mistakes.
 
     Ties go to the most similar mistake's gold; an example with nothing retrieved has no answer.
@@ -140,15 +140,16 @@ def retrieval_only(examples: Sequence[Example], hits: dict[str, list[Hit]]) -> l
         golds = Counter(h.record.gold for h in found)
         answer = max(golds, key=golds.__getitem__) if golds else ""  # Counter keeps similarity order for ties
         result = grade(example, f"The answer is {answer}" if answer else "")
-        item = ItemResult(
-            id=example.id,
-            source=example.source,
-            mode="retrieval_only",
-            verdict=result.verdict,
-            predicted=result.predicted,
-            target=example.target,
-            n_options=len(example.options),
-            reply=answer,
+        results.append(
+            ItemResult(
+                id=example.id,
+                source=example.source,
+                mode="retrieval_only",
+                verdict=result.verdict,
+                predicted=result.predicted,
+                target=example.target,
+                n_options=len(example.options),
+                reply=answer,
+            )
         )
-        results.append(item.to_json())
     return results

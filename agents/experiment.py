@@ -26,9 +26,11 @@ from agents.examination import embed_queries, retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.store import MistakeMemory, RecordFilter
+from runtime.data.records import Episode, ItemResult, Record
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.report import ComparisonFigures, ExperimentFigures, Gathering, GuidanceExample
 
 NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
 BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"
@@ -45,7 +47,7 @@ class ExperimentSettings:
     concurrency: int | None = None  # None: as many as the student's backend serves at once
 
 
-def counter(progress: Progress | None, phase: str, total: int, done: int = 0) -> Callable[[dict[str, Any]], None]:
+def counter(progress: Progress | None, phase: str, total: int, done: int = 0) -> Callable[[Record], None]:
     """A per-record callback that reports ``(phase, done, total)`` to ``progress`` as records finish.
 
     ``done`` records were finished before (a resumed run); they are reported at once.
@@ -53,7 +55,7 @@ def counter(progress: Progress | None, phase: str, total: int, done: int = 0) ->
     if progress is not None and done:
         progress(phase, done, total)
 
-    def tick(_: dict[str, Any]) -> None:
+    def tick(_: Record) -> None:
         nonlocal done
         done += 1
         if progress is not None:
@@ -80,7 +82,7 @@ async def run_experiment(
     run: RunDir,
     settings: ExperimentSettings,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> ExperimentFigures:
     """Run every phase (resuming finished ones) and return the figures the report is made of."""
     # Seconds per phase, summed over the invocations of a resumed run (a resumed phase adds only what it did).
     times_file = run.file("phase_seconds.json")
@@ -94,7 +96,7 @@ async def run_experiment(
     # both (a gathering conversation is a chain of dependent calls that alone leaves most of a batch empty).
     started = time.perf_counter()
 
-    async def baseline_exam() -> list[dict[str, Any]]:
+    async def baseline_exam() -> list[ItemResult]:
         records = await run_exam(
             examine,
             roles,
@@ -107,7 +109,7 @@ async def run_experiment(
         spent("baseline", started)
         return records
 
-    async def gathering() -> list[dict[str, Any]]:
+    async def gathering() -> list[Episode]:
         episodes = await run_gathering(
             gather,
             roles,
@@ -138,70 +140,69 @@ async def run_experiment(
     spent("assisted", started)
 
     control = retrieval_only(examine, hits)
-    run.write_text(RETRIEVAL, "".join(_jsonl(r) for r in control))
+    run.write_text(RETRIEVAL, "".join(_jsonl(r.to_json()) for r in control))
     similarity = near_duplicates(memory, examine, gather)
     duplicated = {i for i, s in similarity.items() if s >= NEAR_DUPLICATE}
 
     conditions = {"baseline": baseline, "assisted": assisted, "retrieval_only": control}
-    figures = {
-        "task": settings.task,
-        "student": roles.student_id,
-        "assistant": roles.assistant_id,
-        "n_gather": len(gather),
-        "n_examine": len(examine),
-        "conditions": {name: condition_summary(rs) for name, rs in conditions.items()},
-        "without_near_duplicates": {
-            name: condition_summary([r for r in rs if r["id"] not in duplicated]) for name, rs in conditions.items()
+    return ExperimentFigures(
+        task=settings.task,
+        student=roles.student_id,
+        assistant=roles.assistant_id,
+        n_gather=len(gather),
+        n_examine=len(examine),
+        conditions={name: condition_summary(rs) for name, rs in conditions.items()},
+        without_near_duplicates={
+            name: condition_summary([r for r in rs if r.id not in duplicated]) for name, rs in conditions.items()
         },
-        "near_duplicates": len(duplicated),
-        "near_duplicate_threshold": NEAR_DUPLICATE,
-        "gathering": _gathering_figures(episodes),
-        "mistakes_stored": memory.count(RecordFilter(model_id=roles.student_id, task=settings.task)),
-        "retrieved_per_item": round(float(np.mean([len(h) for h in hits.values()])), 2) if hits else 0.0,
-        "examples": _guidance_examples(assisted, examine),
-        "time_s": {k: round(v, 1) for k, v in times.items()},
-        "tokens": {
-            name: sum(r["prompt_tokens"] + r["completion_tokens"] for r in rs)
+        near_duplicates=len(duplicated),
+        near_duplicate_threshold=NEAR_DUPLICATE,
+        gathering=gathering_figures(episodes),
+        mistakes_stored=memory.count(RecordFilter(model_id=roles.student_id, task=settings.task)),
+        retrieved_per_item=round(float(np.mean([len(h) for h in hits.values()])), 2) if hits else 0.0,
+        examples=guidance_examples(assisted, examine),
+        time_s={k: round(v, 1) for k, v in times.items()},
+        tokens={
+            name: sum(r.prompt_tokens + r.completion_tokens for r in rs)
             for name, rs in (("baseline", baseline), ("gathering", episodes), ("assisted", assisted))
         },
-    }
-    return figures
+    )
 
 
-def _gathering_figures(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    wrong = [e for e in episodes if e["first_verdict"] != "correct"]
-    turns = [t for e in episodes for t in e["turns"]]
-    return {
-        "episodes": len(episodes),
-        "first_answer_wrong": len(wrong),
-        "corrected": sum(e["corrected"] for e in wrong),
-        "feedback_turns": len(turns),
-        "rewarded_turns": sum(t["reward"] for t in turns),
-        "leaks_removed": sum(t["action"]["leaked"] for t in turns),
-        "group_claims_removed": sum(t["action"].get("stereotyped", False) for t in turns),
-        "generic_guidelines": sum(t["action"].get("generic", False) for t in turns),
-        "unparsed_feedback": sum(not t["action"]["parsed"] for t in turns),
+def gathering_figures(episodes: Sequence[Episode]) -> Gathering:
+    """What gathering did: episodes, corrections, feedback turns and what the filters removed."""
+    wrong = [e for e in episodes if e.first_verdict != "correct"]
+    turns = [t for e in episodes for t in e.turns]
+    return Gathering(
+        episodes=len(episodes),
+        first_answer_wrong=len(wrong),
+        corrected=sum(e.corrected for e in wrong),
+        feedback_turns=len(turns),
+        rewarded_turns=sum(t.reward for t in turns),
+        leaks_removed=sum(t.action.leaked for t in turns),
+        group_claims_removed=sum(t.action.stereotyped for t in turns),
+        generic_guidelines=sum(t.action.generic for t in turns),
+        unparsed_feedback=sum(not t.action.parsed for t in turns),
         # what the memory holds: each wrong episode's last guideline (mistake_from), a few to read in the report
-        "stored_guidelines": [e["turns"][-1]["action"]["guideline"] for e in wrong if e["turns"]][:8],
-    }
+        stored_guidelines=[e.turns[-1].action.guideline for e in wrong if e.turns][:8],
+    )
 
 
-def _guidance_examples(
-    assisted: Sequence[dict[str, Any]], examine: Sequence[Example], n: int = 3
-) -> list[dict[str, Any]]:
+def guidance_examples(assisted: Sequence[ItemResult], examine: Sequence[Example], n: int = 3) -> list[GuidanceExample]:
+    """The first ``n`` assisted items that were given guidance, with their question and reply."""
     inputs = {e.id: e.input for e in examine}
-    shown = [r for r in assisted if r.get("guidance")][:n]
     return [
-        {
-            "id": r["id"],
-            "question": inputs.get(r["id"], ""),
-            "guidance": r["guidance"],
-            "reply": r["reply"],
-            "verdict": r["verdict"],
-            "target": r["target"],
-        }
-        for r in shown
-    ]
+        GuidanceExample(
+            id=r.id,
+            question=inputs.get(r.id, ""),
+            guidance=r.guidance,
+            reply=r.reply,
+            verdict=r.verdict,
+            target=r.target,
+        )
+        for r in assisted
+        if r.guidance
+    ][:n]
 
 
 def _jsonl(record: dict[str, Any]) -> str:
@@ -223,10 +224,10 @@ async def compare_assistants(
     run: RunDir,
     settings: ExperimentSettings,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> ComparisonFigures:
     """The same examine items, the same memory and student: the general assistant vs the trained one."""
     hits = retrieve(memory, examine, general.student_id, settings.task, settings.k, settings.threshold)
-    results: dict[str, list[dict[str, Any]]] = {}
+    results: dict[str, list[ItemResult]] = {}
     for name, roles in (("general", general), ("trained", trained)):
         results[name] = await run_exam(
             examine,
@@ -239,13 +240,13 @@ async def compare_assistants(
             on_result=counter(progress, f"{name} assistant", len(examine)),
         )
     results["retrieval_only"] = retrieval_only(examine, hits)
-    trained_answers = {r["id"]: r["predicted"] for r in results["trained"]}  # paired by item id
-    return {
-        "task": settings.task,
-        "student": general.student_id,
-        "general_assistant": general.assistant_id,
-        "trained_assistant": trained.assistant_id,
-        "n_examine": len(examine),
-        "conditions": {name: condition_summary(rs) for name, rs in results.items()},
-        "changed_answers": sum(r["predicted"] != trained_answers[r["id"]] for r in results["general"]),
-    }
+    trained_answers = {r.id: r.predicted for r in results["trained"]}  # paired by item id
+    return ComparisonFigures(
+        task=settings.task,
+        student=general.student_id,
+        general_assistant=general.assistant_id,
+        trained_assistant=trained.assistant_id,
+        n_examine=len(examine),
+        conditions={name: condition_summary(rs) for name, rs in results.items()},
+        changed_answers=sum(r.predicted != trained_answers[r.id] for r in results["general"]),
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from autogen_agentchat.conditions import MaxMessageTermination, TextMentionTermination
 from autogen_agentchat.messages import BaseChatMessage, TextMessage
@@ -243,20 +242,20 @@ async def run_gathering(
     task: str,
     rounds: int = ROUNDS,
     concurrency: int | None = None,
-    on_episode: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_episode: Callable[[Episode], None] | None = None,
+) -> list[Episode]:
     """Gather every example not yet in the run's episodes; return all episodes of ``examples`` in input order.
 
     ``concurrency``: episodes in flight, by default as many as the student's backend serves at once.
     """
     writer = MemoryWriter(memory)
 
-    async def one(example: Example) -> dict[str, Any]:
+    async def one(example: Example) -> Episode:
         episode = await gather_episode(example, roles, task, rounds)
         record = mistake_from(episode)
         if record is not None:
             await writer.write(record)  # stored before the episode is appended: see the module's docstring
-        return episode.to_json()
+        return episode
 
     width = concurrency or roles.student.capacity
-    return await complete_pending(run, EPISODES, examples, one, concurrency=width, on_record=on_episode)
+    return await complete_pending(run, EPISODES, Episode, examples, one, concurrency=width, on_record=on_episode)

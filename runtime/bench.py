@@ -172,7 +172,7 @@ async def _pipeline_pass(
         cpu_s, loop_cpu_s = time.process_time() - cpu_started, time.thread_time() - loop_started
     finally:
         memory.close()
-    tokens = sum(r["completion_tokens"] for r in [*episodes, *exams])
+    tokens = sum(e.completion_tokens for e in episodes) + sum(r.completion_tokens for r in exams)
     result = {
         "items": len(episodes) + len(exams),
         "seconds": round(elapsed, 2),
@@ -181,17 +181,17 @@ async def _pipeline_pass(
         "tok_s": round(tokens / elapsed, 2),
         "cpu_s": round(cpu_s, 2),
         "loop_cpu_s": round(loop_cpu_s, 2),
-        "answers": [e["first_answer"] for e in episodes] + [r["reply"] for r in exams],
+        "answers": [e.first_answer for e in episodes] + [r.reply for r in exams],
         # A gathering episode is the first answer, then (feedback, answer) per round; an assisted exam item is the
         # assistant's guidance (when something was retrieved), then the answer. Examining waits for all gathering.
         "longest_chain": {
-            "gather": max((1 + 2 * e["rounds"] for e in episodes), default=0),
-            "examine": max((1 + bool(r.get("guidance")) for r in exams), default=0),
+            "gather": max((1 + 2 * e.rounds for e in episodes), default=0),
+            "examine": max((1 + bool(r.guidance) for r in exams), default=0),
         },
         # Decode steps along the costliest chain (a call's first token comes from its prefill, each further token
         # from a step of its own): no pass, however batched, takes fewer.
-        "longest_chain_steps": max((e["completion_tokens"] - 1 - 2 * e["rounds"] for e in episodes), default=0)
-        + max((r["completion_tokens"] - 1 - bool(r.get("guidance")) for r in exams), default=0),
+        "longest_chain_steps": max((e.completion_tokens - 1 - 2 * e.rounds for e in episodes), default=0)
+        + max((r.completion_tokens - 1 - bool(r.guidance) for r in exams), default=0),
     }
     stats = getattr(roles.student, "stats", None)
     if stats is not None:  # the local backend's profile: how full the batches were and where time went

@@ -47,7 +47,7 @@ def main() -> None:
     print(f"CLI option declarations: {options}")
     print(f"longest CLI function: {length} lines ({where})")
     print(f"answer_kind ==/!= branches: {kind_branches} in {kind_files} files")
-    print(f"record dict reads (r[\"verdict\"] and kin): {record_reads}")
+    print(f'record dict reads (r["verdict"] and kin): {record_reads}')
     print(f"library lines: {sum(t.count(chr(10)) for t in texts.values())} in {len(paths)} files")
 
 

@@ -6,7 +6,6 @@ in-process engine with a hashing embedder: every conversation here is exact and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.record import MistakeRecord, record_id
 from memory.store import Hit, MistakeMemory
-from runtime.data.records import State
-from runtime.data.rundir import RunDir
+from runtime.data.records import Episode, State
+from runtime.data.rundir import RunDir, read_records
 from runtime.data.tasks import Example
 from tests.helpers import (
     GOOD_FEEDBACK,
@@ -320,9 +319,9 @@ async def test_run_gathering_twice_duplicates_nothing(tmp_path: Path) -> None:
     r, mem = roles({"[leaky]": LEAKY}), memory()
     seen: list[str] = []
     episodes = await run_gathering(
-        examples, r, mem, run_dir(tmp_path / "a"), task="bbq", on_episode=lambda e: seen.append(e["id"])
+        examples, r, mem, run_dir(tmp_path / "a"), task="bbq", on_episode=lambda e: seen.append(e.id)
     )
-    assert [e["id"] for e in episodes] == [e.id for e in examples]  # input order, whatever finished first
+    assert [e.id for e in episodes] == [e.id for e in examples]  # input order, whatever finished first
     assert sorted(seen) == sorted(e.id for e in examples)
     assert mem.count() == 3  # every first-answer mistake, not the one answered right
     assert {m.id for m in mem.list()} == {
@@ -352,8 +351,8 @@ async def test_a_run_killed_after_the_memory_write_redoes_the_episode_once(tmp_p
     (path / EPISODES).write_text("".join(lines[:2]) + lines[2][:25])
     r = roles({"[leaky]": LEAKY})
     episodes = await run_gathering(examples, r, mem, run_dir(path), task="bbq")
-    records = [json.loads(line) for line in (path / EPISODES).read_text().splitlines()]
-    assert sorted(e["id"] for e in records) == sorted(e.id for e in examples)  # each once, none torn
+    records = read_records(path / EPISODES, Episode)
+    assert sorted(e.id for e in records) == sorted(e.id for e in examples)  # each once, none torn
     assert len(episodes) == 4 and mem.count() == 3
     assert len(r.student.prompts) > 0  # type: ignore[attr-defined]  # the missing two were really redone
     mem.close()
@@ -404,8 +403,8 @@ async def test_assisted_exam_shows_past_mistakes_but_never_their_gold(tmp_path: 
         [PEARS, UNRELATED], r, run_dir(tmp_path / "exam"), "assisted.jsonl", mode="assisted", hits=hits
     )
     pears, unrelated = results
-    assert pears["mode"] == "assisted" and [h["id"] for h in pears["retrieved"]] == [hits["m/2"][0].record.id]
-    guidance = pears["guidance"]
+    assert pears.mode == "assisted" and [h.id for h in pears.retrieved or []] == [hits["m/2"][0].record.id]
+    guidance = pears.guidance
     assert guidance.startswith("Past mistakes on similar questions:")
     assert APPLES.input in guidance and NUMBER_WRONG in guidance  # the past question and its wrong answer
     assert "Answer only from what the context states." in guidance  # the past guideline
@@ -418,7 +417,7 @@ async def test_assisted_exam_shows_past_mistakes_but_never_their_gold(tmp_path: 
     prompts = {question_part(p): p for p in r.student.prompts}  # type: ignore[attr-defined]
     assert guidance_part(prompts[PEARS.input]) == guidance
     assert prompts[UNRELATED.input] == UNRELATED.input
-    assert (unrelated["guidance"], unrelated["retrieved"]) == ("", [])
+    assert (unrelated.guidance, unrelated.retrieved) == ("", [])
     mem.close()
 
 
@@ -451,7 +450,7 @@ async def test_run_exam_resumes_without_asking_again(tmp_path: Path) -> None:
     r = roles()
     first = await run_exam([KNOWS, LEARNS], r, run_dir(tmp_path), "base.jsonl", mode="baseline")
     again = await run_exam([KNOWS, LEARNS], r, run_dir(tmp_path), "base.jsonl", mode="baseline")
-    assert [x["verdict"] for x in first] == ["correct", "wrong"] and again == first
+    assert [x.verdict for x in first] == ["correct", "wrong"] and again == first
     assert len(r.student.prompts) == 2  # type: ignore[attr-defined]
 
 
@@ -478,13 +477,13 @@ def test_retrieval_only_answers_with_the_majority_gold() -> None:
         "kin/3": [past("(B)", 8, 0.9), past("(A)", 9, 0.8)],  # tie: the most similar, (B)
     }
     results = retrieval_only([KNOWS, LEARNS, STUBBORN, LEAKS], hits)
-    assert [(r["id"], r["predicted"], r["verdict"]) for r in results] == [
+    assert [(r.id, r.predicted, r.verdict) for r in results] == [
         ("kin/1", "(B)", "correct"),
         ("kin/2", "(A)", "wrong"),
         ("kin/3", "(B)", "correct"),
         ("kin/4", None, "no_answer"),  # nothing retrieved
     ]
-    assert all(r["mode"] == "retrieval_only" and r["prompt_tokens"] == 0 for r in results)
+    assert all(r.mode == "retrieval_only" and r.prompt_tokens == 0 for r in results)
 
 
 def test_retrieval_only_grades_numbers() -> None:
@@ -501,7 +500,7 @@ def test_retrieval_only_grades_numbers() -> None:
         rounds=1,
     )
     [result] = retrieval_only([PEARS], {"m/2": [Hit(record, 0.9)]})
-    assert (result["verdict"], result["predicted"], result["reply"]) == ("correct", "47", "47")
+    assert (result.verdict, result.predicted, result.reply) == ("correct", "47", "47")
 
 
 def test_the_scripted_feedback_is_what_the_assistant_would_send() -> None:

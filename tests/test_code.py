@@ -9,7 +9,6 @@ import shutil
 from collections.abc import Iterator, Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from agents.team import Roles
 from memory.embed import HashingEmbedder
 from runtime.data import sandbox
 from runtime.data.graders import extract_code, grade, grade_async, program
+from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir
 from runtime.data.sandbox import Limits, Sandbox
 from runtime.data.tasks import load_jsonl, load_task, task_names
@@ -168,11 +168,11 @@ async def test_eval_on_a_code_task_reports_pass_at_1_and_the_failed_programs(
     outcome = await evaluate(
         [right, broken, silent], student, tmp_path, task="mbpp", split="examine", limit=3, settings=GenerationSettings()
     )
-    verdicts = {r["id"]: r["verdict"] for r in outcome.results}
+    verdicts = {r.id: r.verdict for r in outcome.results}
     assert verdicts == {right.id: "correct", broken.id: "wrong", silent.id: "wrong"}
-    assert outcome.figures["overall"]["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
-    failed = next(r for r in outcome.results if r["id"] == broken.id)
-    assert failed["error"].startswith("TypeError") or "Error" in failed["error"]
+    assert outcome.figures.overall.accuracy == pytest.approx(1 / 3, abs=1e-4)
+    failed = next(r for r in outcome.results if r.id == broken.id)
+    assert failed.error is not None and (failed.error.startswith("TypeError") or "Error" in failed.error)
     report = (tmp_path / "report.md").read_text()
     assert "Failed programs" in report and f"`{broken.id}`" in report and "Traceback" in report
     assert json.loads((tmp_path / "config.json").read_text())["settings"]["sandbox"]["mode"] == code_sandbox.mode
@@ -188,10 +188,10 @@ async def test_eval_samples_give_the_unbiased_pass_at_k(data_dir: Path, code_san
     outcome = await evaluate(
         [item], ScriptedBackend(script), tmp_path, task="mbpp", split="examine", limit=1, settings=settings, samples=4
     )
-    overall = outcome.figures["overall"]
-    assert overall["samples"] == 4
-    assert overall["pass_at"] == {"1": 0.5, "4": 1.0}
-    assert [s["verdict"] for s in outcome.results[0]["samples"]] == ["correct", "wrong", "correct", "wrong"]
+    overall = outcome.figures.overall
+    assert overall.samples == 4
+    assert overall.pass_at == {"1": 0.5, "4": 1.0}
+    assert [s.verdict for s in outcome.results[0].samples or []] == ["correct", "wrong", "correct", "wrong"]
     assert "pass@k" in (tmp_path / "report.md").read_text()
     with pytest.raises(ConfigError, match="temperature"):
         await evaluate(
@@ -262,20 +262,21 @@ def test_async_grading_matches_sync(data_dir: Path, code_sandbox: Sandbox) -> No
 def test_majority_gold_is_no_control_where_no_gold_repeats() -> None:
     from agents.evaluation import summarize
 
-    def result(i: int, target: str) -> dict[str, Any]:
-        return {
-            "id": f"q/{i}",
-            "source": "s",
-            "verdict": "wrong",
-            "predicted": None,
-            "target": target,
-            "n_options": 0,
-            "completion_tokens": 1,
-            "prompt_tokens": 1,
-            "mode": "generate",
-        }
+    def result(i: int, target: str) -> ItemResult:
+        return ItemResult(
+            id=f"q/{i}",
+            source="s",
+            verdict="wrong",
+            predicted=None,
+            target=target,
+            n_options=0,
+            completion_tokens=1,
+            prompt_tokens=1,
+            mode="generate",
+            reply="",
+        )
 
     programs = [result(i, f"def f():\n    return {i}") for i in range(50)]
-    assert summarize(programs)["overall"]["majority_gold"] is None  # not 1/50, a figure that controls for nothing
+    assert summarize(programs).overall.majority_gold is None  # not 1/50, a figure that controls for nothing
     numbers = [result(i, str(i % 4)) for i in range(8)]
-    assert summarize(numbers)["overall"]["majority_gold"] == 0.25
+    assert summarize(numbers).overall.majority_gold == 0.25

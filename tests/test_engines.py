@@ -151,9 +151,9 @@ async def test_the_instructor_loop_on_served_folders_agrees_with_the_local_backe
     # Each condition's folder got a server of its own: the base, iteration 1's merged model, the plain baseline's.
     assert [p.name.split("-")[0] for p in redpen_engine.folders] == ["tiny", "iter1", "plain1"]
     pairs = [
-        (a["reply"], b["reply"])
+        (a.reply, b.reply)
         for condition in ("base", "iter1", "plain1")
-        for a, b in zip(local["results"][condition]["toy"], served["results"][condition]["toy"], strict=True)
+        for a, b in zip(local.results[condition]["toy"], served.results[condition]["toy"], strict=True)
     ]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
     print(f"greedy agreement, served vs local: {agreement:.3f} of {len(pairs)} answers")

@@ -6,7 +6,6 @@ from the script: assisted beats baseline exactly where a past mistake was retrie
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,10 @@ from agents.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings,
 from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.store import MistakeMemory
+from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.report import render_experiment
+from runtime.report import Condition, Gathering, render_experiment
 from tests.helpers import FakeAssistant, FakeStudent
 
 OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")
@@ -67,19 +67,18 @@ def experiment(tmp_path: Path) -> tuple[dict[str, Any], RunDir, Roles, list[tupl
     return figures, run, roles, ticks
 
 
-def accuracy(block: dict[str, Any]) -> tuple[int, int]:
-    return block["overall"]["correct"], block["overall"]["n"]
+def accuracy(block: Condition) -> tuple[int, int]:
+    return block.overall.correct, block.overall.n
 
 
 def test_every_condition_is_measured_on_the_same_items(experiment: tuple) -> None:
     figures, run, _, ticks = experiment
     ids = {e.id for e in EXAMINE}
     for name in (BASELINE, ASSISTED, RETRIEVAL):
-        records = [json.loads(line) for line in run.file(name).read_text().splitlines()]
-        assert sorted(r["id"] for r in records) == sorted(ids), name
-    assert set(figures["conditions"]) == {"baseline", "assisted", "retrieval_only"}
-    assert all(c["overall"]["n"] == len(EXAMINE) for c in figures["conditions"].values())
-    assert (figures["n_gather"], figures["n_examine"]) == (6, 4)
+        assert sorted(r.id for r in run.records(name, ItemResult)) == sorted(ids), name
+    assert set(figures.conditions) == {"baseline", "assisted", "retrieval_only"}
+    assert all(c.overall.n == len(EXAMINE) for c in figures.conditions.values())
+    assert (figures.n_gather, figures.n_examine) == (6, 4)
     # Progress reached the end of every phase.
     finished = {phase: (done, total) for phase, done, total in ticks}
     assert finished == {"baseline exam": (4, 4), "gathering": (6, 6), "assisted exam": (4, 4)}
@@ -87,39 +86,39 @@ def test_every_condition_is_measured_on_the_same_items(experiment: tuple) -> Non
 
 def test_the_figures_follow_from_the_script(experiment: tuple) -> None:
     figures, run, _, _ = experiment
-    c = figures["conditions"]
+    c = figures.conditions
     # Baseline: only the item the student knows. Assisted: also both items with a retrieved past mistake.
     assert accuracy(c["baseline"]) == (1, 4)
     assert accuracy(c["assisted"]) == (3, 4)
     # Retrieval-only answers the gold of the retrieved mistakes ((B)) and nothing where none was retrieved.
-    assert accuracy(c["retrieval_only"]) == (2, 4) and c["retrieval_only"]["overall"]["no_answer"] == 2
-    assert set(c["baseline"]["by_source"]) == {"bbq/Age", "bbq/Travel"}
-    assisted = {r["id"]: r for r in map(json.loads, run.file(ASSISTED).read_text().splitlines())}
-    assert [len(assisted[e.id]["retrieved"]) > 0 for e in EXAMINE] == [True, True, False, False]
-    g = figures["gathering"]
-    assert g == {
-        "episodes": 6,
-        "first_answer_wrong": 5,
-        "corrected": 4,
-        "feedback_turns": 4 + 3,  # one round each for the four that learn, the round limit for the stubborn one
-        "rewarded_turns": 4,
-        "leaks_removed": 0,
-        "group_claims_removed": 0,
-        "generic_guidelines": 0,
-        "unparsed_feedback": 0,
-        "stored_guidelines": g["stored_guidelines"],
-    }
-    assert len(g["stored_guidelines"]) == 5 and all(g["stored_guidelines"])  # one per mistake stored
-    assert figures["mistakes_stored"] == 5
-    assert figures["examples"] and all(ex["guidance"] for ex in figures["examples"])
-    assert figures["tokens"]["gathering"] > figures["tokens"]["baseline"] > 0
+    assert accuracy(c["retrieval_only"]) == (2, 4) and c["retrieval_only"].overall.no_answer == 2
+    assert set(c["baseline"].by_source) == {"bbq/Age", "bbq/Travel"}
+    assisted = {r.id: r for r in run.records(ASSISTED, ItemResult)}
+    assert [bool(assisted[e.id].retrieved) for e in EXAMINE] == [True, True, False, False]
+    g = figures.gathering
+    assert g == Gathering(
+        episodes=6,
+        first_answer_wrong=5,
+        corrected=4,
+        feedback_turns=4 + 3,  # one round each for the four that learn, the round limit for the stubborn one
+        rewarded_turns=4,
+        leaks_removed=0,
+        group_claims_removed=0,
+        generic_guidelines=0,
+        unparsed_feedback=0,
+        stored_guidelines=g.stored_guidelines,
+    )
+    assert len(g.stored_guidelines) == 5 and all(g.stored_guidelines)  # one per mistake stored
+    assert figures.mistakes_stored == 5
+    assert figures.examples and all(ex.guidance for ex in figures.examples)
+    assert figures.tokens["gathering"] > figures.tokens["baseline"] > 0
 
 
 def test_near_duplicates_are_counted_and_left_out(experiment: tuple) -> None:
     figures, _, _, _ = experiment
-    assert figures["near_duplicates"] == 1  # e/1 repeats g/2; the others differ by more than a word
-    w = figures["without_near_duplicates"]
-    assert all(block["overall"]["n"] == 3 for block in w.values())
+    assert figures.near_duplicates == 1  # e/1 repeats g/2; the others differ by more than a word
+    w = figures.without_near_duplicates
+    assert all(block.overall.n == 3 for block in w.values())
     assert accuracy(w["baseline"]) == (1, 3)
     assert accuracy(w["assisted"]) == (2, 3)
     assert accuracy(w["retrieval_only"]) == (1, 3)
@@ -136,7 +135,7 @@ def test_a_finished_experiment_resumes_without_asking_anyone(experiment: tuple) 
     memory.close()
     assert (len(roles.student.prompts), len(roles.assistant.prompts)) == asked
     for name in ("baseline", "assisted"):
-        assert again["conditions"][name] == figures["conditions"][name]
+        assert again.conditions[name] == figures.conditions[name]
 
 
 def test_report_and_plot(tmp_path: Path, experiment: tuple) -> None:
@@ -189,4 +188,4 @@ def test_the_baseline_exam_runs_while_gathering_runs(tmp_path: Path) -> None:
     figures = asyncio.run(run_experiment(GATHER, EXAMINE, Roles(student, FakeAssistant()), memory, run, settings))
     memory.close()
     assert student.peak == 2
-    assert accuracy(figures["conditions"]["baseline"]) == (1, 4)  # the same answers as one phase after the other
+    assert accuracy(figures.conditions["baseline"]) == (1, 4)  # the same answers as one phase after the other

@@ -211,7 +211,7 @@ async def test_an_assisted_exam_needs_this_students_mistakes_on_this_task(
     with pytest.raises(ConfigError, match="on task 'gsm8k'"):
         await exam("other-task", mem, task="gsm8k")
     outcome = await exam("exam", mem)  # with the student's own mistakes on the task it runs, and retrieves them
-    assert outcome.results[0]["retrieved"]
+    assert outcome.results[0].retrieved
 
 
 # ---- 4. prompts past the model's context: refused before any model call ------------------------------------------

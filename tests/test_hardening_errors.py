@@ -180,7 +180,7 @@ def test_a_results_file_whose_lines_lack_ids_is_one_line(tmp_path: Path, tiny_mo
     assert redpen(*command).returncode == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     (out / "results.jsonl").write_text("".join(json.dumps({"verdict": r["verdict"]}) + "\n" for r in rows))
-    one_line_error(redpen(*command), f"{out / 'results.jsonl'}: record 1 has no 'id'")
+    one_line_error(redpen(*command), f"{out / 'results.jsonl'}:1: the line is no ItemResult (id: Field required)")
 
 
 # ---- 10. Ctrl-C: one line, exit 130, and the run resumes ------------------------------------------------------

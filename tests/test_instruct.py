@@ -17,11 +17,12 @@ from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend, Generation
+from runtime.report import render_instruct
 from tests.helpers import build_tiny_model
 from training.instruct.benchmarks import Target, default_ood
 from training.instruct.ledger import change
-from training.instruct.loop import InstructLoop, Plan
-from training.instruct.report import figures, render
+from training.instruct.loop import InstructLoop, Outcome, Plan
+from training.instruct.report import figures, verdicts_of
 from training.instruct.run import ModelPool, plan
 from training.instruct.settings import InstructSettings
 from training.instruct.supply import RowStyle, balanced, plain_rows, replay_rows
@@ -225,8 +226,8 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     outcome = await loop.run_all()
     # A model per condition, but only the base and the chain's last model stay loaded: the rest were released.
     assert isinstance(loop.backends, ModelPool) and len(loop.backends.loaded) == 2 and None in loop.backends.loaded
-    assert list(outcome["results"]) == ["base", "iter1", "plain1", "replay1", "iter2", "plain2", "replay2"]
-    supplies = outcome["supplies"]
+    assert list(outcome.results) == ["base", "iter1", "plain1", "replay1", "iter2", "plain2", "replay2"]
+    supplies = outcome.supplies
     assert supplies["plain1"]["rows"] == supplies["replay1"]["rows"] == supplies["iter1"]["rows"]  # equal rows
     # replay as a baseline answers the iteration's own errors: the same items as the replay strategy's rows
     assert supplies["replay1"]["items"] == supplies["iter1"]["items"]
@@ -237,27 +238,29 @@ async def test_the_loop_runs_every_condition_and_reports(tiny: Path, tmp_path: P
     assert lrs[1]["config"]["learning_rate"] == lrs[0]["config"]["learning_rate"] / 2
     # iteration 2 trained on iteration 1's merged model
     assert lrs[1]["base_model"]["path"].endswith(outcome_model(tmp_path / "run", "iter1"))
-    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], ["toy"])
-    (story,) = figs["story"]  # the last iteration against the base, with the verdict the terminal ends on
-    assert story["condition"] == "iter2" and story["n"] == 6
-    assert story["change"] == story["after"] - story["before"] and story["ci"][0] <= story["change"] <= story["ci"][1]
-    assert story["verdict"] in {
+    figs = figures(outcome.results, outcome.supplies, outcome.stages, ["toy"])
+    (story,) = figs.story  # the last iteration against the base, with the verdict the terminal ends on
+    assert story.condition == "iter2" and story.n == 6
+    assert story.change == story.after - story.before and story.ci[0] <= story.change <= story.ci[1]
+    assert story.verdict in {
         "learned beyond the answer prior",
         "shifted its answer prior",
         "no change shown",
         "got worse",
     }
-    md, html = render(
+    md, html = render_instruct(
         figs,
-        outcome["results"],
+        verdicts_of(outcome.results),
         {"targets": ["toy"], "strategies": ["replay"], "baselines": ["plain", "replay"], "eval_split": "examine"},
-        tmp_path / "run",
-    )
+    ).write(tmp_path / "run")
     text = md.read_text()
     assert "iter2 vs base" in text and "McNemar p" in text and "forgotten rate" in text
     assert "replay1 vs plain1" in text and "replay2 vs plain2" in text and "replay1 vs plain2" not in text
     shared = len(set(supplies["iter1"]["items"]) & set(supplies["replay1"]["items"]))
-    assert f"| iter1 & replay1 | {len(supplies['iter1']['items'])} | {len(supplies['replay1']['items'])} | {shared} |" in text
+    assert (
+        f"| iter1 & replay1 | {len(supplies['iter1']['items'])} | {len(supplies['replay1']['items'])} | {shared} |"
+        in text
+    )
     assert "data:image/png;base64" in html.read_text()
 
 
@@ -286,7 +289,7 @@ STAGES = ["collect", "supply", "train", "merge", "evaluate"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Outcome:
     import asyncio
 
     return asyncio.run(make_loop(tmp_path_factory.mktemp("reference") / "run", tiny).run_all())
@@ -294,7 +297,7 @@ def reference(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
 @pytest.mark.parametrize("stage", STAGES)
 async def test_a_kill_in_any_stage_resumes_to_the_same_results(
-    stage: str, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, Any]
+    stage: str, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Outcome
 ) -> None:
     calls = {"train": 0}
     real_train = loop_module.train_lora
@@ -309,12 +312,11 @@ async def test_a_kill_in_any_stage_resumes_to_the_same_results(
         with pytest.raises(Killed):
             await make_loop(tmp_path / "run", tiny).run_all()
     resumed = await make_loop(tmp_path / "run", tiny).run_all()
-    verdicts = lambda o: {c: {b: [r["verdict"] for r in rs] for b, rs in v.items()} for c, v in o["results"].items()}  # noqa: E731
-    assert verdicts(resumed) == verdicts(reference)
+    assert verdicts_of(resumed.results) == verdicts_of(reference.results)
     assert calls["train"] == 4  # each of the 4 adapters trained once across the kill and the resume: none redone
-    assert resumed["supplies"]["iter1"]["rows"] == reference["supplies"]["iter1"]["rows"]
+    assert resumed.supplies["iter1"]["rows"] == reference.supplies["iter1"]["rows"]
     # a stage finished before the kill is read back on the resume, not counted twice
-    assert resumed["stages"]["tokens"] == reference["stages"]["tokens"]
+    assert resumed.stages.tokens == reference.stages.tokens
 
 
 def _break(m: pytest.MonkeyPatch, stage: str) -> None:

@@ -25,6 +25,7 @@ from training.lema import (
     PROBLEMS,
     REPORT,
     SAMPLE_SETTINGS,
+    Problem,
     equal_size,
     gold_solution,
     run_correction,
@@ -131,7 +132,7 @@ async def test_counts_datasets_and_report(tmp_path: Path) -> None:
 
     assert counts == EXPECTED
     assert json.loads((tmp_path / COUNTS).read_text()) == EXPECTED
-    assert sorted(r["id"] for r in seen) == sorted(e.id for e in PROBLEM_SET)
+    assert sorted(r.id for r in seen) == sorted(e.id for e in PROBLEM_SET)
     assert len(student.calls) == 12 and len(corrector.calls) == 4
     for example in PROBLEM_SET:  # four samples per problem, seeds 0..3, all sampled at temperature 0.8
         settings = [s for m, s in student.calls if example.input in m[-1]["content"]]
@@ -139,12 +140,13 @@ async def test_counts_datasets_and_report(tmp_path: Path) -> None:
         assert {s.temperature for s in settings} == {SAMPLE_SETTINGS.temperature}
     assert all(s.greedy for _, s in corrector.calls)
 
-    records = {r["id"]: r for r in run.records(PROBLEMS)}
-    assert [p["verdict"] for p in records["toy/hard"]["paths"]] == ["wrong", "wrong", "wrong", "no_answer"]
-    statuses = [c["status"] for c in records["toy/hard"]["corrections"]]
+    records = {r.id: r for r in run.records(PROBLEMS, Problem)}
+    assert [p.verdict for p in records["toy/hard"].paths] == ["wrong", "wrong", "wrong", "no_answer"]
+    statuses = [c.status for c in records["toy/hard"].corrections]
     assert statuses == ["wrong final answer", "no Incorrect Step", "step is not a number"]
-    assert records["toy/hard"]["corrections"][0]["correction"]["answer"] == "8"  # rejected, still recorded
-    assert records["toy/easy"]["corrections"] == []
+    correction = records["toy/hard"].corrections[0].correction
+    assert correction is not None and correction.answer == "8"  # rejected, still recorded
+    assert records["toy/easy"].corrections == []
 
 
 async def test_dataset_rows_have_the_messages_shape(tmp_path: Path) -> None:
@@ -205,7 +207,7 @@ async def test_resume_skips_done_problems(tmp_path: Path) -> None:
     assert again == EXPECTED
     assert {m[-1]["content"] for m, _ in student.calls} == {HARD.input}  # only the new problem was sampled
     assert len(corrector.calls) == 3
-    assert len(run_dir(tmp_path).records(PROBLEMS)) == 3
+    assert len(run_dir(tmp_path).records(PROBLEMS, Problem)) == 3
 
     student, corrector = backends()
     assert await run_correction(PROBLEM_SET, student, corrector, run_dir(tmp_path), samples=4) == EXPECTED
@@ -291,11 +293,12 @@ async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> No
     assert counts["cot_gold_rows"] == 1
     assert len(rows(tmp_path / COT)) == counts["cot_rows"] >= 1
     assert len(rows(tmp_path / CORRECTIONS)) == counts["correction_rows"] == counts["kept"]
-    assert len(run_dir(tmp_path).records(PROBLEMS)) == 1
+    assert len(run_dir(tmp_path).records(PROBLEMS, Problem)) == 1
     assert "# LEMA correction data" in (tmp_path / REPORT).read_text()
 
 
 def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> None:
+    from runtime.report import Accuracy, Answers, Condition
     from training.ablation import render_ablation
     from training.sft_trainer import TrainResult
 
@@ -304,10 +307,22 @@ def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> Non
     mixed = tmp_path / "cot_plus_corrections.jsonl"
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def overall(accuracy: float, chance: float | None) -> dict:
-        block = {"n": 40, "accuracy": accuracy, "no_answer": 1, "chance": chance, "majority_gold": 0.325}
+    def overall(accuracy: float, chance: float | None) -> Condition:
+        right = round(accuracy * 40)
+        block = Accuracy(
+            n=40,
+            correct=right,
+            wrong=39 - right,
+            no_answer=1,
+            accuracy=accuracy,
+            accuracy_answered=right / 39,
+            majority_gold=0.325,
+            chance=chance,
+            completion_tokens=0,
+            prompt_tokens=0,
+        )
         verdicts = {f"q{i}": i < accuracy * 40 for i in range(40)}
-        return {"overall": block, "by_source": {"s": block}, "verdicts": verdicts}
+        return Condition(overall=block, by_source={"s": block}, modes={}, answers=Answers({}, {}), verdicts=verdicts)
 
     trained = {"cot_plus_corrections": TrainResult(tmp_path, 0.85, 30, "sha", [1.2, 0.85])}
     choice = render_ablation(

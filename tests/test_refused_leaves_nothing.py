@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.data.records import Record
 from runtime.data.rundir import RunDir
 
 
@@ -90,13 +91,13 @@ def test_a_failure_before_the_first_record_removes_only_what_the_run_made(tmp_pa
 def test_a_resumed_or_recorded_run_is_never_removed(tmp_path: Path) -> None:
     first = RunDir(tmp_path / "run", {"command": "t"})
     with pytest.raises(RuntimeError), first.removed_on_failure():
-        first.append("results.jsonl", {"id": "1"})
+        first.append("results.jsonl", Record(id="1"))
         raise RuntimeError("died after a record")
-    assert first.done_ids("results.jsonl") == {"1"}
+    assert first.done_ids("results.jsonl", Record) == {"1"}
     resumed = RunDir(tmp_path / "run", {"command": "t"})
     with pytest.raises(RuntimeError), resumed.removed_on_failure():
         raise RuntimeError("died before its first new record")
-    assert resumed.done_ids("results.jsonl") == {"1"} and (tmp_path / "run" / "config.json").exists()
+    assert resumed.done_ids("results.jsonl", Record) == {"1"} and (tmp_path / "run" / "config.json").exists()
 
 
 def test_ctrl_c_before_the_first_record_keeps_the_run(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from training.replay import (
     MANIFEST,
     SFT_JSONL,
     SFT_PARQUET,
+    Step,
     export_replay,
     keep_rewarded,
     kto_row,
@@ -55,7 +56,8 @@ def run(tmp_path: Path) -> Path:
     ("reward", "leaked", "kept"), [(1, False, True), (1, True, False), (0, False, False), (0, True, False)]
 )
 def test_keep_rewarded_wants_a_reward_and_no_leak(reward: int, leaked: bool, kept: bool) -> None:
-    assert keep_rewarded({"reward": reward, "leaked": leaked}) is kept
+    step = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "why", "do this", leaked, reward)
+    assert keep_rewarded(step) is kept
 
 
 def test_counts_of_steps_and_kept_steps_per_task_and_source(run: Path, tmp_path: Path) -> None:
@@ -157,7 +159,7 @@ def test_a_malformed_line_is_named_by_file_and_line(run: Path, tmp_path: Path) -
 
 def test_a_record_that_is_no_episode_is_a_data_error(run: Path, tmp_path: Path) -> None:
     (run / EPISODES).write_text(json.dumps({"id": "x", "turns": [{"round": 1}]}) + "\n")
-    with pytest.raises(DataError, match=f"{run / EPISODES}: episode 1 is not a gathering episode"):
+    with pytest.raises(DataError, match=rf"{run / EPISODES}:1: the line is no Episode \(source: Field required"):
         export_replay([run], tmp_path / "out")
 
 

@@ -9,14 +9,29 @@ from pathlib import Path
 
 import pytest
 
-from agents.evaluation import RESULTS, render_report, run_eval, summarize
-from runtime.data.records import RUN_CONFIG_VERSION, RunConfig
+from agents.evaluation import RESULTS, run_eval, summarize
+from runtime.data.records import RUN_CONFIG_VERSION, Episode, ItemResult, Record, RunConfig
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
+from runtime.report import render_evaluation
 
 IDENTITY = {"command": "eval", "task": "bbq", "limit": 6, "model_id": "tiny"}
+GOLDEN = Path(__file__).parent / "golden"
+
+
+class Row(Record):
+    """A record of a test's own: an id, and whatever else a test writes."""
+
+    reply: str | None = None
+    n: int | None = None
+    nested: dict[str, list[int]] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
 SETTINGS = GenerationSettings(max_new_tokens=16)
 
 
@@ -106,61 +121,87 @@ def test_a_foreign_config_is_a_data_error_naming_the_file(tmp_path: Path) -> Non
 
 def test_append_and_records_round_trip(tmp_path: Path) -> None:
     run = RunDir(tmp_path, IDENTITY)
-    assert run.records(RESULTS) == [] and run.done_ids(RESULTS) == set()
-    rows = [{"id": "a", "reply": "héllo\nworld"}, {"id": "b", "n": 2, "nested": {"x": [1, 2]}}]
+    assert run.records(RESULTS, Row) == [] and run.done_ids(RESULTS, Row) == set()
+    rows = [Row(id="a", reply="héllo\nworld"), Row(id="b", n=2, nested={"x": [1, 2]})]
     for row in rows:
         run.append(RESULTS, row)
-    assert run.records(RESULTS) == rows
-    assert run.done_ids(RESULTS) == {"a", "b"}
+    assert run.records(RESULTS, Row) == rows
+    assert run.done_ids(RESULTS, Row) == {"a", "b"}
     assert run.file(RESULTS).read_text(encoding="utf-8").count("\n") == 2  # one line per record
 
 
 def test_torn_last_line_is_dropped_then_cut(tmp_path: Path) -> None:
     run = RunDir(tmp_path, IDENTITY)
-    run.append(RESULTS, {"id": "a"})
-    run.append(RESULTS, {"id": "b"})
+    run.append(RESULTS, Row(id="a"))
+    run.append(RESULTS, Row(id="b"))
     with run.file(RESULTS).open("a") as f:
         f.write('{"id": "c", "rep')  # the process died mid-write
-    assert run.records(RESULTS) == [{"id": "a"}, {"id": "b"}]
-    assert run.done_ids(RESULTS) == {"a", "b"}
+    assert run.records(RESULTS, Row) == [Row(id="a"), Row(id="b")]
+    assert run.done_ids(RESULTS, Row) == {"a", "b"}
 
     run.repair(RESULTS)
     assert run.file(RESULTS).read_text() == '{"id": "a"}\n{"id": "b"}\n'
-    run.append(RESULTS, {"id": "c"})
-    assert run.done_ids(RESULTS) == {"a", "b", "c"}
+    run.append(RESULTS, Row(id="c"))
+    assert run.done_ids(RESULTS, Row) == {"a", "b", "c"}
     run.repair(RESULTS)  # nothing torn: a no-op
-    assert len(run.records(RESULTS)) == 3
+    assert len(run.records(RESULTS, Row)) == 3
 
 
 def test_torn_multibyte_character_is_a_torn_line(tmp_path: Path) -> None:
     """Records are written with ensure_ascii=False, so a kill can cut a UTF-8 character in half."""
     run = RunDir(tmp_path, IDENTITY)
-    run.append(RESULTS, {"id": "a", "reply": "café"})
+    run.append(RESULTS, Row(id="a", reply="café"))
     with run.file(RESULTS).open("ab") as f:
         f.write(b'{"id": "b", "reply": "caf' + "é".encode()[:1])
-    assert run.records(RESULTS) == [{"id": "a", "reply": "café"}]
-    assert run.done_ids(RESULTS) == {"a"}
+    assert run.records(RESULTS, Row) == [Row(id="a", reply="café")]
+    assert run.done_ids(RESULTS, Row) == {"a"}
     run.repair(RESULTS)
-    assert run.records(RESULTS) == [{"id": "a", "reply": "café"}]
+    assert run.records(RESULTS, Row) == [Row(id="a", reply="café")]
 
 
 def test_unicode_line_separators_inside_a_reply_round_trip(tmp_path: Path) -> None:
     """U+2028, U+2029 and U+0085 are left raw by json.dumps(ensure_ascii=False); they are not line ends."""
     run = RunDir(tmp_path, IDENTITY)
-    rows = [{"id": "a", "reply": "one\u2028two"}, {"id": "b", "reply": "x\x85y\u2029z"}, {"id": "c", "reply": "ok"}]
+    rows = [Row(id="a", reply="one\u2028two"), Row(id="b", reply="x\x85y\u2029z"), Row(id="c", reply="ok")]
     for row in rows:
         run.append(RESULTS, row)
-    assert run.records(RESULTS) == rows
-    assert run.done_ids(RESULTS) == {"a", "b", "c"}
+    assert run.records(RESULTS, Row) == rows
+    assert run.done_ids(RESULTS, Row) == {"a", "b", "c"}
 
 
 def test_malformed_middle_line_names_file_and_line(tmp_path: Path) -> None:
     run = RunDir(tmp_path, IDENTITY)
     run.file(RESULTS).write_text('{"id": "a"}\n{"id": oops}\n{"id": "c"}\n')
     with pytest.raises(DataError, match=rf"{RESULTS}:2: not valid JSON"):
-        run.records(RESULTS)
+        run.records(RESULTS, Row)
     with pytest.raises(DataError, match=rf"{RESULTS}:2"):
-        run.done_ids(RESULTS)
+        run.done_ids(RESULTS, Row)
+
+
+def test_a_line_that_is_not_the_record_type_names_file_line_and_field(tmp_path: Path) -> None:
+    run = RunDir(tmp_path, IDENTITY)
+    run.file(RESULTS).write_text('{"id": "a"}\n{"verdict": "correct"}\n{"id": "c"}\n')
+    with pytest.raises(DataError, match=rf"{RESULTS}:2: the line is no Row \(id: Field required\)"):
+        run.records(RESULTS, Row)
+    run.file(RESULTS).write_text('{"id": "a", "verdict": "maybe"}\n')
+    with pytest.raises(DataError, match=rf"{RESULTS}:1: the line is no ItemResult \(source: Field required"):
+        run.done_ids(RESULTS, ItemResult)
+
+
+@pytest.mark.parametrize(("name", "model"), [("results", ItemResult), ("episodes", Episode)])
+def test_records_written_before_the_read_back_was_typed_still_resume(
+    name: str, model: type[Record], tmp_path: Path
+) -> None:
+    """Lines as the previous redpen wrote them (tests/golden/*_written_before.jsonl) read back typed, and are
+    written again byte for byte."""
+    lines = (GOLDEN / f"{name}_written_before.jsonl").read_text(encoding="utf-8")
+    run = RunDir(tmp_path, IDENTITY)
+    run.file(f"{name}.jsonl").write_text(lines, encoding="utf-8")
+    records = run.records(f"{name}.jsonl", model)
+    assert all(type(r) is model for r in records) and run.done_ids(f"{name}.jsonl", model) == {r.id for r in records}
+    for record in records:
+        run.append("again.jsonl", record)
+    assert run.file("again.jsonl").read_text(encoding="utf-8") == lines
 
 
 def test_whole_files_are_written_atomically(tmp_path: Path) -> None:
@@ -180,10 +221,10 @@ async def test_run_eval_resumes_only_the_missing_items(tmp_path: Path) -> None:
     items = examples(6)
     first = ScriptedStudent()
     results = await run_eval(items, first, RunDir(tmp_path, IDENTITY), SETTINGS, concurrency=6)
-    assert [r["id"] for r in results] == [e.id for e in items]
+    assert [r.id for r in results] == [e.id for e in items]
     assert sorted(first.asked) == sorted(e.id for e in items)
-    assert [r["verdict"] for r in results] == ["wrong", "correct", "wrong"] * 2
-    assert all(r["predicted"] == "(B)" and r["mode"] == "generate" for r in results)
+    assert [r.verdict for r in results] == ["wrong", "correct", "wrong"] * 2
+    assert all(r.predicted == "(B)" and r.mode == "generate" for r in results)
     on_disk = [json.loads(line)["id"] for line in (tmp_path / RESULTS).read_text().splitlines()]
     assert on_disk != [e.id for e in items]  # appended as they finished, which is not input order
 
@@ -194,13 +235,11 @@ async def test_run_eval_resumes_only_the_missing_items(tmp_path: Path) -> None:
 
     second = ScriptedStudent()
     seen: list[str] = []
-    resumed = await run_eval(
-        items, second, RunDir(tmp_path, IDENTITY), SETTINGS, on_result=lambda r: seen.append(r["id"])
-    )
+    resumed = await run_eval(items, second, RunDir(tmp_path, IDENTITY), SETTINGS, on_result=lambda r: seen.append(r.id))
     assert sorted(second.asked) == sorted(e.id for e in items if e.id not in kept)
     assert sorted(seen) == sorted(second.asked)
-    assert [r["id"] for r in resumed] == [e.id for e in items]
-    assert [r["verdict"] for r in resumed] == [r["verdict"] for r in results]
+    assert [r.id for r in resumed] == [e.id for e in items]
+    assert [r.verdict for r in resumed] == [r.verdict for r in results]
     assert len((tmp_path / RESULTS).read_text().splitlines()) == 6
 
     third = ScriptedStudent()
@@ -213,22 +252,22 @@ async def test_run_eval_returns_only_the_asked_items(tmp_path: Path) -> None:
     await run_eval(examples(6), ScriptedStudent(), run, SETTINGS)
     subset = examples(6)[3:5]
     results = await run_eval(subset, ScriptedStudent(), run, SETTINGS)
-    assert [r["id"] for r in results] == ["toy/3", "toy/4"]
+    assert [r.id for r in results] == ["toy/3", "toy/4"]
 
 
 async def test_run_eval_loglik_mode_and_summary(tmp_path: Path) -> None:
     backend = ScriptedStudent()
     results = await run_eval(examples(6), backend, RunDir(tmp_path, IDENTITY), SETTINGS, mode="loglik")
     assert backend.asked == ["score"] * 6
-    assert {r["mode"] for r in results} == {"loglik"}
-    assert {r["predicted"] for r in results} == {"(C)"}
-    assert all(r["scores"] == [-3.0, -3.0, -0.5] for r in results)
+    assert {r.mode for r in results} == {"loglik"}
+    assert {r.predicted for r in results} == {"(C)"}
+    assert all(r.scores == [-3.0, -3.0, -0.5] for r in results)
 
     metrics = summarize(results)
-    overall = metrics["overall"]
-    assert (overall["n"], overall["correct"], overall["wrong"], overall["no_answer"]) == (6, 2, 4, 0)
-    assert overall["chance"] == pytest.approx(1 / 3, abs=1e-4)
-    assert metrics["modes"] == {"loglik": 6}
-    report = render_report("toy eval", IDENTITY, metrics).markdown()
+    overall = metrics.overall
+    assert (overall.n, overall.correct, overall.wrong, overall.no_answer) == (6, 2, 4, 0)
+    assert overall.chance == pytest.approx(1 / 3, abs=1e-4)
+    assert metrics.modes == {"loglik": 6}
+    report = render_evaluation("toy eval", IDENTITY, metrics).markdown()
     assert report.startswith("# toy eval\n")
     assert "| **all** | 6 | 0.333 |" in report

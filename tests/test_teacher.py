@@ -136,3 +136,16 @@ def test_real_teacher_answers_through_its_llama_cpp_server() -> None:
     assert backend.kind == "teacher" and backend.model_id == teacher.TEACHER_NAME
     server = backend.server  # type: ignore[attr-defined]
     assert server._process is None  # stopped by aclose
+
+
+def test_the_teacher_leaves_a_core_to_the_student(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDPEN_TEACHER_THREADS", raising=False)
+    monkeypatch.setattr(teacher.os, "cpu_count", lambda: 2)
+    assert teacher.teacher_threads() == 1
+    monkeypatch.setattr(teacher.os, "cpu_count", lambda: 1)
+    assert teacher.teacher_threads() == 1
+    monkeypatch.setenv("REDPEN_TEACHER_THREADS", "3")
+    assert teacher.teacher_threads() == 3
+    monkeypatch.setenv("REDPEN_TEACHER_THREADS", "two")
+    with pytest.raises(ConfigError, match="REDPEN_TEACHER_THREADS='two'"):
+        teacher.teacher_threads()

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from agents.evaluation import condition_summary, run_eval
+from runtime.data.records import Record
 from runtime.data.rundir import RunDir, read_dataset, write_atomic
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY
 from runtime.errors import DataError
 from runtime.models.backend import GenerationSettings
 from runtime.models.local import LocalBackend
-from runtime.report import PAIRED_NOTE, Report, accuracy_figure, paired_conditions, paired_table
+from runtime.report import PAIRED_NOTE, Condition, Report, accuracy_figure, paired_conditions, paired_table
 from training.lema import CORRECTIONS, COT, equal_size
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, train_lora
@@ -84,11 +85,11 @@ async def evaluate_adapters(
     run: RunDir,
     settings: GenerationSettings,
     concurrency: int = CONCURRENCY,
-    on_result: Callable[[str], Callable[[dict[str, Any]], None]] | None = None,
-) -> dict[str, Any]:
+    on_result: Callable[[str], Callable[[Record], None]] | None = None,
+) -> dict[str, Condition]:
     """The base model and each adapter on the same examples: one results file and summary (with verdicts) each."""
     backend = LocalBackend(base_model, adapters={name: str(path) for name, path in adapters.items()})
-    figures = {}
+    figures: dict[str, Condition] = {}
     try:
         for name in ("base", *adapters):
             adapter = None if name == "base" else name
@@ -109,7 +110,7 @@ async def evaluate_adapters(
 
 
 def render_ablation(
-    task: str, figures: dict[str, Any], trained: dict[str, TrainResult], sets: dict[str, Path]
+    task: str, figures: dict[str, Condition], trained: dict[str, TrainResult], sets: dict[str, Path]
 ) -> Report:
     """The conditions with their controls, then each fine-tuned set against the other and the base, item by item."""
     report = Report(f"LEMA ablation: {task}")
@@ -120,7 +121,7 @@ def render_ablation(
     )
     rows: list[list[object]] = []
     for name, f in figures.items():
-        overall = f["overall"]
+        overall = f.overall
         size = corrections = loss = None
         if name in sets:
             data = read_rows(sets[name])
@@ -132,11 +133,11 @@ def render_ablation(
                 size,
                 corrections,
                 loss,
-                overall["n"],
-                overall["accuracy"],
-                overall["no_answer"],
-                overall["chance"],
-                overall["majority_gold"],
+                overall.n,
+                overall.accuracy,
+                overall.no_answer,
+                overall.chance,
+                overall.majority_gold,
             ]
         )
     report.table(

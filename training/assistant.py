@@ -31,7 +31,7 @@ from runtime.data.tasks import load_task
 from runtime.defaults import CONCURRENCY
 from runtime.errors import ConfigError, DataError
 from runtime.models.config import BackendConfig
-from runtime.report import render_comparison
+from runtime.report import ComparisonFigures, render_comparison
 from training.replay import SFT_JSONL, ReplayStats, export_replay
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora, trained_before
@@ -50,7 +50,7 @@ class AssistantTraining:
     replay_dir: Path
     trained: TrainResult
     reused: bool  # the adapter in ``out`` was already trained this way, and kept
-    comparison: dict[str, Any] | None = None  # ``compare_assistants``' figures
+    comparison: ComparisonFigures | None = None
     compare_dir: Path | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -63,9 +63,9 @@ class AssistantTraining:
             "reused": self.reused,
         }
         if self.comparison is not None:
-            conditions = self.comparison["conditions"]
-            summary["accuracy"] = {name: c["overall"]["accuracy"] for name, c in conditions.items()}
-            summary["changed_answers"] = self.comparison["changed_answers"]
+            conditions = self.comparison.conditions
+            summary["accuracy"] = {name: c.overall.accuracy for name, c in conditions.items()}
+            summary["changed_answers"] = self.comparison.changed_answers
         return summary
 
 
@@ -141,7 +141,7 @@ def train_assistant(
             first, runs[0], base_model, trained, compare_dir, limit, concurrency, response_cache, data_dir, progress
         )
     )
-    compare_dir.write_json(FIGURES, figures)
+    compare_dir.write_json(FIGURES, figures.to_dict())
     training = {
         "steps": trained.steps,
         "final_loss": trained.final_loss,
@@ -163,7 +163,7 @@ async def _compare(
     response_cache: bool,
     data_dir: Path | None,
     progress: Progress | None,
-) -> dict[str, Any]:
+) -> ComparisonFigures:
     """The run's student and memory, assisted by the base model with and without the trained adapter."""
     identity = _run_identity(first, run_dir)
     if first.memory is None:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from autogen_agentchat.messages import TextMessage
 from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient
+from pydantic import BaseModel, ConfigDict
 
 from agents.corrector import (
     KEPT,
@@ -48,7 +49,8 @@ from agents.corrector import (
 )
 from agents.roles import contents
 from agents.student import student_messages
-from runtime.data.graders import grade_async
+from runtime.data.graders import Verdict, grade_async
+from runtime.data.records import Record
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
@@ -74,6 +76,45 @@ _CLIP = 600  # characters of a question, path or reply shown in the report
 Row = TypeVar("Row")
 
 
+class SampledPath(BaseModel):
+    """One reasoning path the student sampled for a problem, with its grade."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample: int
+    seed: int
+    text: str
+    verdict: Verdict
+    predicted: str | None
+    finish_reason: str | None
+
+
+class CorrectionAttempt(BaseModel):
+    """The corrector on one wrong path: its raw reply, and what became of it (``status``: kept, or why not)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample: int
+    steps: list[str]
+    reply: str
+    status: str
+    correction: Correction | None  # parsed, also when it was then rejected
+
+
+class Problem(Record):
+    """One problem's record in ``problems.jsonl``: its sampled paths, their grades and the corrections."""
+
+    source: str
+    question: str
+    gold: str
+    answer_kind: str | None = None  # recorded since code items were added
+    student: str
+    corrector: str
+    paths: list[SampledPath]
+    corrections: list[CorrectionAttempt]
+    time_s: float
+
+
 def gold_solution(example: Example) -> str | None:
     """The gold chain of thought when the task has one (GSM8K), ending like the student's: "The answer is N"; for
     a code item, its canonical solution in a code block.
@@ -94,7 +135,7 @@ def gold_solution(example: Example) -> str | None:
 
 async def sample_paths(
     example: Example, student: Backend, samples: int, settings: GenerationSettings = SAMPLE_SETTINGS
-) -> list[dict[str, Any]]:
+) -> list[SampledPath]:
     """``samples`` reasoning paths for one problem, concurrently, each with its grade."""
     base = settings.seed or 0
     chat = student_messages(example)
@@ -103,44 +144,43 @@ async def sample_paths(
         *(student.generate(chat, dataclasses.replace(settings, seed=seed)) for seed in seeds)
     )
     grades = await asyncio.gather(*(grade_async(example, g.text) for g in generations))
-    paths = []
-    for j, (seed, generation, result) in enumerate(zip(seeds, generations, grades, strict=True)):
-        paths.append(
-            {
-                "sample": j,
-                "seed": seed,
-                "text": generation.text,
-                "verdict": result.verdict,
-                "predicted": result.predicted,
-                "finish_reason": generation.finish_reason,
-            }
+    return [
+        SampledPath(
+            sample=j,
+            seed=seed,
+            text=generation.text,
+            verdict=result.verdict,
+            predicted=result.predicted,
+            finish_reason=generation.finish_reason,
         )
-    return paths
+        for j, (seed, generation, result) in enumerate(zip(seeds, generations, grades, strict=True))
+    ]
 
 
-def wrong_paths(paths: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def wrong_paths(paths: Sequence[SampledPath]) -> list[SampledPath]:
     """The paths worth correcting: not correct, not empty, and each distinct text once.
 
-    >>> paths = [{"text": "1 + 1 = 3.", "verdict": "wrong"}, {"text": "1 +  1 = 3.", "verdict": "wrong"},
-    ...          {"text": "1 + 1 = 2.", "verdict": "correct"}, {"text": "", "verdict": "no_answer"}]
-    >>> [p["text"] for p in wrong_paths(paths)]
+    >>> paths = [SampledPath(sample=i, seed=i, text=t, verdict=v, predicted=None, finish_reason="stop")
+    ...          for i, (t, v) in enumerate([("1 + 1 = 3.", "wrong"), ("1 +  1 = 3.", "wrong"),
+    ...                                      ("1 + 1 = 2.", "correct"), ("", "no_answer")])]
+    >>> [p.text for p in wrong_paths(paths)]
     ['1 + 1 = 3.']
     """
-    return _distinct([p for p in paths if p["verdict"] != "correct" and split_steps(p["text"])])
+    return _distinct([p for p in paths if p.verdict != "correct" and split_steps(p.text)])
 
 
-async def correct_path(example: Example, path: dict[str, Any], client: ChatCompletionClient) -> dict[str, Any]:
+async def correct_path(example: Example, path: SampledPath, client: ChatCompletionClient) -> CorrectionAttempt:
     """Ask the corrector about one wrong path; the record keeps its raw reply and what became of it."""
     agent = CorrectorAgent(example, client)
-    response = await agent.on_messages([TextMessage(content=path["text"], source="student")], CancellationToken())
+    response = await agent.on_messages([TextMessage(content=path.text, source="student")], CancellationToken())
     [reply] = contents([response.chat_message], CorrectorReply)
-    return {
-        "sample": path["sample"],
-        "steps": path_steps(example, path["text"]),
-        "reply": reply.text,
-        "status": reply.review.status,
-        "correction": dataclasses.asdict(reply.review.correction) if reply.review.correction else None,
-    }
+    return CorrectionAttempt(
+        sample=path.sample,
+        steps=path_steps(example, path.text),
+        reply=reply.text,
+        status=reply.review.status,
+        correction=reply.review.correction,
+    )
 
 
 async def run_correction(
@@ -151,7 +191,7 @@ async def run_correction(
     *,
     samples: int = SAMPLES,
     concurrency: int = CONCURRENCY,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[Problem], None] | None = None,
     student_settings: GenerationSettings = SAMPLE_SETTINGS,
     corrector_settings: GenerationSettings = CORRECTOR_SETTINGS,
 ) -> dict[str, Any]:
@@ -167,7 +207,7 @@ async def run_correction(
     if student_settings.greedy:
         raise ConfigError("sampling reasoning paths needs a temperature above 0; greedy paths would all be the same")
     run.repair(PROBLEMS)
-    done = run.done_ids(PROBLEMS)
+    done = run.done_ids(PROBLEMS, Problem)
     client = BackendChatCompletionClient(corrector, None, corrector_settings)
     limit = asyncio.Semaphore(concurrency)
 
@@ -176,24 +216,24 @@ async def run_correction(
             started = time.perf_counter()
             paths = await sample_paths(example, student, samples, student_settings)
             corrections = await asyncio.gather(*(correct_path(example, p, client) for p in wrong_paths(paths)))
-        record = {
-            "id": example.id,
-            "source": example.source,
-            "question": example.input,
-            "gold": example.target,
-            "answer_kind": example.answer_kind,
-            "student": student.model_id,
-            "corrector": corrector.model_id,
-            "paths": paths,
-            "corrections": list(corrections),
-            "time_s": round(time.perf_counter() - started, 3),
-        }
+        record = Problem(
+            id=example.id,
+            source=example.source,
+            question=example.input,
+            gold=example.target,
+            answer_kind=example.answer_kind,
+            student=student.model_id,
+            corrector=corrector.model_id,
+            paths=paths,
+            corrections=list(corrections),
+            time_s=round(time.perf_counter() - started, 3),
+        )
         run.append(PROBLEMS, record)
         if on_progress is not None:
             on_progress(record)
 
     await asyncio.gather(*(one(e) for e in examples if e.id not in done))
-    by_id = {r["id"]: r for r in run.records(PROBLEMS)}
+    by_id = {r.id: r for r in run.records(PROBLEMS, Problem)}
     records = [by_id[e.id] for e in examples if e.id in by_id]
     cot, fixes = cot_rows(examples, records), correction_rows(records)
     run.write_text(COT, _jsonl(cot))
@@ -212,47 +252,47 @@ async def run_correction(
     return counts
 
 
-def cot_rows(examples: Sequence[Example], records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def cot_rows(examples: Sequence[Example], records: Sequence[Problem]) -> list[dict[str, Any]]:
     """Chain-of-thought rows: each problem's gold solution (if any), then its distinct correct sampled paths."""
-    by_id = {r["id"]: r for r in records}
+    by_id = {r.id: r for r in records}
     rows = []
     for example in examples:
         if example.id not in by_id:
             continue
         chat = student_messages(example)
         gold = gold_solution(example)
-        correct = _distinct([p for p in by_id[example.id]["paths"] if p["verdict"] == "correct"])
-        for text in ([gold] if gold else []) + [p["text"] for p in correct]:
+        correct = _distinct([p for p in by_id[example.id].paths if p.verdict == "correct"])
+        for text in ([gold] if gold else []) + [p.text for p in correct]:
             rows.append({"messages": [*chat, {"role": "assistant", "content": text}]})
     return rows
 
 
-def correction_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def correction_rows(records: Sequence[Problem]) -> list[dict[str, Any]]:
     """Correction rows: the question and wrong steps (no gold) in, the kept correction out."""
     return [
         {
             "messages": [
                 {
                     "role": "user",
-                    "content": correction_prompt(record["question"], fix["steps"], record.get("answer_kind") == "code"),
+                    "content": correction_prompt(record.question, fix.steps, record.answer_kind == "code"),
                 },
-                {"role": "assistant", "content": Correction(**fix["correction"]).text()},
+                {"role": "assistant", "content": fix.correction.text()},
             ]
         }
         for record in records
-        for fix in record["corrections"]
-        if fix["status"] == KEPT
+        for fix in record.corrections
+        if fix.status == KEPT and fix.correction is not None
     ]
 
 
-def count(records: Sequence[dict[str, Any]], examples: Sequence[Example]) -> dict[str, Any]:
+def count(records: Sequence[Problem], examples: Sequence[Example]) -> dict[str, Any]:
     """What the run made: paths by verdict, corrections by fate, dataset rows.
 
     ``corrections_requested = sum(parse_failures) + rejected_wrong_answer + kept``.
     """
-    verdicts = Counter(p["verdict"] for r in records for p in r["paths"])
-    statuses = Counter(c["status"] for r in records for c in r["corrections"])
-    done = {r["id"] for r in records}
+    verdicts = Counter(p.verdict for r in records for p in r.paths)
+    statuses = Counter(c.status for r in records for c in r.corrections)
+    done = {r.id for r in records}
     gold = sum(1 for e in examples if e.id in done and gold_solution(e))
     cot = len(cot_rows(examples, records))
     failures = {s: n for s, n in sorted(statuses.items()) if s not in (KEPT, WRONG_FINAL_ANSWER)}
@@ -273,12 +313,12 @@ def count(records: Sequence[dict[str, Any]], examples: Sequence[Example]) -> dic
     }
 
 
-def report(counts: dict[str, Any], records: Sequence[dict[str, Any]]) -> Report:
+def report(counts: dict[str, Any], records: Sequence[Problem]) -> Report:
     """A short quality report: the counts, parse failures by reason, and a few examples."""
     sampled, wrong = counts["paths_sampled"], counts["paths_wrong"] + counts["paths_no_answer"]
-    models = records[0] if records else {"student": "-", "corrector": "-"}
+    student, corrector = (records[0].student, records[0].corrector) if records else ("-", "-")
     out = Report("LEMA correction data")
-    out.paragraph(f"Student `{models['student']}`, corrector `{models['corrector']}`.")
+    out.paragraph(f"Student `{student}`, corrector `{corrector}`.")
     out.table(
         ["", "count"],
         [
@@ -302,18 +342,18 @@ def report(counts: dict[str, Any], records: Sequence[dict[str, Any]]) -> Report:
     if counts["parse_failures"]:
         out.heading("Parse failures by reason")
         out.table(["reason", "count"], [[reason, n] for reason, n in counts["parse_failures"].items()])
-    fixes = [(r, c) for r in records for c in r["corrections"]]
-    shown = [f for f in fixes if f[1]["status"] == KEPT][:_EXAMPLES_IN_REPORT]
-    shown += [f for f in fixes if f[1]["status"] != KEPT][: _EXAMPLES_IN_REPORT - len(shown)]
+    fixes = [(r, c) for r in records for c in r.corrections]
+    shown = [f for f in fixes if f[1].status == KEPT][:_EXAMPLES_IN_REPORT]
+    shown += [f for f in fixes if f[1].status != KEPT][: _EXAMPLES_IN_REPORT - len(shown)]
     if shown:
         out.heading("Examples")
     for i, (record, fix) in enumerate(shown, 1):
-        out.heading(f"{i}. {fix['status']}: `{record['id']}` (gold {record['gold']})", level=3)
-        out.paragraph(f"**Question.** {_clip(record['question'])}")
+        out.heading(f"{i}. {fix.status}: `{record.id}` (gold {record.gold})", level=3)
+        out.paragraph(f"**Question.** {_clip(record.question)}")
         out.paragraph("**Wrong path.**")
-        out.code(_clip(format_steps(fix["steps"])))
+        out.code(_clip(format_steps(fix.steps)))
         out.paragraph("**Corrector's reply.**")
-        out.code(_clip(fix["reply"]))
+        out.code(_clip(fix.reply))
     return out
 
 
@@ -345,10 +385,10 @@ def equal_size(
     return cot_only, mixed
 
 
-def _distinct(paths: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def _distinct(paths: Sequence[SampledPath]) -> list[SampledPath]:
     seen, out = set(), []
     for path in paths:
-        key = " ".join(path["text"].split())
+        key = " ".join(path.text.split())
         if key not in seen:
             seen.add(key)
             out.append(path)

@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from agents.gathering import EPISODES
 from agents.prompts import gathering_messages
 from runtime.data.records import Episode, GatherIdentity, RunConfig, RunIdentity
-from runtime.data.rundir import read_jsonl, write_atomic
+from runtime.data.rundir import read_records, write_atomic
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import Message
 
@@ -33,7 +31,22 @@ SFT_JSONL, SFT_PARQUET = "sft.jsonl", "sft.parquet"
 KTO_JSONL, KTO_PARQUET = "kto.jsonl", "kto.parquet"
 MANIFEST = "replay.json"
 
-Step = dict[str, Any]  # one turn, flattened with the facts of its episode (see ``steps_of``)
+
+@dataclass(frozen=True)
+class Step:
+    """One turn of an episode, flattened with the facts of its episode (see ``steps_of``)."""
+
+    id: str  # the episode's id, "#", the round
+    task: str
+    source: str
+    gold: str
+    query: str
+    response: str  # the student's answer the feedback was about
+    context: list[str]  # the guidelines given before it
+    reason: str
+    guideline: str
+    leaked: bool
+    reward: int
 
 
 def keep_rewarded(step: Step) -> bool:
@@ -41,48 +54,47 @@ def keep_rewarded(step: Step) -> bool:
 
     A leaked step is dropped even when rewarded: the student copied the answer, it did not learn from the feedback.
 
-    >>> keep_rewarded({"reward": 1, "leaked": False})
-    True
-    >>> keep_rewarded({"reward": 1, "leaked": True})
-    False
-    >>> keep_rewarded({"reward": 0, "leaked": False})
-    False
+    >>> from dataclasses import replace
+    >>> step = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "You guessed.", "Quote it.", False, 1)
+    >>> keep_rewarded(step), keep_rewarded(replace(step, leaked=True)), keep_rewarded(replace(step, reward=0))
+    (True, False, False)
     """
-    return step["reward"] == 1 and not step["leaked"]
+    return step.reward == 1 and not step.leaked
 
 
 def steps_of(episode: Episode) -> list[Step]:
     """The turns of one episode as steps, each carrying what its prompt and its statistics need."""
     return [
-        {
-            "id": f"{episode.id}#{turn.round}",
-            "task": episode.task,
-            "source": episode.source,
-            "gold": episode.gold,
-            "query": turn.state.query,
-            "response": turn.state.response,
-            "context": list(turn.state.context),
-            "reason": turn.action.reason,
-            "guideline": turn.action.guideline,
-            "leaked": turn.action.leaked,
-            "reward": turn.reward,
-        }
+        Step(
+            id=f"{episode.id}#{turn.round}",
+            task=episode.task,
+            source=episode.source,
+            gold=episode.gold,
+            query=turn.state.query,
+            response=turn.state.response,
+            context=list(turn.state.context),
+            reason=turn.action.reason,
+            guideline=turn.action.guideline,
+            leaked=turn.action.leaked,
+            reward=turn.reward,
+        )
         for turn in episode.turns
     ]
 
 
 def assistant_prompt(step: Step) -> list[Message]:
     """The system and user messages the gathering assistant got in this state: the agents' own builder."""
-    return gathering_messages(step["query"], step["response"], step["gold"], step["context"])
+    return gathering_messages(step.query, step.response, step.gold, step.context)
 
 
 def feedback_reply(step: Step) -> Message:
     """The action as the assistant should have written it: the JSON its system prompt asks for.
 
-    >>> feedback_reply({"reason": "You guessed.", "guideline": "Quote the context."})["content"]
+    >>> step = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "You guessed.", "Quote the context.", False, 1)
+    >>> feedback_reply(step)["content"]
     '{"reason": "You guessed.", "guideline": "Quote the context."}'
     """
-    reply = json.dumps({"reason": step["reason"], "guideline": step["guideline"]}, ensure_ascii=False)
+    reply = json.dumps({"reason": step.reason, "guideline": step.guideline}, ensure_ascii=False)
     return {"role": "assistant", "content": reply}
 
 
@@ -128,14 +140,7 @@ def read_steps(run_dirs: Sequence[Path], model_id: str | None = None) -> Iterato
         path = run_dir / EPISODES
         if not path.is_file():
             raise DataError(f"{path} does not exist: run `redpen gather` (or `redpen run`) into {run_dir} first")
-        for number, record in enumerate(read_jsonl(path), 1):
-            try:
-                episode = Episode.model_validate(record)
-            except ValidationError as exc:
-                where = ".".join(str(p) for p in exc.errors()[0]["loc"])
-                raise DataError(
-                    f"{path}: episode {number} is not a gathering episode (bad or missing {where})"
-                ) from None
+        for episode in read_records(path, Episode):
             yield from steps_of(episode)
 
 
@@ -153,12 +158,13 @@ class ReplayStats:
 
     @classmethod
     def of(cls, steps: Sequence[Step]) -> ReplayStats:
-        def counts(key: str) -> dict[str, dict[str, int]]:
-            seen = Counter(s[key] for s in steps)
-            kept = Counter(s[key] for s in steps if keep_rewarded(s))
+        def counts(key: Callable[[Step], str]) -> dict[str, dict[str, int]]:
+            seen = Counter(key(s) for s in steps)
+            kept = Counter(key(s) for s in steps if keep_rewarded(s))
             return {name: {"steps": seen[name], "kept": kept[name]} for name in sorted(seen)}
 
-        return cls(len(steps), sum(map(keep_rewarded, steps)), counts("task"), counts("source"))
+        by_task, by_source = counts(lambda s: s.task), counts(lambda s: s.source)
+        return cls(len(steps), sum(map(keep_rewarded, steps)), by_task, by_source)
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "kept": self.kept, "by_task": self.by_task, "by_source": self.by_source}

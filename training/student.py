@@ -18,12 +18,13 @@ from typing import Any, Literal
 from agents.experiment import Progress, counter
 from agents.team import Roles
 from runtime.data.paths import resolve_data_dir
-from runtime.data.records import AblateIdentity, BackendInfo, CorrectIdentity, RunConfig
+from runtime.data.records import AblateIdentity, BackendInfo, CorrectIdentity, Record, RunConfig
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example, load_task
 from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import GenerationSettings
+from runtime.report import Condition
 from training.ablation import (
     SETS,
     evaluate_adapters,
@@ -34,7 +35,7 @@ from training.ablation import (
     training_sets,
     write_training_sets,
 )
-from training.lema import CORRECTIONS, COT, equal_size, run_correction
+from training.lema import CORRECTIONS, COT, Problem, equal_size, run_correction
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora
 
@@ -51,7 +52,7 @@ class Corrected:
 @dataclass(frozen=True)
 class Ablation:
     run_dir: Path
-    figures: dict[str, Any]  # condition (base and each training set) -> its summary
+    figures: dict[str, Condition]  # condition (base and each training set) -> its summary
     trained: dict[str, TrainResult]
 
 
@@ -64,7 +65,7 @@ async def correct(
     limit: int | None,
     samples: int = SAMPLES,
     concurrency: int = CONCURRENCY,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[Problem], None] | None = None,
 ) -> Corrected:
     """``redpen correct``: the student samples reasoning paths, the assistant role corrects the wrong ones."""
     identity = CorrectIdentity(
@@ -163,7 +164,7 @@ async def ablate_corrections(
     sets = write_training_sets(texts, folder)
     trained = train_sets(sets, folder, base_model, max_steps, on_log=on_train_log)
 
-    def on_result(name: str) -> Callable[[dict[str, Any]], None]:
+    def on_result(name: str) -> Callable[[Record], None]:
         return counter(progress, f"eval {name}", len(examples))
 
     figures = await evaluate_adapters(
@@ -175,6 +176,6 @@ async def ablate_corrections(
         concurrency,
         on_result=on_result,
     )
-    run.write_json(FIGURES, figures)
+    run.write_json(FIGURES, {name: f.to_dict() for name, f in figures.items()})
     render_ablation(identity.task, figures, trained, sets).write(run.path)
     return Ablation(run.path, figures, trained)

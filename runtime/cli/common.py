@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from runtime.defaults import MAX_STEPS, MOST_IN_FLIGHT, MOST_NEW_TOKENS, MOST_STEPS, STUDENT_MAX_NEW_TOKENS
+
+if TYPE_CHECKING:
+    from runtime.report import Summary
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
@@ -287,16 +290,14 @@ def quiet_transformers() -> None:
     hf_logging.enable_propagation()
 
 
-def accuracy_table(metrics: dict[str, Any]) -> None:
+def accuracy_table(metrics: Summary) -> None:
     table = Table(title="accuracy (controls: chance, majority gold)")
     for column in ("source", "n", "accuracy", "no answer", "chance", "majority gold"):
         table.add_column(column, justify="left" if column == "source" else "right")
-    rows = [*metrics["by_source"].items(), ("all", metrics["overall"])]
+    rows = [*metrics.by_source.items(), ("all", metrics.overall)]
     for source, f in rows:
-        chance = f"{f['chance']:.3f}" if f["chance"] is not None else "-"
-        table.add_row(
-            source, str(f["n"]), f"{f['accuracy']:.3f}", str(f["no_answer"]), chance, _figure(f["majority_gold"])
-        )
+        chance = f"{f.chance:.3f}" if f.chance is not None else "-"
+        table.add_row(source, str(f.n), f"{f.accuracy:.3f}", str(f.no_answer), chance, _figure(f.majority_gold))
     console.print(table)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -37,6 +37,9 @@ from runtime.defaults import (
     MOST_SAMPLES,
     STUDENT_MAX_NEW_TOKENS,
 )
+
+if TYPE_CHECKING:
+    from runtime.data.records import ItemResult
 
 # 0.8: Chen et al. (2021) sample at 0.8 for pass@10 and pass@100 (0.2 for pass@1).
 SAMPLE_TEMPERATURE = 0.8
@@ -109,9 +112,9 @@ def evaluate(
     started = time.perf_counter()
     with progress_bar() as bar:
 
-        def tick(record: dict[str, Any]) -> None:  # accuracy and rate of the items answered by this invocation
+        def tick(record: ItemResult) -> None:  # accuracy and rate of the items answered by this invocation
             nonlocal answered, correct
-            answered, correct = answered + 1, correct + (record["verdict"] == "correct")
+            answered, correct = answered + 1, correct + (record.verdict == "correct")
             rate = answered / (time.perf_counter() - started)
             bar.update(bar.task_ids[0], info=f"acc {correct / answered:.2f}  {rate:.2f} items/s")
 
@@ -133,11 +136,11 @@ def evaluate(
             )
         )
     accuracy_table(outcome.figures)
-    overall = outcome.figures["overall"]
+    overall = outcome.figures.overall
     if code:
-        rates = overall.get("pass_at") or {"1": overall["accuracy"]}
+        rates = overall.pass_at or {"1": overall.accuracy}
         how = f"{samples} samples at temperature {temperature:g}" if samples > 1 else "greedy"
-        console.print("  ".join(f"pass@{k} {v:.3f}" for k, v in rates.items()) + f"  ({how}, {overall['n']} problems)")
+        console.print("  ".join(f"pass@{k} {v:.3f}" for k, v in rates.items()) + f"  ({how}, {overall.n} problems)")
     console.print(f"run directory: {outcome.run_dir}  (report.md, report.html, results.jsonl, metrics.json)")
     if json_out:
-        print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **outcome.figures}))
+        print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **outcome.figures.to_dict()}))

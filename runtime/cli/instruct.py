@@ -172,24 +172,23 @@ def instruct(
             engine=engine,
         )
     figs = result.figures
-    for b in figs["benchmarks"]:
-        conds = figs["by_benchmark"][b]["conditions"]
-        cells = "  ".join(f"{c} {conds[c]['accuracy']:.3f}" for c in figs["conditions"])
-        majority = conds["base"]["majority_gold"]
+    for b in figs.benchmarks:
+        conds = figs.by_benchmark[b].conditions
+        cells = "  ".join(f"{c} {conds[c].accuracy:.3f}" for c in figs.conditions)
+        majority = conds["base"].majority_gold
         control = f"  (majority gold {majority:.3f})" if majority is not None else ""
         console.print(f"{b}: {cells}{control}")
     console.print(f"report: {result.report_md}  {result.report_html}")
-    for line in figs["story"]:  # the last lines: what the run shows, with its controls
-        majority = f"{line['majority_gold']:.3f}" if line["majority_gold"] is not None else "-"
-        flag = "; answers lean away from the gold distribution (prior shift)" if line["prior_shift_flag"] else ""
+    for line in figs.story:  # the last lines: what the run shows, with its controls
+        majority_gold = f"{line.majority_gold:.3f}" if line.majority_gold is not None else "-"
+        flag = "; answers lean away from the gold distribution (prior shift)" if line.prior_shift_flag else ""
         console.print(
-            f"{line['benchmark']}: {line['condition']} vs base {line['change']:+.3f} (95% CI [{line['ci'][0]:+.3f}, "
-            f"{line['ci'][1]:+.3f}], McNemar p {line['p_mcnemar']:.3g}, n {line['n']}); majority gold {majority}"
-            f"{flag}: [bold]{line['verdict']}[/bold]"
+            f"{line.benchmark}: {line.condition} vs base {line.change:+.3f} (95% CI [{line.ci[0]:+.3f}, "
+            f"{line.ci[1]:+.3f}], McNemar p {line.p_mcnemar:.3g}, n {line.n}); majority gold {majority_gold}"
+            f"{flag}: [bold]{line.verdict}[/bold]"
         )
     if json_out:
         summary = {
-            b: {c: figs["by_benchmark"][b]["conditions"][c]["accuracy"] for c in figs["conditions"]}
-            for b in figs["benchmarks"]
+            b: {c: figs.by_benchmark[b].conditions[c].accuracy for c in figs.conditions} for b in figs.benchmarks
         }
         print(json.dumps({"accuracy": summary, "run_dir": str(folder)}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -42,6 +42,9 @@ from runtime.cli.common import (
     student_kind,
 )
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+
+if TYPE_CHECKING:
+    from runtime.report import ExperimentFigures
 
 
 def gather(
@@ -95,8 +98,8 @@ def gather(
         )
     f = outcome.figures
     console.print(
-        f"episodes {f['episodes']}  first answer wrong {f['first_answer_wrong']}  corrected {f['corrected']}  "
-        f"mistakes in memory {f['mistakes_stored']}  -> {outcome.run_dir}"
+        f"episodes {f.episodes}  first answer wrong {f.first_answer_wrong}  corrected {f.corrected}  "
+        f"mistakes in memory {f.mistakes_stored}  -> {outcome.run_dir}"
     )
 
 
@@ -171,7 +174,7 @@ def exam(
     accuracy_table(outcome.figures)
     console.print(f"run directory: {outcome.run_dir}")
     if json_out:
-        print(json.dumps({"task": name, "mode": mode, **outcome.figures}))
+        print(json.dumps({"task": name, "mode": mode, **outcome.figures.to_dict()}))
 
 
 def run(
@@ -241,8 +244,9 @@ def run(
     _experiment_table(figures)
     console.print(f"report: {outcome.run_dir / 'report.md'}  {outcome.run_dir / 'report.html'}")
     if json_out:
+        as_json = figures.to_dict()
         summary = {
-            k_: figures[k_]
+            k_: as_json[k_]
             for k_ in (
                 "task",
                 "student",
@@ -256,9 +260,9 @@ def run(
                 "tokens",
             )
         }
-        summary["accuracy"] = {c: figures["conditions"][c]["overall"]["accuracy"] for c in figures["conditions"]}
+        summary["accuracy"] = {c: figures.conditions[c].overall.accuracy for c in figures.conditions}
         summary["accuracy_without_near_duplicates"] = {
-            c: figures["without_near_duplicates"][c]["overall"]["accuracy"] for c in figures["conditions"]
+            c: figures.without_near_duplicates[c].overall.accuracy for c in figures.conditions
         }
         summary["run_dir"] = str(outcome.run_dir)
         print(json.dumps(summary))
@@ -293,22 +297,22 @@ def _roles(
     )
 
 
-def _experiment_table(figures: dict[str, Any]) -> None:
-    table = Table(title=f"{figures['task']}: examine accuracy (same items in every column)")
+def _experiment_table(figures: ExperimentFigures) -> None:
+    table = Table(title=f"{figures.task}: examine accuracy (same items in every column)")
     for column in ("source", "n", "baseline", "assisted", "retrieval-only", "chance"):
         table.add_column(column, justify="left" if column == "source" else "right")
-    c = figures["conditions"]
-    for source in [*sorted(c["baseline"]["by_source"]), "all"]:
+    c = figures.conditions
+    for source in [*sorted(c["baseline"].by_source), "all"]:
         row = [
-            c[k]["overall"] if source == "all" else c[k]["by_source"][source]
+            c[k].overall if source == "all" else c[k].by_source[source]
             for k in ("baseline", "assisted", "retrieval_only")
         ]
-        chance = f"{row[0]['chance']:.3f}" if row[0]["chance"] is not None else "-"
-        table.add_row(source, str(row[0]["n"]), *(f"{f['accuracy']:.3f}" for f in row), chance)
+        chance = f"{row[0].chance:.3f}" if row[0].chance is not None else "-"
+        table.add_row(source, str(row[0].n), *(f"{f.accuracy:.3f}" for f in row), chance)
     console.print(table)
-    g = figures["gathering"]
+    g = figures.gathering
     console.print(
-        f"gathering: {g['episodes']} episodes, {g['first_answer_wrong']} wrong first answers, "
-        f"{g['corrected']} corrected; {figures['mistakes_stored']} mistakes in memory; "
-        f"{figures['near_duplicates']}/{figures['n_examine']} examine items have a near-duplicate"
+        f"gathering: {g.episodes} episodes, {g.first_answer_wrong} wrong first answers, "
+        f"{g.corrected} corrected; {figures.mistakes_stored} mistakes in memory; "
+        f"{figures.near_duplicates}/{figures.n_examine} examine items have a near-duplicate"
     )

@@ -79,11 +79,11 @@ def train_assistant(
         f"adapter: {trained.adapter_dir}  ({trained.steps} steps, final loss {trained.final_loss:.4f}){reused}"
     )
     if result.comparison is not None and result.compare_dir is not None:
-        c = result.comparison["conditions"]
+        c = result.comparison.conditions
         console.print(
-            f"examine accuracy on {result.comparison['n_examine']} items: general "
-            f"{c['general']['overall']['accuracy']:.3f}, trained {c['trained']['overall']['accuracy']:.3f}, "
-            f"retrieval-only {c['retrieval_only']['overall']['accuracy']:.3f}; "
+            f"examine accuracy on {result.comparison.n_examine} items: general "
+            f"{c['general'].overall.accuracy:.3f}, trained {c['trained'].overall.accuracy:.3f}, "
+            f"retrieval-only {c['retrieval_only'].overall.accuracy:.3f}; "
             f"report: {result.compare_dir / 'report.md'}"
         )
     if json_out:
@@ -223,8 +223,7 @@ def ablate_corrections(
         )
     figures = result.figures
     console.print(
-        " | ".join(f"{k} {v['overall']['accuracy']:.3f}" for k, v in figures.items())
-        + f"  -> {result.run_dir / 'report.md'}"
+        " | ".join(f"{k} {v.overall.accuracy:.3f}" for k, v in figures.items()) + f"  -> {result.run_dir / 'report.md'}"
     )
     if json_out:
-        print(json.dumps({k: v["overall"] for k, v in figures.items()}))
+        print(json.dumps({k: v.overall.to_dict() for k, v in figures.items()}))

@@ -22,6 +22,21 @@ RUN_CONFIG_VERSION = 2
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
+# ---- a line of a results file --------------------------------------------------------------------------------------
+
+
+class Record(BaseModel):
+    """One line of a results file, read back as the type it was written as; ``id`` is what a re-run resumes by."""
+
+    model_config = _FROZEN
+
+    id: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written to its results file."""
+        return self.model_dump(mode="json")
+
+
 # ---- one answered item ------------------------------------------------------------------------------------------
 
 
@@ -45,12 +60,9 @@ class SampleResult(BaseModel):
     error: str | None = None
 
 
-class ItemResult(BaseModel):
+class ItemResult(Record):
     """One graded answer, as ``eval`` and the examinations append it to their results file."""
 
-    model_config = _FROZEN
-
-    id: str
     source: str
     mode: Literal["generate", "loglik", "baseline", "assisted", "retrieval_only"]
     verdict: Verdict
@@ -123,12 +135,9 @@ class Turn(BaseModel):
     next_response: str
 
 
-class Episode(BaseModel):
+class Episode(Record):
     """One gathering conversation, as appended to ``episodes.jsonl``."""
 
-    model_config = _FROZEN
-
-    id: str
     source: str
     task: str
     model_id: str = Field(description="the student")
@@ -146,9 +155,6 @@ class Episode(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     time_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 # ---- a run directory's config.json -----------------------------------------------------------------------------

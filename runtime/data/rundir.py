@@ -20,10 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from runtime.data.records import CONFIG, RUN_CONFIG_VERSION, RunConfig, read_config
+from pydantic import ValidationError
+
+from runtime.data.records import CONFIG, RUN_CONFIG_VERSION, Record, RunConfig, read_config
 from runtime.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Record)  # the type of a results file's records
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -35,8 +38,8 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a results file; a torn last line (the process died mid-write) is dropped."""
+def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, JSON) for each line of a results file; a torn last line (the process died mid-write) is dropped."""
     if not path.exists():
         return
     # Only b"\n" ends a record: str.splitlines() would also split at U+2028/U+2029/U+0085, which
@@ -48,7 +51,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield number, json.loads(line)
         except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError from a cut multi-byte character
             if number == len(lines):
                 log.warning("%s:%d is a torn last line; it will be redone", path, number)
@@ -57,10 +60,29 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             raise DataError(f"{path}:{number}: not valid JSON ({reason})") from None
 
 
+def read_records(path: Path, model: type[R]) -> list[R]:
+    """The records of a results file as the ``model`` objects they were written from; a torn last line is dropped.
+
+    A line that is not such a record is a ``DataError`` naming ``file:line`` and the first field that is wrong.
+    """
+    records = []
+    for number, raw in _lines(path):
+        try:
+            records.append(model.model_validate(raw))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DataError(
+                f"{path}:{number}: the line is no {model.__name__} ({where or 'the record'}: {first['msg']}), so the "
+                "file is not one this redpen command wrote; move it away, or use another --out"
+            ) from None
+    return records
+
+
 def read_dataset(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) for each row of a dataset file, e.g. a training set; blank lines are skipped.
 
-    Strict, unlike ``read_jsonl``: a dataset is not a run being appended to, so a torn or malformed line, the last
+    Strict, unlike ``read_records``: a dataset is not a run being appended to, so a torn or malformed line, the last
     one too, is not work to redo but a damaged file, and training on the rest would be silently wrong. Any line
     that is not one JSON object is a ``DataError`` naming ``file:line``.
     """
@@ -69,7 +91,7 @@ def read_dataset(path: Path) -> list[tuple[int, dict[str, Any]]]:
     except FileNotFoundError:
         raise DataError(f"dataset {path} does not exist") from None
     rows = []
-    for number, line in enumerate(data.split(b"\n"), 1):  # only b"\n" ends a row, as in read_jsonl
+    for number, line in enumerate(data.split(b"\n"), 1):  # only b"\n" ends a row, as in a results file
         if not line.strip():
             continue
         try:
@@ -200,20 +222,13 @@ class RunDir:
                             child.unlink()
             raise
 
-    def records(self, name: str, key: str = "id") -> list[dict[str, Any]]:
-        """The records of a results file, each checked to carry its string ``key`` (what a re-run resumes by)."""
-        path = self.file(name)
-        records = list(read_jsonl(path))
-        for number, record in enumerate(records, 1):
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise DataError(
-                    f"{path}: record {number} has no {key!r} string, so this is not a results file redpen wrote; "
-                    "move the file away, or use another --out"
-                )
-        return records
+    def records(self, name: str, model: type[R]) -> list[R]:
+        """The records of a results file, as the typed objects that were appended (see :func:`read_records`)."""
+        return read_records(self.file(name), model)
 
-    def done_ids(self, name: str, key: str = "id") -> set[str]:
-        return {r[key] for r in self.records(name, key)}
+    def done_ids(self, name: str, model: type[Record]) -> set[str]:
+        """The ids of the ``model`` records a results file holds: what a re-run skips."""
+        return {r.id for r in self.records(name, model)}
 
     def repair(self, name: str) -> None:
         """Cut a torn last line left by a killed process, so appends start on a clean line."""
@@ -224,10 +239,10 @@ class RunDir:
         if data and not data.endswith(b"\n"):
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
-    def append(self, name: str, record: dict[str, Any]) -> None:
+    def append(self, name: str, record: Record) -> None:
         self.recorded = True
         with self.file(name).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            f.write(json.dumps(record.to_json(), ensure_ascii=False, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -256,19 +271,20 @@ Item = TypeVar("Item", bound=_HasId)
 async def complete_pending(
     run: RunDir,
     name: str,
+    model: type[R],
     items: Sequence[Item],
-    work: Callable[[Item], Awaitable[dict[str, Any]]],
+    work: Callable[[Item], Awaitable[R]],
     *,
     concurrency: int,
-    on_record: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_record: Callable[[R], None] | None = None,
+) -> list[R]:
     """Run ``work`` on every item not yet recorded in ``name``, at most ``concurrency`` at once.
 
     Each record is appended (and flushed) as soon as it is done, so a killed run loses only the items in flight and
-    re-running skips the rest. Returns the records of ``items``, old and new, in input order.
+    re-running skips the rest. Returns the records of ``items``, old and new, as ``model`` objects, in input order.
     """
     run.repair(name)
-    done = run.done_ids(name)
+    done = run.done_ids(name, model)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(item: Item) -> None:
@@ -279,5 +295,5 @@ async def complete_pending(
             on_record(record)
 
     await asyncio.gather(*(one(item) for item in items if item.id not in done))
-    by_id = {r["id"]: r for r in run.records(name)}
+    by_id = {r.id: r for r in run.records(name, model)}
     return [by_id[item.id] for item in items if item.id in by_id]

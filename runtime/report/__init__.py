@@ -1,10 +1,31 @@
-"""Reports: one renderer (Markdown + self-contained HTML with PNG plots) and the paired statistics it shows.
+"""Reports: one renderer (Markdown + self-contained HTML with PNG plots), the typed figures every report is drawn
+from, and the paired statistics it shows.
 
 A bottom layer: pure rendering and statistics over plain data; it imports nothing of the project but its errors.
 """
 
 from runtime.report.document import PAIRED_NOTE, Report, fmt, fmt_p, paired_table
+from runtime.report.evaluation import render_evaluation
 from runtime.report.experiment import accuracy_figure, paired_conditions, render_comparison, render_experiment
+from runtime.report.figures import (
+    Accuracy,
+    Answers,
+    Benchmark,
+    Change,
+    ComparisonFigures,
+    Condition,
+    ExperimentFigures,
+    Figures,
+    GatherFigures,
+    Gathering,
+    GuidanceExample,
+    InstructCondition,
+    InstructFigures,
+    Stages,
+    Story,
+    Summary,
+)
+from runtime.report.instruct import predecessor, render_instruct
 from runtime.report.stats import (
     PRIOR_SHIFT_THRESHOLD,
     PairedDiff,
@@ -22,8 +43,24 @@ from runtime.report.stats import (
 __all__ = [
     "PAIRED_NOTE",
     "PRIOR_SHIFT_THRESHOLD",
+    "Accuracy",
+    "Answers",
+    "Benchmark",
+    "Change",
+    "ComparisonFigures",
+    "Condition",
+    "ExperimentFigures",
+    "Figures",
+    "GatherFigures",
+    "Gathering",
+    "GuidanceExample",
+    "InstructCondition",
+    "InstructFigures",
     "PairedDiff",
     "Report",
+    "Stages",
+    "Story",
+    "Summary",
     "accuracy_figure",
     "answer_distribution",
     "flag_prior_shift",
@@ -36,8 +73,11 @@ __all__ = [
     "paired_table",
     "pass_at_k",
     "pass_at_ks",
+    "predecessor",
     "prior_shift",
     "render_comparison",
+    "render_evaluation",
     "render_experiment",
+    "render_instruct",
     "verdict",
 ]

@@ -8,32 +8,10 @@ was trained from: the base for iteration 1, iteration i-1 for iteration i.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Change:
-    n: int
-    learned: int
-    forgotten: int
-
-    @property
-    def learned_rate(self) -> float:
-        return self.learned / self.n if self.n else 0.0
-
-    @property
-    def forgotten_rate(self) -> float:
-        return self.forgotten / self.n if self.n else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "learned": self.learned,
-            "forgotten": self.forgotten,
-            "learned_rate": round(self.learned_rate, 4),
-            "forgotten_rate": round(self.forgotten_rate, 4),
-        }
+from runtime.data.records import ItemResult
+from runtime.report import Change
 
 
 def change(before: Mapping[str, bool], after: Mapping[str, bool]) -> Change:
@@ -52,7 +30,7 @@ def change(before: Mapping[str, bool], after: Mapping[str, bool]) -> Change:
 
 
 def ledger_rows(
-    verdicts: Mapping[str, Mapping[str, Mapping[str, dict[str, Any]]]], order: Sequence[str]
+    verdicts: Mapping[str, Mapping[str, Mapping[str, ItemResult]]], order: Sequence[str]
 ) -> list[dict[str, Any]]:
     """One row per (benchmark, item): its gold and, per condition in ``order``, the verdict and predicted answer.
 
@@ -62,10 +40,10 @@ def ledger_rows(
     for benchmark, by_condition in verdicts.items():
         first = next(iter(by_condition.values()))
         for item_id, record in first.items():
-            row: dict[str, Any] = {"benchmark": benchmark, "id": item_id, "gold": record["target"]}
+            row: dict[str, Any] = {"benchmark": benchmark, "id": item_id, "gold": record.target}
             for condition in order:
                 if condition in by_condition:
                     r = by_condition[condition][item_id]
-                    row[condition] = {"verdict": r["verdict"], "predicted": r.get("predicted")}
+                    row[condition] = {"verdict": r.verdict, "predicted": r.predicted}
             rows.append(row)
     return rows

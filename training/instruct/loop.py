@@ -31,12 +31,14 @@ from agents.student import student_messages
 from memory.embed import TextEmbedder
 from memory.record import MistakeRecord
 from runtime.data.graders import grade
+from runtime.data.records import ItemResult, Record
 from runtime.data.rundir import RunDir, complete_pending, read_dataset
 from runtime.data.tasks import Example, parse_options
 from runtime.defaults import CODE_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.adapters import adapter_digest
 from runtime.models.backend import Backend, GenerationSettings
+from runtime.report import Stages
 from training.instruct import supply
 from training.instruct.benchmarks import Target
 from training.instruct.contamination import distinct, overlaps
@@ -62,7 +64,7 @@ class ModelBackends(Protocol):
 
 
 @dataclass
-class Stages:
+class StageLog:
     """What a run measured, stage by stage: seconds and tokens (kept in ``stages.json``)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
@@ -73,6 +75,32 @@ class Stages:
         (a resumed stage reads back what was done before the kill, so adding would count that twice)."""
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 2)
         self.tokens[stage] = tokens
+
+    def figures(self) -> Stages:
+        return Stages(seconds=dict(self.seconds), tokens=dict(self.tokens))
+
+
+class InstructorReply(Record):
+    """The instructor's samples for one case, as ``instructor.jsonl`` holds them."""
+
+    reply: str
+    tokens: int
+
+
+class AnswerCheck(Record):
+    """The instructor's own answer to a sample it wrote, asked cold (``answer_check.jsonl``)."""
+
+    reply: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Every condition's evaluation results, the supply counts and the stages, as the loop left them."""
+
+    results: dict[str, dict[str, list[ItemResult]]]  # condition -> benchmark -> records
+    supplies: dict[str, dict[str, Any]]  # condition -> its supply.json
+    stages: Stages
 
 
 @dataclass
@@ -107,7 +135,7 @@ class InstructLoop:
         self.memory = memory
         self.accelerate_config = accelerate_config
         self._records: dict[str, MistakeRecord] = {}
-        self.stages = Stages(**_read_json(run.file("stages.json"), {}))
+        self.stages = StageLog(**_read_json(run.file("stages.json"), {}))
         self.eval_settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
         self.style = supply.RowStyle(settings.name_option, settings.shuffle_options)
         # Code replies need room for a whole function (runtime.defaults); other tasks keep the configured length.
@@ -115,9 +143,9 @@ class InstructLoop:
 
     # ---- the loop --------------------------------------------------------------------------------------------
 
-    async def run_all(self) -> dict[str, Any]:
+    async def run_all(self) -> Outcome:
         """Every condition's evaluation results: ``{condition: {benchmark: [record, ...]}}``, plus the supply counts."""
-        results: dict[str, dict[str, list[dict[str, Any]]]] = {"base": await self.evaluate("base", None)}
+        results: dict[str, dict[str, list[ItemResult]]] = {"base": await self.evaluate("base", None)}
         supplies: dict[str, dict[str, Any]] = {}
         models: dict[str, Path | None] = {"base": None}
         previous = {"iter": "base", **{b: "base" for b in self.s.baselines}}
@@ -149,11 +177,7 @@ class InstructLoop:
                 if models[name] is not None:  # a baseline's model is only trained from, never asked again
                     await self.backends.release(models[name])
                 previous[baseline] = name
-        return {
-            "results": results,
-            "supplies": supplies,
-            "stages": {"seconds": self.stages.seconds, "tokens": self.stages.tokens},
-        }
+        return Outcome(results, supplies, self.stages.figures())
 
     # ---- stages ----------------------------------------------------------------------------------------------
 
@@ -192,7 +216,7 @@ class InstructLoop:
     async def absorb(self, condition: str, selection: Sequence[Example], model: Path | None) -> dict[str, Any]:
         """The trained model on the memory's questions without guidance; the ones it gets right are absorbed."""
         assert self.memory is not None and model is not None
-        before = {r["id"]: r["verdict"] for r in self.run.records(f"{condition}/collect.jsonl")}
+        before = {r.id: r.verdict for r in self.run.records(f"{condition}/collect.jsonl", ItemResult)}
         results_file = f"{condition}/memory_after.jsonl"
         after = await run_eval(
             selection,
@@ -203,7 +227,7 @@ class InstructLoop:
             on_result=self._tick(f"{condition} memory check", selection, results_file),
             results_file=results_file,
         )
-        right = [r["id"] for r in after if r["verdict"] == "correct"]
+        right = [r.id for r in after if r.verdict == "correct"]
         marked = self.memory.mark_absorbed(right, model.name)
         n = len(selection)
         return {
@@ -230,7 +254,7 @@ class InstructLoop:
         )
         self.stages.add(f"{condition} collect", time.perf_counter() - started, _tokens(records))
         self._save_stages()
-        return {r["id"]: r["verdict"] for r in records}
+        return {r.id: r.verdict for r in records}
 
     async def supply(
         self, condition: str, strategy: str, selection: Sequence[Example], verdicts: dict[str, str], iteration: int
@@ -292,7 +316,9 @@ class InstructLoop:
             rows = supply.plain_rows(selection, n_rows, rng, self.style)
             counts: dict[str, Any] = {"rows": len(rows)}
         elif baseline == "replay":  # the iteration's own verdicts, so replay answers the same errors at equal rows
-            verdicts = {r["id"]: r["verdict"] for r in self.run.records(f"iter{iteration}/collect.jsonl")}
+            verdicts: dict[str, str] = {
+                r.id: r.verdict for r in self.run.records(f"iter{iteration}/collect.jsonl", ItemResult)
+            }
             rows, counts = supply.replay_rows(
                 selection,
                 verdicts,
@@ -335,34 +361,37 @@ class InstructLoop:
         settings = GenerationSettings(max_new_tokens=self.s.instructor_tokens)
         instructor = self.instructor
         replies_of = (
-            {r["id"]: r for r in self.run.records(f"{condition}/collect.jsonl")} if strategy != "augment" else {}
+            {r.id: r.reply for r in self.run.records(f"{condition}/collect.jsonl", ItemResult)}
+            if strategy != "augment"
+            else {}
         )
 
-        async def ask(case: Example) -> dict[str, Any]:
-            response = replies_of.get(case.id, {}).get("reply", "")
+        async def ask(case: Example) -> InstructorReply:
+            response = replies_of.get(case.id, "")
             messages = instructor_messages(strategy, case, response, n, contrast.get(case.id, ()))
             generation = await instructor.generate(messages, settings)
-            return {
-                "id": case.id,
-                "reply": generation.text,
-                "tokens": generation.usage.prompt_tokens + generation.usage.completion_tokens,
-            }
+            return InstructorReply(
+                id=case.id,
+                reply=generation.text,
+                tokens=generation.usage.prompt_tokens + generation.usage.completion_tokens,
+            )
 
         results_file = f"{condition}/instructor.jsonl"
         records = await complete_pending(
             self.run,
             results_file,
+            InstructorReply,
             cases,
             ask,
             concurrency=self.s.concurrency,
-            on_record=self._tick(f"{condition} instructor", cases, results_file),
+            on_record=self._tick(f"{condition} instructor", cases, results_file, InstructorReply),
         )
         by_id = {c.id: c for c in cases}
         generated: list[Example] = []
         rejected: dict[str, int] = {}
         for record in records:
-            case = by_id[record["id"]]
-            parsed = parse_samples(record["reply"], case.answer_kind, len(case.options))
+            case = by_id[record.id]
+            parsed = parse_samples(record.reply, case.answer_kind, len(case.options))
             for reason, count in parsed.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + count
             for j, sample in enumerate(parsed.samples):
@@ -396,7 +425,7 @@ class InstructLoop:
             "answer_check_failed": len(clean) - len(checked),
             "kept": len(checked),
             "rows": len(rows),
-            "instructor_tokens": sum(r["tokens"] for r in records),
+            "instructor_tokens": sum(r.tokens for r in records),
             "rouge_l": scores,
         }
         return rows, counts
@@ -407,20 +436,21 @@ class InstructLoop:
         instructor = self.instructor
         settings = GenerationSettings(max_new_tokens=self.s.instructor_tokens)
 
-        async def ask(sample: Example) -> dict[str, Any]:
+        async def ask(sample: Example) -> AnswerCheck:
             reply = (await instructor.generate(student_messages(sample), settings)).text
-            return {"id": sample.id, "reply": reply, "correct": grade(sample, reply).verdict == "correct"}
+            return AnswerCheck(id=sample.id, reply=reply, correct=grade(sample, reply).verdict == "correct")
 
         results_file = f"{condition}/answer_check.jsonl"
         records = await complete_pending(
             self.run,
             results_file,
+            AnswerCheck,
             samples,
             ask,
             concurrency=self.s.concurrency,
-            on_record=self._tick(f"{condition} answer check", samples, results_file),
+            on_record=self._tick(f"{condition} answer check", samples, results_file, AnswerCheck),
         )
-        agreed = {r["id"] for r in records if r["correct"]}
+        agreed = {r.id for r in records if r.correct}
         return [s for s in samples if s.id in agreed]
 
     def train(self, condition: str, rows_path: Path, model_before: Path | None, iteration: int) -> Path | None:
@@ -448,7 +478,7 @@ class InstructLoop:
         self._save_stages()
         return merged
 
-    async def evaluate(self, condition: str, model: Path | None) -> dict[str, list[dict[str, Any]]]:
+    async def evaluate(self, condition: str, model: Path | None) -> dict[str, list[ItemResult]]:
         """The condition's model on every benchmark; one results file per benchmark."""
         backend = self.backends(model)
         results = {}
@@ -501,18 +531,20 @@ class InstructLoop:
             str(path.relative_to(self.run.path)), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         )
 
-    def _tick(self, phase: str, items: Sequence[Example], results_file: str) -> Callable[[dict[str, Any]], None]:
+    def _tick(
+        self, phase: str, items: Sequence[Example], results_file: str, model: type[Record] = ItemResult
+    ) -> Callable[[Record], None]:
         """Progress of a stage over ``items``, counted from those ``results_file`` already holds: a resumed stage
         shows what it really has left (a finished one N/N), not 0/N."""
         (self.run.path / phase.split()[0]).mkdir(parents=True, exist_ok=True)
         total = len(items)
-        done = len(self.run.done_ids(results_file) & {e.id for e in items})
+        done = len(self.run.done_ids(results_file, model) & {e.id for e in items})
         if self.progress is not None:
             self.progress(phase, done, total)
 
         step = max(1, total // 10)  # ten log lines a stage: visible in the log file, and when piped
 
-        def tick(_: dict[str, Any]) -> None:
+        def tick(_: Record) -> None:
             nonlocal done
             done += 1
             if done % step == 0 or done == total:
@@ -526,8 +558,8 @@ class InstructLoop:
         self.run.write_json("stages.json", {"seconds": self.stages.seconds, "tokens": self.stages.tokens})
 
 
-def _tokens(records: Sequence[dict[str, Any]]) -> int:
-    return sum(r.get("prompt_tokens", 0) + r.get("completion_tokens", 0) for r in records)
+def _tokens(records: Sequence[ItemResult]) -> int:
+    return sum(r.prompt_tokens + r.completion_tokens for r in records)
 
 
 def _programs(items: Sequence[Example]) -> bool:

@@ -19,16 +19,17 @@ from runtime.models.default_model import DEFAULT_MODEL_NAME, cache_root, default
 from runtime.models.engines import served_model
 from runtime.models.factory import make_backend
 from runtime.models.local import LocalBackend
+from runtime.report import InstructFigures, render_instruct
 from training.instruct.benchmarks import check_disjoint, default_ood, is_jsonl, load_benchmark, load_target
-from training.instruct.loop import InstructLoop, Plan, Progress
+from training.instruct.loop import InstructLoop, Outcome, Plan, Progress
 from training.instruct.memory_rows import MemorySource
-from training.instruct.report import figures, ledger, render
+from training.instruct.report import figures, ledger, verdicts_of
 from training.instruct.settings import InstructSettings
 
 
 @dataclass(frozen=True)
 class InstructResult:
-    figures: dict[str, Any]
+    figures: InstructFigures
     report_md: Path
     report_html: Path
 
@@ -142,7 +143,7 @@ def run_instruct(
             accelerate_config=accelerate_config,
         )
 
-        async def go() -> dict[str, Any]:
+        async def go() -> Outcome:
             try:
                 return await loop.run_all()
             finally:
@@ -152,10 +153,8 @@ def run_instruct(
 
         outcome = asyncio.run(go())
     open_answers = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind != "choice" for e in items)]
-    figs = figures(outcome["results"], outcome["supplies"], outcome["stages"], the_plan.in_domain, open_answers)
-    run.write_text(
-        "ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome["results"]))
-    )
-    run.write_json("figures.json", figs)
-    md, html = render(figs, outcome["results"], settings.to_dict(), run.path)
+    figs = figures(outcome.results, outcome.supplies, outcome.stages, the_plan.in_domain, open_answers)
+    run.write_text("ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome.results)))
+    run.write_json("figures.json", figs.to_dict())
+    md, html = render_instruct(figs, verdicts_of(outcome.results), settings.to_dict()).write(run.path)
     return InstructResult(figs, md, html)

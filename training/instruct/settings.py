@@ -23,7 +23,9 @@ class InstructSettings:
     strategies: list[str] = field(
         default_factory=lambda: ["replay"], metadata={"help": "One strategy per iteration: replay, le, lec, memory."}
     )
-    baselines: list[str] = field(default_factory=list, metadata={"help": "plain, replay and/or augment, at equal rows."})
+    baselines: list[str] = field(
+        default_factory=list, metadata={"help": "plain, replay and/or augment, at equal rows."}
+    )
     ood: list[str] | None = field(
         default=None, metadata={"help": "Out-of-domain benchmarks; None = the pairs of the targets, and BBH."}
     )
