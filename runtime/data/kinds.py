@@ -131,7 +131,7 @@ class AnswerKind:
 
 
 class Text(AnswerKind):
-    pass
+    """Free text, compared after normalising (a yes/no, true/false or valid/invalid gold reads the reply's label)."""
 
 
 class Choice(AnswerKind):

@@ -64,8 +64,8 @@ class Family:
     """A benchmark family, one entry of the task table ``FAMILIES``: all the code knows about it."""
 
     name: str
-    load: Callable[[Family, str, Split, Path], list[list[Example]]]  # (family, sub-task or "", split, data folder):
-    # one list of examples per source, in source order
+    # (family, sub-task or "", split, data folder) -> one list of examples per source, in source order
+    load: Callable[[Family, str, Split, Path], list[list[Example]]]
     data: str  # where its data is under the data folder
     splits: str | None  # its split file under the data folder's splits/; None: the data's own files decide
     answer_kind: str | None  # the kind of all its items (runtime.data.kinds); None: by sub-task
@@ -78,6 +78,7 @@ class Family:
 
     @property
     def kind(self) -> AnswerKind:
+        """The kind of its items, for a family of one kind."""
         return kind_named(self.answer_kind or "")
 
 
@@ -428,24 +429,32 @@ _ARC = Family(
     "arc_challenge/ARC-Challenge-Test.jsonl",
     "arc_challenge_80_20.json",
     "choice",
-    ids="arc",  # ids predate the name
+    ids="arc",  # its ids predate the name
 )
-FAMILIES = {
-    "arc": _ARC,
-    "arc_challenge": _ARC,
-    "bbh": Family("bbh", _load_bbh, "bbh/tasks", "bbh_salam_80_20.json", None, subtasks=".json", groups=("salam16",)),
-    "bbq": Family("bbq", _load_bbq, "bbq_sm", "bbq_sm_salam_80_20.json", "choice", "_zero_shot.json", ood_rest=True),
-    "gsm8k": Family("gsm8k", _load_gsm8k, "gsm8k", None, "number", ood="gsm_plus"),
-    # GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on.
-    "gsm_plus": Family(
-        "gsm_plus", _load_gsm_plus, "gsm_plus/gsmplus_testmini_part.jsonl", None, "number", eval_only=True
-    ),
-    # HumanEval's 164 problems are all the test set there is (the paper's out-of-domain set for MBPP).
-    "humaneval": Family("humaneval", _load_humaneval, "humaneval/HumanEval.jsonl.gz", None, "code", eval_only=True),
-    "mbpp": Family("mbpp", _load_mbpp, "mbpp/mbpp.jsonl", "mbpp_standard.json", "code", ood="humaneval"),
-    "mmlu": Family(
-        "mmlu", _load_mmlu, "mmlu/test", "mmlu_per_subject_80_20.json", "choice", "_test.csv", ood="arc_challenge"
-    ),
+FAMILIES = {"arc": _ARC} | {
+    family.name: family
+    for family in (
+        _ARC,
+        Family("bbh", _load_bbh, "bbh/tasks", "bbh_salam_80_20.json", None, subtasks=".json", groups=("salam16",)),
+        Family(
+            "bbq", _load_bbq, "bbq_sm", "bbq_sm_salam_80_20.json", "choice", subtasks="_zero_shot.json", ood_rest=True
+        ),
+        Family("gsm8k", _load_gsm8k, "gsm8k", None, "number", ood="gsm_plus"),
+        # GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on.
+        Family("gsm_plus", _load_gsm_plus, "gsm_plus/gsmplus_testmini_part.jsonl", None, "number", eval_only=True),
+        # HumanEval's 164 problems are all the test set there is (the paper's out-of-domain set for MBPP).
+        Family("humaneval", _load_humaneval, "humaneval/HumanEval.jsonl.gz", None, "code", eval_only=True),
+        Family("mbpp", _load_mbpp, "mbpp/mbpp.jsonl", "mbpp_standard.json", "code", ood="humaneval"),
+        Family(
+            "mmlu",
+            _load_mmlu,
+            "mmlu/test",
+            "mmlu_per_subject_80_20.json",
+            "choice",
+            subtasks="_test.csv",
+            ood="arc_challenge",
+        ),
+    )
 }
 
 
