@@ -23,6 +23,7 @@ from agents.student import check_prompts_fit
 from agents.team import Roles
 from memory.store import MistakeMemory, RecordFilter
 from runtime.data import sandbox
+from runtime.data.kinds import kind_of
 from runtime.data.records import (
     BackendInfo,
     Episode,
@@ -107,7 +108,7 @@ async def evaluate(
         temperature=settings.temperature,
     )
     recorded = settings.to_dict()
-    if any(e.answer_kind == "code" for e in examples):
+    if any(kind_of(e).code for e in examples):
         recorded["sandbox"] = sandbox.current().describe()
     config = RunConfig(
         identity=identity,

@@ -34,8 +34,9 @@ from autogen_core.models import AssistantMessage, ChatCompletionClient, LLMMessa
 from pydantic import BaseModel, ConfigDict
 
 from agents.prompts import load_prompt
-from runtime.data.graders import extract_code, grade, grade_async
-from runtime.data.tasks import Example, gold_option
+from runtime.data.graders import extract_code
+from runtime.data.kinds import grade, grade_async, kind_of
+from runtime.data.tasks import Example
 from runtime.models.backend import Message
 
 CORRECTOR = "corrector"
@@ -167,7 +168,7 @@ class CorrectorReply(BaseModel):
 
 def review(example: Example, reply: str, n_steps: int) -> Review:
     """Parse a corrector's reply and grade its corrected solution against the example's gold (code: run it)."""
-    correction, reason = parse_correction(reply, n_steps, code=example.answer_kind == "code")
+    correction, reason = parse_correction(reply, n_steps, code=kind_of(example).code)
     if correction is None:
         return Review(reason, None)
     return _reviewed(correction, grade(example, correction.solution).verdict)
@@ -175,7 +176,7 @@ def review(example: Example, reply: str, n_steps: int) -> Review:
 
 async def review_async(example: Example, reply: str, n_steps: int) -> Review:
     """:func:`review`, with a code item's program run off the event loop."""
-    correction, reason = parse_correction(reply, n_steps, code=example.answer_kind == "code")
+    correction, reason = parse_correction(reply, n_steps, code=kind_of(example).code)
     if correction is None:
         return Review(reason, None)
     return _reviewed(correction, (await grade_async(example, correction.solution)).verdict)
@@ -209,7 +210,7 @@ def path_steps(example: Example, path: str) -> list[str]:
     >>> path_steps(code, "```python\\ndef f(x):\\n\\n    return x\\n```")
     ['def f(x):', '    return x']
     """
-    if example.answer_kind != "code":
+    if not kind_of(example).code:
         return split_steps(path)
     return [line for line in (extract_code(path) or "").splitlines() if line.strip()]
 
@@ -226,9 +227,7 @@ def format_steps(steps: Sequence[str]) -> str:
 
 def gold_answer(example: Example) -> str:
     """The gold as the corrector reads it: a choice item's letter with its option text."""
-    if example.answer_kind == "choice" and example.options:
-        return f"{example.target} {gold_option(example)}"
-    return example.target
+    return kind_of(example).gold_text(example)
 
 
 def worked_examples(name: str = "corrector_examples") -> list[tuple[str, str]]:
@@ -246,7 +245,7 @@ def worked_examples(name: str = "corrector_examples") -> list[tuple[str, str]]:
 
 def corrector_messages(example: Example, steps: Sequence[str]) -> list[Message]:
     """The chat the corrector answers: instructions, the worked examples, then the problem, gold and steps."""
-    code = "_code" if example.answer_kind == "code" else ""
+    code = "_code" if kind_of(example).code else ""
     chat: list[Message] = [{"role": "system", "content": load_prompt(f"corrector{code}")}]
     for user, reply in worked_examples(f"corrector{code}_examples"):
         chat += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

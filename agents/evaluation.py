@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agents.student import labelled_options, student_messages
-from runtime.data.graders import Grade, grade_async
+from runtime.data.graders import Grade
+from runtime.data.kinds import grade_async, kind_of
 from runtime.data.records import ItemResult, SampleResult
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example
@@ -41,7 +42,7 @@ async def answer(
     """One graded answer; with ``samples`` > 1, that many sampled replies, the first as the item's reply."""
     messages = student_messages(example, guidance)
     started = time.perf_counter()
-    if mode == "loglik" and example.answer_kind == "choice" and example.options:
+    if mode == "loglik" and kind_of(example).multiple_choice and example.options:
         scores = await backend.score_options(messages, labelled_options(example), adapter)
         reply = labelled_options(example)[max(range(len(scores)), key=scores.__getitem__)]
         return ItemResult(

@@ -30,7 +30,7 @@ from agents.roles import (
 )
 from agents.team import Roles, usage_of
 from memory.store import Hit, MistakeMemory, RecordFilter
-from runtime.data.graders import grade
+from runtime.data.kinds import grade
 from runtime.data.records import ItemResult, Retrieved
 from runtime.data.rundir import RunDir, complete_pending
 from runtime.data.tasks import Example

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from agents.prompts import feedback_guidance
+from runtime.data.kinds import kind_of
 from runtime.data.tasks import Example
 
 FALLBACK_GUIDELINE = "Re-read the question, check each option against the facts stated, and answer only from them."
@@ -73,7 +74,7 @@ def leak_patterns(example: Example) -> list[re.Pattern[str]]:
     >>> any(p.search("Be careful: a bias is not evidence.") for p in leak_patterns(ex))
     False
     """
-    if example.answer_kind == "choice":
+    if kind_of(example).multiple_choice:
         letter = example.target.strip("() ")
         # The keywords ignore case; a bare letter must be a capital, so "pick a date" is not option A ("(a)" is).
         patterns = [

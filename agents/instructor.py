@@ -19,7 +19,8 @@ from string import ascii_uppercase
 from typing import Literal
 
 from agents.prompts import load_prompt
-from runtime.data.tasks import AnswerKind, Example
+from runtime.data.kinds import AnswerKind, Sample, kind_named, kind_of
+from runtime.data.tasks import Example
 from runtime.models.backend import Message
 
 Strategy = Literal["le", "lec", "augment"]
@@ -27,19 +28,6 @@ Strategy = Literal["le", "lec", "augment"]
 # One numbered block per sample: "1. Question: ..." up to the next "N. Question:" or the end.
 _BLOCK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]\s*)?\**Question\**\s*:", re.IGNORECASE)
 _ANSWER = re.compile(r"\**Answer\**\s*:", re.IGNORECASE)
-# Options written inline or one per line: "A. text", "(A) text", "A) text".
-_OPTION = re.compile(r"(?:^|\s)\(?([A-E])[.)]\s+", re.MULTILINE)
-_LETTER = re.compile(r"^\s*\(?([A-E])\b[).]?")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One generated training sample: the question as the student will see it, and the reply to learn."""
-
-    question: str  # choice samples carry an "Options:" block of "(A) text" lines, as benchmark items do
-    target: str  # "(B)", "18", or text
-    response: str  # the reply trained on, ending "The answer is ..." like the student's own format
 
 
 @dataclass
@@ -56,23 +44,29 @@ def instructor_messages(
     correct: Sequence[Example] = (),
 ) -> list[Message]:
     """The chat that asks for ``n`` samples about one case (``response``: the student's reply, empty for augment)."""
-    system = load_prompt("instructor_augment" if strategy == "augment" else f"instructor_le_{_prompt_kind(case)}")
-    if strategy != "augment" and _prompt_kind(case) == "choice":  # as many options as the case has, A.. lettered
+    kind = kind_of(case)
+    system = load_prompt("instructor_augment" if strategy == "augment" else kind.instructor_prompt)
+    if strategy != "augment":  # the choice form's fields: as many options as the case has, A.. lettered
         letters = ascii_uppercase[: max(len(case.options), 2)]
         system = system.format(
             n_options=len(letters),
             letters=", ".join(letters[:-1]) + f" and {letters[-1]}",
             option_lines="\n".join(f"{letter}. [option]" for letter in letters),
         )
-    shape = ", each with its options, the correct letter and why" if case.answer_kind == "choice" else ""
-    values = {"question": case.input, "gold": case.target, "response": _clip(response), "n": n, "shape": shape}
+    values = {
+        "question": case.input,
+        "gold": case.target,
+        "response": _clip(response),
+        "n": n,
+        "shape": kind.sample_shape,
+    }
     if strategy == "lec":
         values["correct"] = "\n\n".join(f"{i}. {c.input}" for i, c in enumerate(correct, 1)) or "(none)"
     user = load_prompt(f"instructor_{strategy}_user").format(**values)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Parsed:
+def parse_samples(reply: str, answer_kind: str, n_options: int = 0) -> Parsed:
     """Samples from an instructor reply; blocks without a question, answer or (for choice) options are rejected.
 
     >>> r = parse_samples("1. Question: Who is older? A. Tom B. Ann C. Unknown Answer: C - nothing says so.", "choice")
@@ -88,7 +82,7 @@ def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Pa
     >>> parse_samples("Here you go!", "number").rejected
     Counter({'no question block': 1})
     """
-    parsed = Parsed()
+    parsed, kind = Parsed(), kind_named(answer_kind)
     starts = [m.end() for m in _BLOCK.finditer(reply)]
     if not starts:
         parsed.rejected["no question block"] += 1
@@ -96,7 +90,7 @@ def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Pa
     ends = [m.start() for m in _BLOCK.finditer(reply)][1:] + [len(reply)]
     for start, end in zip(starts, ends, strict=True):
         block = reply[start:end].strip()
-        sample, reason = _sample(block, answer_kind, n_options)
+        sample, reason = _sample(block, kind, n_options)
         if sample is None:
             parsed.rejected[reason] += 1
         else:
@@ -104,56 +98,14 @@ def parse_samples(reply: str, answer_kind: AnswerKind, n_options: int = 0) -> Pa
     return parsed
 
 
-def _sample(block: str, answer_kind: AnswerKind, n_options: int) -> tuple[Sample | None, str]:
+def _sample(block: str, kind: AnswerKind, n_options: int) -> tuple[Sample | None, str]:
     parts = _ANSWER.split(block, maxsplit=1)
     if len(parts) != 2:
         return None, "no answer"
     question, answer = parts[0].strip(), parts[1].strip()
     if not question or not answer:
         return None, "empty question or answer"
-    if answer_kind == "choice":
-        return _choice_sample(question, answer, n_options)
-    if answer_kind == "number":
-        numbers = _NUMBER.findall(answer.rpartition("answer is")[2] or answer)
-        if not numbers:
-            return None, "no number in the answer"
-        target = numbers[-1].replace(",", "").rstrip(".")
-        body = answer if "answer is" in answer.lower() else f"{answer}\nThe answer is {target}."
-        return Sample(question, target, body), ""
-    first_line = answer.splitlines()[0].strip()
-    return Sample(question, first_line, f"The answer is {first_line}."), ""
-
-
-def _choice_sample(question: str, answer: str, n_options: int) -> tuple[Sample | None, str]:
-    marks = list(_OPTION.finditer(question))
-    letters = [m.group(1) for m in marks]
-    if "A" in letters[1:]:  # the options listed twice (a small model restates them): the first list counts
-        cut = letters.index("A", 1)
-        question = re.sub(r"\s*Options:\s*$", "", question[: marks[cut].start()])
-        marks, letters = marks[:cut], letters[:cut]
-    if len(marks) < 2 or letters != list(ascii_uppercase[: len(marks)]):
-        return None, "no lettered options"
-    if n_options and len(marks) != n_options:
-        return None, f"not {n_options} options"
-    stem = question[: marks[0].start()].strip()
-    options = [
-        question[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(question))].strip()
-        for i, m in enumerate(marks)
-    ]
-    if not stem or not all(options) or len(set(options)) < len(options):
-        return None, "empty or repeated option"
-    letter = _LETTER.match(answer)
-    if letter is None or letter.group(1) not in letters:
-        return None, "answer is not one of the options"
-    target = f"({letter.group(1)})"
-    explanation = answer[letter.end() :].strip(" -:.\n")
-    body = f"{explanation}. The answer is {target}." if explanation else f"The answer is {target}."
-    text = stem + "\nOptions:\n" + "\n".join(f"({ascii_uppercase[i]}) {o}" for i, o in enumerate(options))
-    return Sample(text, target, body), ""
-
-
-def _prompt_kind(case: Example) -> str:
-    return "number" if case.answer_kind == "number" else "choice"
+    return kind.sample(question, answer, n_options)
 
 
 def _clip(text: str, limit: int = 1200) -> str:

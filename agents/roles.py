@@ -38,7 +38,8 @@ from agents.prompts import exam_guidance, examining_messages, gathering_messages
 from agents.student import student_messages
 from memory.autogen_memory import format_mistakes
 from memory.store import Hit
-from runtime.data.graders import Verdict, grade_async
+from runtime.data.graders import Verdict
+from runtime.data.kinds import grade_async
 from runtime.data.tasks import Example
 from runtime.errors import RedpenError
 from runtime.models.backend import Message

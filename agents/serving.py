@@ -22,9 +22,9 @@ from agents.student import CHAT
 from agents.team import Roles
 from memory.record import MistakeRecord
 from memory.store import RecordFilter, TenantMemory
-from runtime.data.graders import grade
+from runtime.data.kinds import CHOICE, NUMBER, TEXT, AnswerKind, grade, kind_of, parse_options
 from runtime.data.records import ItemResult
-from runtime.data.tasks import AnswerKind, Example, parse_options
+from runtime.data.tasks import Example
 from runtime.models.backend import Message
 from runtime.models.torch_thread import run_torch
 
@@ -55,14 +55,14 @@ def chat_example(id: str, question: str, messages: Sequence[Message] = (), gold:
     """
     options = parse_options(question)
     gold = gold.strip()
-    kind: AnswerKind = "text"
+    kind: AnswerKind = TEXT
     letter = _LETTER.match(gold)
     if options and (not gold or (letter is not None and ord(letter.group(1)) - ord("A") < len(options))):
-        kind, gold = "choice", f"({letter.group(1)})" if letter else ""
+        kind, gold = CHOICE, f"({letter.group(1)})" if letter else ""
     elif _NUMBER.match(gold):
-        kind = "number"
+        kind = NUMBER
     metadata = {CHAT: list(messages)} if messages else {}
-    return Example(id, SOURCE, question, gold, kind, options if kind == "choice" else (), metadata, f"completion {id}")
+    return Example(id, SOURCE, question, gold, kind.name, kind.options_of(question), metadata, f"completion {id}")
 
 
 async def answer_chat(
@@ -100,7 +100,7 @@ async def learn_from_correction(
     Free-text answers are taken as wrong on the client's word: the text grader's exact match would call most right
     chat answers wrong, and the client knows.
     """
-    if example.answer_kind in ("choice", "number") and grade(example, answer).verdict == "correct":
+    if kind_of(example).closed and grade(example, answer).verdict == "correct":
         return None
     return await mistake_from_feedback(
         example,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from agents.prompts import load_prompt
+from runtime.data.kinds import kind_of
 from runtime.data.tasks import Example
 from runtime.errors import DataError
 from runtime.models.backend import Backend, Message, overflow
@@ -32,7 +33,7 @@ def student_messages(example: Example, guidance: str | None = None) -> list[Mess
             question = messages[last]["content"]
             messages[last]["content"] = load_prompt("student_guided").format(guidance=guidance, question=question)
         return messages
-    system = load_prompt(f"student_{example.answer_kind}")
+    system = load_prompt(kind_of(example).student_prompt)
     user = (
         load_prompt("student_guided").format(guidance=guidance, question=example.input) if guidance else example.input
     )

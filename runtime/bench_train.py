@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.data.kinds import kind_of
 from runtime.data.tasks import load_task
-from training.instruct.supply import gold_reply, training_row
+from training.instruct.supply import training_row
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import Message, no_progress_bars, to_prompt_completion, train_lora
 
@@ -43,7 +44,7 @@ def bench_rows(data_dir: Path, n: int) -> list[Row]:
     """``n`` BBQ gather items as chat rows ending with their gold reply, as the instruct loop's plain supply
     builds them (the student's prompt, then "The answer is (X).")."""
     examples = load_task("bbq", "gather", data_dir, n)
-    return [{"messages": training_row(e, gold_reply(e), "plain")["messages"]} for e in examples]
+    return [{"messages": training_row(e, kind_of(e).gold_reply(e), "plain")["messages"]} for e in examples]
 
 
 def redpen_side(rows: Sequence[Row], config: LoraSFTConfig, work: Path) -> Timed:

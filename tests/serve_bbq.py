@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.prompts import load_prompt  # noqa: E402
-from runtime.data.graders import grade  # noqa: E402
+from runtime.data.kinds import grade  # noqa: E402
 from runtime.data.paths import resolve_data_dir  # noqa: E402
 from runtime.data.tasks import Example, load_task  # noqa: E402
 from runtime.report.stats import paired_difference  # noqa: E402

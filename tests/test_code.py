@@ -18,7 +18,8 @@ from agents.gathering import gather_episode
 from agents.team import Roles
 from memory.embed import HashingEmbedder
 from runtime.data import sandbox
-from runtime.data.graders import extract_code, grade, grade_async, program
+from runtime.data.graders import extract_code, program
+from runtime.data.kinds import grade, grade_async
 from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir
 from runtime.data.sandbox import Limits, Sandbox

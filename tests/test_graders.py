@@ -3,7 +3,8 @@ import doctest
 import pytest
 
 from runtime.data import graders
-from runtime.data.graders import Grade, extract_choice, extract_number, extract_text, grade
+from runtime.data.graders import Grade, extract_choice, extract_number, extract_text
+from runtime.data.kinds import grade
 from runtime.data.tasks import Example
 
 BBQ_OPTIONS = ("Cannot answer", "The twenty-something", "The older adult")

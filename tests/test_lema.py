@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.data.kinds import kind_of
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example, load_task
 from runtime.errors import ConfigError
@@ -27,7 +28,6 @@ from training.lema import (
     SAMPLE_SETTINGS,
     Problem,
     equal_size,
-    gold_solution,
     run_correction,
 )
 
@@ -235,8 +235,9 @@ async def test_settings_are_checked(tmp_path: Path) -> None:
 
 
 def test_gold_solution_only_where_the_task_has_one() -> None:
-    assert gold_solution(HARD) == "Cy has 12 - 5 = 7 eggs, then 7 + 2 = 9.\nThe answer is 9."
-    assert gold_solution(Example("a/1", "arc", "Q?\nOptions:\n(A) x\n(B) y", "(A)", "choice", ("x", "y"))) is None
+    assert kind_of(HARD).solution(HARD) == "Cy has 12 - 5 = 7 eggs, then 7 + 2 = 9.\nThe answer is 9."
+    arc = Example("a/1", "arc", "Q?\nOptions:\n(A) x\n(B) y", "(A)", "choice", ("x", "y"))
+    assert kind_of(arc).solution(arc) is None
 
 
 # ---- equal_size: the ablation's two training sets ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from runtime.data import graders, sandbox
-from runtime.data.graders import grade
+from runtime.data.kinds import grade
 from runtime.data.sandbox import Limits, Program, Sandbox
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from runtime.data import tasks
-from runtime.data.tasks import Example, load_jsonl, load_task, parse_options, task_names
+from runtime.data.kinds import parse_options
+from runtime.data.tasks import Example, load_jsonl, load_task, task_names
 from runtime.errors import ConfigError, DataError
 
 

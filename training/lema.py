@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -49,7 +48,8 @@ from agents.corrector import (
 )
 from agents.roles import contents
 from agents.student import student_messages
-from runtime.data.graders import Verdict, grade_async
+from runtime.data.graders import Verdict
+from runtime.data.kinds import grade_async, kind_named, kind_of
 from runtime.data.records import Record
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
@@ -113,24 +113,6 @@ class Problem(Record):
     paths: list[SampledPath]
     corrections: list[CorrectionAttempt]
     time_s: float
-
-
-def gold_solution(example: Example) -> str | None:
-    """The gold chain of thought when the task has one (GSM8K), ending like the student's: "The answer is N"; for
-    a code item, its canonical solution in a code block.
-
-    >>> ex = Example("g/0", "gsm8k", "q", "72", "number", (), {"solution": "May: 48/2 = <<48/2=24>>24.\\n#### 72"})
-    >>> print(gold_solution(ex))
-    May: 48/2 = 24.
-    The answer is 72.
-    """
-    if example.answer_kind == "code":
-        return f"```python\n{example.target.strip()}\n```"
-    solution = example.metadata.get("solution")
-    if not solution:
-        return None
-    body = re.sub(r"<<[^<>]*>>", "", solution.rpartition("####")[0]).strip()
-    return f"{body}\nThe answer is {example.target}."
 
 
 async def sample_paths(
@@ -260,7 +242,7 @@ def cot_rows(examples: Sequence[Example], records: Sequence[Problem]) -> list[di
         if example.id not in by_id:
             continue
         chat = student_messages(example)
-        gold = gold_solution(example)
+        gold = kind_of(example).solution(example)
         correct = _distinct([p for p in by_id[example.id].paths if p.verdict == "correct"])
         for text in ([gold] if gold else []) + [p.text for p in correct]:
             rows.append({"messages": [*chat, {"role": "assistant", "content": text}]})
@@ -274,7 +256,9 @@ def correction_rows(records: Sequence[Problem]) -> list[dict[str, Any]]:
             "messages": [
                 {
                     "role": "user",
-                    "content": correction_prompt(record.question, fix.steps, record.answer_kind == "code"),
+                    "content": correction_prompt(
+                        record.question, fix.steps, kind_named(record.answer_kind or "text").code
+                    ),
                 },
                 {"role": "assistant", "content": fix.correction.text()},
             ]
@@ -293,7 +277,7 @@ def count(records: Sequence[Problem], examples: Sequence[Example]) -> dict[str, 
     verdicts = Counter(p.verdict for r in records for p in r.paths)
     statuses = Counter(c.status for r in records for c in r.corrections)
     done = {r.id for r in records}
-    gold = sum(1 for e in examples if e.id in done and gold_solution(e))
+    gold = sum(1 for e in examples if e.id in done and kind_of(e).solution(e))
     cot = len(cot_rows(examples, records))
     failures = {s: n for s, n in sorted(statuses.items()) if s not in (KEPT, WRONG_FINAL_ANSWER)}
     return {

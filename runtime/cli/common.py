@@ -165,6 +165,7 @@ def load_examples(
     task: str | None, jsonl: Path | None, answer_kind: str, split: str, limit: int | None, data_dir: Path | None
 ) -> tuple[str, list[Any]]:
     """(name, examples) from a benchmark task or a bring-your-own JSONL file."""
+    from runtime.data.kinds import jsonl_kinds
     from runtime.data.paths import resolve_data_dir
     from runtime.data.tasks import load_jsonl, load_task
     from runtime.errors import ConfigError
@@ -174,9 +175,9 @@ def load_examples(
     if split not in ("gather", "examine", "all"):
         raise ConfigError(f"unknown --split {split!r}: choose gather, examine or all")
     if jsonl is not None:
-        if answer_kind not in ("choice", "number", "text"):
-            raise ConfigError(f"unknown --answer-kind {answer_kind!r}: choose choice, number or text")
-        return jsonl.stem, load_jsonl(jsonl, answer_kind, limit=limit)  # type: ignore[arg-type]
+        if answer_kind not in jsonl_kinds():
+            raise ConfigError(f"unknown --answer-kind {answer_kind!r}: choose one of {', '.join(jsonl_kinds())}")
+        return jsonl.stem, load_jsonl(jsonl, answer_kind, limit=limit)
     assert task is not None
     return task, load_task(task, split, resolve_data_dir(data_dir), limit)  # type: ignore[arg-type]
 
@@ -195,7 +196,9 @@ def use_sandbox(mode: str, code: bool) -> None:
 
 
 def has_code(examples: Any) -> bool:
-    return any(e.answer_kind == "code" for e in examples)
+    from runtime.data.kinds import kind_of
+
+    return any(kind_of(e).code for e in examples)
 
 
 def code_tokens(max_new_tokens: int | None, examples: Any, sandbox: str) -> int | None:

@@ -1,13 +1,12 @@
-"""Grade a model's reply against an ``Example``: pull the answer out of free text, then compare.
+"""Pull the answer out of a model's free-text reply; each answer kind (``runtime.data.kinds``) grades with these.
 
 Small models answer in many shapes ("The answer is (C) because...", "b)", "**B**", the option's text, "#### 1,234",
 "$5.00", "Invalid."). The extractors below accept the common ones and refuse to guess when a reply is ambiguous:
 a reply with no clear answer gets the verdict ``no_answer``, counted apart from ``wrong``.
 
-Code items are graded by running them: the reply's code (:func:`extract_code`) after the item's prefix, against its
-tests, in the sandbox (``runtime.data.sandbox``), the tests in one process and the code in another. :func:`grade`
-runs it in the calling thread, :func:`grade_async` in the sandbox's worker threads, so an event loop keeps serving
-the model meanwhile.
+Code items are graded by running them: the reply's code (:func:`extract_code`) after the item's prefix
+(:func:`program`), against its tests, in the sandbox (``runtime.data.sandbox``), the tests in one process and the
+code in another.
 """
 
 from __future__ import annotations
@@ -156,10 +155,10 @@ def extract_text(reply: str) -> str | None:
     lines = [line for line in text.splitlines() if line.strip()]
     statements = list(_TEXT_STATEMENT.finditer(text))
     if statements:
-        answer = _normalise_text(_rest_of_line(text, statements[-1].start(1)))
+        answer = normalise_text(_rest_of_line(text, statements[-1].start(1)))
         if answer:
             return answer
-    return _normalise_text(lines[0]) if lines else None
+    return normalise_text(lines[0]) if lines else None
 
 
 def extract_code(reply: str, entry_point: str | None = None) -> str | None:
@@ -199,47 +198,29 @@ def program(example: Example, code: str) -> sandbox.Program:
     return sandbox.Program(f"{prefix}{code}\n", example.metadata["tests"], prefix, example.metadata["entry_point"])
 
 
-def grade(example: Example, reply: str) -> Grade:
-    """Grade one reply: exact option letter, numeric equality, normalised text equality, or running the code.
+def extract_text_for(reply: str, target: str) -> str | None:
+    """A free-text answer read for its gold: when the gold is yes/no, true/false or valid/invalid (BBH's binary
+    tasks), the label of the reply's answer statement or first word, so "Invalid, because..." is "invalid" and never
+    "valid"; else :func:`extract_text`.
 
-    Targets that are yes/no, true/false or valid/invalid (BBH's binary tasks) are read from the reply's answer
-    statement or its first word, so "Invalid, because..." is "invalid" and never "valid". A code item's program
-    runs in the sandbox in this thread; async callers use :func:`grade_async`.
+    >>> extract_text_for("Invalid, because the premise is false.", "valid")
+    'invalid'
+    >>> extract_text_for("The answer is: dog.", "cat")
+    'dog'
     """
-    if example.answer_kind == "code":
-        code = extract_code(reply, example.metadata.get("entry_point"))
-        return _code_grade(code, sandbox.current().run(program(example, code)) if code else None)
-    if example.answer_kind == "choice":
-        predicted = extract_choice(reply, example.options)
-        correct = predicted == example.target
-    elif example.answer_kind == "number":
-        predicted = extract_number(reply)
-        gold = extract_number(example.target)
-        correct = predicted is not None and gold is not None and Decimal(predicted) == Decimal(gold)
-    else:
-        gold = _normalise_text(example.target)
-        labels = _LABEL_PAIRS.get(gold)
-        predicted = _extract_label(reply, labels) if labels else extract_text(reply)
-        correct = predicted == gold
-    if predicted is None:
-        return Grade("no_answer", None)
-    return Grade("correct" if correct else "wrong", predicted)
+    labels = _LABEL_PAIRS.get(normalise_text(target))
+    return _extract_label(reply, labels) if labels else extract_text(reply)
 
 
-async def grade_async(example: Example, reply: str) -> Grade:
-    """:func:`grade`, with a code item's program run in the sandbox's worker threads (bounded by the cores)."""
-    if example.answer_kind != "code":
-        return grade(example, reply)
-    code = extract_code(reply, example.metadata.get("entry_point"))
-    return _code_grade(code, await sandbox.current().arun(program(example, code)) if code else None)
+def normalise_text(text: str) -> str:
+    """Text as free-text answers are compared: whitespace collapsed, quotes, markdown and trailing sentence
+    punctuation stripped, lowercased.
 
-
-def _code_grade(code: str | None, run: sandbox.Run | None) -> Grade:
-    if code is None or run is None:
-        return Grade("no_answer", None)
-    if run.passed:
-        return Grade("correct", code)
-    return Grade("wrong", code, run.reason + (f"\n{run.error}" if run.error else ""))
+    >>> normalise_text(' "Apple  Pie." ')
+    'apple pie'
+    """
+    text = _collapse(text).strip(" \t\"'`*“”‘’")
+    return text.rstrip(".!?,;:").strip(" \t\"'`*“”‘’").lower()
 
 
 def _extract_label(reply: str, labels: tuple[str, str]) -> str | None:
@@ -286,11 +267,6 @@ def _normalise_number(number: str) -> str:
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
-
-
-def _normalise_text(text: str) -> str:
-    text = _collapse(text).strip(" \t\"'`*“”‘’")
-    return text.rstrip(".!?,;:").strip(" \t\"'`*“”‘’").lower()
 
 
 def _collapse(text: str) -> str:

@@ -4,9 +4,10 @@ JSONL.
 The data folder is read in place (its README describes it); splits come from ``splits/*.json`` so that mistakes
 are gathered on one part of a benchmark and examined on another, never the same rows.
 
-Task names: ``bbh``, ``bbh/salam16``, ``bbh/<task>``, ``bbq``, ``bbq/<Category>``, ``gsm8k``, ``mmlu``,
-``mmlu/<subject>``, ``arc_challenge`` (alias ``arc``), ``mbpp``, ``humaneval``. ``task_names(data_dir)`` lists them
-all.
+Each benchmark family is one entry of the task table, ``FAMILIES``: its loader, data, split file, answer kind,
+sub-tasks, whether it is for evaluation only and its out-of-domain pair. Task names: ``bbh``, ``bbh/salam16``,
+``bbh/<task>``, ``bbq``, ``bbq/<Category>``, ``gsm8k``, ``gsm_plus``, ``mmlu``, ``mmlu/<subject>``,
+``arc_challenge`` (alias ``arc``), ``mbpp``, ``humaneval``. ``task_names(data_dir)`` lists them all.
 
 Code items (MBPP, HumanEval) have the answer kind ``code``: their target is the canonical solution, and their
 metadata holds what a program is built from, ``prefix + reply's code + tests`` (``runtime.data.graders``), and the
@@ -24,28 +25,17 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import ascii_uppercase
 from typing import Any, Literal, get_args
 
+from runtime.data.kinds import CHOICE, KINDS, NUMBER, TEXT, AnswerKind, jsonl_kinds, kind_named, parse_options
 from runtime.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-AnswerKind = Literal["choice", "number", "text", "code"]
 Split = Literal["gather", "examine", "all"]
-
-FAMILIES = ("arc", "arc_challenge", "bbh", "bbq", "gsm8k", "gsm_plus", "humaneval", "mbpp", "mmlu")
-# Evaluation only: GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on; HumanEval's 164
-# problems are all the test set there is (the LLMs-as-Instructors paper's out-of-domain set for MBPP).
-EVAL_ONLY = frozenset({"gsm_plus", "humaneval"})
-# BBH tasks whose targets are integers; every other BBH task without "(X)" options is graded as text.
-BBH_NUMBER_TASKS = frozenset({"object_counting", "multistep_arithmetic_two"})
-
-_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s?(.*)$")
-_CHOICE_TARGET = re.compile(r"^\(?([A-Za-z])\)?$")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -56,7 +46,7 @@ class Example:
     source: str  # the source dataset or sub-task, e.g. "bbh/date_understanding", "bbq/Age", "gsm8k"
     input: str  # the prompt shown to the model; choice items include an "Options:\n(A) ..." block
     target: str  # gold: "(B)" for choice, "18" for number, the exact text for text
-    answer_kind: AnswerKind
+    answer_kind: str  # a key of runtime.data.kinds.KINDS: choice, number, text, code (kind_of(example) acts on it)
     options: tuple[str, ...] = ()  # choice items: option texts in letter order, without the "(A) " prefix
     metadata: dict[str, Any] = field(default_factory=dict, hash=False)
     where: str = field(default="", compare=False)  # the file and line (or item) it was read from, for errors
@@ -69,72 +59,41 @@ class Example:
         return cls(**{**d, "options": tuple(d.get("options", ())), "metadata": dict(d.get("metadata", {}))})
 
 
-def parse_options(text: str) -> tuple[str, ...]:
-    """Option texts from the ``(A) text`` lines after an ``Options:`` line (or anywhere, if there is none).
+@dataclass(frozen=True)
+class Family:
+    """A benchmark family, one entry of the task table ``FAMILIES``: all the code knows about it."""
 
-    Letters must run A, B, C, ... in order; a block that does not is no option block.
+    name: str
+    # (family, sub-task or "", split, data folder) -> one list of examples per source, in source order
+    load: Callable[[Family, str, Split, Path], list[list[Example]]]
+    data: str  # where its data is under the data folder
+    splits: str | None  # its split file under the data folder's splits/; None: the data's own files decide
+    answer_kind: str | None  # the kind of all its items (runtime.data.kinds); None: by sub-task
+    subtasks: str = ""  # the file name ending of a sub-task's file in ``data`` ("_test.csv": mmlu/<subject>)
+    groups: tuple[str, ...] = ()  # named sets of sub-tasks, listed even without the data (bbh/salam16)
+    eval_only: bool = False  # examined only, never gathered on or trained on
+    ood: str | None = None  # a target's out-of-domain set, as the LLMs-as-Instructors paper pairs them
+    ood_rest: bool = False  # a target of some sub-tasks has the family's other sub-tasks as its out-of-domain set
+    ids: str = ""  # the prefix of its item ids, when it is not the name
 
-    >>> parse_options("Which?\\nOptions:\\n(A) red\\n(B) blue ")
-    ('red', 'blue')
-    >>> parse_options("Is it?\\nOptions:\\n- Yes\\n- No")
-    ()
-    """
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip() == "Options:"]
-    if starts:
-        lines = lines[starts[-1] + 1 :]
-    options: list[str] = []
-    for line in lines:
-        m = _OPTION_LINE.match(line.strip())
-        if m is None:
-            continue
-        if m.group(1) != ascii_uppercase[len(options)]:
-            return ()
-        options.append(m.group(2).strip())
-    return tuple(options)
-
-
-def gold_option(example: Example) -> str:
-    """The text of a choice item's gold option.
-
-    >>> gold_option(Example("q/1", "s", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")))
-    'y'
-    """
-    return example.options[ascii_uppercase.index(example.target.strip("()"))]
-
-
-def reorder_options(example: Example, order: Sequence[int]) -> Example:
-    """The choice item with its options in ``order`` (indices into the old ones) and its gold relettered to match.
-
-    >>> e = reorder_options(Example("q/1", "s", "Who?\\nOptions:\\n(A) x\\n(B) y", "(B)", "choice", ("x", "y")), [1, 0])
-    >>> e.input, e.target, e.options
-    ('Who?\\nOptions:\\n(A) y\\n(B) x', '(A)', ('y', 'x'))
-    """
-    lines = example.input.split("\n")
-    start = max((i for i, line in enumerate(lines) if line.strip() == "Options:"), default=-1) + 1
-    at = [i for i in range(start, len(lines)) if _OPTION_LINE.match(lines[i].strip())]
-    if len(at) != len(example.options) or sorted(order) != list(range(len(at))):
-        raise ValueError(f"{example.id}: {len(at)} option lines, {len(example.options)} options, order {order}")
-    options = tuple(example.options[j] for j in order)
-    for letter, i, text in zip(ascii_uppercase, at, options, strict=False):
-        lines[i] = f"({letter}) {text}"
-    gold = ascii_uppercase.index(example.target.strip("()"))
-    target = f"({ascii_uppercase[list(order).index(gold)]})"
-    return replace(example, input="\n".join(lines), target=target, options=options)
+    @property
+    def kind(self) -> AnswerKind:
+        """The kind of its items, for a family of one kind."""
+        return kind_named(self.answer_kind or "")
 
 
 def task_names(data_dir: Path | None = None) -> list[str]:
-    """Every accepted task name; without a data folder only the benchmark families (the sub-tasks are files)."""
-    if data_dir is None:
-        return sorted([*FAMILIES, "bbh/salam16"])
-    data_dir = Path(data_dir)
-    _require_data_dir(data_dir)
-    bbh = sorted(p.stem for p in (data_dir / "bbh" / "tasks").glob("*.json"))
-    bbq = sorted(p.name.removesuffix("_zero_shot.json") for p in (data_dir / "bbq_sm").glob("*_zero_shot.json"))
-    mmlu = sorted(p.name.removesuffix("_test.csv") for p in (data_dir / "mmlu" / "test").glob("*_test.csv"))
-    return sorted(
-        [*FAMILIES, "bbh/salam16", *(f"bbh/{t}" for t in bbh), *(f"bbq/{c}" for c in bbq), *(f"mmlu/{s}" for s in mmlu)]
-    )
+    """Every accepted task name; without a data folder only the families and their named groups (the sub-tasks are
+    files)."""
+    names = [*FAMILIES, *(f"{name}/{group}" for name, family in FAMILIES.items() for group in family.groups)]
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        _require_data_dir(data_dir)
+        for name, family in FAMILIES.items():
+            if family.subtasks:
+                files = (data_dir / family.data).glob(f"*{family.subtasks}")
+                names += sorted(f"{name}/{p.name.removesuffix(family.subtasks)}" for p in files)
+    return sorted(names)
 
 
 def load_task(name: str, split: Split, data_dir: Path, limit: int | None = None) -> list[Example]:
@@ -146,43 +105,34 @@ def load_task(name: str, split: Split, data_dir: Path, limit: int | None = None)
     if split not in get_args(Split):
         raise ConfigError(f"unknown split {split!r}; use one of: gather, examine, all")
     _check_limit(limit)
-    family, _, sub = name.partition("/")
-    if family not in FAMILIES or name.endswith("/") or (sub and family not in ("bbh", "bbq", "mmlu")):
+    family_name, _, sub = name.partition("/")
+    family = FAMILIES.get(family_name)
+    if family is None or name.endswith("/") or (sub and not family.subtasks):
         raise _unknown_task(name, task_names())
-    if family in EVAL_ONLY and split != "examine":
+    if family.eval_only and split != "examine":
         raise ConfigError(f"{name} is for evaluation only: use the examine split, never gather or train on it")
     data_dir = Path(data_dir)
     _require_data_dir(data_dir)
-    loaders: dict[str, Callable[[str, Split, Path], list[list[Example]]]] = {
-        "bbh": _load_bbh,
-        "bbq": _load_bbq,
-        "gsm8k": _load_gsm8k,
-        "gsm_plus": _load_gsm_plus,
-        "mmlu": _load_mmlu,
-        "arc": _load_arc,
-        "arc_challenge": _load_arc,
-        "mbpp": _load_mbpp,
-        "humaneval": _load_humaneval,
-    }
     try:
-        per_source = loaders[family](sub, split, data_dir)
+        per_source = family.load(family, sub, split, data_dir)
     except KeyError as e:
-        raise DataError(f"the {family} data under {data_dir} lacks the field {e}; see the data folder's README") from e
+        raise DataError(
+            f"the {family_name} data under {data_dir} lacks the field {e}; see the data folder's README"
+        ) from e
     examples = _round_robin(per_source, limit)
     logger.debug("loaded %s/%s: %d examples from %d sources", name, split, len(examples), len(per_source))
     return examples
 
 
-def load_jsonl(
-    path: Path, answer_kind: AnswerKind, source: str | None = None, limit: int | None = None
-) -> list[Example]:
+def load_jsonl(path: Path, answer_kind: str, source: str | None = None, limit: int | None = None) -> list[Example]:
     """Bring your own benchmark: JSONL rows with ``input`` and ``target``; other fields go to metadata.
 
     The whole file is validated before anything is returned. Ids are ``<source>/<line number>``; ``source``
     defaults to the file stem. Choice targets may be ``B`` or ``(B)``; options come from ``(A) text`` lines.
     """
-    if answer_kind not in get_args(AnswerKind) or answer_kind == "code":
-        raise ConfigError(f"unknown answer kind {answer_kind!r}; use one of: choice, number, text")
+    if answer_kind not in jsonl_kinds():
+        raise ConfigError(f"unknown answer kind {answer_kind!r}; use one of: {', '.join(jsonl_kinds())}")
+    kind = KINDS[answer_kind]
     _check_limit(limit)
     path = Path(path)
     if not path.is_file():  # the user's own file, not the data folder's: say which, without the data-folder hint
@@ -202,12 +152,8 @@ def load_jsonl(
         target = str(target).strip()
         if not target:
             raise DataError(f"{where}: empty 'target'")
-        options: tuple[str, ...] = ()
-        if answer_kind == "choice":
-            options = parse_options(text)
-            target = _choice_target(target, options, where)
-        elif answer_kind == "number":
-            target = _number_target(target, where)
+        options = kind.options_of(text)
+        target = kind.gold(target, options, where)
         metadata = {k: v for k, v in row.items() if k not in ("input", "target")}
         examples.append(Example(f"{source}/{line_no}", source, text, target, answer_kind, options, metadata, where))
     if not examples:
@@ -217,12 +163,15 @@ def load_jsonl(
 
 # --- benchmark loaders: each returns one list of examples per source, in source order ---
 
+# BBH tasks whose targets are integers; every other BBH task without "(X)" options is graded as text.
+BBH_NUMBER_TASKS = frozenset({"object_counting", "multistep_arithmetic_two"})
 
-def _load_bbh(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
-    tasks_dir = data_dir / "bbh" / "tasks"
+
+def _load_bbh(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    tasks_dir = data_dir / family.data
     if not tasks_dir.is_dir():
-        raise DataError(f"missing folder {tasks_dir}; the data folder should hold bbh/tasks/<task>.json")
-    plan = _read_json(data_dir / "splits" / "bbh_salam_80_20.json")
+        raise DataError(f"missing folder {tasks_dir}; the data folder should hold {family.data}/<task>.json")
+    plan = _read_json(_split_file(family, data_dir))
     if not sub:
         tasks = sorted(p.stem for p in tasks_dir.glob("*.json"))
     elif sub == "salam16":
@@ -230,37 +179,34 @@ def _load_bbh(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
     elif (tasks_dir / f"{sub}.json").is_file():
         tasks = [sub]
     else:
-        raise _unknown_task(f"bbh/{sub}", task_names(data_dir))
+        raise _unknown_task(f"{family.name}/{sub}", task_names(data_dir))
     out = []
     for task in tasks:
         path = tasks_dir / f"{task}.json"
         rows = _read_json(path)["examples"]
         idx = _split_indices(plan["tasks"][task], split, len(rows), path)
-        out.append([_bbh_example(task, i, rows[i], path) for i in idx])
+        out.append([_bbh_example(f"{family.name}/{task}", task, i, rows[i], path) for i in idx])
     return out
 
 
-def _bbh_example(task: str, i: int, row: dict[str, Any], path: Path) -> Example:
-    text, target = row["input"], row["target"].strip()
-    options = parse_options(text)
-    kind: AnswerKind = "text"
-    if options and re.fullmatch(r"\([A-Z]\)", target):
-        kind = "choice"
-        target = _choice_target(target, options, f"{path}: example {i}")
+def _bbh_example(source: str, task: str, i: int, row: dict[str, Any], path: Path) -> Example:
+    text, target, where = row["input"], row["target"].strip(), f"{path}: example {i}"
+    kind: AnswerKind = TEXT
+    if parse_options(text) and re.fullmatch(r"\([A-Z]\)", target):
+        kind = CHOICE
     elif task in BBH_NUMBER_TASKS:
-        kind = "number"
-        target = _number_target(target, f"{path}: example {i}")
-    options = options if kind == "choice" else ()
-    return Example(f"bbh/{task}/{i}", f"bbh/{task}", text, target, kind, options, where=f"{path}: example {i}")
+        kind = NUMBER
+    options = kind.options_of(text)
+    return Example(f"{source}/{i}", source, text, kind.gold(target, options, where), kind.name, options, where=where)
 
 
-def _load_bbq(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
-    folder = data_dir / "bbq_sm"
+def _load_bbq(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    folder = data_dir / family.data
     if not folder.is_dir():
-        raise DataError(f"missing folder {folder}; the data folder should hold bbq_sm/<Category>_zero_shot.json")
-    plan = _read_json(data_dir / "splits" / "bbq_sm_salam_80_20.json")["categories"]
+        raise DataError(f"missing folder {folder}; the data folder should hold {family.data}/<Category>_zero_shot.json")
+    plan = _read_json(_split_file(family, data_dir))["categories"]
     if sub and sub not in plan:
-        raise _unknown_task(f"bbq/{sub}", task_names(data_dir))
+        raise _unknown_task(f"{family.name}/{sub}", task_names(data_dir))
     out = []
     for category in [sub] if sub else sorted(plan):
         path = folder / f"{category}_zero_shot.json"
@@ -273,47 +219,56 @@ def _load_bbq(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
         missing = [i for i in ids if i not in rows]
         if missing:
             raise DataError(f"{path}: example_id {missing[0]} of the split file is not in the data")
-        out.append([_bbq_example(category, rows[i], path) for i in ids])
+        out.append([_bbq_example(family, category, rows[i], path) for i in ids])
     return out
 
 
-def _bbq_example(category: str, row: dict[str, Any], path: Path) -> Example:
+def _bbq_example(family: Family, category: str, row: dict[str, Any], path: Path) -> Example:
     options = tuple(re.sub(r"^\([A-Z]\)\s?", "", o).strip() for o in row["options"])
-    where = f"{path}: example_id {row['example_id']}"
+    source, where = f"{family.name}/{category}", f"{path}: example_id {row['example_id']}"
     metadata = {"example_id": row["example_id"], "category": row["category"], "question_index": row["question_index"]}
     return Example(
-        f"bbq/{category}/{row['example_id']}",
-        f"bbq/{category}",
+        f"{source}/{row['example_id']}",
+        source,
         row["input"],
-        _choice_target(row["target"], options, where),
-        "choice",
+        family.kind.gold(row["target"], options, where),
+        family.kind.name,
         options,
         metadata,
         where,
     )
 
 
-def _load_gsm8k(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+def _load_gsm8k(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
     parts = {"gather": ["train"], "examine": ["test"], "all": ["train", "test"]}[split]
     examples = []
     for part in parts:
-        path = data_dir / "gsm8k" / f"{part}.jsonl"
+        path = data_dir / family.data / f"{part}.jsonl"
         for line_no, row in _read_jsonl(path):
             i, solution = line_no - 1, row["answer"]
             if "####" not in solution:
                 raise DataError(f"{path}:{line_no}: answer has no '#### N' line")
-            target = _number_target(solution.rsplit("####", 1)[1].strip(), f"{path}:{line_no}")
+            target = family.kind.gold(solution.rsplit("####", 1)[1].strip(), (), f"{path}:{line_no}")
             where, metadata = f"{path}:{line_no}", {"solution": solution}
             examples.append(
-                Example(f"gsm8k/{part}/{i}", "gsm8k", row["question"], target, "number", (), metadata, where)
+                Example(
+                    f"{family.name}/{part}/{i}",
+                    family.name,
+                    row["question"],
+                    target,
+                    family.kind.name,
+                    (),
+                    metadata,
+                    where,
+                )
             )
     return [examples]
 
 
-def _load_gsm_plus(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+def _load_gsm_plus(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
     """GSM-Plus testmini rows graded as numbers. "critical thinking" rows (gold "None": the question cannot be
     answered) are left out, since the number grader cannot credit a refusal; fraction golds (1/4) become decimals."""
-    path = data_dir / "gsm_plus" / "gsmplus_testmini_part.jsonl"
+    path = data_dir / family.data
     examples = []
     for line_no, row in _read_jsonl(path):
         answer = str(row["answer"]).strip()
@@ -322,69 +277,79 @@ def _load_gsm_plus(sub: str, split: Split, data_dir: Path) -> list[list[Example]
         if re.fullmatch(r"-?\d+/\d+", answer):
             numerator, denominator = answer.split("/")
             answer = f"{int(numerator) / int(denominator):g}"
-        target = _number_target(answer, f"{path}:{line_no}")
+        target = family.kind.gold(answer, (), f"{path}:{line_no}")
         metadata = {"perturbation_type": row["perturbation_type"], "solution": row.get("solution", "")}
         where = f"{path}:{line_no}"
         examples.append(
-            Example(f"gsm_plus/{line_no - 1}", "gsm_plus", row["question"], target, "number", (), metadata, where)
+            Example(
+                f"{family.name}/{line_no - 1}",
+                family.name,
+                row["question"],
+                target,
+                family.kind.name,
+                (),
+                metadata,
+                where,
+            )
         )
     return [examples]
 
 
-def _load_mmlu(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
-    folder = data_dir / "mmlu" / "test"
+def _load_mmlu(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    folder = data_dir / family.data
     if not folder.is_dir():
-        raise DataError(f"missing folder {folder}; the data folder should hold mmlu/test/<subject>_test.csv")
-    plan = _read_json(data_dir / "splits" / "mmlu_per_subject_80_20.json")["subjects"]
+        raise DataError(f"missing folder {folder}; the data folder should hold {family.data}/<subject>_test.csv")
+    plan = _read_json(_split_file(family, data_dir))["subjects"]
     if sub and sub not in plan:
-        raise _unknown_task(f"mmlu/{sub}", task_names(data_dir))
+        raise _unknown_task(f"{family.name}/{sub}", task_names(data_dir))
     out = []
     for subject in [sub] if sub else sorted(plan):
         path = folder / f"{subject}_test.csv"
         rows = list(csv.DictReader(io.StringIO(_read_text(path, newline=""), newline="")))
         idx = _split_indices(plan[subject], split, len(rows), path)
-        out.append([_mmlu_example(subject, i, rows[i], path) for i in idx])
+        out.append([_mmlu_example(family, subject, i, rows[i], path) for i in idx])
     return out
 
 
-def _mmlu_example(subject: str, i: int, row: dict[str, str], path: Path) -> Example:
+def _mmlu_example(family: Family, subject: str, i: int, row: dict[str, str], path: Path) -> Example:
     options = tuple(row[f"choice{k}"].strip() for k in range(4))
     if row["answer"] not in ("0", "1", "2", "3"):
         raise DataError(f"{path}: row {i}: answer must be 0-3, got {row['answer']!r}")
     target = f"({ascii_uppercase[int(row['answer'])]})"
     question = _with_options(row["question"].strip(), options)
-    return Example(f"mmlu/{subject}/{i}", f"mmlu/{subject}", question, target, "choice", options, {"subject": subject})
+    source = f"{family.name}/{subject}"
+    return Example(f"{source}/{i}", source, question, target, family.kind.name, options, {"subject": subject})
 
 
-def _load_arc(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
-    path = data_dir / "arc_challenge" / "ARC-Challenge-Test.jsonl"
-    plan = _read_json(data_dir / "splits" / "arc_challenge_80_20.json")
+def _load_arc(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    path = data_dir / family.data
+    plan = _read_json(_split_file(family, data_dir))
     rows = [row for _, row in _read_jsonl(path)]
     keep = {"gather": set(plan["gather_id"]), "examine": set(plan["exam_id"])}.get(split)
     if keep is not None and len(keep & {row["id"] for row in rows}) != len(keep):
-        raise DataError(f"{path}: some ids of {split} in splits/arc_challenge_80_20.json are not in the data")
-    return [[_arc_example(row, path) for row in rows if keep is None or row["id"] in keep]]
+        raise DataError(f"{path}: some ids of {split} in splits/{family.splits} are not in the data")
+    return [[_arc_example(family, row, path) for row in rows if keep is None or row["id"] in keep]]
 
 
-def _arc_example(row: dict[str, Any], path: Path) -> Example:
+def _arc_example(family: Family, row: dict[str, Any], path: Path) -> Example:
     options = tuple(t.strip() for t in row["choices"]["text"])
     labels = [str(label) for label in row["choices"]["label"]]  # "A".."E" or "1".."5": letters by position
     if row["answerKey"] not in labels:
         raise DataError(f"{path}: {row['id']}: answerKey {row['answerKey']!r} is not one of the labels {labels}")
     target = f"({ascii_uppercase[labels.index(row['answerKey'])]})"
     question = _with_options(row["question"].strip(), options)
-    return Example(f"arc/{row['id']}", "arc_challenge", question, target, "choice", options)
+    return Example(f"{family.ids or family.name}/{row['id']}", family.name, question, target, family.kind.name, options)
 
 
-def _load_mbpp(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+def _load_mbpp(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
     """MBPP by the standard split's task ids (1-10 few-shot, 11-510 examine, 511-974 gather; all: every row)."""
-    path = data_dir / "mbpp" / "mbpp.jsonl"
-    plan = _read_json(data_dir / "splits" / "mbpp_standard.json")
+    path = data_dir / family.data
+    plan = _read_json(_split_file(family, data_dir))
     ranges = {"examine": [plan["test(exam)"]], "gather": [plan["validation(gather)"], plan["train(gather)"]]}
     keep = {i for lo, hi in ranges.get(split, []) for i in range(lo, hi + 1)}
     rows = [(line_no, row) for line_no, row in _read_jsonl(path) if split == "all" or row["task_id"] in keep]
     if split != "all" and len(rows) != len(keep):
-        raise DataError(f"{path}: some task ids of {split} in splits/mbpp_standard.json are not in the data")
+        raise DataError(f"{path}: some task ids of {split} in splits/{family.splits} are not in the data")
     return [[_mbpp_example(row, f"{path}:{line_no}") for line_no, row in rows]]
 
 
@@ -425,8 +390,8 @@ def _entry_point(code: str, test: str, where: str) -> tuple[str, str]:
     return called[0], line if line.endswith(":") else line.rstrip(" ;") + ":"
 
 
-def _load_humaneval(sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
-    path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
+def _load_humaneval(family: Family, sub: str, split: Split, data_dir: Path) -> list[list[Example]]:
+    path = data_dir / family.data
     try:
         text = gzip.decompress(path.read_bytes()).decode("utf-8")
     except FileNotFoundError:
@@ -454,6 +419,43 @@ def _humaneval_example(row: dict[str, Any], where: str) -> Example:
     return Example(
         f"humaneval/{number}", "humaneval", text, prompt + row["canonical_solution"], "code", (), metadata, where
     )
+
+
+# --- the task table ---
+
+_ARC = Family(
+    "arc_challenge",
+    _load_arc,
+    "arc_challenge/ARC-Challenge-Test.jsonl",
+    "arc_challenge_80_20.json",
+    "choice",
+    ids="arc",  # its ids predate the name
+)
+FAMILIES = {"arc": _ARC} | {
+    family.name: family
+    for family in (
+        _ARC,
+        Family("bbh", _load_bbh, "bbh/tasks", "bbh_salam_80_20.json", None, subtasks=".json", groups=("salam16",)),
+        Family(
+            "bbq", _load_bbq, "bbq_sm", "bbq_sm_salam_80_20.json", "choice", subtasks="_zero_shot.json", ood_rest=True
+        ),
+        Family("gsm8k", _load_gsm8k, "gsm8k", None, "number", ood="gsm_plus"),
+        # GSM-Plus perturbs GSM8K test questions, so it is never gathered on or trained on.
+        Family("gsm_plus", _load_gsm_plus, "gsm_plus/gsmplus_testmini_part.jsonl", None, "number", eval_only=True),
+        # HumanEval's 164 problems are all the test set there is (the paper's out-of-domain set for MBPP).
+        Family("humaneval", _load_humaneval, "humaneval/HumanEval.jsonl.gz", None, "code", eval_only=True),
+        Family("mbpp", _load_mbpp, "mbpp/mbpp.jsonl", "mbpp_standard.json", "code", ood="humaneval"),
+        Family(
+            "mmlu",
+            _load_mmlu,
+            "mmlu/test",
+            "mmlu_per_subject_80_20.json",
+            "choice",
+            subtasks="_test.csv",
+            ood="arc_challenge",
+        ),
+    )
+}
 
 
 # --- helpers ---
@@ -489,26 +491,8 @@ def _round_robin(per_source: list[list[Example]], limit: int | None) -> list[Exa
     return [ex for t, src in zip(take, per_source, strict=True) for ex in src[:t]]
 
 
-def _choice_target(target: str, options: Sequence[str], where: str) -> str:
-    m = _CHOICE_TARGET.match(target.strip())
-    if m is None:
-        raise DataError(f"{where}: a choice target must be a letter like '(B)', got {target!r}")
-    letter = m.group(1).upper()
-    if not options:
-        raise DataError(
-            f"{where}: a choice target ({letter}) needs options, and the input has no '(A) ...' lines "
-            "(letters A, B, C, ... in order, after an 'Options:' line); add them, or use --answer-kind text"
-        )
-    if letter not in ascii_uppercase[: len(options)]:
-        raise DataError(f"{where}: target ({letter}) is not one of the {len(options)} options")
-    return f"({letter})"
-
-
-def _number_target(target: str, where: str) -> str:
-    number = target.replace(",", "").removeprefix("$").strip()
-    if not _NUMBER.fullmatch(number):
-        raise DataError(f"{where}: a number target must be a number like 18 or -2.5, got {target!r}")
-    return number
+def _split_file(family: Family, data_dir: Path) -> Path:
+    return data_dir / "splits" / str(family.splits)
 
 
 def _check_limit(limit: int | None) -> None:

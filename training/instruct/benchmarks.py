@@ -1,10 +1,10 @@
 """What an instructor run reads: each target's train pool and dev slice, and the in- and out-of-domain sets.
 
 A target may be a union of sources of one family (``bbq/Age+SES+Religion``), so that the rest of the family can
-serve as its out-of-domain set. Out-of-domain pairs follow the LLMs-as-Instructors paper: MMLU -> ARC-Challenge,
-GSM8K -> GSM-Plus, MBPP -> HumanEval; BBQ categories -> the BBQ categories left out of the target; BBH as the holistic
-set. A target may also be a bring-your-own train JSONL (``mine.jsonl``), with its own examine file; an out-of-domain
-set may be any JSONL.
+serve as its out-of-domain set. Out-of-domain pairs are the task table's (``runtime.data.tasks.FAMILIES``), after the
+LLMs-as-Instructors paper: MMLU -> ARC-Challenge, GSM8K -> GSM-Plus, MBPP -> HumanEval; BBQ categories -> the BBQ
+categories left out of the target; BBH as the holistic set. A target may also be a bring-your-own train JSONL
+(``mine.jsonl``), with its own examine file; an out-of-domain set may be any JSONL.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-from runtime.data.tasks import AnswerKind, Example, load_jsonl, load_task, task_names
+from runtime.data.tasks import FAMILIES, Example, load_jsonl, load_task, task_names
 from runtime.errors import ConfigError
 
-OOD_PAIRS = {"gsm8k": "gsm_plus", "mmlu": "arc_challenge", "mbpp": "humaneval"}
 HOLISTIC = "bbh"
 
 
@@ -48,14 +46,14 @@ def load_union(spec: str, split: str, data_dir: Path, limit: int | None = None) 
 def load_benchmark(spec: str, data_dir: Path, limit: int, answer_kind: str, source: str | None = None) -> list[Example]:
     """An evaluation set: a task's (or union's) examine split, or a JSONL file's rows."""
     if is_jsonl(spec):
-        return load_jsonl(Path(spec), cast(AnswerKind, answer_kind), source=source, limit=limit)
+        return load_jsonl(Path(spec), answer_kind, source=source, limit=limit)
     return load_union(spec, "examine", data_dir, limit)
 
 
 def load_target(spec: str, data_dir: Path, dev_fraction: float, seed: int, answer_kind: str = "choice") -> Target:
     """The target's train part, with a seeded ``dev_fraction`` of each source held out as dev."""
     if is_jsonl(spec):
-        rows = load_jsonl(Path(spec), cast(AnswerKind, answer_kind))
+        rows = load_jsonl(Path(spec), answer_kind)
     else:
         rows = load_union(spec, "gather", data_dir)
     by_source: dict[str, list[Example]] = {}
@@ -77,15 +75,18 @@ def default_ood(targets: list[str], data_dir: Path) -> list[str]:
     for spec in targets:
         if is_jsonl(spec):  # no known pair; give its out-of-domain sets with --ood
             continue
-        family, _, subs = spec.partition("/")
-        if family in OOD_PAIRS:
-            ood.append(OOD_PAIRS[family])
-        elif family == "bbq" and subs:
+        name, _, subs = spec.partition("/")
+        family = FAMILIES.get(name)
+        if family is None:
+            continue
+        if family.ood:
+            ood.append(family.ood)
+        elif family.ood_rest and subs:
             chosen = set(subs.split("+"))
-            rest = [n.partition("/")[2] for n in task_names(data_dir) if n.startswith("bbq/")]
+            rest = [n.partition("/")[2] for n in task_names(data_dir) if n.startswith(f"{name}/")]
             left = [c for c in rest if c not in chosen]
             if left:
-                ood.append("bbq/" + "+".join(left))
+                ood.append(f"{name}/" + "+".join(left))
     if not any(not is_jsonl(t) and t.partition("/")[0] == HOLISTIC for t in targets):
         ood.append(HOLISTIC)
     return list(dict.fromkeys(o for o in ood if o not in targets))

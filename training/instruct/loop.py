@@ -30,10 +30,10 @@ from agents.instructor import Strategy, instructor_messages, parse_samples
 from agents.student import student_messages
 from memory.embed import TextEmbedder
 from memory.record import MistakeRecord
-from runtime.data.graders import grade
+from runtime.data.kinds import grade, kind_of
 from runtime.data.records import ItemResult, Record
 from runtime.data.rundir import RunDir, complete_pending, read_dataset
-from runtime.data.tasks import Example, parse_options
+from runtime.data.tasks import Example
 from runtime.defaults import CODE_MAX_NEW_TOKENS
 from runtime.errors import ConfigError
 from runtime.models.adapters import adapter_digest
@@ -292,9 +292,9 @@ class InstructLoop:
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
-        if any(e.answer_kind == "choice" for e in selection):
+        if any(kind_of(e).multiple_choice for e in selection):
             counts["gold_of_rows"] = self._choice_golds(rows)
-            counts["gold_of_selection"] = _distribution(e.target for e in selection if e.answer_kind == "choice")
+            counts["gold_of_selection"] = _distribution(e.target for e in selection if kind_of(e).multiple_choice)
         counts["accuracy_on_selection"] = round(sum(v == "correct" for v in verdicts.values()) / len(verdicts), 4)
         counts["items"] = supply.source_items(rows)
         self._write_rows(rows_path, rows)
@@ -334,7 +334,7 @@ class InstructLoop:
             cases = rng.sample(list(selection), min(self.s.max_cases, len(selection)))
             rows, counts = await self.instructed(name, "augment", cases, [], rng, budget=n_rows)
         counts["strategy"] = baseline
-        if any(e.answer_kind == "choice" for e in selection):
+        if any(kind_of(e).multiple_choice for e in selection):
             counts["gold_of_rows"] = self._choice_golds(rows)
         counts["overlap"] = self._overlap_summary([r["messages"][1]["content"] for r in rows])
         counts["items"] = supply.source_items(rows)
@@ -395,7 +395,7 @@ class InstructLoop:
             for reason, count in parsed.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + count
             for j, sample in enumerate(parsed.samples):
-                options = parse_options(sample.question) if case.answer_kind == "choice" else ()
+                options = kind_of(case).options_of(sample.question)
                 generated.append(
                     Example(
                         f"{case.id}/gen{j}",
@@ -506,8 +506,8 @@ class InstructLoop:
     def _choice_golds(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
         """The gold letters of the multiple-choice rows, what a letter prior is read against (a number, text or
         program gold has no such distribution; a mixed target such as gsm8k,mmlu counts only its choice rows)."""
-        kinds = {e.source: e.answer_kind for t in self.plan.targets for e in t.pool}
-        return _distribution(r["target"] for r in rows if kinds.get(r["source"]) == "choice")
+        lettered = {e.source: kind_of(e).multiple_choice for t in self.plan.targets for e in t.pool}
+        return _distribution(r["target"] for r in rows if lettered.get(r["source"]))
 
     def _overlaps(self, texts: Sequence[str]) -> list[float]:
         items = [e for b in self.plan.benchmarks.values() for e in b]
@@ -564,7 +564,7 @@ def _tokens(records: Sequence[ItemResult]) -> int:
 
 def _programs(items: Sequence[Example]) -> bool:
     """Code items: each gold is a program of its own, with no answer distribution to report."""
-    return any(e.answer_kind == "code" for e in items)
+    return any(kind_of(e).code for e in items)
 
 
 def _distribution(values: Any) -> dict[str, int]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from memory.record import MistakeRecord
 from memory.store import MistakeMemory, RecordFilter
-from runtime.data.tasks import AnswerKind, Example, parse_options
+from runtime.data.kinds import NUMBER, TEXT, parse_options
+from runtime.data.tasks import Example
 from runtime.errors import ConfigError
 
 _CHOICE = re.compile(r"^\([A-Z]\)$")
@@ -26,8 +27,8 @@ def as_example(record: MistakeRecord) -> Example:
     options = parse_options(record.query)
     if _CHOICE.match(record.gold) and options:
         return Example(record.id, record.source, record.query, record.gold, "choice", options, {"record": True})
-    kind: AnswerKind = "number" if _NUMBER.match(record.gold) else "text"
-    return Example(record.id, record.source, record.query, record.gold, kind, (), {"record": True})
+    kind = NUMBER if _NUMBER.match(record.gold) else TEXT
+    return Example(record.id, record.source, record.query, record.gold, kind.name, (), {"record": True})
 
 
 def guided_reply(record: MistakeRecord) -> str:

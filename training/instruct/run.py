@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memory.embed import Embedder
+from runtime.data.kinds import INSTRUCTOR_STRATEGIES, kind_of
 from runtime.data.rundir import RunDir
 from runtime.errors import ConfigError
 from runtime.models.backend import Backend
@@ -38,11 +39,12 @@ def plan(settings: InstructSettings, data_dir: Path) -> Plan:
     targets = [
         load_target(t, data_dir, settings.dev_fraction, settings.seed, settings.answer_kind) for t in settings.targets
     ]
-    code = [t.name for t in targets if any(e.answer_kind == "code" for e in t.pool)]
-    written = [s for s in (*settings.strategies, *settings.baselines) if s in ("le", "lec", "augment")]
-    if code and written:
+    written = [s for s in (*settings.strategies, *settings.baselines) if s in INSTRUCTOR_STRATEGIES]
+    # Code items allow none: their samples would need tests to grade them.
+    refusing = [t.name for t in targets if any(not set(written) <= kind_of(e).instructor_strategies for e in t.pool)]
+    if refusing:
         raise ConfigError(
-            f"{', '.join(code)}: instructor-written samples ({', '.join(written)}) would need tests to grade them, "
+            f"{', '.join(refusing)}: instructor-written samples ({', '.join(written)}) would need tests to grade them, "
             "which the instructor does not write; use --strategy replay or memory, and the plain baseline"
         )
     benchmarks = {}
@@ -152,7 +154,7 @@ def run_instruct(
                     await instructor_backend.aclose()
 
         outcome = asyncio.run(go())
-    open_answers = [b for b, items in the_plan.benchmarks.items() if any(e.answer_kind != "choice" for e in items)]
+    open_answers = [b for b, items in the_plan.benchmarks.items() if any(not kind_of(e).multiple_choice for e in items)]
     figs = figures(outcome.results, outcome.supplies, outcome.stages, the_plan.in_domain, open_answers)
     run.write_text("ledger.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ledger(outcome.results)))
     run.write_json("figures.json", figs.to_dict())

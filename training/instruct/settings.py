@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.bounds import check_bounds, within
+from runtime.data.kinds import jsonl_kinds
 from runtime.defaults import MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_SEED
 from runtime.errors import ConfigError
 from training.instruct.benchmarks import is_jsonl
@@ -134,8 +135,8 @@ class InstructSettings:
                 f"--examine-jsonl: a bring-your-own target is its train part and needs its own examine file; "
                 f"{len(jsonl_targets)} JSONL target(s), {len(self.examine_jsonl)} examine file(s)"
             )
-        if self.answer_kind not in ("choice", "number", "text"):
-            raise ConfigError(f"unknown --answer-kind {self.answer_kind!r}: choose choice, number or text")
+        if self.answer_kind not in jsonl_kinds():
+            raise ConfigError(f"unknown --answer-kind {self.answer_kind!r}: choose one of {', '.join(jsonl_kinds())}")
         if "memory" in self.strategies and self.memory is None:
             raise ConfigError("--strategy memory needs --memory PATH (a mistake memory from `redpen gather/run`)")
         if self.eval_split not in ("examine", "dev"):

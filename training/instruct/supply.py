@@ -22,26 +22,10 @@ import numpy as np
 
 from agents.student import student_messages
 from memory.embed import TextEmbedder
-from runtime.data.tasks import Example, gold_option, reorder_options
-from training.lema import gold_solution
+from runtime.data.kinds import kind_of
+from runtime.data.tasks import Example
 
 Row = dict[str, Any]
-
-
-def gold_reply(example: Example, name_option: bool = False) -> str:
-    """The reply a row trains on: the worked solution when the task has one, else the gold in the student's format;
-    with ``name_option`` a choice reply names the option's text before its letter.
-
-    >>> e = Example("q/1", "bbq/Age", "Who?\\nOptions:\\n(A) x\\n(B) Unknown", "(B)", "choice", ("x", "Unknown"))
-    >>> gold_reply(e), gold_reply(e, name_option=True)
-    ('The answer is (B).', 'Unknown. The answer is (B).')
-    """
-    solution = gold_solution(example)
-    if solution:
-        return solution
-    if name_option and example.answer_kind == "choice" and example.options:
-        return f"{gold_option(example).rstrip('. ')}. The answer is {example.target}."
-    return f"The answer is {example.target}."
 
 
 @dataclass(frozen=True)
@@ -60,11 +44,10 @@ class RowStyle:
     shuffle_options: bool = False
 
     def row(self, example: Example, origin: str, rng: random.Random) -> Row:
-        if self.shuffle_options and example.answer_kind == "choice" and example.options:
-            order = list(range(len(example.options)))
-            rng.shuffle(order)
-            example = reorder_options(example, order)
-        return training_row(example, gold_reply(example, self.name_option), origin)
+        kind = kind_of(example)
+        if self.shuffle_options:
+            example = kind.shuffled(example, rng)
+        return training_row(example, kind.gold_reply(example, self.name_option), origin)
 
 
 def training_row(example: Example, reply: str, origin: str) -> Row:
@@ -146,14 +129,14 @@ def replay_rows(
     # Only options have a prior to follow: a number's, a text's or a program's gold is nearly always its own, and
     # balancing those rows would keep almost none. So only the multiple-choice rows are balanced, against the
     # multiple-choice part of the selection; the others pass through.
-    choice = [e for e in selection if e.answer_kind == "choice"]
+    choice = [e for e in selection if kind_of(e).multiple_choice]
     balance = balance and bool(choice)
     if balance:
-        kinds = {e.id: e.answer_kind for e in selection}
+        lettered = {e.id: kind_of(e).multiple_choice for e in selection}
         gold = Counter(e.target for e in choice)
-        others = [r for r in rows if kinds[r["id"]] != "choice"]
+        others = [r for r in rows if not lettered[r["id"]]]
         rows = balanced(
-            [r for r in rows if kinds[r["id"]] == "choice"], {g: c / len(choice) for g, c in gold.items()}, rng
+            [r for r in rows if lettered[r["id"]]], {g: c / len(choice) for g, c in gold.items()}, rng
         )  # already shuffled
         if others:
             rows += others
