@@ -7,7 +7,7 @@ tables); ``build_roles`` loads the backends, one shared instance when both roles
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from runtime.defaults import ASSISTANT_MAX_NEW_TOKENS, MOST_NEW_TOKENS, STUDENT_
 from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
-from runtime.models.config import BACKEND_KINDS, BackendConfig
+from runtime.models.config import BackendConfig
 from runtime.models.factory import make_backend
 
 STUDENT_SETTINGS = GenerationSettings(max_new_tokens=STUDENT_MAX_NEW_TOKENS)
@@ -72,32 +72,27 @@ class RolesConfig(BaseModel):
         cls,
         config_file: Path | None = None,
         *,
-        student: Mapping[str, Any] | None = None,
-        assistant: Mapping[str, Any] | None = None,
-        default_assistant: Callable[[], Mapping[str, Any] | None] | None = None,
+        student: BackendConfig | None = None,
+        assistant: BackendConfig | None = None,
+        default_assistant: Callable[[], BackendConfig | None] | None = None,
         **settings: Any,
     ) -> RolesConfig:
-        """From command-line values (``None`` = not given), under a TOML file's ``[student]``/``[assistant]`` tables.
+        """From command-line values (``None`` = not given), under a TOML file's ``[student]``/``[assistant]`` tables:
+        a table's setting wins over the same setting given to a role's ``BackendConfig``.
 
-        The assistant is the student's backend unless an assistant value or an ``[assistant]`` table is given, or
-        ``default_assistant`` (asked only then) returns the backend values a teacher role defaults to.
+        The assistant is the student's backend unless an assistant or an ``[assistant]`` table is given, or
+        ``default_assistant`` (asked only then) returns the backend a teacher role defaults to.
 
-        >>> RolesConfig.load(student={"kind": "openai", "model": "m"}, student_max_new_tokens=None).assistant is None
+        >>> RolesConfig.load(student=BackendConfig(kind="openai"), student_max_new_tokens=None).assistant is None
         True
         """
         tables = _read_tables(config_file) if config_file is not None else {}
-        given = {k: v for k, v in (assistant or {}).items() if v is not None}
-        for kind in ((student or {}).get("kind"), given.get("kind")):
-            if kind is not None and kind not in BACKEND_KINDS:
-                raise ConfigError(f"unknown backend {kind!r}: choose {' or '.join(BACKEND_KINDS)}")
-        student_cfg = _role_config("student", student or {}, tables.get("student", {}), config_file)
+        if assistant is None and "assistant" not in tables and default_assistant is not None:
+            assistant = default_assistant()
+        student_cfg = _role_config("student", student, tables.get("student", {}), config_file)
         assistant_cfg = None
-        if not given and "assistant" not in tables and default_assistant is not None:
-            given = dict(default_assistant() or {})
-        if given or "assistant" in tables:
-            assistant_cfg = _role_config(
-                "assistant", {"kind": "local", **given}, tables.get("assistant", {}), config_file
-            )
+        if assistant is not None or "assistant" in tables:
+            assistant_cfg = _role_config("assistant", assistant, tables.get("assistant", {}), config_file)
         try:
             return cls(
                 student=student_cfg, assistant=assistant_cfg, **{k: v for k, v in settings.items() if v is not None}
@@ -133,10 +128,12 @@ def build_roles(config: RolesConfig) -> Roles:
     return Roles(student, assistant, assistant_adapter=adapter_name, student_settings=settings)
 
 
-def _role_config(role: str, given: Mapping[str, Any], table: dict[str, Any], config_file: Path | None) -> BackendConfig:
-    """A role's backend: its command-line values under its config table; a bad value names the table and key."""
+def _role_config(
+    role: str, given: BackendConfig | None, table: dict[str, Any], config_file: Path | None
+) -> BackendConfig:
+    """A role's backend: the settings given to it under its config table; a bad value names the table and key."""
     try:
-        return BackendConfig(**{**{k: v for k, v in given.items() if v is not None}, **table})
+        return BackendConfig(**{**(given.model_dump(exclude_unset=True) if given else {}), **table})
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])

@@ -128,11 +128,12 @@ def test_gather_against_an_unreachable_server_is_one_line(tmp_path: Path, quiz: 
 )
 def test_a_bad_config_names_the_table_and_key(tmp_path: Path, text: bytes, expected: str) -> None:
     from agents.team import RolesConfig
+    from runtime.models.config import BackendConfig
 
     config = tmp_path / "roles.toml"
     config.write_bytes(text)
     with pytest.raises(ConfigError) as error:
-        RolesConfig.load(config, student={"kind": "local"})
+        RolesConfig.load(config, student=BackendConfig(kind="local"))
     assert str(config) in str(error.value) and expected in str(error.value)
 
 

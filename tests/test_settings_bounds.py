@@ -18,7 +18,7 @@ import typer
 from agents.team import RolesConfig
 from runtime.cli import app
 from runtime.errors import ConfigError
-from runtime.models.config import backend_config
+from runtime.models.config import BackendConfig, backend_config
 from training.instruct.settings import InstructSettings
 
 
@@ -142,9 +142,9 @@ def test_backend_settings_are_bounded(setting: dict[str, Any], fragment: str) ->
 def test_the_student_s_reply_length_is_bounded_as_one_line_from_python_too() -> None:
     # was a pydantic ValidationError (a traceback) from RolesConfig.load, the route every SALAM command takes
     with pytest.raises(ConfigError, match="student_max_new_tokens"):
-        RolesConfig.load(student={"kind": "local"}, student_max_new_tokens=0)
+        RolesConfig.load(student=BackendConfig(kind="local"), student_max_new_tokens=0)
     with pytest.raises(ConfigError, match="student_max_new_tokens"):
-        RolesConfig.load(student={"kind": "local"}, student_max_new_tokens=10**9)
+        RolesConfig.load(student=BackendConfig(kind="local"), student_max_new_tokens=10**9)
 
 
 @pytest.mark.parametrize(

@@ -81,11 +81,11 @@ def test_one_word_selects_the_teacher() -> None:
 
 
 def test_the_assistant_defaults_to_a_teacher_only_where_none_is_given(tmp_path: Path) -> None:
-    def default() -> dict[str, str]:
-        return {"kind": "teacher"}
+    def default() -> BackendConfig:
+        return BackendConfig(kind="teacher")
 
     assert RolesConfig.load(default_assistant=default).assistant == BackendConfig(kind="teacher")
-    given = RolesConfig.load(assistant={"model": "other"}, default_assistant=default).assistant
+    given = RolesConfig.load(assistant=BackendConfig(model="other"), default_assistant=default).assistant
     assert given is not None and given.kind == "local" and given.model == "other"
     toml = tmp_path / "roles.toml"
     toml.write_text('[assistant]\nkind = "openai"\nmodel = "m"\n')
@@ -106,7 +106,7 @@ def test_teacher_default_falls_back_when_turned_off_or_missing(monkeypatch: pyte
     monkeypatch.setattr(teacher, "installed", lambda: False)
     assert teacher_default("corrector") is None
     monkeypatch.setattr(teacher, "installed", lambda: True)
-    assert teacher_default("corrector") == {"kind": "teacher"}
+    assert teacher_default("corrector") == BackendConfig(kind="teacher")
 
 
 def require_teacher() -> None:

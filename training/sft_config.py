@@ -43,7 +43,7 @@ class LoraSFTConfig:
     )
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Local Hugging Face model folder to adapt; None for the embedded default model."},
+        metadata={"help": "Local Hugging Face model folder to adapt [default: the embedded default model]."},
     )
     # 16/32: enough capacity to learn a reply format and a style of feedback from a few hundred rows; alpha = 2r is
     # the usual LoRA scaling, so the learning rate need not change with r.
@@ -80,7 +80,7 @@ class LoraSFTConfig:
     )
     max_steps: int = field(
         default=MAX_STEPS,
-        metadata={"help": "Optimisation steps to run (see runtime.defaults).", **within(1, MOST_STEPS)},
+        metadata={"help": "Optimisation steps to run.", **within(1, MOST_STEPS)},  # why this many: runtime.defaults
     )
     # 768: a gathering prompt (system, question, answer, earlier guidelines) plus its JSON reply fits with room to
     # spare (the smoke run's rows: 218-356 tokens).

@@ -11,25 +11,26 @@ from typing import Annotated, Any
 import typer
 
 from runtime.cli.common import (
-    Backend,
-    BaseUrl,
     Config,
     DataDir,
     JsonOut,
-    Model,
     console,
     load_backend,
     load_examples,
     load_roles,
     roles_config,
 )
+from runtime.cli.options import STUDENT, expand
 from runtime.defaults import CONCURRENCY, MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_STEPS
+from runtime.models.config import BackendConfig, backend_config
 
 # At most 100 repeats: a median settles in a handful; more only multiplies a bench's minutes.
 MOST_REPEATS = 100
 
 
+@expand(student=STUDENT)
 def bench_generate(
+    *,
     concurrency: Annotated[
         int, typer.Option(help="prompts at once on the batched side", min=1, max=MOST_IN_FLIGHT)
     ] = CONCURRENCY,
@@ -40,9 +41,7 @@ def bench_generate(
     vs_generate: Annotated[
         bool, typer.Option(help="local: also transformers' own generate on the same model (a padded batch)")
     ] = False,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
+    student: BackendConfig,
     json_out: JsonOut = False,
 ) -> None:
     """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
@@ -50,12 +49,12 @@ def bench_generate(
     from runtime.bench import generate_rate, plain_generate_rate
     from runtime.models.config import TEACHER
 
-    teacher = TEACHER in (backend, model)
+    teacher = student.kind == TEACHER
     if teacher:
         from runtime.models.teacher import SLOTS
 
         concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
-    model_backend = load_backend(backend, model, base_url, max_batch_size=max(concurrency, 1))
+    model_backend = load_backend(student.updated(max_batch_size=concurrency))
 
     def measure(backend_: Any, plain: bool = False) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
@@ -81,7 +80,7 @@ def bench_generate(
         with console.status(f"measuring {backend_.kind} ..."):
             return asyncio.run(run())
 
-    result = measure(model_backend, plain=vs_generate and backend == "local" and not teacher)
+    result = measure(model_backend, plain=vs_generate and student.kind == "local")
     result["cpu_count"] = os.cpu_count()
     _rate_line(result, repeats, max_new_tokens)
     if "generate" in result:
@@ -96,7 +95,7 @@ def bench_generate(
 
         with console.status("converting the teacher for transformers (once) ..."):
             folder = teacher_model_dir()
-        baseline = measure(load_backend("local", str(folder), None, max_batch_size=max(concurrency, 1)))
+        baseline = measure(load_backend(backend_config(kind="local", model=str(folder), max_batch_size=concurrency)))
         _rate_line(baseline, repeats, max_new_tokens)
         result["transformers"] = baseline
         result["vs_transformers"] = {
@@ -119,7 +118,9 @@ def _rate_line(result: dict[str, Any], repeats: int, max_new_tokens: int) -> Non
     )
 
 
+@expand(student=STUDENT)
 def bench_pipeline(
+    *,
     task: Annotated[str, typer.Option(help="benchmark task")] = "bbq",
     n: Annotated[int, typer.Option(help="gather items and examine items (each)", min=1, max=MOST_ITEMS)] = 16,
     concurrency: Annotated[
@@ -134,9 +135,7 @@ def bench_pipeline(
             max=600.0,  # 10 minutes a reply: slower than any real server; a longer one would only hang the bench
         ),
     ] = None,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
+    student: BackendConfig,
     data_dir: DataDir = None,
     config: Config = None,
     json_out: JsonOut = False,
@@ -150,13 +149,13 @@ def bench_pipeline(
     _, gather_set = load_examples(task, None, "choice", "gather", n, data_dir)
     _, examine_set = load_examples(task, None, "choice", "examine", n, data_dir)
     if simulate_latency is not None:
-        if backend != "local" or model or base_url or config:
+        if student != BackendConfig() or config:
             raise ConfigError(
                 "--simulate-latency serves its own endpoint: drop --backend, --model, --base-url, --config"
             )
         _simulated_pipeline(task, gather_set, examine_set, simulate_latency, json_out)
         return
-    roles = load_roles(roles_config(config, backend=backend, model=model, base_url=base_url, response_cache=False))
+    roles = load_roles(roles_config(config, student, response_cache=False))
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         result = asyncio.run(
             pipeline_rate(
@@ -237,7 +236,8 @@ def _simulated_pipeline(
 
     width = max(len(gather_set), len(examine_set))
     with running(latency_s) as url, tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
-        roles = load_roles(roles_config(None, backend="openai", model=MODEL, base_url=url, response_cache=False))
+        student = backend_config(kind="openai", model=MODEL, base_url=url)
+        roles = load_roles(roles_config(None, student, response_cache=False))
 
         async def measure() -> dict[str, Any]:
             try:
@@ -429,7 +429,7 @@ def bench_starvation(
             max=7 * 86400.0,  # a week: past any bench's length
         ),
     ] = 86400.0,
-    model: Model = None,
+    model: Annotated[str | None, typer.Option(help="the served model's folder [default: the embedded default]")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """A small request's latency alone and beside another key's long requests, through `redpen serve` on loopback."""

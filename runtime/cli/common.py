@@ -11,29 +11,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from runtime.defaults import MAX_STEPS, MOST_IN_FLIGHT, MOST_NEW_TOKENS, MOST_STEPS, STUDENT_MAX_NEW_TOKENS
+from runtime.defaults import MOST_IN_FLIGHT, MOST_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
+from runtime.models.config import BackendConfig
 
 if TYPE_CHECKING:
     from runtime.report import Summary
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
-
-Backend = Annotated[
-    str,
-    typer.Option(
-        "--backend", help="local (transformers in-process), openai (any server) or teacher (the embedded 1.5B teacher)"
-    ),
-]
-
-Model = Annotated[
-    str | None,
-    typer.Option(
-        "--model", help="local model folder or served model name [default: the embedded SmolLM2-135M-Instruct]"
-    ),
-]
-
-BaseUrl = Annotated[str | None, typer.Option("--base-url", help="OpenAI-compatible server URL ($OPENAI_BASE_URL)")]
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="benchmark data folder ($REDPEN_DATA_DIR)")]
 
@@ -42,20 +27,6 @@ JsonOut = Annotated[bool, typer.Option("--json", help="print the figures as one 
 NoCache = Annotated[bool, typer.Option("--no-cache", help="do not replay greedy calls from the response cache")]
 
 Config = Annotated[Path | None, typer.Option("--config", help="TOML with [student] and [assistant] backend tables")]
-
-AssistantBackend = Annotated[
-    str | None,
-    typer.Option(
-        "--assistant-backend",
-        help="assistant's backend [default: the embedded teacher where installed, else the student's]",
-    ),
-]
-
-AssistantModel = Annotated[
-    str | None, typer.Option("--assistant-model", help="assistant's model; `teacher`: the embedded teacher")
-]
-
-AssistantUrl = Annotated[str | None, typer.Option("--assistant-base-url", help="assistant's server URL")]
 
 MemoryPath = Annotated[Path | None, typer.Option("--memory", help="embedded mistake memory folder")]
 
@@ -112,10 +83,6 @@ AccelerateConfig = Annotated[
     ),
 ]
 
-MaxSteps = Annotated[
-    int | None, typer.Option(help=f"optimisation steps [default: the config's, {MAX_STEPS}]", min=1, max=MOST_STEPS)
-]
-
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
 
 SourceFilter = Annotated[str | None, typer.Option("--source", help="only this source, e.g. bbq/Age")]
@@ -131,17 +98,12 @@ SandboxMode = Annotated[
 ]
 
 
-def load_backend(kind: str, model: str | None, base_url: str | None, *, no_cache: bool = True, **extra: Any) -> Any:
+def load_backend(config: BackendConfig, *, no_cache: bool = True) -> Any:
     """One backend under a status line; greedy calls replay from the response cache unless ``no_cache``."""
-    from runtime.errors import ConfigError
-    from runtime.models.config import BACKEND_KINDS, backend_config
     from runtime.models.factory import make_backend
 
-    if kind not in BACKEND_KINDS:
-        raise ConfigError(f"unknown backend {kind!r}: choose --backend {' | '.join(BACKEND_KINDS)}")
-    with console.status(f"loading the {kind} backend ..."):
+    with console.status(f"loading the {config.kind} backend ..."):
         quiet_transformers()
-        config = backend_config(kind=kind, model=model, base_url=base_url, **extra)
         return make_backend(config, response_cache=not no_cache)
 
 
@@ -221,17 +183,13 @@ def load_roles(config: Any) -> Any:
 
 def roles_config(
     config_file: Path | None,
+    student: BackendConfig,
+    assistant: BackendConfig | None = None,
     *,
-    backend: str,
-    model: str | None,
-    base_url: str | None,
-    assistant_backend: str | None = None,
-    assistant_model: str | None = None,
-    assistant_base_url: str | None = None,
     teacher_role: str | None = None,
     **settings: Any,
 ) -> Any:
-    """A ``RolesConfig`` from the shared role options (``Backend``, ``Model``, ``AssistantModel``...).
+    """A ``RolesConfig`` from the role options (``runtime.cli.options.Role``) and a ``--config`` file.
 
     ``teacher_role`` names what the assistant plays where a teacher is meant ("study assistant", "corrector"):
     given no assistant options or table, it is then the embedded teacher (``teacher_default``).
@@ -240,14 +198,14 @@ def roles_config(
 
     return RolesConfig.load(
         config_file,
-        student={"kind": backend, "model": model, "base_url": base_url},
-        assistant={"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url},
+        student=student,
+        assistant=assistant,
         default_assistant=(lambda: teacher_default(teacher_role)) if teacher_role else None,
         **settings,
     )
 
 
-def teacher_default(role: str) -> dict[str, Any] | None:
+def teacher_default(role: str) -> BackendConfig | None:
     """The backend of a teacher role given no options: the embedded teacher where it is installed, else None (the
     student's model, as before the teacher existed), said in one line. ``REDPEN_TEACHER=off`` turns it off."""
     import os
@@ -257,7 +215,7 @@ def teacher_default(role: str) -> dict[str, Any] | None:
     if os.environ.get("REDPEN_TEACHER", "").lower() in ("off", "0", "no", "false"):
         return None
     if installed():
-        return {"kind": "teacher"}
+        return BackendConfig(kind="teacher")
     console.print(
         f"[dim]the {role} is the student's model: the embedded teacher is not installed (see the README's set-up)[/dim]"
     )

@@ -11,12 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from runtime.cli.common import (
-    Backend,
-    BaseUrl,
     DataDir,
     Engine,
     JsonOut,
-    Model,
     NoCache,
     SandboxMode,
     accuracy_table,
@@ -30,6 +27,7 @@ from runtime.cli.common import (
     student_kind,
     use_sandbox,
 )
+from runtime.cli.options import STUDENT, expand
 from runtime.defaults import (
     CODE_MAX_NEW_TOKENS,
     MOST_IN_FLIGHT,
@@ -37,6 +35,7 @@ from runtime.defaults import (
     MOST_SAMPLES,
     STUDENT_MAX_NEW_TOKENS,
 )
+from runtime.models.config import BackendConfig
 
 if TYPE_CHECKING:
     from runtime.data.records import ItemResult
@@ -45,7 +44,9 @@ if TYPE_CHECKING:
 SAMPLE_TEMPERATURE = 0.8
 
 
+@expand(student=STUDENT)
 def evaluate(
+    *,
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/date_understanding, gsm8k")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own JSONL with input and target fields")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
@@ -85,9 +86,7 @@ def evaluate(
     adapter: Annotated[str | None, typer.Option(help="LoRA adapter folder to answer with")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/eval-<task>-<split>-<mode>]")] = None,
     no_cache: NoCache = False,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
+    student: BackendConfig,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
     engine: Engine = "local",
@@ -106,8 +105,9 @@ def evaluate(
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     if temperature > 0:  # sample j of an item uses seed j: distinct samples, and a re-run repeats them
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
-    adapters = {"adapter": str(adapter)} if adapter else {}
-    model_backend = load_backend(student_kind(engine, backend), model, base_url, no_cache=no_cache, adapters=adapters)
+    adapters = {"adapter": adapter} if adapter else None
+    student = student.updated(kind=student_kind(engine, student.kind), adapters=adapters)
+    model_backend = load_backend(student, no_cache=no_cache)
     answered = correct = 0
     started = time.perf_counter()
     with progress_bar() as bar:

@@ -11,11 +11,6 @@ import typer
 from rich.table import Table
 
 from runtime.cli.common import (
-    AssistantBackend,
-    AssistantModel,
-    AssistantUrl,
-    Backend,
-    BaseUrl,
     Config,
     DataDir,
     Engine,
@@ -24,7 +19,6 @@ from runtime.cli.common import (
     K,
     MemoryPath,
     MemoryUrl,
-    Model,
     NoCache,
     Rounds,
     SandboxMode,
@@ -41,13 +35,17 @@ from runtime.cli.common import (
     slug,
     student_kind,
 )
+from runtime.cli.options import ASSISTANT, STUDENT, expand
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
+from runtime.models.config import BackendConfig
 
 if TYPE_CHECKING:
     from runtime.report import ExperimentFigures
 
 
+@expand(student=STUDENT, assistant=ASSISTANT)
 def gather(
+    *,
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
     answer_kind: Annotated[str, typer.Option(help="for --jsonl: choice, number or text")] = "choice",
@@ -61,12 +59,8 @@ def gather(
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
-    assistant_backend: AssistantBackend = None,
-    assistant_model: AssistantModel = None,
-    assistant_base_url: AssistantUrl = None,
+    student: BackendConfig,
+    assistant: BackendConfig | None,
     data_dir: DataDir = None,
 ) -> None:
     """Gather mistakes: student, examiner and assistant talk until the student is right; mistakes go to memory."""
@@ -74,13 +68,7 @@ def gather(
 
     name, examples = load_examples(task, jsonl, answer_kind, "gather", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
-    roles = _roles(
-        config,
-        (backend, model, base_url),
-        (assistant_backend, assistant_model, assistant_base_url),
-        max_new_tokens,
-        no_cache,
-    )
+    roles = _roles(config, student, assistant, max_new_tokens, no_cache)
     with progress_bar() as bar:
         outcome = asyncio.run(
             run_gather(
@@ -103,7 +91,9 @@ def gather(
     )
 
 
+@expand(student=STUDENT, assistant=ASSISTANT)
 def exam(
+    *,
     mode: Annotated[str, typer.Option(help="baseline (no memory) or assisted (retrieved mistakes)")] = "assisted",
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16")] = None,
     jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
@@ -122,12 +112,8 @@ def exam(
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
-    assistant_backend: AssistantBackend = None,
-    assistant_model: AssistantModel = None,
-    assistant_base_url: AssistantUrl = None,
+    student: BackendConfig,
+    assistant: BackendConfig | None,
     assistant_adapter: Annotated[
         str | None, typer.Option(help="trained assistant: LoRA folder (local) or served adapter name (openai)")
     ] = None,
@@ -144,8 +130,8 @@ def exam(
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
     roles = _roles(
         config,
-        (backend, model, base_url),
-        (assistant_backend, assistant_model, assistant_base_url),
+        student,
+        assistant,
         max_new_tokens,
         no_cache,
         assistant_adapter=assistant_adapter,
@@ -177,7 +163,9 @@ def exam(
         print(json.dumps({"task": name, "mode": mode, **outcome.figures.to_dict()}))
 
 
+@expand(student=STUDENT, assistant=ASSISTANT)
 def run(
+    *,
     task: Annotated[str | None, typer.Option(help="benchmark task, e.g. bbq, bbh/salam16, gsm8k")] = None,
     gather_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own gather JSONL (input, target)")] = None,
     examine_jsonl: Annotated[Path | None, typer.Option(help="bring-your-own examine JSONL (input, target)")] = None,
@@ -195,12 +183,8 @@ def run(
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
     config: Config = None,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
-    assistant_backend: AssistantBackend = None,
-    assistant_model: AssistantModel = None,
-    assistant_base_url: AssistantUrl = None,
+    student: BackendConfig,
+    assistant: BackendConfig | None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
     engine: Engine = "local",
@@ -217,13 +201,8 @@ def run(
     name, gather_set = load_examples(task, gather_jsonl, answer_kind, "gather", gather_limit, data_dir)
     _, examine_set = load_examples(task, examine_jsonl, answer_kind, "examine", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, [*gather_set, *examine_set], sandbox)
-    roles = _roles(
-        config,
-        (student_kind(engine, backend), model, base_url),
-        (assistant_backend, assistant_model, assistant_base_url),
-        max_new_tokens,
-        no_cache,
-    )
+    student = student.updated(kind=student_kind(engine, student.kind))
+    roles = _roles(config, student, assistant, max_new_tokens, no_cache)
     settings = ExperimentSettings(task=name, rounds=rounds, k=k, threshold=threshold, concurrency=concurrency)
     with progress_bar() as bar:
         outcome = asyncio.run(
@@ -270,25 +249,20 @@ def run(
 
 def _roles(
     config: Path | None,
-    student: tuple[str, str | None, str | None],
-    assistant: tuple[str | None, str | None, str | None],
+    student: BackendConfig,
+    assistant: BackendConfig | None,
     max_new_tokens: int | None,
     no_cache: bool,
     teacher_role: str | None = "study assistant",
     **settings: Any,
 ) -> Any:
-    """The roles of a SALAM command from its shared options: (backend, model, base URL) per role; the assistant
-    defaults to the embedded teacher (``teacher_role`` given) where it is installed."""
-    (backend, model, base_url), (assistant_backend, assistant_model, assistant_base_url) = student, assistant
+    """The roles of a SALAM command; the assistant defaults to the embedded teacher (``teacher_role`` given) where it
+    is installed."""
     return load_roles(
         roles_config(
             config,
-            backend=backend,
-            model=model,
-            base_url=base_url,
-            assistant_backend=assistant_backend,
-            assistant_model=assistant_model,
-            assistant_base_url=assistant_base_url,
+            student,
+            assistant,
             student_max_new_tokens=max_new_tokens,
             response_cache=not no_cache,
             teacher_role=teacher_role,

@@ -8,21 +8,10 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from runtime.cli.common import (
-    AssistantBackend,
-    AssistantModel,
-    AssistantUrl,
-    Backend,
-    BaseUrl,
-    Config,
-    Model,
-    console,
-    load_backend,
-    load_roles,
-    open_store,
-    out,
-)
+from runtime.cli.common import Config, console, load_backend, load_roles, open_store, out, roles_config
+from runtime.cli.options import STUDENT, Role, expand
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
+from runtime.models.config import BackendConfig
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -45,14 +34,18 @@ def _state(state: Path | None) -> Path:
     return state if state is not None else cache_root() / "serve"
 
 
+# Who guides the student with --memory: no teacher by default, since a server's replies must not wait on one.
+ASSISTANT = Role("assistant", "the student's model")
+
+
 @app.callback(invoke_without_command=True)
+@expand(student=STUDENT, assistant=ASSISTANT)
 def serve(
+    *,
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port", min=1, max=65535)] = 8000,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
+    student: BackendConfig,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=FOLDER LoRA adapter to serve; repeatable")] = None,
     memory: Annotated[
         str | None,
@@ -63,9 +56,7 @@ def serve(
         ),
     ] = None,
     config: Config = None,
-    assistant_backend: AssistantBackend = None,
-    assistant_model: AssistantModel = None,
-    assistant_base_url: AssistantUrl = None,
+    assistant: BackendConfig | None,
     k: Annotated[int, typer.Option(help="--memory: past mistakes retrieved per request", min=1, max=50)] = RETRIEVAL_K,
     threshold: Annotated[
         float, typer.Option(help="--memory: least cosine similarity of a retrieved mistake", min=0.0, max=1.0)
@@ -121,21 +112,15 @@ def serve(
             raise ConfigError(f"--adapter {item!r}: expected NAME=FOLDER")
         adapters[name] = path
     if memory is None:
-        if config is not None or assistant_backend or assistant_model or assistant_base_url:
+        if config is not None or assistant is not None:
             raise ConfigError("--config and --assistant-* choose the study assistant: they need --memory")
-        model_backend = load_backend(backend, model, base_url, adapters=adapters)
+        model_backend = load_backend(student.updated(adapters=adapters))
         console.print(f"serving {model_backend.model_id} on http://{host}:{port}/v1 ({len(keys)} keys)")
         run_server(model_backend, keys=keys, host=host, port=port, adapters=tuple(adapters), limits=limits)
         _exit_now()
 
-    from agents.team import RolesConfig
-
-    roles_cfg = RolesConfig.load(
-        config,
-        student={"kind": backend, "model": model, "base_url": base_url, "adapters": adapters or None},
-        assistant={"kind": assistant_backend, "model": assistant_model, "base_url": assistant_base_url},
-        response_cache=False,  # a server answers every request afresh
-    )
+    # A server answers every request afresh: no response cache.
+    roles_cfg = roles_config(config, student.updated(adapters=adapters or None), assistant, response_cache=False)
     location = {"url": memory} if memory.startswith(("http://", "https://")) else {"path": Path(memory)}
     store = open_store(location)
     ledger = Ledger(folder / "ledger.sqlite")

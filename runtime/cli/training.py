@@ -11,13 +11,9 @@ import typer
 
 from runtime.cli.common import (
     AccelerateConfig,
-    Backend,
-    BaseUrl,
     Concurrency,
     DataDir,
     JsonOut,
-    MaxSteps,
-    Model,
     NoCache,
     SandboxMode,
     console,
@@ -32,14 +28,24 @@ from runtime.cli.common import (
     train_bar,
     use_sandbox,
 )
+from runtime.cli.options import CORRECTOR, STUDENT, expand, field_option
 from runtime.defaults import CONCURRENCY, MOST_NEW_TOKENS, MOST_SAMPLES, REASONING_MAX_NEW_TOKENS, SAMPLES
+from runtime.models.config import BackendConfig
+from training.sft_config import LoraSFTConfig
+
+# LoRA settings the commands pass on to the trainings they run.
+MaxSteps = Annotated[int, field_option(LoraSFTConfig, "max_steps")]
+BaseModel = Annotated[str | None, field_option(LoraSFTConfig, "base_model")]
 
 
 def train_assistant(
     runs: Annotated[list[Path], typer.Option("--runs", help="run directories with episodes.jsonl; repeatable")],
     out: Annotated[Path, typer.Option(help="folder to write: replay/, adapter/ (the LoRA) and compare/")],
-    max_steps: MaxSteps = None,
-    base_model: Annotated[str | None, typer.Option(help="model folder to train [default: the runs' assistant]")] = None,
+    max_steps: MaxSteps = LoraSFTConfig.max_steps,
+    base_model: Annotated[
+        str | None,
+        field_option(LoraSFTConfig, "base_model", help="model folder to train [default: the runs' assistant]"),
+    ] = None,
     compare: Annotated[bool, typer.Option(help="then examine with the general and the trained assistant")] = True,
     limit: Annotated[
         int | None, typer.Option(help="examine items for the comparison [default: the run's]", min=1)
@@ -90,27 +96,20 @@ def train_assistant(
         print(json.dumps(result.summary()))
 
 
+@expand(student=STUDENT, corrector=CORRECTOR)
 def correct(
+    *,
     task: Annotated[str, typer.Option(help="numeric or multiple-choice task to gather on")] = "gsm8k",
     limit: Annotated[int | None, typer.Option(help="gather problems", min=1)] = None,
     samples: Annotated[
         int, typer.Option(help="reasoning paths sampled per problem (temperature 0.8)", min=1, max=MOST_SAMPLES)
     ] = SAMPLES,
     out: Annotated[Path | None, typer.Option(help="run directory [default: runs/correct-<task>]")] = None,
-    corrector_backend: Annotated[
-        str | None,
-        typer.Option(help="corrector's backend [default: the embedded teacher where installed, else the student's]"),
-    ] = None,
-    corrector_model: Annotated[
-        str | None, typer.Option(help="corrector's model; `teacher`: the embedded teacher")
-    ] = None,
-    corrector_base_url: Annotated[str | None, typer.Option(help="corrector's server URL")] = None,
+    corrector: BackendConfig | None,
     concurrency: Concurrency = CONCURRENCY,
     sandbox: SandboxMode = "bwrap",
     no_cache: NoCache = False,
-    backend: Backend = "local",
-    model: Model = None,
-    base_url: BaseUrl = None,
+    student: BackendConfig,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -119,19 +118,8 @@ def correct(
 
     name, examples = load_examples(task, None, "choice", "gather", limit, data_dir)
     use_sandbox(sandbox, has_code(examples))
-    roles = load_roles(  # the corrector plays the assistant's role
-        roles_config(
-            None,
-            backend=backend,
-            model=model,
-            base_url=base_url,
-            assistant_backend=corrector_backend,
-            assistant_model=corrector_model,
-            assistant_base_url=corrector_base_url,
-            response_cache=not no_cache,
-            teacher_role="corrector",
-        )
-    )
+    # The corrector plays the assistant's role.
+    roles = load_roles(roles_config(None, student, corrector, response_cache=not no_cache, teacher_role="corrector"))
     with progress_bar() as bar:
         task_id = bar.add_task("correcting", total=len(examples), info="")
         result = asyncio.run(
@@ -161,8 +149,8 @@ def train_student(
     out: Annotated[Path, typer.Option(help="folder to write: adapter/ (the LoRA) and data/ (the training set)")],
     mode: Annotated[str, typer.Option(help="cot (chain-of-thought only) or cot+corrections")] = "cot+corrections",
     rows: Annotated[int | None, typer.Option(help="training rows [default: all CoT rows]", min=1)] = None,
-    max_steps: MaxSteps = None,
-    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    max_steps: MaxSteps = LoraSFTConfig.max_steps,
+    base_model: BaseModel = None,
     accelerate_config: AccelerateConfig = None,
 ) -> None:
     """Fine-tune the student (LoRA) on CoT data, or CoT + corrections at the same size."""
@@ -192,11 +180,11 @@ def ablate_corrections(
     out: Annotated[Path | None, typer.Option(help="ablation folder [default: <data>-ablation]")] = None,
     rows: Annotated[int | None, typer.Option(help="rows in each training set [default: all CoT rows]", min=1)] = None,
     limit: Annotated[int | None, typer.Option(help="examine items", min=1)] = None,
-    max_steps: MaxSteps = None,
+    max_steps: MaxSteps = LoraSFTConfig.max_steps,
     max_new_tokens: Annotated[
         int, typer.Option(help="reply length limit at evaluation", min=1, max=MOST_NEW_TOKENS)
     ] = REASONING_MAX_NEW_TOKENS,
-    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    base_model: BaseModel = None,
     concurrency: Concurrency = CONCURRENCY,
     data_dir: DataDir = None,
     json_out: JsonOut = False,

@@ -32,7 +32,9 @@ class BackendConfig(BaseModel):
         description="local: transformers in-process; openai: any OpenAI-compatible server; teacher: the embedded "
         "1.5B teacher on a llama.cpp server redpen runs; vllm: the local model folder on a vLLM server redpen runs",
     )
-    model: str | None = Field(None, description="local model folder, or the served model name; None = embedded default")
+    model: str | None = Field(
+        None, description="local model folder, served model name, or `teacher` (the embedded teacher's backend)"
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible server URL (else $OPENAI_BASE_URL)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable that holds the API key")
     tokenizer: str | None = Field(None, description="openai: local tokenizer folder, enables option scoring")
@@ -65,6 +67,10 @@ class BackendConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+    def updated(self, **changes: Any) -> BackendConfig:
+        """This config with ``changes`` (None: unchanged), validated as it was (pydantic's ``model_copy`` is not)."""
+        return backend_config(**{**self.model_dump(exclude_unset=True), **changes})
 
 
 def backend_config(**values: Any) -> BackendConfig:

@@ -11,6 +11,7 @@ from runtime.data.kinds import jsonl_kinds
 from runtime.defaults import MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_SEED
 from runtime.errors import ConfigError
 from training.instruct.benchmarks import is_jsonl
+from training.sft_config import LoraSFTConfig
 
 STRATEGIES = ("replay", "le", "lec", "memory")
 BASELINES = ("plain", "replay", "augment")
@@ -19,23 +20,29 @@ BASELINES = ("plain", "replay", "augment")
 @dataclass
 class InstructSettings:
     targets: list[str] = field(
-        metadata={"help": "Target tasks ('bbq/Age+SES' is the union of those categories) or train JSONL files."}
+        metadata={
+            "help": "Target tasks, comma-separated; bbq/Age+SES is a union of categories; a .jsonl file is a "
+            "bring-your-own train part (input, target).",
+            "flag": "--target",
+        }
     )
     strategies: list[str] = field(
-        default_factory=lambda: ["replay"], metadata={"help": "One strategy per iteration: replay, le, lec, memory."}
+        default_factory=lambda: ["replay"],
+        metadata={"help": "One per iteration, comma-separated: replay, le, lec, memory.", "flag": "--strategy"},
     )
     baselines: list[str] = field(
-        default_factory=list, metadata={"help": "plain, replay and/or augment, at equal rows."}
+        default_factory=list, metadata={"help": "At the same number of rows: plain, replay, augment (comma-separated)."}
     )
     ood: list[str] | None = field(
-        default=None, metadata={"help": "Out-of-domain benchmarks; None = the pairs of the targets, and BBH."}
+        default=None,
+        metadata={"help": "Out-of-domain benchmarks or .jsonl files [default: the targets' pairs and bbh]."},
     )
     examine_jsonl: list[str] = field(
         default_factory=list,
-        metadata={"help": "Bring-your-own targets: each JSONL target's examine file, in the order of the targets."},
+        metadata={"help": "Each .jsonl target's examine file, comma-separated, in --target order."},
     )
     answer_kind: str = field(
-        default="choice", metadata={"help": "JSONL targets and out-of-domain files: choice, number or text."}
+        default="choice", metadata={"help": "For .jsonl targets and --ood files: choice, number or text."}
     )
     # 300 per target: the selection is answered by the current model every iteration (~1 min per 100 BBQ items on
     # 2 cores with the default model); enough wrong cases for a few hundred rows at its ~0.3 accuracy.
@@ -90,7 +97,8 @@ class InstructSettings:
         metadata={"help": "Passes over each iteration's rows (sets max_steps).", **within(0, 100, open_low=True)},
     )
     learning_rate: float = field(
-        default=2e-4, metadata={"help": "Iteration 1's learning rate.", **within(0, 1, open_low=True)}
+        default=LoraSFTConfig.learning_rate,
+        metadata={"help": "Iteration 1's learning rate.", **within(0, 1, open_low=True)},
     )
     # 0.5: the paper found a falling rate across iterations better; halving is a guess at how fast.
     lr_decay: float = field(
@@ -118,7 +126,10 @@ class InstructSettings:
             "answer (a sample whose answer nothing in it determines rarely survives)."
         },
     )
-    memory: str | None = field(default=None, metadata={"help": "strategy memory: the mistake memory folder."})
+    memory: str | None = field(
+        default=None,
+        metadata={"help": "Strategy memory: a mistake memory folder (from `redpen gather` / `run`)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.targets:
