@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import Progress
 
 from runtime.cli.common import (
     DataDir,
@@ -39,6 +41,7 @@ from runtime.models.config import BackendConfig
 
 if TYPE_CHECKING:
     from runtime.data.records import ItemResult
+    from runtime.models.backend import GenerationSettings
 
 # 0.8: Chen et al. (2021) sample at 0.8 for pass@10 and pass@100 (0.2 for pass@1).
 SAMPLE_TEMPERATURE = 0.8
@@ -93,31 +96,15 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a benchmark split; resumable, ends with an accuracy table."""
     from agents.commands import evaluate as run_evaluation
-    from runtime.models.backend import GenerationSettings
 
     name, examples = load_examples(task, jsonl, answer_kind, split, limit, data_dir)
     code = has_code(examples)
     use_sandbox(sandbox, code)
-    if max_new_tokens is None:
-        max_new_tokens = CODE_MAX_NEW_TOKENS if code else STUDENT_MAX_NEW_TOKENS
-    if temperature is None:
-        temperature = SAMPLE_TEMPERATURE if samples > 1 else 0.0
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    if temperature > 0:  # sample j of an item uses seed j: distinct samples, and a re-run repeats them
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
+    settings = _generation(max_new_tokens, temperature, samples, code)
     adapters = {"adapter": adapter} if adapter else None
     student = student.updated(kind=student_kind(engine, student.kind), adapters=adapters)
     model_backend = load_backend(student, no_cache=no_cache)
-    answered = correct = 0
-    started = time.perf_counter()
     with progress_bar() as bar:
-
-        def tick(record: ItemResult) -> None:  # accuracy and rate of the items answered by this invocation
-            nonlocal answered, correct
-            answered, correct = answered + 1, correct + (record.verdict == "correct")
-            rate = answered / (time.perf_counter() - started)
-            bar.update(bar.task_ids[0], info=f"acc {correct / answered:.2f}  {rate:.2f} items/s")
-
         outcome = asyncio.run(
             run_evaluation(
                 examples,
@@ -132,15 +119,42 @@ def evaluate(
                 samples=samples,
                 concurrency=concurrency,
                 progress=phase_bar(bar),
-                on_result=tick,
+                on_result=_live_accuracy(bar),
             )
         )
     accuracy_table(outcome.figures)
     overall = outcome.figures.overall
     if code:
         rates = overall.pass_at or {"1": overall.accuracy}
-        how = f"{samples} samples at temperature {temperature:g}" if samples > 1 else "greedy"
+        how = f"{samples} samples at temperature {settings.temperature:g}" if samples > 1 else "greedy"
         console.print("  ".join(f"pass@{k} {v:.3f}" for k, v in rates.items()) + f"  ({how}, {overall.n} problems)")
     console.print(f"run directory: {outcome.run_dir}  (report.md, report.html, results.jsonl, metrics.json)")
     if json_out:
         print(json.dumps({"task": name, "split": split, "mc_mode": mc_mode, **outcome.figures.to_dict()}))
+
+
+def _generation(max_new_tokens: int | None, temperature: float | None, samples: int, code: bool) -> GenerationSettings:
+    """The replies' settings: greedy, or sampled where a temperature is given or several samples are asked for."""
+    from runtime.models.backend import GenerationSettings
+
+    if max_new_tokens is None:
+        max_new_tokens = CODE_MAX_NEW_TOKENS if code else STUDENT_MAX_NEW_TOKENS
+    if temperature is None:
+        temperature = SAMPLE_TEMPERATURE if samples > 1 else 0.0
+    if temperature > 0:  # sample j of an item uses seed j: distinct samples, and a re-run repeats them
+        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=0)
+    return GenerationSettings(max_new_tokens=max_new_tokens)
+
+
+def _live_accuracy(bar: Progress) -> Callable[[ItemResult], None]:
+    """An ``on_result`` that shows the accuracy and rate of the items this invocation answered on the bar."""
+    answered = correct = 0
+    started = time.perf_counter()
+
+    def tick(record: ItemResult) -> None:
+        nonlocal answered, correct
+        answered, correct = answered + 1, correct + (record.verdict == "correct")
+        rate = answered / (time.perf_counter() - started)
+        bar.update(bar.task_ids[0], info=f"acc {correct / answered:.2f}  {rate:.2f} items/s")
+
+    return tick
