@@ -67,7 +67,6 @@ def bare_side(rows: Sequence[Row], config: LoraSFTConfig, work: Path, padding_fr
     ``config.save_steps`` for a killed training to resume)."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -94,13 +93,7 @@ def bare_side(rows: Sequence[Row], config: LoraSFTConfig, work: Path, padding_fr
         report_to="none",
         disable_tqdm=True,
     )
-    peft_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-        task_type="CAUSAL_LM",
-    )
+    peft_config = config.to_lora_config()  # the same adapter as redpen's side: r, alpha, dropout declared once
     with no_progress_bars():  # as in redpen's trainer: library code draws no bars on the terminal
         model = AutoModelForCausalLM.from_pretrained(model_dir, **config.model_init_kwargs())
         trainer = SFTTrainer(

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from runtime.cli.common import (
+    BaseModel,
     Config,
     DataDir,
     JsonOut,
@@ -20,9 +21,10 @@ from runtime.cli.common import (
     load_roles,
     roles_config,
 )
-from runtime.cli.options import STUDENT, expand
-from runtime.defaults import CONCURRENCY, MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS, MOST_STEPS
+from runtime.cli.options import STUDENT, expand, field_option
+from runtime.defaults import CONCURRENCY, MOST_IN_FLIGHT, MOST_ITEMS, MOST_NEW_TOKENS
 from runtime.models.config import BackendConfig, backend_config
+from training.sft_config import LoraSFTConfig
 
 # At most 100 repeats: a median settles in a handful; more only multiplies a bench's minutes.
 MOST_REPEATS = 100
@@ -358,11 +360,11 @@ def bench_train(
     # 16 rows, 4 steps of 4 (one pass), 2 repeats: a step of the default model is ~10 s on 2 free cores, so the six
     # trainings take ~5 minutes.
     rows: Annotated[int, typer.Option(help="BBQ gather rows trained on (gold replies)", min=1, max=MOST_ITEMS)] = 16,
-    steps: Annotated[int, typer.Option(help="optimisation steps per training", min=1, max=MOST_STEPS)] = 4,
+    steps: Annotated[int, field_option(LoraSFTConfig, "max_steps", help="optimisation steps per training")] = 4,
     repeats: Annotated[
         int, typer.Option(help="repeats of each side, interleaved; medians are reported", min=1, max=MOST_REPEATS)
     ] = 2,
-    base_model: Annotated[str | None, typer.Option(help="model folder [default: the embedded default]")] = None,
+    base_model: BaseModel = None,
     data_dir: DataDir = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -374,7 +376,6 @@ def bench_train(
 
     from runtime.bench_train import bench_rows, train_rate
     from runtime.data.paths import resolve_data_dir
-    from training.sft_config import LoraSFTConfig
 
     train_rows = bench_rows(resolve_data_dir(data_dir), rows)
     config = LoraSFTConfig(base_model=base_model, max_steps=steps)

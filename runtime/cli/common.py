@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from runtime.cli.options import field_option
 from runtime.defaults import MOST_IN_FLIGHT, MOST_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 from runtime.models.config import BackendConfig
+from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:
     from runtime.report import Summary
@@ -82,6 +84,10 @@ AccelerateConfig = Annotated[
         help="train under `accelerate launch` with this config file, or a shipped one: one-gpu, ddp, fsdp",
     ),
 ]
+
+# LoRA settings the training commands pass on to the trainings they run.
+MaxSteps = Annotated[int, field_option(LoraSFTConfig, "max_steps")]
+BaseModel = Annotated[str | None, field_option(LoraSFTConfig, "base_model")]
 
 ModelFilter = Annotated[str | None, typer.Option("--model-id", help="only this student's mistakes")]
 

@@ -11,9 +11,11 @@ import typer
 
 from runtime.cli.common import (
     AccelerateConfig,
+    BaseModel,
     Concurrency,
     DataDir,
     JsonOut,
+    MaxSteps,
     NoCache,
     SandboxMode,
     console,
@@ -32,10 +34,6 @@ from runtime.cli.options import CORRECTOR, STUDENT, expand, field_option
 from runtime.defaults import CONCURRENCY, MOST_NEW_TOKENS, MOST_SAMPLES, REASONING_MAX_NEW_TOKENS, SAMPLES
 from runtime.models.config import BackendConfig
 from training.sft_config import LoraSFTConfig
-
-# LoRA settings the commands pass on to the trainings they run.
-MaxSteps = Annotated[int, field_option(LoraSFTConfig, "max_steps")]
-BaseModel = Annotated[str | None, field_option(LoraSFTConfig, "base_model")]
 
 
 def train_assistant(
