@@ -6,7 +6,7 @@ InstructSettings``, ``student: BackendConfig``) and ``@expand`` puts their optio
 typer reads them, then builds each object back from the parsed values before the command runs:
 
     @expand(settings=Settings(InstructSettings), instructor=INSTRUCTOR)
-    def instruct(settings: InstructSettings, instructor: BackendConfig | None, ...) -> None: ...
+    def instruct(*, settings: InstructSettings, instructor: BackendConfig | None, ...) -> None: ...
 
 A role's model (``STUDENT``, ``ASSISTANT``...) is three options, ``--[role-]backend``, ``--[role-]model`` and
 ``--[role-]base-url``, built into one ``BackendConfig`` here and nowhere else.
@@ -110,26 +110,21 @@ class Role:
 
     def parameters(self) -> list[inspect.Parameter]:
         fields = BackendConfig.model_fields
-        student = self.name == "student"
-        kind: Any = fields["kind"].default if student else None
-        options = (
-            ("backend", kind, ("" if student else f"the {self.name}'s backend: ") + str(fields["kind"].description)),
-            (
-                "model",
-                None,
-                ("" if student else f"the {self.name}'s model: ")
-                + f"{fields['model'].description} [default: {self.default}]",
-            ),
-            ("base_url", None, ("" if student else f"the {self.name}'s ") + str(fields["base_url"].description)),
-        )
+        owner = "" if self.name == "student" else f"the {self.name}'s "
+        helps = {  # BackendConfig's own descriptions, with whose setting it is
+            "backend": (owner and f"{owner}backend: ") + str(fields["kind"].description),
+            "model": (owner and f"{owner}model: ") + f"{fields['model'].description} [default: {self.default}]",
+            "base_url": owner + str(fields["base_url"].description),
+        }
+        kind = fields["kind"].default if self.name == "student" else None
         return [
             inspect.Parameter(
                 self.prefix + name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=default,
-                annotation=Annotated[str if default else str | None, typer.Option(help=text)],
+                default=kind if name == "backend" else None,
+                annotation=Annotated[str | None, typer.Option(help=text)],
             )
-            for name, default, text in options
+            for name, text in helps.items()
         ]
 
     def build(self, values: dict[str, Any]) -> BackendConfig | None:
@@ -142,11 +137,11 @@ class Role:
         return backend_config(kind=kind, model=model, base_url=base_url)
 
 
-TEACHER_ROLE = "the embedded teacher where installed, else the student's model"
+TEACHER_DEFAULT = "the embedded teacher where installed, else the student's model"  # common.teacher_default
 STUDENT = Role("student", "the embedded default model")
-ASSISTANT = Role("assistant", TEACHER_ROLE)
-CORRECTOR = Role("corrector", TEACHER_ROLE)
-INSTRUCTOR = Role("instructor", TEACHER_ROLE)
+ASSISTANT = Role("assistant", TEACHER_DEFAULT)
+CORRECTOR = Role("corrector", TEACHER_DEFAULT)
+INSTRUCTOR = Role("instructor", TEACHER_DEFAULT)
 
 
 def _option(f: dataclasses.Field[Any], *, bounds: bool, help: str | None = None) -> Any:
