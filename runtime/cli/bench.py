@@ -15,6 +15,7 @@ from runtime.cli.common import (
     Config,
     DataDir,
     JsonOut,
+    Model,
     console,
     load_backend,
     load_examples,
@@ -430,7 +431,7 @@ def bench_starvation(
             max=7 * 86400.0,  # a week: past any bench's length
         ),
     ] = 86400.0,
-    model: Annotated[str | None, typer.Option(help="the served model's folder [default: the embedded default]")] = None,
+    model: Model = None,
     json_out: JsonOut = False,
 ) -> None:
     """A small request's latency alone and beside another key's long requests, through `redpen serve` on loopback."""

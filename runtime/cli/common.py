@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
 
+# The model a bench's own `redpen serve` serves, passed on as its --model (the commands' roles: cli.options.Role).
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="local model folder or served model name [default: the embedded SmolLM2-135M-Instruct]"
+    ),
+]
+
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="benchmark data folder ($REDPEN_DATA_DIR)")]
 
 JsonOut = Annotated[bool, typer.Option("--json", help="print the figures as one JSON object on the last line")]
