@@ -1,8 +1,8 @@
 """Prompt templates, shipped as package data files beside this module (agents/prompts/*.txt), and the study
 assistant's prompts built from them: one builder per prompt, used by the agents and by the replay that trains them.
 
-The student's prompt is built in ``agents.student``, the corrector's in ``agents.corrector``; the list of retrieved
-mistakes in ``memory.format_mistakes`` (the memory layer shows it to any AutoGen agent too).
+The student's prompt is built in ``agents.student``, the corrector's in ``training.lema.corrector``; the list of
+retrieved mistakes in ``memory.format_mistakes`` (the memory layer shows it to any AutoGen agent too).
 """
 
 from __future__ import annotations

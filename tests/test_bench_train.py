@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.bench_train import train_rate
+from runtime.bench.train import train_rate
 from tests.helpers import build_tiny_model
 from training.sft_config import LoraSFTConfig
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from agents.commands import evaluate
 from agents.examination import exam_item
 from agents.gathering import gather_episode
 from agents.team import Roles
@@ -27,11 +26,12 @@ from runtime.data.tasks import load_jsonl, load_task, task_names
 from runtime.errors import ConfigError
 from runtime.models.backend import GenerationSettings, Message
 from runtime.report import pass_at_k
+from runtime.workflows.commands import evaluate
 from tests.helpers import FakeAssistant, ScriptedBackend
 from training.instruct.benchmarks import default_ood
 from training.instruct.settings import InstructSettings
 from training.instruct.supply import replay_rows
-from training.lema import run_correction
+from training.lema.data import run_correction
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ def test_async_grading_matches_sync(data_dir: Path, code_sandbox: Sandbox) -> No
 
 
 def test_majority_gold_is_no_control_where_no_gold_repeats() -> None:
-    from agents.evaluation import summarize
+    from runtime.workflows.evaluation import summarize
 
     def result(i: int, target: str) -> ItemResult:
         return ItemResult(

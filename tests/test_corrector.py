@@ -11,7 +11,12 @@ import pytest
 from autogen_agentchat.messages import StructuredMessage, TextMessage
 from autogen_core import CancellationToken
 
-from agents.corrector import (
+from agents.prompts import load_prompt
+from agents.roles import contents
+from runtime.data.tasks import Example
+from runtime.models.autogen_client import BackendChatCompletionClient
+from tests.helpers import ScriptedBackend
+from training.lema.corrector import (
     KEPT,
     WRONG_FINAL_ANSWER,
     Correction,
@@ -27,11 +32,6 @@ from agents.corrector import (
     split_steps,
     worked_examples,
 )
-from agents.prompts import load_prompt
-from agents.roles import contents
-from runtime.data.tasks import Example
-from runtime.models.autogen_client import BackendChatCompletionClient
-from tests.helpers import ScriptedBackend
 
 BOOK = Example(
     "toy/book",

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from agents.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
 from agents.team import Roles
 from memory.embed import HashingEmbedder
 from memory.store import MistakeMemory
@@ -19,6 +18,7 @@ from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.report import Condition, Gathering, render_experiment
+from runtime.workflows.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
 from tests.helpers import FakeAssistant, FakeStudent
 
 OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")

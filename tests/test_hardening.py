@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import agents.commands
+import runtime.workflows.commands
 from agents.gathering import run_gathering
 from agents.team import Roles
 from memory.embed import HashingEmbedder
@@ -184,12 +184,14 @@ def kin(id: str, question: str, target: str = "(B)", source: str = "bbq/Age") ->
 async def test_an_assisted_exam_needs_this_students_mistakes_on_this_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agents.commands, "MistakeMemory", functools.partial(MistakeMemory, embedder=HashingEmbedder()))
+    monkeypatch.setattr(
+        runtime.workflows.commands, "MistakeMemory", functools.partial(MistakeMemory, embedder=HashingEmbedder())
+    )
     roles = Roles(FakeStudent(), FakeAssistant())
     items = [kin("kin/1", "A grandson and a grandmother met for lunch. Who forgot the reservation?")]
 
-    def exam(out: str, memory: Path, task: str = "bbq") -> Coroutine[Any, Any, agents.commands.Outcome]:
-        return agents.commands.examine(
+    def exam(out: str, memory: Path, task: str = "bbq") -> Coroutine[Any, Any, runtime.workflows.commands.Outcome]:
+        return runtime.workflows.commands.examine(
             items, roles, tmp_path / out, mode="assisted", task=task, limit=None, memory_path=memory
         )
 

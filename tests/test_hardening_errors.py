@@ -337,8 +337,8 @@ def correct_run(tmp_path: Path, cot: int, corrections: int) -> Path:
 
 @pytest.mark.parametrize("corrections", [3, 0])
 def test_train_student_cuts_either_mode_to_rows(tmp_path: Path, tiny_model: Path, corrections: int) -> None:
-    from training.ablation import training_set_texts
-    from training.student import train_student
+    from training.lema.ablation import training_set_texts
+    from training.lema.commands import train_student
 
     data = correct_run(tmp_path, cot=8, corrections=corrections)
     modes = ["cot", "cot+corrections"] if corrections else ["cot"]
@@ -357,7 +357,7 @@ def test_train_student_cuts_either_mode_to_rows(tmp_path: Path, tiny_model: Path
 
 
 def test_a_torn_last_dataset_row_is_an_error_not_dropped(tmp_path: Path) -> None:
-    from training.ablation import read_rows
+    from training.lema.ablation import read_rows
     from training.sft_trainer import read_messages
 
     dataset = chat_dataset(tmp_path / "rows.jsonl", 3)

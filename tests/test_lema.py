@@ -19,7 +19,7 @@ from runtime.data.tasks import Example, load_task
 from runtime.errors import ConfigError
 from runtime.models.backend import GenerationSettings, Message
 from tests.helpers import ScriptedBackend
-from training.lema import (
+from training.lema.data import (
     CORRECTIONS,
     COT,
     COUNTS,
@@ -300,7 +300,7 @@ async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> No
 
 def test_ablation_report_shows_the_controls_per_condition(tmp_path: Path) -> None:
     from runtime.report import Accuracy, Answers, Condition
-    from training.ablation import render_ablation
+    from training.lema.ablation import render_ablation
     from training.sft_trainer import TrainResult
 
     replies = ("The answer is (A).", "Incorrect Step: Step 1.\nExplanation: x\nCorrect Solution:\nThe answer is (B).")

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-from agents.evaluation import condition_summary, summarize
-from agents.experiment import gathering_figures, guidance_examples
 from runtime.data.records import Action, Episode, ItemResult, SampleResult, State, Turn
 from runtime.data.tasks import Example
 from runtime.report import (
@@ -30,6 +28,8 @@ from runtime.report import (
     render_experiment,
     render_instruct,
 )
+from runtime.workflows.evaluation import condition_summary, summarize
+from runtime.workflows.experiment import gathering_figures, guidance_examples
 from training.instruct.report import Results, verdicts_of
 from training.instruct.report import figures as instruct_figures
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from agents.evaluation import RESULTS, run_eval, summarize
 from runtime.data.records import RUN_CONFIG_VERSION, Episode, ItemResult, Record, RunConfig
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import Backend, Generation, GenerationSettings, Message, Usage
 from runtime.report import render_evaluation
+from runtime.workflows.evaluation import RESULTS, run_eval, summarize
 
 IDENTITY = {"command": "eval", "task": "bbq", "limit": 6, "model_id": "tiny"}
 GOLDEN = Path(__file__).parent / "golden"

@@ -30,7 +30,7 @@ from memory.record import MistakeRecord
 from memory.store import MistakeMemory, RecordFilter, TenantMemory
 from runtime.models.backend import Backend, Decoding, Generation, GenerationSettings, Message, Prompt
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
-from runtime.server.ledger import Completion
+from runtime.server.transcripts import Completion
 from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent
 
 QUESTION = (

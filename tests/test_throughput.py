@@ -160,7 +160,7 @@ async def test_conversations_in_flight_default_to_what_the_backend_serves(tmp_pa
 async def test_pipeline_bench_profiles_both_passes_against_their_floor(
     tiny_backend: LocalBackend, tmp_path: Path
 ) -> None:
-    from runtime.bench import pipeline_rate
+    from runtime.bench.speed import pipeline_rate
 
     settings = GenerationSettings(max_new_tokens=12)
     roles = Roles(tiny_backend, tiny_backend, student_settings=settings, assistant_settings=settings)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agents.experiment import ExperimentSettings, Progress, compare_assistants
 from agents.team import RolesConfig, build_roles
 from memory.store import MistakeMemory
 from runtime.data.paths import resolve_data_dir
@@ -32,6 +31,7 @@ from runtime.defaults import CONCURRENCY
 from runtime.errors import ConfigError, DataError
 from runtime.models.config import BackendConfig
 from runtime.report import ComparisonFigures, render_comparison
+from runtime.workflows.experiment import ExperimentSettings, Progress, compare_assistants
 from training.replay import SFT_JSONL, ReplayStats, export_replay
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora, trained_before

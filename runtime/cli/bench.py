@@ -49,7 +49,7 @@ def bench_generate(
 ) -> None:
     """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
     ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
-    from runtime.bench import generate_rate, plain_generate_rate
+    from runtime.bench.speed import generate_rate, plain_generate_rate
     from runtime.models.config import TEACHER
 
     teacher = student.kind == TEACHER
@@ -146,7 +146,7 @@ def bench_pipeline(
     """The same gather + examine, one example at a time vs concurrently, in one process (no response cache)."""
     import tempfile
 
-    from runtime.bench import pipeline_rate
+    from runtime.bench.speed import pipeline_rate
     from runtime.errors import ConfigError
 
     _, gather_set = load_examples(task, None, "choice", "gather", n, data_dir)
@@ -230,12 +230,12 @@ def _pipeline_table(result: dict[str, Any]) -> None:
 def _simulated_pipeline(
     task: str, gather_set: list[Any], examine_set: list[Any], latency_s: float, json_out: bool
 ) -> None:
-    """Gather + examine with every item in flight against ``runtime.latency_server``: student and assistant are the
-    OpenAI backend with its defaults, so the figure is the client's own overhead at a server's latency."""
+    """Gather + examine with every item in flight against ``runtime.bench.latency_server``: student and assistant are
+    the OpenAI backend with its defaults, so the figure is the client's own overhead at a server's latency."""
     import tempfile
 
-    from runtime.bench import latency_rate
-    from runtime.latency_server import MODEL, running, stats
+    from runtime.bench.latency_server import MODEL, running, stats
+    from runtime.bench.speed import latency_rate
 
     width = max(len(gather_set), len(examine_set))
     with running(latency_s) as url, tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
@@ -299,7 +299,7 @@ def bench_memory(
     """Embedded engine: insert rate, filtered search p50/p95, and brute-force numpy on the same vectors."""
     import tempfile
 
-    from runtime.bench import memory_rate
+    from runtime.bench.speed import memory_rate
 
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         result = memory_rate(Path(tmp), records=records, queries=queries, on_step=console.print)
@@ -326,7 +326,7 @@ def bench_sandbox(
 ) -> None:
     """The code sandbox: every canonical MBPP and HumanEval solution passes, each one broken two ways fails; and
     programs/s under bubblewrap vs unsandboxed, side by side."""
-    from runtime.bench import sandbox_check, sandbox_rate
+    from runtime.bench.speed import sandbox_check, sandbox_rate
     from runtime.data.sandbox import Sandbox
 
     _, mbpp = load_examples("mbpp", None, "code", "all", limit, data_dir)
@@ -375,7 +375,7 @@ def bench_train(
 
     from rich.table import Table
 
-    from runtime.bench_train import bench_rows, train_rate
+    from runtime.bench.train import bench_rows, train_rate
     from runtime.data.paths import resolve_data_dir
 
     train_rows = bench_rows(resolve_data_dir(data_dir), rows)
@@ -443,7 +443,7 @@ def bench_starvation(
 
     import httpx
 
-    from runtime.bench import starvation_rate
+    from runtime.bench.speed import starvation_rate
     from runtime.errors import BackendError
     from runtime.server import KeyRing
 
@@ -536,7 +536,7 @@ def bench_serve(
     import contextlib
     import tempfile
 
-    from runtime.bench import chat_load, first_token_rate, serve_on_loopback
+    from runtime.bench.speed import chat_load, first_token_rate, serve_on_loopback
     from runtime.server import KeyRing
 
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, contextlib.ExitStack() as server:

@@ -95,7 +95,7 @@ def evaluate(
     engine: Engine = "local",
 ) -> None:
     """Evaluate a model on a benchmark split; resumable, ends with an accuracy table."""
-    from agents.commands import evaluate as run_evaluation
+    from runtime.workflows.commands import evaluate as run_evaluation
 
     name, examples = load_examples(task, jsonl, answer_kind, split, limit, data_dir)
     code = has_code(examples)

@@ -64,7 +64,7 @@ def gather(
     data_dir: DataDir = None,
 ) -> None:
     """Gather mistakes: student, examiner and assistant talk until the student is right; mistakes go to memory."""
-    from agents.commands import gather as run_gather
+    from runtime.workflows.commands import gather as run_gather
 
     name, examples = load_examples(task, jsonl, answer_kind, "gather", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
@@ -124,7 +124,7 @@ def exam(
     json_out: JsonOut = False,
 ) -> None:
     """Examine without the gold: as a baseline, or with the assistant's guidance from retrieved mistakes."""
-    from agents.commands import examine
+    from runtime.workflows.commands import examine
 
     name, examples = load_examples(task, jsonl, answer_kind, "examine", limit, data_dir)
     max_new_tokens = code_tokens(max_new_tokens, examples, sandbox)
@@ -190,9 +190,9 @@ def run(
     engine: Engine = "local",
 ) -> None:
     """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
-    from agents.commands import experiment
-    from agents.experiment import ExperimentSettings
     from runtime.errors import ConfigError
+    from runtime.workflows.commands import experiment
+    from runtime.workflows.experiment import ExperimentSettings
 
     if task is not None and (gather_jsonl or examine_jsonl):
         raise ConfigError("give either --task or --gather-jsonl with --examine-jsonl, not both")

@@ -11,7 +11,7 @@ from runtime.cli.common import console, progress_bar
 
 def install() -> None:
     """Make the embedded teacher ready: build llama-server (minutes, once), join the model's parts, measure it."""
-    from runtime.bench import generate_rate
+    from runtime.bench.speed import generate_rate
     from runtime.models.config import BackendConfig
     from runtime.models.factory import make_backend
     from runtime.models.llama_build import build_llama_server

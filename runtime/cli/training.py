@@ -112,7 +112,7 @@ def correct(
     json_out: JsonOut = False,
 ) -> None:
     """Sample the student's reasoning, have a corrector fix the wrong paths, and write CoT + correction datasets."""
-    from training.student import correct as run_correction
+    from training.lema.commands import correct as run_correction
 
     name, examples = load_examples(task, None, "choice", "gather", limit, data_dir)
     use_sandbox(sandbox, has_code(examples))
@@ -153,7 +153,7 @@ def train_student(
 ) -> None:
     """Fine-tune the student (LoRA) on CoT data, or CoT + corrections at the same size."""
     from training.distributed import resolve_config
-    from training.student import train_student as run_training
+    from training.lema.commands import train_student as run_training
 
     quiet_transformers()
     with progress_bar() as bar:
@@ -188,7 +188,7 @@ def ablate_corrections(
     json_out: JsonOut = False,
 ) -> None:
     """Train on CoT only and on CoT + corrections at equal size; evaluate both and the base on the examine split."""
-    from training.student import ablate_corrections as run_ablation
+    from training.lema.commands import ablate_corrections as run_ablation
 
     quiet_transformers()
     with progress_bar() as bar:

@@ -7,14 +7,14 @@
 - :mod:`runtime.server.chat`: chat messages and tools in, tool calls out.
 - :mod:`runtime.server.responses`: OpenAI's response bodies and stream chunks, typed.
 - :mod:`runtime.server.keys`: API keys (hashes only), the tenant each belongs to, and the caller of a request.
-- :mod:`runtime.server.ledger`: served completions and their feedback, durable (SQLite).
+- :mod:`runtime.server.transcripts`: served completions and their feedback, durable (SQLite).
 - :mod:`runtime.server.limits`: what one request may ask for, and for how long.
 """
 
 from runtime.server.app import Guided, PromptScorer, build_app, serve
 from runtime.server.errors import APIError
 from runtime.server.keys import KeyRing
-from runtime.server.ledger import Ledger
 from runtime.server.limits import ServeLimits
+from runtime.server.transcripts import Ledger
 
 __all__ = ["APIError", "Guided", "KeyRing", "Ledger", "PromptScorer", "ServeLimits", "build_app", "serve"]

@@ -22,9 +22,9 @@ from runtime.models import scheduling
 from runtime.models.backend import Backend, too_long
 from runtime.server.errors import APIError
 from runtime.server.keys import Caller
-from runtime.server.ledger import Ledger
 from runtime.server.limits import ServeLimits
 from runtime.server.schema import ChatRequest, CompletionRequest, unsupported
+from runtime.server.transcripts import Ledger
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agents.evaluation import run_eval
 from agents.instructor import Strategy, instructor_messages, parse_samples
 from agents.student import student_messages
 from memory.embed import TextEmbedder
@@ -39,6 +38,7 @@ from runtime.errors import ConfigError
 from runtime.models.adapters import adapter_digest
 from runtime.models.backend import Backend, GenerationSettings
 from runtime.report import Stages
+from runtime.workflows.evaluation import run_eval
 from training.instruct import supply
 from training.instruct.benchmarks import Target
 from training.instruct.contamination import distinct, overlaps

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from agents.evaluation import accuracy, verdicts
 from runtime.data.records import ItemResult
 from runtime.report import (
     Benchmark,
@@ -23,6 +22,7 @@ from runtime.report import (
     prior_shift,
     verdict,
 )
+from runtime.workflows.evaluation import accuracy, verdicts
 from training.instruct.ledger import change, ledger_rows
 
 Results = dict[str, dict[str, list[ItemResult]]]  # condition -> benchmark -> records

@@ -31,7 +31,6 @@ from runtime.server import responses
 from runtime.server.chat import closed_schema, forced_call_schema, render, tool_calls
 from runtime.server.errors import APIError
 from runtime.server.keys import Authorized, Caller
-from runtime.server.ledger import Completion
 from runtime.server.responses import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -44,6 +43,7 @@ from runtime.server.responses import (
 )
 from runtime.server.schema import ChatRequest, Tool, choice_count, nth, sampling
 from runtime.server.state import Guided, Served, Server
+from runtime.server.transcripts import Completion
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from agents.serving import chat_example, learn_from_correction
 from memory.store import TenantMemory
 from runtime.server.errors import APIError
 from runtime.server.keys import Authorized, Caller
-from runtime.server.ledger import Completion, Feedback
 from runtime.server.responses import FeedbackAck
 from runtime.server.state import Guided, Served, Server
+from runtime.server.transcripts import Completion, Feedback
 
 router = APIRouter()
 

@@ -2,7 +2,7 @@
 
 For each problem of a gather split the student samples ``samples`` reasoning paths (temperature > 0, a distinct
 seed per sample), each path is graded, and every distinct wrong path goes to the corrector
-(:class:`agents.corrector.CorrectorAgent`), who knows the gold answer. A correction is kept only when it parses
+(:class:`training.lema.corrector.CorrectorAgent`), who knows the gold answer. A correction is kept only when it parses
 and its corrected solution reaches the gold. Each problem's record (paths, verdicts, corrections) is appended to
 the run directory as soon as it is finished, so a killed run resumes where it stopped.
 
@@ -35,17 +35,6 @@ from autogen_core import CancellationToken
 from autogen_core.models import ChatCompletionClient
 from pydantic import BaseModel, ConfigDict
 
-from agents.corrector import (
-    KEPT,
-    WRONG_FINAL_ANSWER,
-    Correction,
-    CorrectorAgent,
-    CorrectorReply,
-    correction_prompt,
-    format_steps,
-    path_steps,
-    split_steps,
-)
 from agents.roles import contents
 from agents.student import student_messages
 from runtime.data.graders import Verdict
@@ -58,6 +47,17 @@ from runtime.errors import ConfigError
 from runtime.models.autogen_client import BackendChatCompletionClient
 from runtime.models.backend import Backend, GenerationSettings
 from runtime.report import Report
+from training.lema.corrector import (
+    KEPT,
+    WRONG_FINAL_ANSWER,
+    Correction,
+    CorrectorAgent,
+    CorrectorReply,
+    correction_prompt,
+    format_steps,
+    path_steps,
+    split_steps,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from agents.evaluation import RESULTS, run_eval, summarize
 from agents.examination import Mode, retrieve, run_exam
-from agents.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
 from agents.gathering import run_gathering
 from agents.student import check_prompts_fit
 from agents.team import Roles
@@ -48,6 +46,8 @@ from runtime.report import (
     render_evaluation,
     render_experiment,
 )
+from runtime.workflows.evaluation import RESULTS, run_eval, summarize
+from runtime.workflows.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
 
 METRICS, FIGURES = "metrics.json", "figures.json"
 OnRecord = Callable[[ItemResult], None]
@@ -270,7 +270,7 @@ async def experiment(
     memory_url: str | None = None,
     progress: Progress | None = None,
 ) -> Outcome[ExperimentFigures, ItemResult]:
-    """``redpen run``: every SALAM phase with its controls (``agents.experiment``), then the figures and report."""
+    """``redpen run``: every SALAM phase with its controls (``runtime.workflows.experiment``), then its report."""
     if not gather_set or not examine_set:
         raise ConfigError(f"{settings.task}: the gather and examine sets must both have examples")
     if settings.threshold is None:

@@ -1,8 +1,8 @@
 """The student's side of LEMA as library calls: gather correction data, fine-tune the student, run the ablation.
 
-``correct`` writes a run directory of CoT and correction datasets (``training.lema``); ``train_student`` fine-tunes
+``correct`` writes a run directory of CoT and correction datasets (``training.lema.data``); ``train_student`` fine-tunes
 a LoRA adapter on one of them; ``ablate_corrections`` trains on CoT only and on CoT + corrections at equal size and
-evaluates both and the base model on the same examine items (``training.ablation``).
+evaluates both and the base model on the same examine items (``training.lema.ablation``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agents.experiment import Progress, counter
 from agents.team import Roles
 from runtime.data.paths import resolve_data_dir
 from runtime.data.records import AblateIdentity, BackendInfo, CorrectIdentity, Record, RunConfig
@@ -25,7 +24,8 @@ from runtime.defaults import CONCURRENCY, REASONING_MAX_NEW_TOKENS, SAMPLES
 from runtime.errors import ConfigError, DataError
 from runtime.models.backend import GenerationSettings
 from runtime.report import Condition
-from training.ablation import (
+from runtime.workflows.experiment import Progress, counter
+from training.lema.ablation import (
     SETS,
     evaluate_adapters,
     read_rows,
@@ -35,7 +35,7 @@ from training.ablation import (
     training_sets,
     write_training_sets,
 )
-from training.lema import CORRECTIONS, COT, Problem, equal_size, run_correction
+from training.lema.data import CORRECTIONS, COT, Problem, equal_size, run_correction
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora
 
@@ -46,7 +46,7 @@ FIGURES = "figures.json"
 @dataclass(frozen=True)
 class Corrected:
     run_dir: Path
-    counts: dict[str, Any]  # training.lema.count's figures
+    counts: dict[str, Any]  # training.lema.data.count's figures
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def train_student(
 ) -> TrainResult:
     """A LoRA student in ``out/adapter`` on a ``correct`` run's CoT rows, or on CoT + corrections, ``rows`` of them.
 
-    With ``rows``, either set is the ablation's set of that name (``training.ablation``, the same seeded draw), so
+    With ``rows``, either set is the ablation's set of that name (``training.lema.ablation``, the same seeded draw), so
     the two modes train on the same number of rows; it is written to ``out/data``. Without, CoT is every CoT row
     and CoT + corrections is cut to that size.
     """

@@ -89,7 +89,15 @@ def running(latency_s: float) -> Iterator[str]:
     listener.listen(1024)
     port = listener.getsockname()[1]
     child = subprocess.Popen(
-        [sys.executable, "-m", "runtime.latency_server", "--fd", str(listener.fileno()), "--latency", str(latency_s)],
+        [
+            sys.executable,
+            "-m",
+            "runtime.bench.latency_server",
+            "--fd",
+            str(listener.fileno()),
+            "--latency",
+            str(latency_s),
+        ],
         pass_fds=[listener.fileno()],
     )
     listener.close()

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from agents.evaluation import condition_summary
 from agents.examination import embed_queries, retrieval_only, retrieve, run_exam
 from agents.gathering import run_gathering
 from agents.team import Roles
@@ -31,6 +30,7 @@ from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 from runtime.report import ComparisonFigures, ExperimentFigures, Gathering, GuidanceExample
+from runtime.workflows.evaluation import condition_summary
 
 NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
 BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.evaluation import condition_summary, run_eval
 from runtime.data.records import Record
 from runtime.data.rundir import RunDir, read_dataset, write_atomic
 from runtime.data.tasks import Example
@@ -20,7 +19,8 @@ from runtime.errors import DataError
 from runtime.models.backend import GenerationSettings
 from runtime.models.local import LocalBackend
 from runtime.report import PAIRED_NOTE, Condition, Report, accuracy_figure, paired_conditions, paired_table
-from training.lema import CORRECTIONS, COT, equal_size
+from runtime.workflows.evaluation import condition_summary, run_eval
+from training.lema.data import CORRECTIONS, COT, equal_size
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, train_lora
 

@@ -1,0 +1,1 @@
+"""Workflows over the agents: evaluate a model, gather, examine, the whole SALAM experiment (one library call each)."""
