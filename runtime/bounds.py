@@ -18,10 +18,13 @@ from runtime.errors import ConfigError
 
 @dataclass(frozen=True)
 class Bound:
-    """``low <= x <= high``; with ``open_low`` ``low < x``, with ``open_high`` ``x < high``.
+    """``low <= x <= high``; with ``open_low`` ``low < x``, with ``open_high`` ``x < high``; ``high`` infinite: a
+    floor and no ceiling.
 
     >>> Bound(0, 1, open_low=True).holds(0), str(Bound(0, 1, open_low=True)), str(Bound(1, 50_000))
     (False, '0<x<=1', '1<=x<=50000')
+    >>> str(Bound(1, math.inf))
+    '1<=x'
     """
 
     low: float
@@ -37,9 +40,8 @@ class Bound:
         return above and below
 
     def __str__(self) -> str:
-        return (
-            f"{_number(self.low)}{'<' if self.open_low else '<='}x{'<' if self.open_high else '<='}{_number(self.high)}"
-        )
+        low = f"{_number(self.low)}{'<' if self.open_low else '<='}x"
+        return low if math.isinf(self.high) else f"{low}{'<' if self.open_high else '<='}{_number(self.high)}"
 
 
 def within(low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> dict[str, Bound]:

@@ -99,3 +99,23 @@ def test_a_role_s_options_become_one_backend_config() -> None:
     assert (
         str(result.exception) == "unknown backend 'llama': choose --assistant-backend local | openai | teacher | vllm"
     )
+
+
+def test_serve_has_an_option_per_limit_with_the_limit_s_default() -> None:
+    from runtime.server import ServeLimits
+
+    defaults = option_defaults(["serve"])
+    for f in dataclasses.fields(ServeLimits):
+        assert defaults[f.name] == f.default, f.name
+
+
+def test_the_command_line_starts_without_the_server_or_the_agents() -> None:
+    """Options read from ServeLimits and ExperimentSettings, yet neither fastapi nor autogen is imported at start."""
+    import subprocess
+    import sys
+
+    heavy = ["fastapi", "uvicorn", "autogen_agentchat", "autogen_core", "agents.team", "torch"]
+    code = f"import sys, runtime.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

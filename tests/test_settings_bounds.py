@@ -224,3 +224,30 @@ def test_every_numeric_instruct_option_is_a_bounded_setting() -> None:
     for path, param in numeric_options():
         if path == "instruct":
             assert "bound" in fields[param.name].metadata, param.name
+
+
+def test_every_serve_limit_option_is_a_bounded_limit() -> None:
+    import dataclasses
+
+    from runtime.server import ServeLimits
+
+    fields = {f.name: f for f in dataclasses.fields(ServeLimits)}
+    limits = [param for path, param in numeric_options() if path == "serve" and param.opts[0] in SERVE_LIMITS]
+    assert {param.opts[0] for param in limits} == SERVE_LIMITS == {"--" + n.replace("_", "-") for n in fields}
+    assert all("bound" in fields[param.name].metadata for param in limits)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_tokens": 0}, "--max-tokens must be in the range 1<=x, got 0"),
+        ({"request_timeout_s": 0.0}, "--request-timeout-s must be in the range 0<x, got 0.0"),
+        ({"guidance_tokens": -1}, "--guidance-tokens must be in the range 0<=x, got -1"),
+        ({"default_max_tokens": 2048}, "--default-max-tokens 2048 is over --max-tokens 1024"),
+    ],
+)
+def test_serve_limits_are_bounded_where_they_are_declared(setting: dict[str, Any], message: str) -> None:
+    from runtime.server import ServeLimits
+
+    with pytest.raises(ConfigError, match=message):
+        ServeLimits(**setting)

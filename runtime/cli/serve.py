@@ -9,9 +9,10 @@ from typing import Annotated, NoReturn
 import typer
 
 from runtime.cli.common import Config, console, load_backend, load_roles, open_store, out, roles_config
-from runtime.cli.options import STUDENT, Role, expand
+from runtime.cli.options import STUDENT, Role, Settings, expand
 from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD
 from runtime.models.config import BackendConfig
+from runtime.server.limits import ServeLimits
 
 app = typer.Typer(
     rich_markup_mode=None,
@@ -39,7 +40,7 @@ ASSISTANT = Role("assistant", "the student's model")
 
 
 @app.callback(invoke_without_command=True)
-@expand(student=STUDENT, assistant=ASSISTANT)
+@expand(student=STUDENT, assistant=ASSISTANT, limits=Settings(ServeLimits))
 def serve(
     *,
     ctx: typer.Context,
@@ -69,17 +70,7 @@ def serve(
         ),
     ] = True,
     state: State = None,
-    max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 256 * 2**10,
-    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask for")] = 1024,
-    default_max_tokens: Annotated[int, typer.Option(help="reply budget of a request without max_tokens")] = 256,
-    in_flight_per_key: Annotated[int, typer.Option(help="requests one key may have in flight (more: 429)")] = 8,
-    request_timeout_s: Annotated[
-        float, typer.Option(help="seconds a request may take: one that cannot finish in time is refused (429)")
-    ] = 120.0,
-    shutdown_grace_s: Annotated[int, typer.Option(help="seconds requests in flight get on SIGTERM")] = 3,
-    guidance_tokens: Annotated[
-        int, typer.Option(help="--memory: context tokens kept for the guidance before the question")
-    ] = 1024,
+    limits: ServeLimits,
 ) -> None:
     """Serve a backend over an OpenAI-compatible HTTP API (chat, and completions for prompt scoring).
 
@@ -89,18 +80,9 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return
     from runtime.errors import ConfigError
-    from runtime.server import Guided, KeyRing, Ledger, ServeLimits
+    from runtime.server import Guided, KeyRing, Ledger
     from runtime.server import serve as run_server
 
-    limits = ServeLimits(
-        max_body_bytes=max_body_bytes,
-        max_tokens=max_tokens,
-        default_max_tokens=default_max_tokens,
-        in_flight_per_key=in_flight_per_key,
-        request_timeout_s=request_timeout_s,
-        shutdown_grace_s=shutdown_grace_s,
-        guidance_tokens=guidance_tokens,
-    )
     folder = _state(state)
     keys = KeyRing(folder / "keys.json")
     if not len(keys):

@@ -29,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from runtime.errors import ConfigError, ContextLengthError, Overloaded, RedpenError, RequestRefused
 from runtime.models.backend import Backend
 from runtime.server import responses, routes
+from runtime.server.body_limit import BodyLimit
 from runtime.server.errors import APIError
 from runtime.server.keys import KeyRing
-from runtime.server.limits import BodyLimit, ServeLimits
+from runtime.server.limits import ServeLimits
 from runtime.server.routes.feedback import Corrections
 from runtime.server.state import ClientGone, Guided, PromptScorer, Served
 
