@@ -1,4 +1,5 @@
-"""`redpen bench pipeline`: against its own simulated server, and the CPU ceiling it prints."""
+"""`redpen bench pipeline` against its own simulated server; `bench serve` and `bench starvation` against their own
+`redpen serve`."""
 
 from __future__ import annotations
 
@@ -48,3 +49,21 @@ def test_bench_serve_times_the_first_streamed_token_and_a_load_of_users(tmp_path
     assert 0 < load["p50_s"] <= load["p95_s"]
     printed = " ".join(result.stderr.split())  # the console wraps lines at its width
     assert "first token" in printed and "p95" in printed
+
+
+def test_bench_starvation_times_a_small_request_beside_hogs_and_reads_the_server_s_memory(tmp_path: Path) -> None:
+    from tests.helpers import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    command = [sys.executable, "-c", "from runtime.cli import main; main()", "bench", "starvation"]
+    args = ["--model", str(model), "--hogs", "1", "--hog-words", "50", "--hog-max-tokens", "4"]
+    args += ["--small-max-tokens", "4", "--samples", "1", "--json"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    (phase,) = figures["phases"]
+    assert phase["hogs"] == 1 and phase["p50_s"] > 0 and figures["alone_p50_s"] > 0
+    assert phase["server_peak_rss_mb"] > 0  # read from the server's process, by its id
+    printed = " ".join(result.stderr.split())  # the console wraps lines at its width
+    assert "small request (4 tokens) alone" in printed and "beside 1 hogs" in printed

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -686,11 +687,19 @@ async def starvation_rate(
     }
 
 
+@dataclass(frozen=True)
+class Loopback:
+    """A ``redpen serve`` on loopback: its ``/v1`` URL, the model it serves, and its process id (to read its memory)."""
+
+    url: str
+    model: str
+    pid: int
+
+
 @contextlib.contextmanager
-def serve_on_loopback(state: Path, key: str, args: Sequence[str] = ()) -> Iterator[tuple[str, str]]:
+def serve_on_loopback(state: Path, key: str, args: Sequence[str] = ()) -> Iterator[Loopback]:
     """``redpen serve`` in a subprocess on a free loopback port, its keys in ``state`` (``key`` among them), with
-    ``args``; yields its ``/v1`` URL and the model it serves once it answers, and stops it after. Its output goes
-    to ``state/server.log``."""
+    ``args``; yields it once it answers, and stops it after. Its output goes to ``state/server.log``."""
     import httpx
 
     from runtime.errors import BackendError
@@ -714,10 +723,52 @@ def serve_on_loopback(state: Path, key: str, args: Sequence[str] = ()) -> Iterat
                 break
             except httpx.TransportError:
                 time.sleep(0.5)
-        yield url, served
+        yield Loopback(url, served, server.pid)
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def rss_mb(pid: int) -> float | None:
+    """The resident memory of process ``pid`` in MB (Linux's /proc); None where it cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS")), None)
+
+
+def starvation_on_loopback(
+    state: Path,
+    small_key: str,
+    hog_key: str,
+    *,
+    server_args: Sequence[str] = (),
+    hogs: Sequence[int] = (1, 4, 32),
+    hog_words: int = 7000,
+    hog_max_tokens: int = 64,
+    small_max_tokens: int = 32,
+    samples: int = 3,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``starvation_rate`` against a ``redpen serve`` (with ``server_args``) started on loopback for it, its keys in
+    ``state`` (``small_key`` and ``hog_key`` among them), its memory read from its process."""
+    with serve_on_loopback(state, small_key, server_args) as server:
+        return asyncio.run(
+            starvation_rate(
+                server.url,
+                server.model,
+                small_key,
+                hog_key,
+                hogs=hogs,
+                hog_words=hog_words,
+                hog_max_tokens=hog_max_tokens,
+                small_max_tokens=small_max_tokens,
+                samples=samples,
+                rss_mb=lambda: rss_mb(server.pid),
+                on_step=on_step,
+            )
+        )
 
 
 _QUESTIONS = ["Who was late to the meeting?", "Name a colour.", "What is 2 + 2?", "Say hello."]

@@ -435,86 +435,42 @@ def bench_starvation(
     json_out: JsonOut = False,
 ) -> None:
     """A small request's latency alone and beside another key's long requests, through `redpen serve` on loopback."""
-    import socket
-    import subprocess
-    import sys
     import tempfile
-    import time
 
-    import httpx
-
-    from runtime.bench.speed import starvation_rate
-    from runtime.errors import BackendError
+    from runtime.bench.speed import starvation_on_loopback
     from runtime.server import KeyRing
 
-    phases = hogs or [1, 4, 32]
-    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, console.status("measuring ..."):
         ring = KeyRing(Path(tmp) / "keys.json")
-        small_key, hog_key = ring.add("small"), ring.add("hog")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        command = [sys.executable, "-c", "from runtime.cli import main; main()", "serve", "--port", str(port)]
-        command += ["--state", tmp, "--request-timeout-s", str(request_timeout_s)]
-        command += ["--model", str(model)] if model else []
-        with open(Path(tmp) / "server.log", "wb") as log:
-            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            with console.status("starting the server ..."):
-                deadline = time.monotonic() + 300
-                while True:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise BackendError(
-                            f"the server did not start: {(Path(tmp) / 'server.log').read_text()[-2000:]}"
-                        )
-                    try:
-                        listed = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {small_key}"})
-                        served = listed.json()["data"][0]["id"]
-                        break
-                    except httpx.TransportError:
-                        time.sleep(0.5)
-
-            def rss_mb() -> float | None:
-                try:
-                    status = Path(f"/proc/{server.pid}/status").read_text()
-                except OSError:
-                    return None
-                return next(
-                    (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS")), None
-                )
-
-            with console.status("measuring ..."):
-                result = asyncio.run(
-                    starvation_rate(
-                        url,
-                        served,
-                        small_key,
-                        hog_key,
-                        hogs=phases,
-                        hog_words=hog_words,
-                        hog_max_tokens=hog_max_tokens,
-                        small_max_tokens=small_max_tokens,
-                        samples=samples,
-                        rss_mb=rss_mb,
-                        on_step=console.print,
-                    )
-                )
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        result = starvation_on_loopback(
+            Path(tmp),
+            ring.add("small"),
+            ring.add("hog"),
+            server_args=["--request-timeout-s", str(request_timeout_s), *(["--model", model] if model else [])],
+            hogs=hogs or [1, 4, 32],
+            hog_words=hog_words,
+            hog_max_tokens=hog_max_tokens,
+            small_max_tokens=small_max_tokens,
+            samples=samples,
+            on_step=console.print,
+        )
     result["cpu_count"] = os.cpu_count()
+    _starvation_lines(result)
+    if json_out:
+        print(json.dumps(result))
+
+
+def _starvation_lines(result: dict[str, Any]) -> None:
     console.print(
-        f"small request ({small_max_tokens} tokens) alone: p50 {result['alone_p50_s']:.2f} s; hogs of {hog_words} "
-        f"words, max_tokens {hog_max_tokens}, from another key ({result['cpu_count']} cores):"
+        f"small request ({result['small_max_tokens']} tokens) alone: p50 {result['alone_p50_s']:.2f} s; hogs of "
+        f"{result['hog_words']} words, max_tokens {result['hog_max_tokens']}, from another key "
+        f"({result['cpu_count']} cores):"
     )
     for phase in result["phases"]:
         console.print(
             f"  beside {phase['hogs']:>3} hogs: p50 {phase['p50_s']:.2f} s = {phase['ratio']:.2f}x alone   "
             f"hogs refused 429: {phase['hogs_refused_429']}   server RSS peak {phase['server_peak_rss_mb']} MB"
         )
-    if json_out:
-        print(json.dumps(result))
 
 
 def bench_serve(
@@ -542,7 +498,8 @@ def bench_serve(
     with tempfile.TemporaryDirectory(prefix="redpen-bench-") as tmp, contextlib.ExitStack() as server:
         key = KeyRing(Path(tmp) / "keys.json").add("bench")
         with console.status("starting the server ..."):
-            url, served = server.enter_context(serve_on_loopback(Path(tmp), key, ["--model", model] if model else []))
+            loopback = server.enter_context(serve_on_loopback(Path(tmp), key, ["--model", model] if model else []))
+        url, served = loopback.url, loopback.model
         with console.status(f"{streams} streamed chats ..."):
             result = asyncio.run(first_token_rate(url, key, served, streams=streams, max_tokens=stream_tokens))
         console.print(
