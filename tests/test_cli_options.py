@@ -109,6 +109,19 @@ def test_serve_has_an_option_per_limit_with_the_limit_s_default() -> None:
         assert defaults[f.name] == f.default, f.name
 
 
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [("run", ["rounds", "k", "threshold", "concurrency"]), ("gather", ["rounds", "concurrency"])],
+)
+def test_experiment_options_default_to_the_experiment_settings(command: str, settings: list[str]) -> None:
+    from runtime.workflows.experiment_settings import ExperimentSettings
+
+    defaults = option_defaults([command])
+    fields = {f.name: f for f in dataclasses.fields(ExperimentSettings)}
+    for name in settings:
+        assert defaults[name] == fields[name].default, name
+
+
 def test_the_command_line_starts_without_the_server_or_the_agents() -> None:
     """Options read from ServeLimits and ExperimentSettings, yet neither fastapi nor autogen is imported at start."""
     import subprocess

@@ -18,7 +18,8 @@ from runtime.data.records import ItemResult
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
 from runtime.report import Condition, Gathering, render_experiment
-from runtime.workflows.experiment import ASSISTED, BASELINE, RETRIEVAL, ExperimentSettings, run_experiment
+from runtime.workflows.experiment import ASSISTED, BASELINE, RETRIEVAL, run_experiment
+from runtime.workflows.experiment_settings import ExperimentSettings
 from tests.helpers import FakeAssistant, FakeStudent
 
 OPTIONS = ("Cannot be determined", "The grandmother", "The grandson")

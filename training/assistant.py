@@ -31,7 +31,8 @@ from runtime.defaults import CONCURRENCY
 from runtime.errors import ConfigError, DataError
 from runtime.models.config import BackendConfig
 from runtime.report import ComparisonFigures, render_comparison
-from runtime.workflows.experiment import ExperimentSettings, Progress, compare_assistants
+from runtime.workflows.experiment import Progress, compare_assistants
+from runtime.workflows.experiment_settings import ExperimentSettings
 from training.replay import SFT_JSONL, ReplayStats, export_replay
 from training.sft_config import LoraSFTConfig
 from training.sft_trainer import TrainResult, claim_folder, scratch_folder, train_lora, trained_before

@@ -14,6 +14,7 @@ from rich.table import Table
 from runtime.cli.options import field_option
 from runtime.defaults import MOST_IN_FLIGHT, MOST_NEW_TOKENS, STUDENT_MAX_NEW_TOKENS
 from runtime.models.config import BackendConfig
+from runtime.workflows.experiment_settings import ExperimentSettings
 from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:
@@ -47,24 +48,11 @@ MemoryUrl = Annotated[
 
 Concurrency = Annotated[int, typer.Option(help="conversations in flight at once", min=1, max=MOST_IN_FLIGHT)]
 
-InFlight = Annotated[
-    int | None,
-    typer.Option(
-        "--concurrency",
-        help="conversations in flight at once [default: as many as the student's backend serves at once: its batch "
-        "locally (32), max_concurrency on a server (256)]",
-        min=1,
-        max=MOST_IN_FLIGHT,
-    ),
-]
-
-# At most 20 rounds: SALAM stops at 3, and later rounds rarely turn a wrong answer right; each is two model calls.
-Rounds = Annotated[int, typer.Option(help="feedback rounds per gathered question", min=1, max=20)]
-
-# At most 50 mistakes: each goes into the assistant's prompt, which 50 already overflow on small models.
-K = Annotated[int, typer.Option(help="mistakes retrieved per examined question", min=1, max=50)]
-
-Threshold = Annotated[float, typer.Option(help="least cosine similarity of a retrieved mistake", min=0.0, max=1.0)]
+# The experiment's settings the SALAM commands take (gather: rounds; exam: k, threshold; run: all), bounded there.
+InFlight = Annotated[int | None, field_option(ExperimentSettings, "concurrency")]
+Rounds = Annotated[int, field_option(ExperimentSettings, "rounds")]
+K = Annotated[int, field_option(ExperimentSettings, "k")]
+Threshold = Annotated[float, field_option(ExperimentSettings, "threshold")]
 
 StudentTokens = Annotated[
     int | None,

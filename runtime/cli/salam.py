@@ -192,7 +192,7 @@ def run(
     """The whole experiment: baseline exam, gathering, assisted exam, controls, report and plot."""
     from runtime.errors import ConfigError
     from runtime.workflows.commands import experiment
-    from runtime.workflows.experiment import ExperimentSettings
+    from runtime.workflows.experiment_settings import ExperimentSettings
 
     if task is not None and (gather_jsonl or examine_jsonl):
         raise ConfigError("give either --task or --gather-jsonl with --examine-jsonl, not both")

@@ -47,7 +47,8 @@ from runtime.report import (
     render_experiment,
 )
 from runtime.workflows.evaluation import RESULTS, run_eval, summarize
-from runtime.workflows.experiment import ExperimentSettings, Progress, counter, memory_location, run_experiment
+from runtime.workflows.experiment import Progress, counter, memory_location, run_experiment
+from runtime.workflows.experiment_settings import ExperimentSettings
 
 METRICS, FIGURES = "metrics.json", "figures.json"
 OnRecord = Callable[[ItemResult], None]

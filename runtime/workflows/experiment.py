@@ -15,7 +15,6 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,14 @@ from memory.store import MistakeMemory, RecordFilter
 from runtime.data.records import Episode, ItemResult, Record
 from runtime.data.rundir import RunDir
 from runtime.data.tasks import Example
-from runtime.defaults import RETRIEVAL_K, RETRIEVAL_THRESHOLD, ROUNDS
 from runtime.report import ComparisonFigures, ExperimentFigures, Gathering, GuidanceExample
 from runtime.workflows.evaluation import condition_summary
+from runtime.workflows.experiment_settings import ExperimentSettings
 
 NEAR_DUPLICATE = 0.95  # MiniLM cosine at which two questions differ by a name or a number at most
 BASELINE, ASSISTED, RETRIEVAL = "exam_baseline.jsonl", "exam_assisted.jsonl", "exam_retrieval_only.jsonl"
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-@dataclass(frozen=True)
-class ExperimentSettings:
-    task: str
-    rounds: int = ROUNDS
-    k: int = RETRIEVAL_K
-    threshold: float | None = RETRIEVAL_THRESHOLD
-    concurrency: int | None = None  # None: as many as the student's backend serves at once
 
 
 def counter(progress: Progress | None, phase: str, total: int, done: int = 0) -> Callable[[Record], None]:
