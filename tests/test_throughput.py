@@ -113,8 +113,8 @@ async def test_concurrent_pipeline_gives_the_same_greedy_answers(tiny_backend: L
         exams = await run_exam(examine, roles, run, "exam.jsonl", mode="assisted", hits=hits, concurrency=width)
         count = memory.count()
         memory.close()
-        replies = [t["next_response"] for e in episodes for t in e["turns"]]
-        return [e["first_answer"] for e in episodes] + replies, [r["reply"] for r in exams], count
+        replies = [t.next_response for e in episodes for t in e.turns]
+        return [e.first_answer for e in episodes] + replies, [r.reply for r in exams], count
 
     before = tiny_backend.stats["forwards"]
     serial = await one_pass("serial", 1)
