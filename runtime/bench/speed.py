@@ -815,11 +815,14 @@ async def chat_load(
     url: str, key: str, model: str, *, users: int = 20, seconds: float = 60.0, max_tokens: int = 20
 ) -> dict[str, Any]:
     """``users`` clients, each sending chats (``max_tokens`` each) one after another for ``seconds``: p50 and p95
-    latency of the answered ones, and the others counted by status (429 and 504 included) or by client error."""
+    latency of the answered ones, from the first try, and the others counted by status (504 included) or by client
+    error. A 429 is waited out for its ``Retry-After`` and the chat sent again, as the openai SDK does; those waits
+    are counted (``retried_429``), not taken for errors."""
     import httpx
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    retried = [0]
     stop = time.monotonic() + seconds
 
     async def user(i: int, http: httpx.AsyncClient) -> None:
@@ -831,13 +834,19 @@ async def chat_load(
                 "max_tokens": max_tokens,
             }
             started = time.perf_counter()
-            try:
-                status = str((await http.post("/chat/completions", json=body)).status_code)
-            except httpx.HTTPError as error:
-                status = type(error).__name__
+            while True:
+                try:
+                    response = await http.post("/chat/completions", json=body)
+                    status = str(response.status_code)
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                if status != "429" or time.monotonic() >= stop:
+                    break
+                retried[0] += 1
+                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
             if status == "200":
                 latencies.append(time.perf_counter() - started)
-            else:
+            elif status != "429":  # a 429 left at the end of the test is a chat the test stopped waiting for
                 errors[status] = errors.get(status, 0) + 1
             n += 1
 
@@ -852,6 +861,7 @@ async def chat_load(
         "seconds": round(elapsed, 1),  # the last requests end after ``seconds``
         "answered": len(latencies),
         "errors": errors,
+        "retried_429": retried[0],
         "requests_per_s": round(len(latencies) / elapsed, 2),
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p95_s": round(cuts[18], 3) if latencies else None,

@@ -514,7 +514,7 @@ def bench_serve(
             console.print(
                 f"load ({users} users, {load['seconds']:g} s, max_tokens {chat_tokens}): {load['answered']} answered, "
                 f"{load['requests_per_s']} requests/s, p50 {load['p50_s']} s, p95 {load['p95_s']} s, "
-                f"errors {load['errors'] or 0}"
+                f"errors {load['errors'] or 0}, 429s waited out {load['retried_429']}"
             )
     result["cpu_count"] = os.cpu_count()
     if json_out:
