@@ -9,9 +9,7 @@ embedder, so every test runs in milliseconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -21,7 +19,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from agents.serving import TASK
 from agents.team import Roles
@@ -31,34 +28,13 @@ from memory.store import MistakeMemory, RecordFilter, TenantMemory
 from runtime.models.backend import Backend, Decoding, Generation, GenerationSettings, Message, Prompt
 from runtime.server import Guided, KeyRing, Ledger, ServeLimits, build_app
 from runtime.server.transcripts import Completion
-from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent
+from tests.helpers import STUDENT_RIGHT, STUDENT_WRONG, FakeAssistant, FakeStudent, running
 
 QUESTION = (
     "At the park, a grandmother and her grandson were talking. Who forgot the way home?\n"
     "Options:\n(A) Cannot be determined\n(B) The grandmother\n(C) The grandson"
 )
 SIMILAR = QUESTION.replace("At the park", "At the market")
-
-
-@contextlib.contextmanager
-def running(app: Any) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port in a thread; yield its ``/v1`` base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 class SlowStudent(FakeStudent):
