@@ -4,7 +4,8 @@
 2. fine-tune a LoRA adapter on it, from the runs' assistant model unless another base model is given; an adapter
    already trained the same way is reused (``trained_before``);
 3. optionally examine the first run's examine items with the general and with the trained assistant: the same
-   student, memory and retrieved mistakes, so the two differ only by the adapter.
+   student, memory and retrieved mistakes, so the two differ only by the adapter. When the run's own assistant was
+   another model (the teacher whose turns were replayed), its assisted exam on those items sits beside them.
 
 Everything goes under ``out``: ``replay/``, ``adapter/`` (trained in ``adapter.training/``, which a killed
 training resumes from) and ``compare/`` (a run directory, so a killed comparison resumes too). A call that fails
@@ -24,14 +25,14 @@ from typing import Any
 from agents.team import RolesConfig, build_roles
 from memory.store import MistakeMemory
 from runtime.data.paths import resolve_data_dir
-from runtime.data.records import BackendInfo, CompareIdentity, RunConfig, RunIdentity
-from runtime.data.rundir import RunDir
-from runtime.data.tasks import load_task
+from runtime.data.records import BackendInfo, CompareIdentity, ItemResult, RunConfig, RunIdentity
+from runtime.data.rundir import RunDir, read_records
+from runtime.data.tasks import Example, load_task
 from runtime.defaults import CONCURRENCY
 from runtime.errors import ConfigError, DataError
 from runtime.models.config import BackendConfig
 from runtime.report import ComparisonFigures, render_comparison
-from runtime.workflows.experiment import Progress, compare_assistants
+from runtime.workflows.experiment import ASSISTED, Progress, compare_assistants
 from runtime.workflows.experiment_settings import ExperimentSettings
 from training.replay import SFT_JSONL, ReplayStats, export_replay
 from training.sft_config import LoraSFTConfig
@@ -192,10 +193,35 @@ async def _compare(
     )
     where = first.memory or {}  # {"path": folder} or {"url": server}
     store = MistakeMemory(Path(where["path"]) if "path" in where else None, url=where.get("url"), create=False)
+    reference = run_assistant_results(first, run_dir, examples, base_model)
     try:
-        return await compare_assistants(examples, general, roles, store, compare_dir, settings, progress=progress)
+        return await compare_assistants(
+            examples, general, roles, store, compare_dir, settings, progress=progress, reference=reference
+        )
     finally:
         store.close()
+
+
+def run_assistant_results(
+    config: RunConfig, run_dir: Path, examples: Sequence[Example], base_model: str
+) -> tuple[str, list[ItemResult]] | None:
+    """The run's own assisted exam on ``examples``, when its assistant was not ``base_model`` (e.g. the teacher).
+
+    The same items, student, memory and retrieval as the comparison's, so it is a third assistant on equal terms;
+    None when the assistant was ``base_model`` itself, or the run's exam does not cover every item (one warning).
+    """
+    info = config.assistant_backend
+    if info is None or (info.kind == "local" and info.path == base_model):
+        return None
+    path = run_dir / ASSISTED
+    by_id = {r.id: r for r in read_records(path, ItemResult)} if path.exists() else {}
+    missing = sum(e.id not in by_id for e in examples)
+    if missing:
+        log.warning(
+            "%s: %d of %d items have no assisted answer; the run's assistant is left out", path, missing, len(examples)
+        )
+        return None
+    return info.model_id, [by_id[e.id] for e in examples]
 
 
 def _run_identity(config: RunConfig, run_dir: Path) -> RunIdentity:

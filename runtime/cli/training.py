@@ -87,8 +87,9 @@ def train_assistant(
         console.print(
             f"examine accuracy on {result.comparison.n_examine} items: general "
             f"{c['general'].overall.accuracy:.3f}, trained {c['trained'].overall.accuracy:.3f}, "
-            f"retrieval-only {c['retrieval_only'].overall.accuracy:.3f}; "
-            f"report: {result.compare_dir / 'report.md'}"
+            f"retrieval-only {c['retrieval_only'].overall.accuracy:.3f}"
+            + (f", the run's assistant {c['run_assistant'].overall.accuracy:.3f}" if "run_assistant" in c else "")
+            + f"; report: {result.compare_dir / 'report.md'}"
         )
     if json_out:
         print(json.dumps(result.summary()))

@@ -145,25 +145,35 @@ def render_experiment(figures: ExperimentFigures, config: Mapping[str, Any]) -> 
 def render_comparison(figures: ComparisonFigures, training: Mapping[str, Any], replay: Mapping[str, Any]) -> Report:
     """General vs trained study assistant on the same examine items, memory and student."""
     c = figures.conditions
-    names = ("general", "trained", "retrieval_only")
+    names: tuple[str, ...] = ("general", "trained", "retrieval_only")
+    reference = figures.run_assistant is not None
+    if reference:  # the run's own assistant (the teacher the adapter learned from), from the run's assisted exam
+        names = ("general", "trained", "run_assistant", "retrieval_only")
     report = Report(f"General vs trained study assistant: {figures.task}")
     report.paragraph(
         f"Student `{figures.student}`; general assistant `{figures.general_assistant}`, trained assistant "
         f"`{figures.trained_assistant}`; the same {figures.n_examine} examine items and the same memory. "
         "*retrieval-only* (no model: the majority gold of the retrieved mistakes) is the control."
+        + (
+            f" *run-assistant* is the gathering run's own assistant, `{figures.run_assistant}`, whose rewarded turns "
+            "the adapter learned from: its assisted exam in that run, on these items with this memory."
+            if reference
+            else ""
+        )
     )
     rows: list[list[object]] = []
     for source in [*sorted(c["general"].by_source), "all"]:
-        general, trained, control = (_block(c[k], source) for k in names)
+        blocks = [_block(c[k], source) for k in names]
         name = "**all**" if source == "all" else source
-        rows.append([name, general.n, _cell(general), _cell(trained), _cell(control), general.chance])
-    report.table(["source", "n", "general", "trained", "retrieval-only", "chance"], rows)
+        rows.append([name, blocks[0].n, *(_cell(b) for b in blocks), blocks[0].chance])
+    report.table(["source", "n", *(n.replace("_", "-") for n in names), "chance"], rows)
     accuracy_figure(report, c, names, f"{figures.task}: general vs trained assistant")
     report.heading("Paired differences")
     report.paragraph(PAIRED_NOTE)
-    report.table(
-        *paired_table([paired_conditions(c, "general", "trained"), paired_conditions(c, "retrieval_only", "trained")])
-    )
+    pairs = [("general", "trained"), ("retrieval_only", "trained")]
+    if reference:
+        pairs += [("general", "run_assistant"), ("trained", "run_assistant")]
+    report.table(*paired_table([paired_conditions(c, a, b) for a, b in pairs]))
     report.paragraph(
         f"Answers that changed between the two assistants: {figures.changed_answers} of {figures.n_examine}."
     )

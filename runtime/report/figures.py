@@ -159,13 +159,15 @@ class ExperimentFigures(Figures):
 class ComparisonFigures(Figures):
     """The general against the trained study assistant, on the same examine items, memory and student."""
 
+    _OMITTED_IF_NONE = ("run_assistant",)
     task: str
     student: str
     general_assistant: str
     trained_assistant: str
     n_examine: int
-    conditions: dict[str, Condition]  # general, trained, retrieval_only
+    conditions: dict[str, Condition]  # general, trained, retrieval_only, and run_assistant when run_assistant is set
     changed_answers: int
+    run_assistant: str | None = None  # the gathering run's assistant, when another model than the general one
 
 
 # ---- redpen instruct ---------------------------------------------------------------------------------------------

@@ -214,8 +214,13 @@ async def compare_assistants(
     run: RunDir,
     settings: ExperimentSettings,
     progress: Progress | None = None,
+    reference: tuple[str, list[ItemResult]] | None = None,
 ) -> ComparisonFigures:
-    """The same examine items, the same memory and student: the general assistant vs the trained one."""
+    """The same examine items, the same memory and student: the general assistant vs the trained one.
+
+    ``reference`` is the gathering run's own assisted exam on these items (its assistant's name and results), when
+    that assistant was another model, such as the teacher whose turns the adapter learned from.
+    """
     hits = retrieve(memory, examine, general.student_id, settings.task, settings.k, settings.threshold)
     results: dict[str, list[ItemResult]] = {}
     for name, roles in (("general", general), ("trained", trained)):
@@ -230,12 +235,15 @@ async def compare_assistants(
             on_result=counter(progress, f"{name} assistant", len(examine)),
         )
     results["retrieval_only"] = retrieval_only(examine, hits)
+    if reference is not None:
+        results["run_assistant"] = reference[1]
     trained_answers = {r.id: r.predicted for r in results["trained"]}  # paired by item id
     return ComparisonFigures(
         task=settings.task,
         student=general.student_id,
         general_assistant=general.assistant_id,
         trained_assistant=trained.assistant_id,
+        run_assistant=reference[0] if reference is not None else None,
         n_examine=len(examine),
         conditions={name: condition_summary(rs) for name, rs in results.items()},
         changed_answers=sum(r.predicted != trained_answers[r.id] for r in results["general"]),
