@@ -38,13 +38,13 @@ def rows(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
-    """Two tasks, three sources; 6 steps, of which 2 are kept (rewarded and leak-free)."""
+    """Two tasks, three sources; 6 steps, of which 3 are kept (rewarded; one had a gold sentence scrubbed)."""
     return make_run_dir(
         tmp_path / "run",
         STUDENT,
         [
             make_episode("bbq/Age/1", [(0, False), (1, False)]),  # wrong, then helped: 1 kept
-            make_episode("bbq/Age/2", [(1, True)]),  # helped only by naming the answer: dropped
+            make_episode("bbq/Age/2", [(1, True)]),  # helped by what was left after the gold sentence was removed
             make_episode("bbq/SES/3", []),  # right at once: no steps
             make_episode("bbq/SES/4", [(0, False), (0, True)]),
             make_episode("gsm8k/5", [(1, False)], source="gsm8k", task="gsm8k", gold="42"),
@@ -53,19 +53,22 @@ def run(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("reward", "leaked", "kept"), [(1, False, True), (1, True, False), (0, False, False), (0, True, False)]
+    ("reward", "leaked", "kept"), [(1, False, True), (1, True, True), (0, False, False), (0, True, False)]
 )
-def test_keep_rewarded_wants_a_reward_and_no_leak(reward: int, leaked: bool, kept: bool) -> None:
+def test_keep_rewarded_wants_a_reward_for_what_the_student_saw(reward: int, leaked: bool, kept: bool) -> None:
+    """A leaked step's stored feedback is what remained after the gold sentence was removed: the student saw that."""
     step = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "why", "do this", leaked, reward)
     assert keep_rewarded(step) is kept
+    emptied = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "", "  ", leaked, reward)
+    assert keep_rewarded(emptied) is False  # all of it was removed: nothing reached the student
 
 
 def test_counts_of_steps_and_kept_steps_per_task_and_source(run: Path, tmp_path: Path) -> None:
     stats = export_replay([run], tmp_path / "out")
-    assert (stats.steps, stats.kept) == (6, 2)
-    assert stats.by_task == {"bbq": {"steps": 5, "kept": 1}, "gsm8k": {"steps": 1, "kept": 1}}
+    assert (stats.steps, stats.kept, stats.scrubbed) == (6, 3, 1)
+    assert stats.by_task == {"bbq": {"steps": 5, "kept": 2}, "gsm8k": {"steps": 1, "kept": 1}}
     assert stats.by_source == {
-        "bbq/Age": {"steps": 3, "kept": 1},
+        "bbq/Age": {"steps": 3, "kept": 2},
         "bbq/SES": {"steps": 2, "kept": 0},
         "gsm8k": {"steps": 1, "kept": 1},
     }
@@ -76,14 +79,15 @@ def test_counts_of_steps_and_kept_steps_per_task_and_source(run: Path, tmp_path:
 def test_sft_rows_are_the_gathering_prompt_and_the_feedback_as_json(run: Path, tmp_path: Path) -> None:
     export_replay([run], tmp_path / "out")
     sft = rows(tmp_path / "out" / SFT_JSONL)
-    assert len(sft) == 2
+    assert len(sft) == 3
     for row in sft:
         system, user, assistant = row["messages"]
         assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
         assert system["content"] == load_prompt("assistant_gather")
         assert "Correct answer (do not reveal):" in user["content"]
         assert json.loads(assistant["content"]) == {"reason": "You assumed.", "guideline": "Quote the context."}
-    age, number = (r["messages"][1]["content"] for r in sft)
+    age, scrubbed, number = (r["messages"][1]["content"] for r in sft)
+    assert "Question:\nWho forgot? [bbq/Age/2]" in scrubbed
     # The kept Age step is round 2: the guideline of round 1 is shown as one that did not help.
     assert "Question:\nWho forgot? [bbq/Age/1]" in age and "(B)" in age
     assert "Your earlier guidelines did not help yet:\n- Quote the context." in age
@@ -93,7 +97,7 @@ def test_sft_rows_are_the_gathering_prompt_and_the_feedback_as_json(run: Path, t
 def test_kto_rows_label_every_step(run: Path, tmp_path: Path) -> None:
     export_replay([run], tmp_path / "out")
     kto = rows(tmp_path / "out" / KTO_JSONL)
-    assert [r["label"] for r in kto] == [False, True, False, False, False, True]
+    assert [r["label"] for r in kto] == [False, True, True, False, False, True]
     for row in kto:
         assert [m["role"] for m in row["prompt"]] == ["system", "user"]
         assert [m["role"] for m in row["completion"]] == ["assistant"]
@@ -129,7 +133,7 @@ async def test_the_prompt_is_the_one_the_gathering_assistant_was_given(tmp_path:
 
 
 def test_an_empty_replay_says_there_is_nothing_to_train_on(tmp_path: Path) -> None:
-    run = make_run_dir(tmp_path / "run", STUDENT, [make_episode("a", [(0, False)]), make_episode("b", [(1, True)])])
+    run = make_run_dir(tmp_path / "run", STUDENT, [make_episode("a", [(0, False)]), make_episode("b", [(0, True)])])
     with pytest.raises(DataError, match=r"no rewarded steps in .*run: nothing to train on.*gather more"):
         export_replay([run], tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -146,7 +150,7 @@ def test_a_run_of_another_student_is_refused(run: Path, tmp_path: Path) -> None:
 def test_several_run_dirs_are_read_once_each(run: Path, tmp_path: Path) -> None:
     more = make_run_dir(tmp_path / "more", STUDENT, [make_episode("bbq/Age/9", [(1, False)])])
     stats = export_replay([run, more, run], tmp_path / "out", model_id=STUDENT)
-    assert (stats.steps, stats.kept) == (7, 3)
+    assert (stats.steps, stats.kept) == (7, 4)
 
 
 def test_a_malformed_line_is_named_by_file_and_line(run: Path, tmp_path: Path) -> None:

@@ -2,10 +2,10 @@
 
 Each gathering turn is one MDP step (SALAM, part 2): state = (query, the student's wrong response, the guidelines
 already given), action = the assistant's feedback, reward = 1 if the student's next answer was right. The steps
-that earned a reward without naming the gold answer are kept and exported as chat ``messages`` for TRL's
-``SFTTrainer``; every step is also exported with a true/false ``label`` in TRL's KTO format. The prompt of each row
-is built by the gathering assistant's own builder (``agents.prompts.gathering_messages``), so the fine-tuned
-assistant is trained on what it will see.
+that earned a reward are kept, with the feedback as the student saw it (after the leak filter, so it never names the
+gold), and exported as chat ``messages`` for TRL's ``SFTTrainer``; every step is also exported with a true/false
+``label`` in TRL's KTO format. The prompt of each row is built by the gathering assistant's own builder
+(``agents.prompts.gathering_messages``), so the fine-tuned assistant is trained on what it will see.
 """
 
 from __future__ import annotations
@@ -50,16 +50,20 @@ class Step:
 
 
 def keep_rewarded(step: Step) -> bool:
-    """Filtered replay: keep a step whose feedback got the student right, unless it named the gold answer.
+    """Filtered replay: keep a step whose feedback, as the student saw it, got the student right.
 
-    A leaked step is dropped even when rewarded: the student copied the answer, it did not learn from the feedback.
+    The student saw the feedback after the leak filter: a sentence that named the gold was removed before it was
+    shown (``leaked`` says one was), so what is kept, and trained on, never names the answer; the reward was earned
+    by the rest. A step whose feedback was all removed is not kept: nothing of it reached the student.
 
     >>> from dataclasses import replace
     >>> step = Step("e#1", "bbq", "bbq/Age", "(A)", "Who?", "(B)", [], "You guessed.", "Quote it.", False, 1)
     >>> keep_rewarded(step), keep_rewarded(replace(step, leaked=True)), keep_rewarded(replace(step, reward=0))
-    (True, False, False)
+    (True, True, False)
+    >>> keep_rewarded(replace(step, reason="", guideline=" "))
+    False
     """
-    return step.reward == 1 and not step.leaked
+    return step.reward == 1 and bool(step.reason.strip() or step.guideline.strip())
 
 
 def steps_of(episode: Episode) -> list[Step]:
@@ -153,6 +157,7 @@ class ReplayStats:
 
     steps: int
     kept: int
+    scrubbed: int = 0  # kept steps whose feedback had a sentence naming the gold removed before the student saw it
     by_task: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {"steps": n, "kept": k}
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -164,10 +169,17 @@ class ReplayStats:
             return {name: {"steps": seen[name], "kept": kept[name]} for name in sorted(seen)}
 
         by_task, by_source = counts(lambda s: s.task), counts(lambda s: s.source)
-        return cls(len(steps), sum(map(keep_rewarded, steps)), by_task, by_source)
+        kept = [s for s in steps if keep_rewarded(s)]
+        return cls(len(steps), len(kept), sum(s.leaked for s in kept), by_task, by_source)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "kept": self.kept, "by_task": self.by_task, "by_source": self.by_source}
+        return {
+            "steps": self.steps,
+            "kept": self.kept,
+            "scrubbed": self.scrubbed,
+            "by_task": self.by_task,
+            "by_source": self.by_source,
+        }
 
 
 def export_replay(run_dirs: Sequence[Path], out_dir: Path, model_id: str | None = None) -> ReplayStats:
@@ -182,15 +194,21 @@ def export_replay(run_dirs: Sequence[Path], out_dir: Path, model_id: str | None 
     names = " ".join(str(d) for d in run_dirs)
     if stats.kept == 0:
         raise DataError(
-            f"no rewarded steps in {names}: nothing to train on ({stats.steps} steps, none both rewarded and "
-            "leak-free); gather more examples or more --rounds, or use a stronger assistant model"
+            f"no rewarded steps in {names}: nothing to train on ({stats.steps} steps, none rewarded); "
+            "gather more examples or more --rounds, or use a stronger assistant model"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_rows(out_dir, SFT_JSONL, SFT_PARQUET, [sft_row(s) for s in steps if keep_rewarded(s)])
     _write_rows(out_dir, KTO_JSONL, KTO_PARQUET, [kto_row(s) for s in steps])
     manifest = {"run_dirs": [str(d) for d in run_dirs], "model_id": model_id, **stats.to_dict()}
     write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    log.info("replay  %d steps  %d kept  -> %s", stats.steps, stats.kept, out_dir)
+    log.info(
+        "replay  %d steps  %d kept (%d with a gold sentence removed)  -> %s",
+        stats.steps,
+        stats.kept,
+        stats.scrubbed,
+        out_dir,
+    )
     return stats
 
 
