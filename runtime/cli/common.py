@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,6 +20,8 @@ from training.sft_config import LoraSFTConfig
 
 if TYPE_CHECKING:
     from runtime.report import Summary
+
+log = logging.getLogger(__name__)
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout keeps the --json line clean for scripts
 out = Console()
@@ -265,12 +268,19 @@ def accuracy_table(metrics: Summary) -> None:
 
 
 def phase_bar(bar: Progress) -> Any:
+    """A workflow's ``progress(phase, done, total)``: a bar per phase, and an INFO line each tenth of the way, so
+    that ``redpen.log`` (and a terminal that draws no bar) shows how far a long phase has come."""
     ids: dict[str, Any] = {}
+    logged: dict[str, int] = {}
 
     def update(phase: str, done: int, total: int) -> None:
         if phase not in ids:
             ids[phase] = bar.add_task(phase, total=total, info="")
         bar.update(ids[phase], completed=done)
+        tenth = done * 10 // total if total else 10
+        if done and tenth > logged.get(phase, 0):
+            logged[phase] = tenth
+            log.info("%s %d/%d", phase, done, total)
 
     return update
 
