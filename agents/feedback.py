@@ -56,11 +56,55 @@ def parse_feedback(reply: str) -> Feedback:
             continue
         if isinstance(data, dict) and isinstance(data.get("guideline"), str) and data["guideline"].strip():
             return Feedback(str(data.get("reason", "")).strip(), data["guideline"].strip(), parsed=True)
+    fields = _json_fields(reply)
+    if fields.get("guideline"):
+        return Feedback(fields.get("reason", ""), fields["guideline"], parsed=True)
+    if "reason" in fields:  # JSON cut off before its guideline (a reply looping to the token limit): keep the why
+        return Feedback(fields["reason"], "", parsed=False)
     reason = re.search(r"reason\W*:[\s*_]*(.+)", reply, re.IGNORECASE)  # [\s*_]: markdown bold after the colon
     guideline = re.search(r"guideline\W*:[\s*_]*(.+)", reply, re.IGNORECASE)
     if guideline:
         return Feedback(reason.group(1).strip() if reason else "", guideline.group(1).strip(), parsed=True)
     return Feedback("", reply.strip(), parsed=False)
+
+
+# A JSON string field, its closing quote optional: a 1.5B model's reply may loop until the token limit cuts it off.
+_JSON_FIELD = re.compile(r'"(reason|guideline)"\s*:\s*"((?:[^"\\]|\\.)*)', re.IGNORECASE)
+
+
+def _json_fields(reply: str) -> dict[str, str]:
+    """``reason`` and ``guideline`` read from JSON that does not parse whole (cut off, or fenced and broken).
+
+    >>> _json_fields('```json {"reason": "The path has no closing command. The path has no')
+    {'reason': 'The path has no closing command.'}
+    """
+    fields: dict[str, str] = {}
+    for match in _JSON_FIELD.finditer(reply):
+        name, raw = match.groups()
+        try:
+            text = json.loads(f'"{raw}"')
+        except json.JSONDecodeError:  # cut inside an escape, or a raw newline
+            text = raw
+        if match.end() == len(reply):  # never closed: the sentence cut off mid-way goes
+            text = text[: max(text.rfind(end) for end in ".!?") + 1] or text
+        fields.setdefault(name.lower(), text.strip())
+    return fields
+
+
+def without_repeats(text: str) -> str:
+    """``text`` with each sentence after its first occurrence removed (a small model can repeat one to its limit).
+
+    >>> without_repeats("No triangle here. Count the lines. No triangle here. no  triangle here.")
+    'No triangle here. Count the lines.'
+    """
+    seen: set[str] = set()
+    kept = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
+        key = " ".join(sentence.lower().split())
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(sentence)
+    return " ".join(kept)
 
 
 def leak_patterns(example: Example) -> list[re.Pattern[str]]:
@@ -144,11 +188,11 @@ def group_claim(sentence: str) -> bool:
 
 
 def without_leaks(feedback: Feedback, example: Example) -> Feedback:
-    """The feedback with every sentence that names the gold, or says something of a social group, removed; a
-    guideline left with too little in it gets a neutral one."""
+    """The feedback with repeated sentences, and every sentence that names the gold or says something of a social
+    group, removed; a guideline left with too little in it gets a neutral one."""
     patterns = leak_patterns(example)
-    reason, reason_leaked = scrub(feedback.reason, patterns)
-    guideline, guideline_leaked = scrub(feedback.guideline, patterns)
+    reason, reason_leaked = scrub(without_repeats(feedback.reason), patterns)
+    guideline, guideline_leaked = scrub(without_repeats(feedback.guideline), patterns)
     # Statements of some other answer are not leaks (not counted), but are no guideline either.
     reason, _ = scrub(reason, [ANSWER_STATEMENT])
     guideline, _ = scrub(guideline, [ANSWER_STATEMENT])

@@ -6,6 +6,7 @@ in-process engine with a hashing embedder: every conversation here is exact and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -506,3 +507,31 @@ def test_retrieval_only_grades_numbers() -> None:
 def test_the_scripted_feedback_is_what_the_assistant_would_send() -> None:
     # Guards the fakes: GOOD_FEEDBACK must parse, or every gathering test above tests the fallback instead.
     assert parse_feedback(GOOD_FEEDBACK).parsed
+
+
+# ---- replies of a 1.5B teacher: cut-off JSON and sentences repeated to the token limit -------------------------
+
+
+def test_json_cut_off_in_a_loop_keeps_one_copy_of_its_reason_and_no_raw_json() -> None:
+    loop = " The path element provided does not contain any commands that would create a triangle." * 12
+    reply = '```json\n{\n  "reason": "The SVG path element does not draw a triangle.' + loop[:-40]
+    feedback = parse_feedback(reply)
+    assert not feedback.parsed and feedback.guideline == ""  # no guideline was written: the neutral one follows
+    example = Example("x", "bbh/geometric_shapes", "q", "(A)", "choice", ("circle", "triangle"))
+    shown = without_leaks(feedback, example)
+    assert shown.reason == (
+        "The SVG path element does not draw a triangle. The path element provided does not contain any commands "
+        "that would create a triangle."
+    )  # the loop once, and the sentence the limit cut off gone
+    assert "```" not in shown.as_guidance() and "{" not in shown.as_guidance()
+    assert shown.generic and shown.guideline == FALLBACK_GUIDELINE
+
+
+def test_a_guideline_repeated_to_the_limit_is_stored_once() -> None:
+    reply = json.dumps({"reason": "Misread the order.", "guideline": "Sort the dates first. " * 6 + "Then count."})
+    example = Example("x", "bbh/date_understanding", "q", "(A)", "choice", ("01/02/2020", "01/03/2020"))
+    shown = without_leaks(parse_feedback(reply), example)
+    assert shown.guideline == "Sort the dates first. Then count."
+    truncated = '{"reason": "Misread the order.", "guideline": "Sort the dates first. Sort the dates'
+    assert parse_feedback(truncated).guideline == "Sort the dates first."
+    assert parse_feedback(truncated).parsed
