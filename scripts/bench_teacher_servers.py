@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bench.speed import generate_rate
+from runtime.models.default_model import cache_root
 from runtime.models.managed import ManagedServer, ServerCommand
 from runtime.models.served import ServedBackend
 from runtime.models.teacher import SLOT_CONTEXT, SLOTS, TEACHER_NAME, server_command, teacher_gguf, teacher_threads
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=SLOTS, help="requests in flight (llama-server's slots)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--logs", default=".bench-logs", help="folder for the two servers' logs")
+    parser.add_argument("--logs", default=str(cache_root() / "logs"), help="folder for the two servers' logs")
     args = parser.parse_args()
     version = subprocess.run(
         [args.python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
