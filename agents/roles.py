@@ -33,6 +33,7 @@ from agents.feedback import (
     parse_feedback,
     scrub,
     without_leaks,
+    without_repeats,
 )
 from agents.prompts import exam_guidance, examining_messages, gathering_messages
 from agents.student import student_messages
@@ -214,7 +215,7 @@ class ExaminingAssistant(RoleAgent):
         result = await self.client.create(llm_messages(chat), cancellation_token=cancellation_token)
         feedback = parse_feedback(_text(result))
         # No gold here, but a stated answer letter would be copied: "assisted" would measure the assistant answering.
-        guideline = scrub(feedback.guideline, [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
+        guideline = scrub(without_repeats(feedback.guideline), [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
         feedback = Feedback(feedback.reason, guideline, feedback.parsed)
         return Response(chat_message=_advice(exam_guidance(mistakes, guideline), feedback, self.name, result))
 

@@ -434,6 +434,16 @@ async def test_an_exam_guideline_that_states_an_answer_loses_that_sentence(tmp_p
     mem.close()
 
 
+async def test_an_exam_guideline_looping_on_a_sentence_shows_it_once(tmp_path: Path) -> None:
+    mem = memory()
+    await run_gathering([LEARNS], roles(), mem, run_dir(tmp_path / "gather"), task="bbq")
+    hits = retrieve(mem, [LEAKS], "fake-student", "bbq", k=3, threshold=0.3)
+    looping = json.dumps({"reason": "Misread.", "guideline": "Quote the context first. " * 5 + "Then answer."})
+    result = await exam_item(LEAKS, roles({"[leaky]": looping}), "assisted", hits["kin/4"])
+    assert result.guidance.endswith("\n\nGuideline: Quote the context first. Then answer.")
+    mem.close()
+
+
 async def test_baseline_exam_asks_the_student_alone() -> None:
     r = roles()
     result = await exam_item(LEARNS, r, "baseline")
