@@ -91,6 +91,11 @@ def _json_fields(reply: str) -> dict[str, str]:
     return fields
 
 
+def sentences(text: str) -> list[str]:
+    """The non-empty sentences of ``text`` (split after . ! ? and at line breaks), as every filter here reads it."""
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
+
+
 def without_repeats(text: str) -> str:
     """``text`` with each sentence after its first occurrence removed (a small model can repeat one to its limit).
 
@@ -99,9 +104,9 @@ def without_repeats(text: str) -> str:
     """
     seen: set[str] = set()
     kept = []
-    for sentence in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
+    for sentence in sentences(text):
         key = " ".join(sentence.lower().split())
-        if key and key not in seen:
+        if key not in seen:
             seen.add(key)
             kept.append(sentence)
     return " ".join(kept)
@@ -151,9 +156,9 @@ def scrub(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, bool]:
     >>> scrub("Check the dates. The answer is 42. Count carefully.", [re.compile(r"\\b42\\b")])
     ('Check the dates. Count carefully.', True)
     """
-    sentences = re.split(r"(?<=[.!?])\s+|\n+", text.strip())
-    kept = [s for s in sentences if s and not any(p.search(s) for p in patterns)]
-    return " ".join(kept), len(kept) != len([s for s in sentences if s])
+    split = sentences(text)
+    kept = [s for s in split if not any(p.search(s) for p in patterns)]
+    return " ".join(kept), len(kept) != len(split)
 
 
 # Words that name a social group (BBQ's nine categories); a sentence with one is a claim about the group unless it
@@ -210,6 +215,6 @@ def without_leaks(feedback: Feedback, example: Example) -> Feedback:
 
 
 def _scrub_claims(text: str) -> tuple[str, bool]:
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s]
-    kept = [s for s in sentences if not group_claim(s)]
-    return " ".join(kept), len(kept) != len(sentences)
+    split = sentences(text)
+    kept = [s for s in split if not group_claim(s)]
+    return " ".join(kept), len(kept) != len(split)

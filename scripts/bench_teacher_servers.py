@@ -52,8 +52,10 @@ def python_server_command(python: str, gguf: Path, threads: int) -> ServerComman
     )
 
 
-async def measure(command: ServerCommand, backend_type: type[ServedBackend], args: argparse.Namespace) -> Any:
-    server = ManagedServer(command, Path(args.logs) / f"{command.name.split()[0].strip(chr(39))}.log").start()
+async def measure(
+    name: str, command: ServerCommand, backend_type: type[ServedBackend], args: argparse.Namespace
+) -> Any:
+    server = ManagedServer(command, Path(args.logs) / f"bench-{name}.log").start()
     backend = backend_type("teacher", server, TEACHER_NAME, {"server": command.name}, capacity=args.concurrency)
     try:
         return await generate_rate(
@@ -83,10 +85,11 @@ def main() -> None:
         sys.exit(f"--python {args.python}: cannot import llama_cpp (pip install 'llama-cpp-python[server]')")
     gguf = teacher_gguf()
     results = {
-        "llama-server": asyncio.run(measure(server_command(gguf, threads=args.threads), ServedBackend, args)),
-        "llama-cpp-python": asyncio.run(
-            measure(python_server_command(args.python, gguf, args.threads), _PythonServerBackend, args)
-        ),
+        name: asyncio.run(measure(name, command, backend_type, args))
+        for name, command, backend_type in (
+            ("llama-server", server_command(gguf, threads=args.threads), ServedBackend),
+            ("llama-cpp-python", python_server_command(args.python, gguf, args.threads), _PythonServerBackend),
+        )
     }
     native, python = results["llama-server"], results["llama-cpp-python"]
     summary = {

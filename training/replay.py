@@ -14,7 +14,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +173,7 @@ class ReplayStats:
         return cls(len(steps), len(kept), sum(s.leaked for s in kept), by_task, by_source)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "kept": self.kept,
-            "scrubbed": self.scrubbed,
-            "by_task": self.by_task,
-            "by_source": self.by_source,
-        }
+        return asdict(self)
 
 
 def export_replay(run_dirs: Sequence[Path], out_dir: Path, model_id: str | None = None) -> ReplayStats:
