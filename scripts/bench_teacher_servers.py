@@ -78,9 +78,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--logs", default=str(cache_root() / "logs"), help="folder for the two servers' logs")
     args = parser.parse_args()
-    version = subprocess.run(
-        [args.python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
-    )
+    try:
+        version = subprocess.run(
+            [args.python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True
+        )
+    except OSError as error:
+        sys.exit(f"--python {args.python}: cannot run it ({error.strerror})")
     if version.returncode != 0:
         sys.exit(f"--python {args.python}: cannot import llama_cpp (pip install 'llama-cpp-python[server]')")
     gguf = teacher_gguf()
