@@ -7,16 +7,20 @@ sentence is dropped (the rest of the feedback is kept) and the leak is counted.
 Stored guidelines come back as guidance on other questions, so a sentence that says something of a social group
 ("The Black student has an absent father.") is dropped the same way and counted: a sentence naming a group is kept
 only where it warns against assuming (it says not, assume, stereotype, evidence, stated ...). A guideline left
-of one word or none is replaced by a neutral one, and that is counted too (``generic``).
+of one word or none is replaced by a neutral one, and that is counted too (``generic``). A sentence that restates
+the assistant's own instructions ("Never name the correct option letter ...") advises on nothing and is dropped and
+counted as well (``echoed``): the 1.5B teacher copied one into 6-8 of ~70 gathering turns on BBH.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
-from agents.prompts import feedback_guidance
+from agents.prompts import feedback_guidance, load_prompt
 from runtime.data.kinds import kind_of
 from runtime.data.tasks import Example
 
@@ -31,6 +35,7 @@ class Feedback:
     leaked: bool = False  # a sentence named the gold answer and was removed
     stereotyped: bool = False  # a sentence said something of a social group and was removed
     generic: bool = False  # nothing usable was left: the guideline is the neutral fallback
+    echoed: bool = False  # a sentence restated the assistant's instructions and was removed
 
     def as_guidance(self) -> str:
         """How the student sees the feedback."""
@@ -156,9 +161,7 @@ def scrub(text: str, patterns: list[re.Pattern[str]]) -> tuple[str, bool]:
     >>> scrub("Check the dates. The answer is 42. Count carefully.", [re.compile(r"\\b42\\b")])
     ('Check the dates. Count carefully.', True)
     """
-    split = sentences(text)
-    kept = [s for s in split if not any(p.search(s) for p in patterns)]
-    return " ".join(kept), len(kept) != len(split)
+    return _drop(text, lambda sentence: any(p.search(sentence) for p in patterns))
 
 
 # Words that name a social group (BBQ's nine categories); a sentence with one is a claim about the group unless it
@@ -177,6 +180,9 @@ _CAUTION = re.compile(
     re.IGNORECASE,
 )
 _MIN_GUIDELINE_WORDS = 2  # a one-word guideline ("The") teaches nothing
+# A sentence of at least _ECHO_WORDS words, this share of them found in one instruction sentence, is an echo.
+_ECHO_WORDS = 4
+_ECHO_SHARE = 0.7
 
 
 def group_claim(sentence: str) -> bool:
@@ -192,17 +198,44 @@ def group_claim(sentence: str) -> bool:
     return bool(_GROUP.search(sentence)) and not _CAUTION.search(sentence)
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z']+", text.lower()))
+
+
+@cache
+def _instructions() -> tuple[frozenset[str], ...]:
+    """The words of each sentence of the assistant's system prompts (gathering and examining)."""
+    prompts = load_prompt("assistant_gather") + "\n" + load_prompt("assistant_exam")
+    return tuple(w for w in map(_words, sentences(prompts)) if len(w) > _ECHO_WORDS)
+
+
+def echoes_instructions(sentence: str) -> bool:
+    """Whether a sentence restates the assistant's own instructions instead of advising on the question.
+
+    >>> echoes_instructions("Never name the correct option letter, the correct option's text, or the final answer.")
+    True
+    >>> echoes_instructions("Always avoid naming the correct option letter, the correct option's text, or the answer.")
+    True
+    >>> echoes_instructions("Check which of the two people the context says did it before choosing.")
+    False
+    """
+    words = _words(sentence)
+    return len(words) >= _ECHO_WORDS and any(len(words & i) >= _ECHO_SHARE * len(words) for i in _instructions())
+
+
 def without_leaks(feedback: Feedback, example: Example) -> Feedback:
-    """The feedback with repeated sentences, and every sentence that names the gold or says something of a social
-    group, removed; a guideline left with too little in it gets a neutral one."""
+    """The feedback with repeated sentences, and every sentence that names the gold, says something of a social
+    group or restates the assistant's instructions, removed; a guideline left with too little gets a neutral one."""
     patterns = leak_patterns(example)
     reason, reason_leaked = scrub(without_repeats(feedback.reason), patterns)
     guideline, guideline_leaked = scrub(without_repeats(feedback.guideline), patterns)
     # Statements of some other answer are not leaks (not counted), but are no guideline either.
     reason, _ = scrub(reason, [ANSWER_STATEMENT])
     guideline, _ = scrub(guideline, [ANSWER_STATEMENT])
-    reason, reason_group = _scrub_claims(reason)
-    guideline, guideline_group = _scrub_claims(guideline)
+    reason, reason_group = _drop(reason, group_claim)
+    guideline, guideline_group = _drop(guideline, group_claim)
+    reason, reason_echo = _drop(reason, echoes_instructions)
+    guideline, guideline_echo = _drop(guideline, echoes_instructions)
     generic = len(guideline.split()) < _MIN_GUIDELINE_WORDS
     return Feedback(
         reason,
@@ -211,10 +244,24 @@ def without_leaks(feedback: Feedback, example: Example) -> Feedback:
         reason_leaked or guideline_leaked,
         stereotyped=reason_group or guideline_group,
         generic=generic,
+        echoed=reason_echo or guideline_echo,
     )
 
 
-def _scrub_claims(text: str) -> tuple[str, bool]:
+def exam_guideline(guideline: str) -> str:
+    """The examining assistant's guideline as the student sees it: no gold is known there, but a stated answer
+    letter would be copied ("assisted" would measure the assistant answering), and repeats and echoes of the
+    instructions say nothing; what is left, else the neutral guideline.
+
+    >>> exam_guideline("The answer is (B). Never name the correct option letter, the correct option's text.")
+    'Re-read the question, check each option against the facts stated, and answer only from them.'
+    """
+    kept, _ = _drop(scrub(without_repeats(guideline), [ANSWER_STATEMENT])[0], echoes_instructions)
+    return kept or FALLBACK_GUIDELINE
+
+
+def _drop(text: str, unwanted: Callable[[str], bool]) -> tuple[str, bool]:
+    """``text`` without its ``unwanted`` sentences, and whether any went."""
     split = sentences(text)
-    kept = [s for s in split if not group_claim(s)]
+    kept = [s for s in split if not unwanted(s)]
     return " ".join(kept), len(kept) != len(split)

@@ -85,6 +85,7 @@ def episode_record(
                 parsed=given.feedback.parsed,
                 stereotyped=given.feedback.stereotyped,
                 generic=given.feedback.generic,
+                echoed=given.feedback.echoed,
             ),
             reward=int(grades[i + 1].verdict == "correct"),
             next_response=answers[i + 1],

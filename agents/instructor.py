@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from string import ascii_uppercase
 from typing import Literal
 
+from agents.feedback import group_claim, sentences
 from agents.prompts import load_prompt
 from runtime.data.kinds import AnswerKind, Sample, kind_named, kind_of
 from runtime.data.tasks import Example
@@ -25,9 +26,10 @@ from runtime.models.backend import Message
 
 Strategy = Literal["le", "lec", "augment"]
 
-# One numbered block per sample: "1. Question: ..." up to the next "N. Question:" or the end.
-_BLOCK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]\s*)?\**Question\**\s*:", re.IGNORECASE)
-_ANSWER = re.compile(r"\**Answer\**\s*:", re.IGNORECASE)
+# One numbered block per sample: "1. Question: ..." up to the next "N. Question:" or the end; markdown bold around
+# the label may close before or after its colon ("**Question:**", the 1.5B teacher's habit).
+_BLOCK = re.compile(r"(?:^|\n)\s*(?:\d+[.)]\s*)?\**Question\**\s*:\**", re.IGNORECASE)
+_ANSWER = re.compile(r"\**Answer\**\s*:\**", re.IGNORECASE)
 
 
 @dataclass
@@ -105,7 +107,11 @@ def _sample(block: str, kind: AnswerKind, n_options: int) -> tuple[Sample | None
     question, answer = parts[0].strip(), parts[1].strip()
     if not question or not answer:
         return None, "empty question or answer"
-    return kind.sample(question, answer, n_options)
+    sample, reason = kind.sample(question, answer, n_options)
+    # A sample that teaches "the Jewish man was the scammer" would train the stereotype the student should unlearn.
+    if sample is not None and any(group_claim(s) for s in sentences(sample.response)):
+        return None, "says something of a social group"
+    return sample, reason
 
 
 def _clip(text: str, limit: int = 1200) -> str:

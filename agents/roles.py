@@ -26,15 +26,7 @@ from autogen_core.models import (
 )
 from pydantic import BaseModel, ConfigDict
 
-from agents.feedback import (
-    ANSWER_STATEMENT,
-    FALLBACK_GUIDELINE,
-    Feedback,
-    parse_feedback,
-    scrub,
-    without_leaks,
-    without_repeats,
-)
+from agents.feedback import Feedback, exam_guideline, parse_feedback, without_leaks
 from agents.prompts import exam_guidance, examining_messages, gathering_messages
 from agents.student import student_messages
 from memory.autogen_memory import format_mistakes
@@ -214,8 +206,7 @@ class ExaminingAssistant(RoleAgent):
         chat = examining_messages(mistakes, self.example.input)
         result = await self.client.create(llm_messages(chat), cancellation_token=cancellation_token)
         feedback = parse_feedback(_text(result))
-        # No gold here, but a stated answer letter would be copied: "assisted" would measure the assistant answering.
-        guideline = scrub(without_repeats(feedback.guideline), [ANSWER_STATEMENT])[0] or FALLBACK_GUIDELINE
+        guideline = exam_guideline(feedback.guideline)
         feedback = Feedback(feedback.reason, guideline, feedback.parsed)
         return Response(chat_message=_advice(exam_guidance(mistakes, guideline), feedback, self.name, result))
 

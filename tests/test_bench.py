@@ -67,3 +67,28 @@ def test_bench_starvation_times_a_small_request_beside_hogs_and_reads_the_server
     assert phase["server_peak_rss_mb"] > 0  # read from the server's process, by its id
     printed = " ".join(result.stderr.split())  # the console wraps lines at its width
     assert "small request (4 tokens) alone" in printed and "beside 1 hogs" in printed
+
+
+def test_prefill_rate_is_prompt_tokens_over_time_and_never_repeats_a_prompt() -> None:
+    import asyncio
+
+    from runtime.bench.speed import prefill_rate
+    from runtime.models.backend import Generation, Usage
+
+    class PromptBound:
+        """A backend whose reply takes 1 ms per prompt word (a word is a token here)."""
+
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        async def generate(self, messages: list[dict[str, str]], settings: object) -> Generation:
+            text = messages[0]["content"]
+            self.prompts.append(text)
+            await asyncio.sleep(len(text.split()) / 1000)
+            return Generation("x", Usage(prompt_tokens=len(text.split()), completion_tokens=1))
+
+    backend = PromptBound()
+    result = asyncio.run(prefill_rate(backend, prompt_words=200, repeats=3))  # type: ignore[arg-type]
+    assert 500 < result["prompt_tokens_per_s"] <= 1000  # ~1000 words/s, less the loop's overhead
+    assert len(backend.prompts) == 4 and len(set(backend.prompts)) == 4  # a warm-up, then 3 distinct prompts
+    assert len({p.split(".", 1)[1] for p in backend.prompts}) == 1  # the same length and words after the prefix

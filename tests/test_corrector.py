@@ -18,6 +18,7 @@ from runtime.models.autogen_client import BackendChatCompletionClient
 from tests.helpers import ScriptedBackend
 from training.lema.corrector import (
     KEPT,
+    UNWORKED,
     WRONG_FINAL_ANSWER,
     Correction,
     CorrectorAgent,
@@ -225,6 +226,17 @@ def test_review_keeps_only_corrections_that_reach_the_gold() -> None:
     wrong = review(BOOK, GOOD.replace("55", "45"), 4)
     assert wrong.status == WRONG_FINAL_ANSWER and wrong.correction.answer == "45"
     assert review(BOOK, "no idea", 4) == Review("no Incorrect Step", None)
+
+
+def test_review_rejects_a_right_number_that_no_computation_gives() -> None:
+    # The 1.5B teacher's shape on GSM8K: the gold restated as a step, the wrong path's nonsense kept after it.
+    stated = (
+        "Incorrect Step: Step 1.\nExplanation: The student did not count the pages.\nCorrect Solution:\n"
+        "Step 1: The answer is 55.\nStep 2: This is a geometric progression.\nThe answer is 55."
+    )
+    assert review(BOOK, stated, 4).status == UNWORKED
+    worked = stated.replace("Step 1: The answer is 55.", "Step 1: 100 - 45 = 55 pages are left.")
+    assert review(BOOK, worked, 4).status == KEPT
 
 
 def test_the_corrector_reply_survives_json() -> None:

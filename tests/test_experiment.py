@@ -106,6 +106,7 @@ def test_the_figures_follow_from_the_script(experiment: tuple) -> None:
         leaks_removed=0,
         group_claims_removed=0,
         generic_guidelines=0,
+        instruction_echoes_removed=0,
         unparsed_feedback=0,
         stored_guidelines=g.stored_guidelines,
     )

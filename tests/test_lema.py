@@ -116,6 +116,7 @@ EXPECTED = {
     "corrections_requested": 4,  # distinct wrong paths: fix 1, hard 3
     "parse_failures": {"no Incorrect Step": 1, "step is not a number": 1},
     "rejected_wrong_answer": 1,
+    "rejected_not_worked_out": 0,
     "kept": 1,
     "cot_rows": 5,  # 3 gold solutions, 2 distinct correct student paths
     "cot_gold_rows": 3,
@@ -288,8 +289,8 @@ async def test_real_default_model_on_gsm8k(tmp_path: Path, data_dir: Path) -> No
     print(json.dumps(counts))
     assert counts["problems"] == 1 and counts["paths_sampled"] == 2
     assert counts["paths_correct"] + counts["paths_wrong"] + counts["paths_no_answer"] == 2
-    failures = sum(counts["parse_failures"].values())
-    assert counts["corrections_requested"] == failures + counts["rejected_wrong_answer"] + counts["kept"]
+    rejected = sum(counts["parse_failures"].values()) + counts["rejected_wrong_answer"]
+    assert counts["corrections_requested"] == rejected + counts["rejected_not_worked_out"] + counts["kept"]
     assert counts["corrections_requested"] <= counts["paths_wrong"] + counts["paths_no_answer"]
     assert counts["cot_gold_rows"] == 1
     assert len(rows(tmp_path / COT)) == counts["cot_rows"] >= 1

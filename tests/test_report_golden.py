@@ -116,7 +116,7 @@ def episodes() -> list[Episode]:
     return [
         episode(0, "correct", [], False),
         episode(1, "wrong", [turn(1, 1, leaked=True)], True),
-        episode(2, "wrong", [turn(1, 0, stereotyped=True), turn(2, 0, parsed=False, generic=True)], False),
+        episode(2, "wrong", [turn(1, 0, stereotyped=True), turn(2, 0, parsed=False, generic=True, echoed=True)], False),
     ]
 
 

@@ -94,6 +94,23 @@ async def generate_rate(
     }
 
 
+async def prefill_rate(backend: Backend, *, prompt_words: int = 400, repeats: int = 3) -> dict[str, Any]:
+    """Prompt tokens/s of a long prompt answered with one token, median over ``repeats``: the rate of the backend's
+    matrix products over a whole batch of tokens at once, so the most any number of requests in flight can decode.
+
+    Each repeat's prompt starts differently, so a server's prompt cache has no prefix to reuse.
+    """
+    settings = GenerationSettings(max_new_tokens=1)
+    words = " ".join(_PROMPTS).split()
+    rates = []
+    for r in range(repeats + 1):  # the first is a warm-up
+        text = f"Request {r}. " + " ".join(words[i % len(words)] for i in range(prompt_words))
+        started = time.perf_counter()
+        usage = (await backend.generate([{"role": "user", "content": text}], settings)).usage
+        rates.append(usage.prompt_tokens / (time.perf_counter() - started))
+    return {"prompt_tokens_per_s": round(statistics.median(rates[1:]), 2), "repeats": repeats}
+
+
 async def plain_generate_rate(
     backend: Any,
     *,

@@ -49,7 +49,7 @@ def bench_generate(
 ) -> None:
     """The backend's own rate: tokens/s one prompt at a time vs many at once, as a ratio from one run. With
     ``--model teacher``: the teacher on llama.cpp beside the same GGUF through transformers, on the same prompts."""
-    from runtime.bench.speed import generate_rate, plain_generate_rate
+    from runtime.bench.speed import generate_rate, plain_generate_rate, prefill_rate
     from runtime.models.config import TEACHER
 
     teacher = student.kind == TEACHER
@@ -59,7 +59,7 @@ def bench_generate(
         concurrency = min(concurrency, SLOTS)  # more would only queue in the server's slots
     model_backend = load_backend(student.updated(max_batch_size=concurrency))
 
-    def measure(backend_: Any, plain: bool = False) -> dict[str, Any]:
+    def measure(backend_: Any, plain: bool = False, prefill: bool = False) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             try:
                 result = await generate_rate(
@@ -76,6 +76,8 @@ def bench_generate(
                     result["batched_over_generate"] = round(
                         result["batched_tok_s"] / result["generate"]["batched_tok_s"], 2
                     )
+                if prefill:
+                    result["prefill"] = await prefill_rate(backend_, repeats=repeats)
                 return result
             finally:
                 await backend_.aclose()
@@ -83,9 +85,15 @@ def bench_generate(
         with console.status(f"measuring {backend_.kind} ..."):
             return asyncio.run(run())
 
-    result = measure(model_backend, plain=vs_generate and student.kind == "local")
+    result = measure(model_backend, plain=vs_generate and student.kind == "local", prefill=teacher)
     result["cpu_count"] = os.cpu_count()
     _rate_line(result, repeats, max_new_tokens)
+    if teacher:
+        ceiling = result["prefill"]["prompt_tokens_per_s"]
+        console.print(
+            f"teacher prompt processing: {ceiling:.1f} tok/s (a {concurrency}-way decode reaches "
+            f"{result['batched_tok_s'] / ceiling:.0%} of it): no number in flight decodes faster on these cores"
+        )
     if "generate" in result:
         plain = result["generate"]
         console.print(
@@ -98,17 +106,25 @@ def bench_generate(
 
         with console.status("converting the teacher for transformers (once) ..."):
             folder = teacher_model_dir()
-        baseline = measure(load_backend(backend_config(kind="local", model=str(folder), max_batch_size=concurrency)))
+        # Two transformers baselines on the same float32 weights: redpen's continuous batching, and transformers'
+        # own generate (one prompt at a time, and the same prompts as one padded batch).
+        local = backend_config(kind="local", model=str(folder), max_batch_size=concurrency)
+        baseline = measure(load_backend(local), plain=True)
         _rate_line(baseline, repeats, max_new_tokens)
         result["transformers"] = baseline
-        result["vs_transformers"] = {
-            "single": round(result["single_tok_s"] / baseline["single_tok_s"], 2),
-            "batched": round(result["batched_tok_s"] / baseline["batched_tok_s"], 2),
-        }
-        console.print(
-            f"llama.cpp / transformers (same GGUF, same prompts): {result['vs_transformers']['single']:.1f}x one at a "
-            f"time, {result['vs_transformers']['batched']:.1f}x with {concurrency} in flight"
-        )
+        for key, rates, label in (
+            ("vs_transformers", baseline, "redpen's batching"),
+            ("vs_transformers_generate", baseline["generate"], "transformers' generate"),
+        ):
+            result[key] = {
+                "single": round(result["single_tok_s"] / rates["single_tok_s"], 2),
+                "batched": round(result["batched_tok_s"] / rates["batched_tok_s"], 2),
+            }
+            console.print(
+                f"llama.cpp / transformers with {label} ({rates['single_tok_s']:.1f} and {rates['batched_tok_s']:.1f} "
+                f"tok/s; same GGUF, same prompts): {result[key]['single']:.1f}x one at a time, "
+                f"{result[key]['batched']:.1f}x with {concurrency} in flight"
+            )
     if json_out:
         print(json.dumps(result))
 

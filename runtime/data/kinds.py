@@ -46,6 +46,8 @@ _CHOICE_TARGET = re.compile(r"^\(?([A-Za-z])\)?$")
 _NUMBER_TARGET = re.compile(r"-?\d+(?:\.\d+)?")
 # An instructor's sample writes options inline or one per line: "A. text", "(A) text", "A) text".
 _WRITTEN_OPTION = re.compile(r"(?:^|\s)\(?([A-E])[.)]\s+", re.MULTILINE)
+# List and bold markers around a written stem, and its own "Options:" heading: "**\n - Who?\n Options:".
+_STEM_MARKS = re.compile(r"^[\s*\-]+|[\s*\-]*(?:\bOptions\s*:)?[\s*\-]*$", re.IGNORECASE)
 _WRITTEN_LETTER = re.compile(r"^\s*\(?([A-E])\b[).]?")
 _WRITTEN_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -199,7 +201,8 @@ class Choice(AnswerKind):
             return None, "no lettered options"
         if n_options and len(marks) != n_options:
             return None, f"not {n_options} options"
-        stem = question[: marks[0].start()].strip()
+        # The stem without list or bold markers, and without an "Options:" heading of its own (one is added below).
+        stem = _STEM_MARKS.sub("", question[: marks[0].start()]).strip()
         options = [
             question[m.end() : (marks[i + 1].start() if i + 1 < len(marks) else len(question))].strip()
             for i, m in enumerate(marks)

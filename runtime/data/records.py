@@ -121,6 +121,7 @@ class Action(BaseModel):
     parsed: bool = Field(description="the reply was the JSON (or labelled lines) asked for")
     stereotyped: bool = Field(False, description="a sentence said something of a social group and was removed")
     generic: bool = Field(False, description="nothing usable was left: the guideline is the neutral fallback")
+    echoed: bool = Field(False, description="a sentence restated the assistant's instructions and was removed")
 
 
 class Turn(BaseModel):

@@ -118,7 +118,8 @@ def render_experiment(figures: ExperimentFigures, config: Mapping[str, Any]) -> 
             f"the asked format: {g.unparsed_feedback} turns",
             f"feedback sentences that said something of a social group and were removed: "
             f"{g.group_claims_removed} turns; guidelines replaced by the neutral fallback (too little "
-            f"left): {g.generic_guidelines} turns",
+            f"left): {g.generic_guidelines} turns; sentences restating the assistant's instructions, removed: "
+            f"{g.instruction_echoes_removed} turns",
             f"mistakes in memory for this student and task: {figures.mistakes_stored}; retrieved per examine "
             f"item: {figures.retrieved_per_item}",
         ]

@@ -120,6 +120,7 @@ class Gathering(Figures):
     leaks_removed: int
     group_claims_removed: int
     generic_guidelines: int
+    instruction_echoes_removed: int
     unparsed_feedback: int
     stored_guidelines: list[str]  # the first wrong episodes' last guideline, as the memory holds it
 

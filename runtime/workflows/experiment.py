@@ -172,6 +172,7 @@ def gathering_figures(episodes: Sequence[Episode]) -> Gathering:
         leaks_removed=sum(t.action.leaked for t in turns),
         group_claims_removed=sum(t.action.stereotyped for t in turns),
         generic_guidelines=sum(t.action.generic for t in turns),
+        instruction_echoes_removed=sum(t.action.echoed for t in turns),
         unparsed_feedback=sum(not t.action.parsed for t in turns),
         # what the memory holds: each wrong episode's last guideline (mistake_from), a few to read in the report
         stored_guidelines=[e.turns[-1].action.guideline for e in wrong if e.turns][:8],

@@ -42,6 +42,9 @@ from runtime.models.backend import Message
 CORRECTOR = "corrector"
 KEPT = "kept"
 WRONG_FINAL_ANSWER = "wrong final answer"  # parsed, but the corrected solution does not reach the gold
+# Right, but only stated: no computation in the solution gives the number ("Step 1: The answer is 110."). A 1.5B
+# corrector wrote 3 of its 4 right GSM8K corrections so, and they teach the answer, not the way to it.
+UNWORKED = "answer not worked out"
 
 # Labels start a line, or follow a sentence's end on the same line ("... Step 2. Explanation: ..."); markdown
 # around them ("**Incorrect Step:**", "### Explanation:") is allowed, the colon is not optional.
@@ -56,6 +59,7 @@ _FINAL_ANSWER = re.compile(
 )
 # Sentence ends: punctuation, space, then what starts a sentence; titles like "Mr." end nothing.
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)\s+(?=[A-Z$(\d])")
+_RESULT = re.compile(r"=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")  # what a computation gives: "= 24", "= $10.50"
 _LIST_MARKER = re.compile(r"^\s*(?:step[ \t]*\d+[ \t]*[:.)-]|\d+[.)](?=\s)|[-*•](?=\s))\s*", re.IGNORECASE)
 
 
@@ -171,7 +175,7 @@ def review(example: Example, reply: str, n_steps: int) -> Review:
     correction, reason = parse_correction(reply, n_steps, code=kind_of(example).code)
     if correction is None:
         return Review(reason, None)
-    return _reviewed(correction, grade(example, correction.solution).verdict)
+    return _reviewed(example, correction, grade(example, correction.solution).verdict)
 
 
 async def review_async(example: Example, reply: str, n_steps: int) -> Review:
@@ -179,11 +183,29 @@ async def review_async(example: Example, reply: str, n_steps: int) -> Review:
     correction, reason = parse_correction(reply, n_steps, code=kind_of(example).code)
     if correction is None:
         return Review(reason, None)
-    return _reviewed(correction, (await grade_async(example, correction.solution)).verdict)
+    return _reviewed(example, correction, (await grade_async(example, correction.solution)).verdict)
 
 
-def _reviewed(correction: Correction, verdict: str) -> Review:
-    return Review(KEPT if verdict == "correct" else WRONG_FINAL_ANSWER, correction)
+def _reviewed(example: Example, correction: Correction, verdict: str) -> Review:
+    if verdict != "correct":
+        return Review(WRONG_FINAL_ANSWER, correction)
+    if kind_of(example).name == "number" and not worked_out(correction.solution, example.target):
+        return Review(UNWORKED, correction)
+    return Review(KEPT, correction)
+
+
+def worked_out(solution: str, gold: str) -> bool:
+    """Whether a computation in ``solution`` gives the number ``gold`` ("= 24"), besides its "The answer is" line.
+
+    >>> worked_out("Step 1: He buys 4 * 6 = 24 pens.\\nThe answer is 24.", "24")
+    True
+    >>> worked_out("Step 1: The answer is 110.\\nStep 2: This is a geometric progression.", "110")
+    False
+    >>> worked_out("Step 5: So, she earned $12 * (5/6) = $10.\\nThe answer is 10.", "10")
+    True
+    """
+    work = _FINAL_ANSWER.sub("", solution)
+    return any(float(m.group(1).replace(",", "")) == float(gold) for m in _RESULT.finditer(work))
 
 
 def split_steps(path: str) -> list[str]:

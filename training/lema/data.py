@@ -49,6 +49,7 @@ from runtime.models.backend import Backend, GenerationSettings
 from runtime.report import Report
 from training.lema.corrector import (
     KEPT,
+    UNWORKED,
     WRONG_FINAL_ANSWER,
     Correction,
     CorrectorAgent,
@@ -272,14 +273,14 @@ def correction_rows(records: Sequence[Problem]) -> list[dict[str, Any]]:
 def count(records: Sequence[Problem], examples: Sequence[Example]) -> dict[str, Any]:
     """What the run made: paths by verdict, corrections by fate, dataset rows.
 
-    ``corrections_requested = sum(parse_failures) + rejected_wrong_answer + kept``.
+    ``corrections_requested = sum(parse_failures) + rejected_wrong_answer + rejected_not_worked_out + kept``.
     """
     verdicts = Counter(p.verdict for r in records for p in r.paths)
     statuses = Counter(c.status for r in records for c in r.corrections)
     done = {r.id for r in records}
     gold = sum(1 for e in examples if e.id in done and kind_of(e).solution(e))
     cot = len(cot_rows(examples, records))
-    failures = {s: n for s, n in sorted(statuses.items()) if s not in (KEPT, WRONG_FINAL_ANSWER)}
+    failures = {s: n for s, n in sorted(statuses.items()) if s not in (KEPT, WRONG_FINAL_ANSWER, UNWORKED)}
     return {
         "problems": len(records),
         "paths_sampled": sum(verdicts.values()),
@@ -289,6 +290,7 @@ def count(records: Sequence[Problem], examples: Sequence[Example]) -> dict[str, 
         "corrections_requested": sum(statuses.values()),
         "parse_failures": failures,
         "rejected_wrong_answer": statuses[WRONG_FINAL_ANSWER],
+        "rejected_not_worked_out": statuses[UNWORKED],
         "kept": statuses[KEPT],
         "cot_rows": cot,
         "cot_gold_rows": gold,
@@ -316,6 +318,7 @@ def report(counts: dict[str, Any], records: Sequence[Problem]) -> Report:
             ["corrections requested (distinct wrong paths)", counts["corrections_requested"]],
             ["parse failures", sum(counts["parse_failures"].values())],
             ["rejected: wrong final answer", counts["rejected_wrong_answer"]],
+            ["rejected: right answer, not worked out (no computation gives it)", counts["rejected_not_worked_out"]],
             ["kept", f"{counts['kept']} ({_share(counts['kept'], counts['corrections_requested'])})"],
         ],
     )
