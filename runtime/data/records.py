@@ -121,7 +121,12 @@ class Action(BaseModel):
     parsed: bool = Field(description="the reply was the JSON (or labelled lines) asked for")
     stereotyped: bool = Field(False, description="a sentence said something of a social group and was removed")
     generic: bool = Field(False, description="nothing usable was left: the guideline is the neutral fallback")
-    echoed: bool = Field(False, description="a sentence restated the assistant's instructions and was removed")
+    # Written only when true: episodes from before the field existed read back and are written again unchanged.
+    echoed: bool = Field(
+        False,
+        description="a sentence restated the assistant's instructions and was removed",
+        exclude_if=lambda echoed: not echoed,
+    )
 
 
 class Turn(BaseModel):
