@@ -256,8 +256,9 @@ def exam_guideline(guideline: str) -> str:
     >>> exam_guideline("The answer is (B). Never name the correct option letter, the correct option's text.")
     'Re-read the question, check each option against the facts stated, and answer only from them.'
     """
-    kept, _ = _drop(scrub(without_repeats(guideline), [ANSWER_STATEMENT])[0], echoes_instructions)
-    return kept or FALLBACK_GUIDELINE
+    text, _ = scrub(without_repeats(guideline), [ANSWER_STATEMENT])
+    text, _ = _drop(text, echoes_instructions)
+    return text or FALLBACK_GUIDELINE
 
 
 def _drop(text: str, unwanted: Callable[[str], bool]) -> tuple[str, bool]:

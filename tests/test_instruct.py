@@ -431,3 +431,8 @@ async def test_written_samples_are_kept_only_if_their_answer_checks_out(tiny: Pa
     assert [e.id for e in kept] == ["w0", "w2"]
     # recorded item by item: a re-run asks nothing again
     assert len((tmp_path / "run" / "lec1" / "answer_check.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_written_stem_keeps_a_leading_negative_number() -> None:
+    (sample,) = parse_samples("1. Question: -5 plus 3 is? A. -2 B. 8 Answer: A - add 3 to -5.", "choice").samples
+    assert sample.question.startswith("-5 plus 3 is?")

@@ -92,7 +92,7 @@ def bench_generate(
         ceiling = result["prefill"]["prompt_tokens_per_s"]
         console.print(
             f"teacher prompt processing: {ceiling:.1f} tok/s (a {concurrency}-way decode reaches "
-            f"{result['batched_tok_s'] / ceiling:.0%} of it): no number in flight decodes faster on these cores"
+            f"{result['batched_tok_s'] / ceiling:.0%} of it), the ceiling for any number in flight on these cores"
         )
     if "generate" in result:
         plain = result["generate"]

@@ -46,8 +46,9 @@ _CHOICE_TARGET = re.compile(r"^\(?([A-Za-z])\)?$")
 _NUMBER_TARGET = re.compile(r"-?\d+(?:\.\d+)?")
 # An instructor's sample writes options inline or one per line: "A. text", "(A) text", "A) text".
 _WRITTEN_OPTION = re.compile(r"(?:^|\s)\(?([A-E])[.)]\s+", re.MULTILINE)
-# List and bold markers around a written stem, and its own "Options:" heading: "**\n - Who?\n Options:".
-_STEM_MARKS = re.compile(r"^[\s*\-]+|[\s*\-]*(?:\bOptions\s*:)?[\s*\-]*$", re.IGNORECASE)
+# List and bold markers around a written stem, and its own "Options:" heading: "**\n - Who?\n - Options:". A dash is
+# a marker only before a space, so a stem that starts with a negative number keeps it.
+_STEM_MARKS = re.compile(r"^(?:[\s*]|-(?=\s))+|(?:[\s*]|-(?=\s))*(?:\bOptions\s*:)?[\s*]*$", re.IGNORECASE)
 _WRITTEN_LETTER = re.compile(r"^\s*\(?([A-E])\b[).]?")
 _WRITTEN_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

@@ -38,9 +38,9 @@ GGUF_BYTES = 1_117_320_768
 GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 # 8 slots: a role's conversations in flight share one server, and a short request need not wait behind a long
 # reply. On 2 idle cores (`redpen bench generate --model teacher`) 8 in flight decoded 17.2 tok/s against 15.2 for
-# one on 1 thread, 24.5 against 15.9 on 2; prompt processing, the same products over 500 tokens at once, ran at 65.8.
-# SLOT_CONTEXT tokens each: the longest teacher prompt (an instructor case with its 3 neighbours) plus its reply fits
-# with room to spare.
+# one on 1 thread, 24.5 against 15.9 on 2; prompt processing, the same products over a 400-word prompt at once, ran
+# at 65.8. SLOT_CONTEXT tokens each: the longest teacher prompt (an instructor case with its 3 neighbours) plus its
+# reply fits with room to spare.
 SLOTS = 8
 SLOT_CONTEXT = 4096
 _CHUNK = 8 << 20
